@@ -1,0 +1,25 @@
+"""The executable specification of the ProRL algorithm: pure functions on tensors.
+
+No I/O; the only distributed calls are collectives over a process group passed as an argument
+(``whiten`` / ``compute_advantages``).  Kernels and parallel paths are tested against these.
+"""
+
+from .advantages import (ESTIMATORS, compute_advantages, fold_kl_into_rewards, group_baseline_advantages,
+                         returns_to_go, whiten)
+from .dynamic_sampling import DynamicSampler, DynamicSamplingConfig, group_has_signal, groups_with_signal
+from .length_penalty import LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty, cosine_fn
+from .loss import (KL_ESTIMATORS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
+                   logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits)
+from .passk import pass_at_k, pass_at_k_batch, summarize_eval
+from .reset import TRIGGERS, ReferenceResetConfig, ReferenceResetController
+
+__all__ = [
+    "ESTIMATORS", "compute_advantages", "fold_kl_into_rewards", "group_baseline_advantages", "returns_to_go",
+    "whiten",
+    "DynamicSampler", "DynamicSamplingConfig", "group_has_signal", "groups_with_signal",
+    "LengthPenaltyConfig", "LengthPenaltySchedule", "apply_length_penalty", "cosine_fn",
+    "KL_ESTIMATORS", "LossSpec", "aggregation_weights", "clipped_pg_loss", "kl_estimate",
+    "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits",
+    "pass_at_k", "pass_at_k_batch", "summarize_eval",
+    "TRIGGERS", "ReferenceResetConfig", "ReferenceResetController",
+]

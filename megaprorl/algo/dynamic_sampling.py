@@ -1,0 +1,131 @@
+"""Dynamic sampling (DAPO): keep only groups whose rewards are not all equal.
+
+A group whose responses all got the same (shaped) reward has zero group-baseline advantage and
+contributes no policy gradient.  The trainer drops such groups and draws more prompts until it has
+the B groups it wants, at most ``max_extra_draws`` extra draws per RL step; if the bound is reached
+it tops the batch up with zero-signal groups (``DynamicSampler.take`` does the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Generic, List, Optional, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = True
+    max_extra_draws: int = 4  # extra generate+score rounds per RL step beyond the first
+
+
+def groups_with_signal(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 0.0,
+                       n_groups: Optional[int] = None) -> torch.Tensor:
+    """Bool mask [G] over group ids 0..G-1: True where ``max - min > tol`` within the group.
+
+    ``G = n_groups`` or ``max(group_ids) + 1``; ids with no member and groups of size one are False.
+    """
+    gids = group_ids.long()
+    g = int(n_groups) if n_groups is not None else (int(gids.max()) + 1 if gids.numel() else 0)
+    if gids.numel() and (int(gids.min()) < 0 or int(gids.max()) >= g):
+        raise ValueError(f"group ids must lie in [0, {g})")
+    r = rewards.double()
+    hi = torch.full((g,), float("-inf"), dtype=torch.float64, device=r.device).scatter_reduce(
+        0, gids, r, reduce="amax", include_self=True)
+    lo = torch.full((g,), float("inf"), dtype=torch.float64, device=r.device).scatter_reduce(
+        0, gids, r, reduce="amin", include_self=True)
+    present = torch.isfinite(hi) & torch.isfinite(lo)
+    return present & ((hi - lo) > tol)
+
+
+def group_has_signal(rewards: Sequence[float], tol: float = 0.0) -> bool:
+    """One group: True when its rewards are not all equal (``max - min > tol``)."""
+    vals = [float(x) for x in rewards]
+    return len(vals) > 1 and (max(vals) - min(vals)) > tol
+
+
+class DynamicSampler(Generic[T]):
+    """Accumulates groups with signal over successive draws.
+
+        sampler = DynamicSampler(target_groups=B, cfg=cfg.algo.dynamic_sampling)
+        while sampler.can_draw():
+            items, rewards = draw(sampler.wanted())     # one generate+score round
+            sampler.add(items, rewards)                  # rewards[i]: the rewards of group i
+        batch = sampler.take()                           # B groups (topped up if the bound was hit)
+
+    Groups are arbitrary objects; ``rewards`` is one sequence of rewards per group (a [G, n] tensor
+    works).  With ``cfg.enabled`` False every group is kept and only one draw is allowed.
+    Counters: ``draws``, ``generated`` (groups seen), ``kept`` (with signal), ``discarded``
+    (without), ``filled`` (zero-signal groups used to top up in ``take``).
+    """
+
+    def __init__(self, target_groups: int, cfg: Optional[DynamicSamplingConfig] = None, tol: float = 0.0):
+        if target_groups < 0:
+            raise ValueError("target_groups must be >= 0")
+        self.cfg = cfg if cfg is not None else DynamicSamplingConfig()
+        if self.cfg.max_extra_draws < 0:
+            raise ValueError("algo.dynamic_sampling.max_extra_draws must be >= 0")
+        self.target = int(target_groups)
+        self.tol = tol
+        self._kept: List[T] = []
+        self._spare: List[T] = []
+        self.draws = 0
+        self.generated = 0
+        self.kept = 0
+        self.discarded = 0
+        self.filled = 0
+
+    @property
+    def available(self) -> int:
+        """Groups with signal held now (not yet taken)."""
+        return len(self._kept)
+
+    @property
+    def max_draws(self) -> int:
+        return 1 + (self.cfg.max_extra_draws if self.cfg.enabled else 0)
+
+    def is_full(self) -> bool:
+        return len(self._kept) >= self.target
+
+    def can_draw(self) -> bool:
+        """True while more groups are wanted and the draw bound is not reached."""
+        return not self.is_full() and self.draws < self.max_draws
+
+    def wanted(self) -> int:
+        """Groups still missing (the size of the next draw)."""
+        return max(self.target - len(self._kept), 0)
+
+    def add(self, items: Sequence[T], rewards: Sequence[Sequence[float]]) -> List[bool]:
+        """One draw: sort its groups into kept / spare.  Returns the per-group signal flags."""
+        if len(items) != len(rewards):
+            raise ValueError(f"{len(items)} groups but {len(rewards)} reward lists")
+        flags = []
+        for item, rw in zip(items, rewards):
+            vals = rw.tolist() if isinstance(rw, torch.Tensor) else list(rw)
+            ok = group_has_signal(vals, self.tol) if self.cfg.enabled else True
+            (self._kept if ok else self._spare).append(item)
+            flags.append(ok)
+        self.draws += 1
+        self.generated += len(items)
+        self.kept += sum(1 for f in flags if f)
+        self.discarded += sum(1 for f in flags if not f)
+        return flags
+
+    def take(self, n_groups: Optional[int] = None, fill: bool = True) -> List[T]:
+        """Remove and return up to ``n_groups`` (default: the target) groups in arrival order; when
+        there are too few with signal and ``fill``, top up with zero-signal groups (counted in ``filled``)."""
+        n = self.target if n_groups is None else int(n_groups)
+        out = self._kept[:n]
+        self._kept = self._kept[n:]
+        while fill and len(out) < n and self._spare:
+            out.append(self._spare.pop(0))
+            self.filled += 1
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        return {"dynamic_sampling/draws": self.draws,
+                "dynamic_sampling/discarded_frac": self.discarded / max(self.generated, 1),
+                "dynamic_sampling/filled_zero_signal": self.filled}

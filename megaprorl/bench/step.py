@@ -1,0 +1,190 @@
+"""`megaprorl bench step`: one RL step's time broken down, with tokens/s and MFU.
+
+Builds a random policy of a named shape (``--preset tiny`` for CPU, ``qwen2-1.5b`` for the
+DeepSeek-R1-Distill-Qwen-1.5B shape), draws random prompts, and times, on whatever machine it runs:
+rollout (the embedded engine), reward (a trivial verifier, so the number is the pool's overhead),
+the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
+``--skip-rollout`` times only the trainer side on sequences of ``--prompt-len + --response-len``
+random tokens (the 8K training throughput without an 8K decode).  Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from types import SimpleNamespace
+
+import torch
+
+PRESETS = {
+    "tiny": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                 vocab=64),
+    "qwen2-0.5b": dict(num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
+                       num_query_groups=2, vocab=151936),
+    "qwen2-1.5b": dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
+                       num_query_groups=2, vocab=151936),
+    "qwen2-7b": dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
+                     num_query_groups=4, vocab=152064),
+}
+
+# Dense bf16 tensor-core peaks (no sparsity), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def param_count(p: dict) -> int:
+    h, f, L, V = p["hidden_size"], p["ffn_hidden_size"], p["num_layers"], p["vocab"]
+    kv = h // p["num_attention_heads"] * p["num_query_groups"]
+    per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+    return L * per_layer + 2 * V * h + h
+
+
+def train_flops_per_token(p: dict, seq_len: int) -> float:
+    """6N plus attention (causal: 6 * L * s * h per token for fwd+bwd of QK^T and AV, halved by causality)."""
+    return 6.0 * param_count(p) + 6.0 * p["num_layers"] * seq_len * p["hidden_size"]
+
+
+def peak_tflops(device_name: str, override: float) -> float:
+    if override:
+        return override
+    for k, v in PEAK_TFLOPS.items():
+        if k in device_name:
+            return v
+    return 0.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megaprorl bench step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n-samples", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--response-len", type=int, default=16)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--dtype", default="", help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument("--recompute", default="", help="'' | selective | full")
+    ap.add_argument("--skip-rollout", action="store_true", help="time only log-prob passes and the update")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--out", default="bench_step.json")
+    args = ap.parse_args(argv)
+
+    from ..algo.loss import LossSpec, aggregation_weights
+    from ..parallel import init_distributed
+    from ..policy import Policy, build_seq_batch
+    from ..rollout import SamplingParams
+    from ..rollout.megatron_engine import MegatronEngine
+
+    info = init_distributed()
+    on_gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    p = PRESETS[args.preset]
+    seq_len = args.prompt_len + args.response_len
+    mcfg = SimpleNamespace(num_layers=p["num_layers"], hidden_size=p["hidden_size"],
+                           ffn_hidden_size=p["ffn_hidden_size"], num_attention_heads=p["num_attention_heads"],
+                           num_query_groups=p["num_query_groups"], max_position_embeddings=max(seq_len, 64),
+                           rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=True, tie_embeddings=False,
+                           init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128, transformer_impl="auto",
+                           fp8="", fp8_recipe="delayed", recompute_granularity=args.recompute)
+    pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
+    ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0)
+    policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend)
+    reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
+                                                       trainable=False)
+    eos = 1
+    engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.prompts * args.n_samples)
+    gen = torch.Generator().manual_seed(0)
+    spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def one_step():
+        t = {}
+        prompts = torch.randint(2, p["vocab"], (args.prompts, args.prompt_len), generator=gen).tolist()
+        sync()
+        t0 = time.perf_counter()
+        if args.skip_rollout:
+            resp = torch.randint(2, p["vocab"], (args.prompts * args.n_samples, args.response_len), generator=gen)
+            rollouts = [SimpleNamespace(prompt_ids=prompts[i // args.n_samples], response_ids=resp[i].tolist())
+                        for i in range(len(resp))]
+        else:
+            rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=args.response_len, n=args.n_samples,
+                                                              temperature=1.0, seed=1))
+        sync()
+        t["rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rewards = torch.tensor([float(len(r.response_ids) % 2) for r in rollouts])
+        t["reward"] = time.perf_counter() - t0
+        batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], 0)
+        sync()
+        t0 = time.perf_counter()
+        batch.old_logp = policy.logprobs(batch, args.micro_batch_size)
+        if reference is not None:
+            batch.ref_logp = reference.logprobs(batch, args.micro_batch_size)
+        sync()
+        t["logprob"] = time.perf_counter() - t0
+        batch.advantages = (rewards - rewards.mean())[:, None].expand_as(batch.loss_mask).contiguous()
+        batch.weights = aggregation_weights(batch.loss_mask, "token-mean", float(batch.loss_mask.sum()), len(batch))
+        t0 = time.perf_counter()
+        policy.train_step(batch, spec, args.micro_batch_size)
+        sync()
+        t["update"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.update_weights()
+        sync()
+        t["weight_sync"] = time.perf_counter() - t0
+        t["total"] = sum(t.values())
+        t["response_tokens"] = float(batch.loss_mask.sum())
+        t["tokens"] = float(sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts))
+        return t
+
+    one_step()  # warm-up
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    runs = [one_step() for _ in range(args.repeats)]
+    med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+    device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
+    peak = peak_tflops(device_name, args.peak_tflops)
+    # training FLOPs: one fwd+bwd (update) and 2 forward passes (old + reference): 6N + 2 * 2N per token
+    n_fwd = 1 + (reference is not None)
+    flops_train = med["tokens"] * train_flops_per_token(p, seq_len)
+    flops_fwd = med["tokens"] * train_flops_per_token(p, seq_len) / 3.0 * n_fwd
+    mfu_update = flops_train / med["update"] / (peak * 1e12) if peak else None
+    mfu_trainer = (flops_train + flops_fwd) / (med["logprob"] + med["update"]) / (peak * 1e12) if peak else None
+    res = {
+        "device": device_name, "preset": args.preset, "params": param_count(p), "dtype": dtype,
+        "prompts": args.prompts, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
+        "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
+        "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
+        "times_s": med,
+        "tokens_per_s_step": med["tokens"] / med["total"],
+        "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),
+        "mfu_update": mfu_update, "mfu_trainer": mfu_trainer, "peak_tflops": peak,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+    }
+    if info.rank == 0:
+        print(f"\nbench step: {args.preset} ({param_count(p) / 1e9:.2f} B params, {dtype}) on {device_name}")
+        print(f"  {args.prompts} prompts x {args.n_samples} samples, prompt {args.prompt_len} + response "
+              f"{args.response_len} tokens")
+        print(f"  {'phase':<14}{'seconds':>10}{'share':>9}")
+        for k in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
+            print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
+        print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
+        if mfu_update is not None:
+            print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "
+                  f"(peak {peak:.0f} TFLOP/s)")
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"  wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""Typed configuration: dataclasses, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("examples/demo.yaml", ["algo.kl.coef=1e-4", "train.steps=10"])
+
+An unknown or misspelled key is an error naming it and the nearest valid key; a value of the wrong
+type names the key and the expected type.  One config object is passed down; there are no globals.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .algo.dynamic_sampling import DynamicSamplingConfig
+from .algo.length_penalty import LengthPenaltyConfig
+from .algo.reset import ReferenceResetConfig
+from .data.sources import DataSourceConfig
+from .rewards import RewardConfig
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the key (and file) at fault."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # grouped-query attention; = heads for MHA
+    max_position_embeddings: int = 4096
+    rotary_base: float = 1000000.0
+    norm_epsilon: float = 1e-6
+    add_qkv_bias: bool = True
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    make_vocab_divisible_by: int = 128
+    tokenizer: str = "builtin"  # "builtin" (character tokenizer) or a local HF tokenizer directory
+    use_chat_template: bool = True
+    hf_path: str = ""  # local HF checkpoint to initialise from (see `megaprorl convert`)
+    load: str = ""  # megaprorl checkpoint directory to initialise the policy from
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    attention: str = "sdpa"  # local spec's core attention: sdpa (torch SDPA / flash) | megatron
+    fp8: str = ""  # "" | e4m3 | hybrid (needs TransformerEngine)
+    fp8_recipe: str = "delayed"
+    recompute_granularity: str = ""  # "" | selective | full
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    timeout_s: float = 1800.0  # collective timeout: a dead rank brings the job down instead of hanging
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_nonfinite_in_a_row: int = 3
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "megatron"  # megatron | trtllm
+    n_samples: int = 16  # the group size
+    temperature: float = 1.2
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    batch_size: int = 64  # sequences decoded together
+    trtllm_engine_dir: str = ""
+    trtllm_kv_cache_fraction: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: Optional[float] = None
+    ratio_log_clamp: float = 20.0
+    aggregation: str = "token-mean"  # token-mean | sequence-mean
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class KLConfig:
+    coef: float = 1e-4  # beta; 0 disables the KL term and the reference policy's forward
+    estimator: str = "k3"  # k1 | k2 | k3
+    log_ratio_clamp: float = 20.0
+    output_clamp: float = 10.0
+    placement: str = "loss"  # loss | reward
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "reinforce_pp_baseline"  # reinforce_pp_baseline | grpo | rloo
+    whiten_advantages: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+    reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # RL steps
+    prompts_per_step: int = 256  # B: groups per RL step (after dynamic sampling)
+    mini_batch_prompts: int = 64  # prompts per optimizer step (v1: 256 / 64 = 4 updates per RL step)
+    micro_batch_size: int = 8  # sequences per forward/backward
+    logprob_micro_batch_size: int = 16
+    kernel_backend: str = "auto"  # auto | torch | triton | cuda
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class WarmStartConfig:
+    """Short supervised warm-start so that RL has signal (used by the built-in task)."""
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    examples: int = 20000
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # RL steps between validations; 0 = only before and after training
+    n_prompts: int = 256
+    samples_per_prompt: int = 1  # k samples for pass@1 averaging / pass@k
+    ks: List[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.6
+    top_p: float = 0.95
+    greedy: bool = False
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+    source: str = ""  # name of a data source for validation; "" = the built-in task's held-out split
+
+
+@dataclass
+class DataConfig:
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    builtin_min_digits: int = 1
+    builtin_max_digits: int = 2
+    seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # RL steps; 0 = only at the end
+    keep_last: int = 3
+    resume: str = ""  # "" | auto | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    plot: bool = True
+    wandb_project: str = ""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------- loading
+def _all_keys(cls, prefix: str = "") -> List[str]:
+    out = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        typ = f.type if not isinstance(f.type, str) else None
+        default = f.default_factory() if f.default_factory is not Any and callable(f.default_factory) else None
+        sub = type(default) if is_dataclass(default) else (typ if is_dataclass(typ) else None)
+        if sub is not None:
+            out.extend(_all_keys(sub, key + "."))
+    return out
+
+
+def _nearest(key: str) -> str:
+    keys = _all_keys(Config)
+    leaf = key.split(".")[-1]
+    cands = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not cands:
+        by_leaf = {k.split(".")[-1]: k for k in keys}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        cands = [by_leaf[leaf_match[0]]] if leaf_match else []
+    return f"; did you mean '{cands[0]}'?" if cands else ""
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{where}: unknown config key '{key}'{_nearest(key)}")
+    if isinstance(e, ValidationError):
+        expected = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"{where}: bad value for '{key}': {msg}" + (f" (expected {expected})" if expected else ""))
+    return ConfigError(f"{where}: {str(e).splitlines()[0]} (key '{key}')")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Structured config from defaults <- YAML file <- dotted ``key=value`` overrides."""
+    base = OmegaConf.structured(Config)
+    OmegaConf.set_struct(base, True)
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml syntax errors carry the line
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        try:
+            base = OmegaConf.merge(base, file_cfg)
+        except OmegaConfBaseException as e:
+            raise _explain(e, path) from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist([ov])
+            base = OmegaConf.merge(base, dotlist)
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {ov!r}") from None
+    try:
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as e:
+        raise _explain(e, path or "config") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    need(cfg.rollout.engine in ("megatron", "trtllm"), "rollout.engine", "must be 'megatron' or 'trtllm'")
+    need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
+    need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
+         "must be reinforce_pp_baseline, grpo or rloo")
+    need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
+         "must be token-mean or sequence-mean")
+    need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
+    need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
+    need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
+         "must be auto, torch, triton, cuda or torch_compile")
+    need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
+         f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
+    need(cfg.model.hidden_size % cfg.model.num_attention_heads == 0, "model.num_attention_heads",
+         "must divide model.hidden_size")
+    need(cfg.model.num_attention_heads % max(cfg.model.num_query_groups, 1) == 0, "model.num_query_groups",
+         "must divide model.num_attention_heads")
+    need(cfg.model.num_query_groups % cfg.parallel.tensor_parallel == 0 or cfg.model.num_query_groups == 0,
+         "parallel.tensor_parallel", "must divide model.num_query_groups")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

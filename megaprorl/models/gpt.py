@@ -1,0 +1,145 @@
+"""Build a Megatron-core GPTModel of the Qwen2 / Llama shape from the model config."""
+
+from __future__ import annotations
+
+import torch
+
+from ..parallel import compat
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(mcfg, pcfg):
+    """megatron.core TransformerConfig for the Qwen2 family (RoPE, RMSNorm, SwiGLU, GQA, QKV bias)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if mcfg.params_dtype not in _DTYPES:
+        raise ValueError(f"model.params_dtype must be one of {list(_DTYPES)}, got {mcfg.params_dtype!r}")
+    dtype = _DTYPES[mcfg.params_dtype]
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=mcfg.num_layers,
+        hidden_size=mcfg.hidden_size,
+        ffn_hidden_size=mcfg.ffn_hidden_size,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_query_groups=mcfg.num_query_groups or mcfg.num_attention_heads,
+        kv_channels=mcfg.hidden_size // mcfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=mcfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=mcfg.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=mcfg.init_std,
+        tensor_model_parallel_size=pcfg.tensor_parallel,
+        pipeline_model_parallel_size=pcfg.pipeline_parallel,
+        sequence_parallel=bool(pcfg.sequence_parallel and pcfg.tensor_parallel > 1),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        recompute_granularity=mcfg.recompute_granularity or None,
+        recompute_method="uniform" if mcfg.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if mcfg.recompute_granularity == "full" else None,
+        calculate_per_token_loss=True,
+    )
+    if mcfg.fp8:
+        _require_te("model.fp8")
+        kwargs.update(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe)
+    if not on_gpu:
+        kwargs.update(attention_backend=_local_attention_backend())
+    return TransformerConfig(**kwargs)
+
+
+def _local_attention_backend():
+    from megatron.core.transformer.enums import AttnBackend
+
+    return AttnBackend.local
+
+
+def _require_te(what: str):
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{what} needs TransformerEngine: install it with `pip install -e .[gpu]` "
+                           "(transformer-engine[pytorch]) on a CUDA machine") from e
+
+
+def use_transformer_engine(mcfg) -> bool:
+    impl = mcfg.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        _require_te("model.transformer_impl=transformer_engine")
+        return True
+    if impl == "auto":
+        if not torch.cuda.is_available():
+            return False
+        try:
+            import transformer_engine  # noqa: F401
+            return True
+        except ImportError:
+            return False
+    raise ValueError(f"model.transformer_impl must be local, transformer_engine or auto, got {impl!r}")
+
+
+def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
+    """A GPTModel for this rank's pipeline stage. ``vocab_size`` is the (unpadded) tokenizer size."""
+    compat.install()
+    from megatron.core import parallel_state as mps
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = transformer_config(mcfg, pcfg)
+    if use_transformer_engine(mcfg):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if getattr(mcfg, "attention", "sdpa") == "sdpa":
+            from .attention import SDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        elif mcfg.attention != "megatron":
+            raise ValueError(f"model.attention must be 'sdpa' or 'megatron', got {mcfg.attention!r}")
+    padded = padded_vocab_size(vocab_size, mcfg.make_vocab_divisible_by, pcfg.tensor_parallel)
+    if pre_process is None:
+        pre_process = mps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = mps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=spec,
+        vocab_size=padded,
+        max_sequence_length=mcfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=mcfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(mcfg.rotary_base),
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def needs_explicit_causal_mask(mcfg) -> bool:
+    """Megatron's local DotProductAttention needs a boolean mask; SDPA and TE run causal without one."""
+    return not use_transformer_engine(mcfg) and getattr(mcfg, "attention", "sdpa") == "megatron"
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = max(1, divisible_by) * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple

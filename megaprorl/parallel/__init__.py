@@ -1,0 +1,116 @@
+"""Process groups: torch.distributed (gloo on CPU, NCCL on GPU) and Megatron parallel_state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import compat
+
+
+@dataclass
+class ParallelInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeout_s: float = 1800.0,
+                     seed: int = 0) -> ParallelInfo:
+    """Initialise torch.distributed (from torchrun's env, or as a single process) and Megatron's
+    model-parallel groups.  Idempotent."""
+    compat.install()
+    from megatron.core import parallel_state as mps
+
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel) != 0:
+        raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) x parallel.pipeline_parallel "
+                         f"({pipeline_parallel}) must divide the world size ({world})")
+    if not mps.model_parallel_is_initialized():
+        mps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                      pipeline_model_parallel_size=pipeline_parallel)
+    from megatron.core import tensor_parallel as mtp
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        mtp.model_parallel_cuda_manual_seed(seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return ParallelInfo(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp=tensor_parallel,
+                        pp=pipeline_parallel, dp=world // (tensor_parallel * pipeline_parallel), device=device)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as mps
+
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group():
+    from megatron.core import parallel_state as mps
+
+    return mps.get_tensor_model_parallel_group()
+
+
+def dp_group():
+    from megatron.core import parallel_state as mps
+
+    return mps.get_data_parallel_group()
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state as mps
+
+    return mps.get_tensor_model_parallel_rank()
+
+
+def tp_world() -> int:
+    from megatron.core import parallel_state as mps
+
+    return mps.get_tensor_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state as mps
+
+    return mps.get_data_parallel_rank()
+
+
+def dp_world() -> int:
+    from megatron.core import parallel_state as mps
+
+    return mps.get_data_parallel_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,81 @@
+"""Megatron-core on CPU: the one place in megaprorl that special-cases the CPU.
+
+Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy trained on CPU
+(the built-in demo, the test-suite, TP=2 over gloo):
+
+1. ``torch.cuda.current_device()`` is used as a *device* argument (rotary ``inv_freq``, TP
+   mappings, layer construction).  Without CUDA we make it answer ``"cpu"``.
+2. ``DotProductAttention`` enters ``get_cuda_rng_tracker().fork()``, which needs CUDA RNG states.
+   Without CUDA the fork is a no-op context (dropout is off in RL anyway), and
+   ``model_parallel_cuda_manual_seed`` seeds only the CPU generator.
+3. The pipeline schedules allocate token counters with ``torch.zeros(..., device="cuda")``.  We
+   give those modules a view of ``torch`` whose tensor factories map ``"cuda"`` to the CPU.
+
+``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
+Megatron unmodified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_INSTALLED = False
+
+
+def cpu_mode() -> bool:
+    return not torch.cuda.is_available()
+
+
+class _CpuTorchView(types.ModuleType):
+    """A stand-in for the ``torch`` module inside one Megatron module: tensor factories called with
+    ``device="cuda"`` allocate on the CPU; everything else is torch itself."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        obj = getattr(torch, name)
+        if name in self._FACTORIES:
+            @functools.wraps(obj)
+            def factory(*args, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and str(dev).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return obj(*args, **kwargs)
+            return factory
+        return obj
+
+
+def install() -> None:
+    """Make Megatron-core usable on CPU (no-op when CUDA is available)."""
+    global _INSTALLED
+    if _INSTALLED or not cpu_mode():
+        return
+    _INSTALLED = True
+
+    # 1. current_device() -> "cpu" (Megatron passes it as device=...).
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+    # 2. CUDA RNG tracker: fork is a no-op, seeding touches only the CPU generator.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()  # type: ignore
+
+    def _cpu_manual_seed(seed, *args, **kwargs):
+        torch.manual_seed(seed)
+
+    mrandom.model_parallel_cuda_manual_seed = _cpu_manual_seed
+    import megatron.core.tensor_parallel as tp
+
+    tp.model_parallel_cuda_manual_seed = _cpu_manual_seed
+
+    # 3. Schedules allocate on "cuda" literally.
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuTorchView()

@@ -1,0 +1,57 @@
+"""Rollout engines behind one protocol: the embedded Megatron engine (default) and TensorRT-LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Protocol, runtime_checkable
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    n: int = 1  # samples per prompt
+    greedy: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """One sampled response."""
+
+    prompt_index: int  # index into the prompt list given to generate
+    prompt_ids: List[int]
+    response_ids: List[int]  # includes the end-of-sequence token when it was produced
+    logprobs: List[float]  # sampling log-probs (of the temperature-scaled, untruncated distribution)
+    finished: bool  # True when end-of-sequence was produced before max_new_tokens
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def generate(self, prompts: List[List[int]], params: SamplingParams) -> List[Rollout]:
+        """``params.n`` rollouts per prompt, ordered prompt-major (prompt 0's n samples first)."""
+
+    def update_weights(self, step: Optional[int] = None) -> None:
+        """Make the engine sample from the trainer's current weights."""
+
+    def sleep(self) -> None:
+        """Release generation memory (KV cache) while the trainer runs."""
+
+    def wake(self) -> None:
+        """Re-acquire what sleep released."""
+
+
+def build_engine(cfg, policy, tokenizer) -> Engine:
+    name = cfg.rollout.engine
+    if name == "megatron":
+        from .megatron_engine import MegatronEngine
+
+        return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              batch_size=cfg.rollout.batch_size)
+    if name == "trtllm":
+        from .trtllm_engine import TRTLLMEngine
+
+        return TRTLLMEngine(cfg, policy, tokenizer)
+    raise ValueError(f"rollout.engine must be 'megatron' or 'trtllm', got {name!r}")

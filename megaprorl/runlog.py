@@ -1,0 +1,146 @@
+"""The run directory: metrics as JSONL and TensorBoard events, a progress bar, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` (one JSON object per RL step) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, progress: bool = True,
+                 total_steps: int = 0, initial_step: int = 0, resume: bool = False):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if resume and os.path.exists(self.path):
+            _truncate_after(self.path, initial_step)
+        elif not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=initial_step + 1 if resume else None)
+            except ImportError:  # tensorboard is a dependency; keep going without it if it is broken
+                self._tb = None
+        if progress and total_steps:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="RL", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._bar is not None and step > 0:
+            self._bar.update(1)
+            post = {}
+            for k in ("reward", "accuracy", "entropy", "step_time_s"):
+                if k in rec and isinstance(rec[k], (int, float)):
+                    post[k] = f"{rec[k]:.3g}"
+            self._bar.set_postfix(post)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the JSONL records up to and including ``step`` (a resumed run rewrites what follows)."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str) -> List[Dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    return out
+
+
+PLOT_KEYS = [("reward", "reward (verifier)"), ("entropy", "entropy"), ("kl_ref", "KL to reference"),
+             ("response_length", "response length (tokens)")]
+
+
+def plot_run(run_dir: str, out_path: Optional[str] = None, keys=None) -> str:
+    """Draw the run's curves to PNG; returns the file written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(run_dir)
+    keys = keys or PLOT_KEYS
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    for ax, (k, title) in zip(axes, keys):
+        pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
+        evals = [(r["step"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r] if k == "reward" else []
+        if evals:
+            ax.plot([p[0] for p in evals], [p[1] for p in evals], "o--", label="held-out accuracy")
+            ax.legend(fontsize=8)
+        for r in recs:
+            if r.get("reference_reset"):
+                ax.axvline(r["step"], color="grey", ls=":", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = out_path or os.path.join(run_dir, "curves.png")
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,552 @@
+"""The ProRL loop.  It wires the modules together and owns no math (see DESIGN.md).
+
+prompts -> rollouts -> rewards -> length penalty -> dynamic sampling -> advantages ->
+old / reference log-probs -> mini-batch optimizer steps -> weight sync -> reference reset -> checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .algo.advantages import compute_advantages
+from .algo.dynamic_sampling import groups_with_signal
+from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty
+from .algo.loss import LossSpec, aggregation_weights, kl_estimate
+from .algo.passk import summarize_eval
+from .algo.reset import ReferenceResetController
+from .config import Config, to_yaml
+from .data import builtin
+from .models.tokenizer import build_tokenizer
+from .parallel import dp_group, dp_rank, dp_world, init_distributed, tp_rank
+from .policy import Policy, SeqBatch, build_seq_batch
+from .rewards import RewardPool
+from .rollout import SamplingParams, build_engine
+from .runlog import RunLogger, plot_run
+
+EXIT_REQUEUE = 3  # the trainer checkpointed after SIGTERM/SIGUSR1 and asks to be requeued
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _derive_seed(*parts) -> int:
+    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the trainer stops at the end of the step every rank agrees on."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = None
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(s, self._handler)
+            except ValueError:  # not the main thread (tests)
+                pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                                     cfg.parallel.timeout_s, seed=cfg.seed)
+        self.device = self.info.device
+        self.is_main = self.info.rank == 0
+        self.run_dir = os.path.join(cfg.output_dir, cfg.name)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        builtin.register()
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template)
+        vocab = self.tokenizer.vocab_size
+        self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend)
+        self.use_ref = cfg.algo.kl.coef > 0
+        self.reference = None
+        if self.use_ref:
+            self.reference = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device,
+                                    cfg.train.kernel_backend, trainable=False)
+            self.reference.load_weights_from(self.policy)
+        self.engine = build_engine(cfg, self.policy, self.tokenizer)
+        self.rewards = RewardPool(cfg.rewards)
+        self.source = self._build_source()
+        self.eval_records = self._build_eval_records()
+        self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
+        self.resets = ReferenceResetController(cfg.algo.reference_reset)
+        self.spec = LossSpec(eps_low=cfg.algo.loss.eps_low, eps_high=cfg.algo.loss.eps_high,
+                             dual_clip=cfg.algo.loss.dual_clip, ratio_log_clamp=cfg.algo.loss.ratio_log_clamp,
+                             kl_coef=cfg.algo.kl.coef if cfg.algo.kl.placement == "loss" else 0.0,
+                             kl_estimator=cfg.algo.kl.estimator, kl_log_ratio_clamp=cfg.algo.kl.log_ratio_clamp,
+                             kl_output_clamp=cfg.algo.kl.output_clamp, entropy_coef=cfg.algo.loss.entropy_coef)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.eval_history: List[Dict] = []
+        self.preempt = _Preemption()
+        self.logger: Optional[RunLogger] = None
+
+    # ------------------------------------------------------------------------------ data
+    def _build_source(self):
+        cfg = self.cfg
+        seed = _derive_seed(cfg.data.seed, "train", dp_rank())
+        if not cfg.data.sources:
+            return builtin.AdditionSource(seed=seed, min_digits=cfg.data.builtin_min_digits,
+                                          max_digits=cfg.data.builtin_max_digits)
+        from .data.sources import build_source
+
+        return build_source(cfg.data.sources, seed=seed)
+
+    def _build_eval_records(self) -> List[Dict]:
+        cfg = self.cfg
+        if cfg.eval.source:
+            from .data.sources import build_source
+
+            matches = [s for s in cfg.data.sources if s.name == cfg.eval.source]
+            if not matches:
+                raise ValueError(f"config key 'eval.source': no data source named {cfg.eval.source!r} "
+                                 f"(have {[s.name for s in cfg.data.sources]})")
+            src = build_source([matches[0]], seed=_derive_seed(cfg.data.seed, "eval"))
+            return src.sample(cfg.eval.n_prompts)
+        return builtin.eval_split(cfg.eval.n_prompts, cfg.data.seed, cfg.data.builtin_min_digits,
+                                  cfg.data.builtin_max_digits, train_seed=0)
+
+    def encode_prompt(self, record: Dict) -> List[int]:
+        return self.tokenizer.encode(self.tokenizer.render_prompt(record))
+
+    # ------------------------------------------------------------------------------ warm start
+    def warmstart(self) -> Dict:
+        """Short supervised fine-tuning on the built-in task's answers (fresh RL optimizer after)."""
+        w = self.cfg.warmstart
+        if w.steps <= 0:
+            return {}
+        from .data.builtin import sft_examples
+
+        examples = sft_examples(w.examples, _derive_seed(self.cfg.seed, "sft", dp_rank()),
+                                self.cfg.data.builtin_min_digits, self.cfg.data.builtin_max_digits)
+        opt = torch.optim.AdamW(self.policy.model.parameters(), lr=w.lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, "sft-order"))
+        losses = []
+        t0 = time.time()
+        for i in range(w.steps):
+            idx = torch.randint(0, len(examples), (w.batch_size,), generator=gen).tolist()
+            prompts = [self.encode_prompt(examples[j]) for j in idx]
+            answers = [self.tokenizer.encode(examples[j]["answer"]) + [self.tokenizer.eos_id] for j in idx]
+            batch = build_seq_batch(prompts, answers, self.tokenizer.pad_id)
+            lr = w.lr * min(1.0, (i + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * i / w.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            losses.append(self.policy.sft_step(batch, opt))
+        if self.reference is not None:
+            self.reference.load_weights_from(self.policy)
+        self.policy.reset_optimizer()
+        return {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                "warmstart/time_s": time.time() - t0}
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, greedy: Optional[bool] = None) -> Dict:
+        """Accuracy on the held-out prompts (greedy), and pass@k at evaluation sampling settings."""
+        cfg = self.cfg
+        records = self.eval_records[dp_rank():: dp_world()]
+        prompts = [self.encode_prompt(r) for r in records]
+        max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+        out: Dict = {}
+        self.engine.wake()
+        rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new, n=1, greedy=True))
+        res = self.rewards.score(records, [self.tokenizer.decode(r.response_ids) for r in rollouts])
+        correct = torch.tensor([sum(1.0 for r in res if r.reward >= 1.0), float(len(res))], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(correct, group=dp_group())
+        out["eval/accuracy"] = float(correct[0] / max(correct[1], 1.0))
+        out["eval/n_prompts"] = int(correct[1])
+        k = cfg.eval.samples_per_prompt
+        if k > 1 and not (greedy or cfg.eval.greedy):
+            params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=max_new,
+                                    n=k, seed=_derive_seed(cfg.seed, "eval", self.step, dp_rank()))
+            rollouts = self.engine.generate(prompts, params)
+            recs = [records[r.prompt_index] for r in rollouts]
+            res = self.rewards.score(recs, [self.tokenizer.decode(r.response_ids) for r in rollouts])
+            per_problem: Dict[int, List[float]] = {}
+            for r, s in zip(rollouts, res):
+                per_problem.setdefault(r.prompt_index, []).append(s.reward)
+            rows = [(records[i]["id"], records[i].get("domain", "?"), rw) for i, rw in per_problem.items()]
+            rows = _gather_objects(rows)
+            summary = summarize_eval(rows, ks=tuple(cfg.eval.ks))
+            for key, val in _flatten(summary).items():
+                out[f"eval/{key}"] = val
+        return out
+
+    # ------------------------------------------------------------------------------ one RL step
+    def _draw_groups(self) -> Tuple[List[Dict], Dict]:
+        """Generate and score groups until B_local groups with signal (or the draw bound) are reached."""
+        cfg = self.cfg
+        n = cfg.rollout.n_samples
+        b_local = cfg.train.prompts_per_step // dp_world()
+        ds = cfg.algo.dynamic_sampling
+        kept: List[Dict] = []
+        spare: List[Dict] = []
+        timings = {"rollout": 0.0, "reward": 0.0}
+        draws = 0
+        generated = discarded = 0
+        raw_rewards: List[float] = []
+        lengths: List[int] = []
+        truncated_count = 0
+        max_draws = 1 + (ds.max_extra_draws if ds.enabled else 0)
+        penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
+        while len(kept) < b_local and draws < max_draws:
+            want = b_local - len(kept) if draws else b_local
+            records = self.source.sample(want)
+            prompts = [self.encode_prompt(r) for r in records]
+            params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                    max_new_tokens=cfg.rollout.max_new_tokens, n=n,
+                                    seed=_derive_seed(cfg.seed, "rollout", self.step, draws, dp_rank()))
+            t = time.time()
+            self.engine.wake()
+            rollouts = self.engine.generate(prompts, params)
+            timings["rollout"] += time.time() - t
+            t = time.time()
+            texts = [self.tokenizer.decode(r.response_ids) for r in rollouts]
+            scored = self.rewards.score([records[r.prompt_index] for r in rollouts], texts)
+            timings["reward"] += time.time() - t
+            rew = torch.tensor([s.reward for s in scored], dtype=torch.float32)
+            lens = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
+            trunc = torch.tensor([not r.finished for r in rollouts])
+            shaped = (apply_length_penalty(rew, lens, trunc, cfg.algo.length_penalty, max_length=cfg.rollout.max_new_tokens)
+                      if penalty_on else rew.clone())
+            raw_rewards += rew.tolist()
+            lengths += lens.int().tolist()
+            truncated_count += int(trunc.sum())
+            gids = torch.arange(len(records)).repeat_interleave(n)
+            signal_mask = groups_with_signal(shaped, gids) if ds.enabled else torch.ones(len(records), dtype=torch.bool)
+            for g in range(len(records)):
+                sl = slice(g * n, (g + 1) * n)
+                grp = {"record": records[g], "rollouts": rollouts[sl], "reward": rew[sl], "shaped": shaped[sl],
+                       "errors": sum(1 for s in scored[sl] if s.error)}
+                (kept if bool(signal_mask[g]) else spare).append(grp)
+            generated += len(records)
+            discarded += int((~signal_mask).sum())
+            draws += 1
+        filled = 0
+        while len(kept) < b_local and spare:  # bound reached: top up with zero-signal groups
+            kept.append(spare.pop(0))
+            filled += 1
+        kept = kept[:b_local]
+        n_tok = max(len(lengths), 1)
+        stats = {
+            "reward": sum(raw_rewards) / max(len(raw_rewards), 1),
+            "accuracy": sum(1.0 for r in raw_rewards if r >= 1.0) / max(len(raw_rewards), 1),
+            "response_length": sum(lengths) / n_tok,
+            "truncated_frac": truncated_count / n_tok,
+            "dynamic_sampling/draws": draws,
+            "dynamic_sampling/discarded_frac": discarded / max(generated, 1),
+            "dynamic_sampling/filled_zero_signal": filled,
+            "length_penalty/on": float(penalty_on),
+            "time/rollout_s": timings["rollout"],
+            "time/reward_s": timings["reward"],
+        }
+        return kept, stats
+
+    def rl_step(self) -> Dict:
+        cfg = self.cfg
+        t_step = time.time()
+        groups, stats = self._draw_groups()
+        n = cfg.rollout.n_samples
+        rollouts = [r for g in groups for r in g["rollouts"]]
+        batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                                self.tokenizer.pad_id)
+        shaped = torch.cat([g["shaped"] for g in groups])
+        stats["shaped_reward"] = float(shaped.mean())
+        stats["reward_errors"] = sum(g["errors"] for g in groups)
+        self.engine.sleep()
+
+        t = time.time()
+        mbs = cfg.train.logprob_micro_batch_size
+        temp = cfg.rollout.temperature
+        batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp)
+        if self.reference is not None:
+            batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
+        stats["time/logprob_s"] = time.time() - t
+        stats["rollout/logprob_mismatch"] = _engine_mismatch(rollouts, batch)
+
+        mask = batch.loss_mask
+        group_ids = torch.arange(len(groups)).repeat_interleave(n)
+        kl_in_reward = None
+        if self.reference is not None and cfg.algo.kl.placement == "reward":
+            kl_tok = kl_estimate(batch.old_logp, batch.ref_logp, cfg.algo.kl.estimator, cfg.algo.kl.log_ratio_clamp,
+                                 cfg.algo.kl.output_clamp) * mask
+            kl_in_reward = cfg.algo.kl.coef * kl_tok
+        batch.advantages = compute_advantages(shaped, group_ids, mask, cfg.algo.advantage, cfg.algo.whiten_advantages,
+                                              group=dp_group() if dp_world() > 1 else None,
+                                              token_penalty=kl_in_reward)
+
+        t = time.time()
+        upd = self._optimizer_steps(batch, len(groups))
+        stats["time/update_s"] = time.time() - t
+        stats.update(upd)
+
+        t = time.time()
+        self.engine.update_weights(self.step + 1)
+        stats["time/weight_sync_s"] = time.time() - t
+        stats["time/step_s"] = time.time() - t_step
+        stats["step_time_s"] = stats["time/step_s"]
+        stats["tokens_per_s"] = float(mask.sum()) * dp_world() / max(stats["time/step_s"], 1e-9)
+        return stats
+
+    def _optimizer_steps(self, batch: SeqBatch, n_groups: int) -> Dict:
+        cfg = self.cfg
+        n = cfg.rollout.n_samples
+        n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+        per = max(1, n_groups // n_mini)
+        order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(
+            _derive_seed(cfg.seed, "order", self.step, dp_rank())))
+        agg: Dict[str, float] = {}
+        for m in range(n_mini):
+            gsel = order[m * per: (m + 1) * per] if m < n_mini - 1 else order[m * per:]
+            idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
+            mb = batch.slice(idx)
+            counts = torch.tensor([float(mb.loss_mask.sum()), float(len(mb))], dtype=torch.float64)
+            if dist.is_initialized() and dp_world() > 1:
+                dist.all_reduce(counts, group=dp_group())
+            mb.weights = aggregation_weights(mb.loss_mask, cfg.algo.loss.aggregation, float(counts[0]), float(counts[1]))
+            s = self.policy.train_step(mb, self.spec, cfg.train.micro_batch_size, temperature=cfg.rollout.temperature)
+            for k, v in s.items():
+                agg[k] = agg.get(k, 0.0) + v / n_mini
+            if s["skipped_update"]:
+                self.nonfinite_in_a_row += 1
+                if self.nonfinite_in_a_row >= cfg.train.optim.max_nonfinite_in_a_row:
+                    raise NonFiniteError(
+                        f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(step {self.step}); stopping. Lower train.optim.lr or check the data.")
+            else:
+                self.nonfinite_in_a_row = 0
+        agg["optimizer_steps"] = float(n_mini)
+        agg["skipped_updates"] = agg.pop("skipped_update") * n_mini
+        return agg
+
+    # ------------------------------------------------------------------------------ resets
+    def maybe_reset_reference(self, stats: Dict) -> Optional[str]:
+        if self.reference is None:
+            return None
+        if "kl_ref" in stats:
+            self.resets.observe_kl(self.step, stats["kl_ref"])
+        trigger = self.resets.should_reset(self.step)
+        if trigger:
+            self.reference.load_weights_from(self.policy)
+            if self.cfg.algo.reference_reset.reset_optimizer:
+                self.policy.reset_optimizer()
+            self.resets.record_reset(self.step, trigger)
+        return trigger
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str:
+        rank_state = {"policy": self.policy.model.state_dict(), "optimizer": self.policy.optimizer.state_dict(),
+                      "reference": self.reference.model.state_dict() if self.reference is not None else None,
+                      "rng": ckpt.rng_state(), "source": self.source.state_dict()}
+        trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
+                         "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
+                         "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": to_yaml(self.cfg)}
+        return ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last)
+
+    def load_checkpoint(self, path: str) -> None:
+        rank_state, tstate = ckpt.load(path)
+        self.policy.model.load_state_dict(rank_state["policy"])
+        self.policy.optimizer.load_state_dict(rank_state["optimizer"])
+        if self.reference is not None and rank_state.get("reference") is not None:
+            self.reference.model.load_state_dict(rank_state["reference"])
+        self.source.load_state_dict(rank_state["source"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.step = int(tstate["step"])
+        self.resets.load_state_dict(tstate["resets"])
+        self.length_schedule.load_state_dict(tstate["length_penalty"])
+        self.eval_history = tstate.get("eval_history", [])
+        self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
+        self.engine.update_weights(self.step)
+
+    def _resume_path(self) -> Optional[str]:
+        r = self.cfg.checkpoint.resume
+        if not r:
+            return None
+        if r == "auto":
+            return ckpt.find_latest(self.ckpt_dir, self.info.world_size)
+        why = ckpt.validate(r, self.info.world_size)
+        if why:
+            raise ValueError(f"config key 'checkpoint.resume': checkpoint {r} is not usable: {why}")
+        return r
+
+    # ------------------------------------------------------------------------------ the run
+    def run(self) -> Dict:
+        cfg = self.cfg
+        self.preempt.install()
+        resume = self._resume_path()
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        summary: Dict = {"run_dir": self.run_dir}
+        if resume:
+            self.load_checkpoint(resume)
+            summary["resumed_from"] = resume
+            self._say(f"resumed from {resume} at step {self.step}")
+        else:
+            ws = self.warmstart()
+            summary.update(ws)
+            if ws:
+                self._say(f"warm-start: {cfg.warmstart.steps} SFT steps, loss {ws['warmstart/final_loss']:.3f}, "
+                          f"{ws['warmstart/time_s']:.0f}s")
+            before = self.evaluate()
+            self.eval_history.append({"step": 0, **before})
+            self._say(f"before RL: held-out greedy accuracy {before['eval/accuracy']:.3f} "
+                      f"on {before['eval/n_prompts']} prompts")
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
+                                progress=cfg.logging.progress, total_steps=cfg.train.steps, initial_step=self.step,
+                                resume=bool(resume))
+        if not resume:
+            self.logger.log(0, self.eval_history[0])
+        exit_code = 0
+        t_run = time.time()
+        try:
+            while self.step < cfg.train.steps:
+                stats = self.rl_step()
+                self.step += 1
+                trigger = self.maybe_reset_reference(stats)
+                if trigger:
+                    stats["reference_reset"] = 1.0
+                    stats["reference_reset_trigger"] = trigger
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.steps:
+                    ev = self.evaluate()
+                    stats.update(ev)
+                    self.eval_history.append({"step": self.step, **ev})
+                    self.resets.observe_validation(self.step, ev["eval/accuracy"])
+                self.logger.log(self.step, _reduce_stats(stats))
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save_checkpoint()
+                if self.preempt.agreed(self.device):
+                    self.save_checkpoint()
+                    self._say(f"{self.preempt.signal or 'signal'} received: checkpointed step {self.step}, "
+                              f"exiting with {EXIT_REQUEUE} for requeue")
+                    exit_code = EXIT_REQUEUE
+                    break
+        finally:
+            self.logger.close()
+        summary["exit_code"] = exit_code
+        if exit_code:
+            return summary
+        after = self.evaluate()
+        self.eval_history.append({"step": self.step, **after})
+        if self.is_main:
+            self.logger.enabled = True
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **after, "final_eval": 1}) + "\n")
+        self.save_checkpoint()
+        summary.update({"rl_time_s": time.time() - t_run, "steps": self.step,
+                        "accuracy_before": self.eval_history[0].get("eval/accuracy"),
+                        "accuracy_after": after["eval/accuracy"], "eval_prompts": after["eval/n_prompts"],
+                        "resets": self.resets.history})
+        if self.is_main and cfg.logging.plot:
+            summary["plot"] = plot_run(self.run_dir)
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+        return summary
+
+    def close(self) -> None:
+        self.rewards.close()
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def _engine_mismatch(rollouts, batch: SeqBatch) -> float:
+    """Mean |engine log-prob - trainer log-prob| over response tokens (a refit / numerics check)."""
+    tot, cnt = 0.0, 0
+    for i, r in enumerate(rollouts):
+        if not r.response_ids:
+            continue
+        start = len(r.prompt_ids) - 1
+        tl = batch.old_logp[i, start: start + len(r.response_ids)]
+        el = torch.tensor(r.logprobs[: len(tl)])
+        tot += float((tl - el).abs().sum())
+        cnt += len(tl)
+    return tot / max(cnt, 1)
+
+
+def _reduce_stats(stats: Dict) -> Dict:
+    """Average numeric stats over data-parallel ranks (rank 0 logs them)."""
+    if not dist.is_initialized() or dp_world() == 1:
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("eval/"))
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=dp_group())
+    t /= dp_world()
+    out = dict(stats)
+    out.update({k: float(v) for k, v in zip(keys, t)})
+    return out
+
+
+def _gather_objects(rows):
+    if not dist.is_initialized() or dp_world() == 1:
+        return rows
+    out = [None] * dp_world()
+    dist.all_gather_object(out, rows, group=dp_group())
+    return [r for part in out for r in part]
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out
+
+
+def train(cfg: Config) -> Dict:
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.is_main and summary.get("exit_code", 0) == 0:
+        print_summary(summary)
+    return summary
+
+
+def print_summary(s: Dict) -> None:
+    lines = ["", "=" * 64, "megaprorl run summary", "=" * 64,
+             f"run directory           {s['run_dir']}",
+             f"RL steps                {s.get('steps')}  ({s.get('rl_time_s', 0):.0f} s)"]
+    if s.get("accuracy_before") is not None:
+        lines.append(f"held-out greedy accuracy before RL (after warm-start): {s['accuracy_before']:.3f} "
+                     f"on {s.get('eval_prompts')} prompts")
+    lines.append(f"held-out greedy accuracy after RL:                     {s['accuracy_after']:.3f}")
+    if s.get("resets"):
+        lines.append(f"reference resets        {s['resets']}")
+    if s.get("plot"):
+        lines.append(f"curves                  {s['plot']}")
+    lines.append("=" * 64)
+    print("\n".join(lines), flush=True)

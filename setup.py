@@ -1,0 +1,67 @@
+"""megaprorl: prolonged RL (ProRL v1/v2) for LLMs on Megatron-core, TensorRT-LLM and fused kernels.
+
+The CUDA extension (csrc/) is built only where a CUDA build of torch and nvcc are present and
+MEGAPRORL_BUILD_CUDA is not 0; everywhere else the package is pure Python and the kernels fall
+back to Triton or torch.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+
+def _cuda_extensions():
+    if os.environ.get("MEGAPRORL_BUILD_CUDA", "auto") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    ext = CUDAExtension(
+        name="megaprorl._C_policy_loss",
+        sources=["csrc/bindings.cpp", "csrc/policy_loss.cu"],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="megaprorl",
+    version="0.1.0",
+    description="Prolonged RL with verifiable rewards (ProRL) on Megatron-core with fused loss kernels",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaprorl", "megaprorl.*", "triton_kernels", "triton_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.18",
+        "omegaconf>=2.3",
+        "numpy",
+        "einops",
+        "tqdm",
+        "rich",
+        "tensorboard",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt", "triton"],
+        "trtllm": ["tensorrt-llm"],
+        "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow"],
+        "hf": ["transformers>=4.45", "tokenizers", "safetensors"],
+        "dev": ["pytest", "hypothesis", "triton", "transformers>=4.45", "tokenizers", "safetensors"],
+    },
+    entry_points={"console_scripts": ["megaprorl=megaprorl.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,107 @@
+"""Hand-worked numbers for the cosine length reward and its on/off schedule."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from megaprorl.algo.length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty,
+                                           cosine_fn)
+
+C45 = math.cos(math.pi / 4)  # 0.707107
+
+
+def test_cosine_fn_by_hand():
+    # r0 = 2, rL = 1, L_max = 1000: value = 1 + 0.5 * (2 - 1) * (1 + cos(pi L / 1000))
+    assert cosine_fn(0, 1000, 2.0, 1.0) == pytest.approx(2.0)           # cos 0 = 1
+    assert cosine_fn(500, 1000, 2.0, 1.0) == pytest.approx(1.5)         # cos(pi/2) = 0
+    assert cosine_fn(1000 / 3, 1000, 2.0, 1.0) == pytest.approx(1.75)   # cos(pi/3) = 0.5
+    assert cosine_fn(1000, 1000, 2.0, 1.0) == pytest.approx(1.0)        # cos pi = -1
+    # lengths outside [0, L_max] are clamped
+    assert cosine_fn(2000, 1000, 2.0, 1.0) == pytest.approx(1.0)
+    assert cosine_fn(-5, 1000, 2.0, 1.0) == pytest.approx(2.0)
+    # wrong answers: -10 at L = 0 rising toward 0: at L = 250: 0.5 * -10 * (1 + 0.707107) = -8.535534
+    assert cosine_fn(250, 1000, -10.0, 0.0) == pytest.approx(-5.0 * (1 + C45))
+    # tensor form agrees with the scalar form
+    t = cosine_fn(torch.tensor([0.0, 250.0, 500.0, 1000.0]), 1000, -10.0, 0.0)
+    torch.testing.assert_close(t, torch.tensor([-10.0, -5.0 * (1 + C45), -5.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        cosine_fn(1, 0, 1.0, 0.0)
+
+
+def test_cosine_is_monotone_between_endpoints():
+    xs = torch.arange(0, 1001, 50).double()
+    good = cosine_fn(xs, 1000, 2.0, 1.0)
+    bad = cosine_fn(xs, 1000, -10.0, 0.0)
+    assert torch.all(good[1:] <= good[:-1])  # shorter correct is better
+    assert torch.all(bad[1:] >= bad[:-1])    # longer wrong is penalised less
+
+
+def test_apply_length_penalty_by_hand():
+    cfg = LengthPenaltyConfig(enabled=True, max_length=1000)  # defaults of arXiv 2502.03373
+    defaults = (cfg.correct_r0, cfg.correct_rL, cfg.wrong_r0, cfg.wrong_rL, cfg.exceed_reward)
+    assert defaults == (2.0, 1.0, -10.0, 0.0, -10.0)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 1.0])
+    lengths = torch.tensor([250, 250, 1000, 500, 100])
+    truncated = torch.tensor([False, False, False, False, True])
+    # correct, L=250:  1 + 0.5 * (1 + 0.707107) = 1.853553
+    # wrong,   L=250:  -5 * (1 + 0.707107)       = -8.535534
+    # correct, L=1000: 1
+    # partial credit 0.5 < threshold 1 -> wrong, L=500: -5
+    # truncated (even if correct): -10
+    want = torch.tensor([1 + 0.5 * (1 + C45), -5 * (1 + C45), 1.0, -5.0, -10.0])
+    out = apply_length_penalty(rewards, lengths, truncated, cfg)
+    torch.testing.assert_close(out, want)
+    assert out.dtype == torch.float32
+    # a lower threshold makes the partial-credit response correct: 1 + 0.5 * (1 + 0) = 1.5
+    cfg2 = LengthPenaltyConfig(enabled=True, max_length=1000, correct_threshold=0.5)
+    assert float(apply_length_penalty(rewards, lengths, truncated, cfg2)[3]) == pytest.approx(1.5)
+
+
+def test_max_length_from_caller():
+    cfg = LengthPenaltyConfig(enabled=True)  # max_length = 0: the caller must pass the generation limit
+    with pytest.raises(ValueError, match="max_length"):
+        apply_length_penalty(torch.tensor([1.0]), torch.tensor([10]), torch.tensor([False]), cfg)
+    out = apply_length_penalty(torch.tensor([1.0]), torch.tensor([10]), torch.tensor([False]), cfg, max_length=20)
+    torch.testing.assert_close(out, torch.tensor([1.5]))  # L = L_max / 2 -> midpoint of 2 and 1
+    # a configured max_length wins over the caller's
+    cfg = LengthPenaltyConfig(enabled=True, max_length=10)
+    out = apply_length_penalty(torch.tensor([1.0]), torch.tensor([10]), torch.tensor([False]), cfg, max_length=20)
+    torch.testing.assert_close(out, torch.tensor([1.0]))
+
+
+def test_schedule_switches_at_configured_steps():
+    on = LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, on_steps=3, off_steps=2))
+    # start_on: steps 0,1,2 on; 3,4 off; 5,6,7 on; 8,9 off
+    assert [on.is_on(s) for s in range(10)] == [True] * 3 + [False] * 2 + [True] * 3 + [False] * 2
+    off_first = LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, on_steps=3, off_steps=2, start_on=False))
+    # off first: 0,1 off; 2,3,4 on; 5,6 off; 7,8,9 on
+    assert [off_first.is_on(s) for s in range(10)] == [False] * 2 + [True] * 3 + [False] * 2 + [True] * 3
+    # the recipe's example (100 on, 500 off)
+    ex = LengthPenaltySchedule(LengthPenaltyConfig(enabled=True))
+    assert ex.is_on(0) and ex.is_on(99) and not ex.is_on(100) and not ex.is_on(599) and ex.is_on(600)
+    assert ex.is_on(699) and not ex.is_on(700)
+
+
+def test_schedule_edge_cases():
+    assert not any(LengthPenaltySchedule(LengthPenaltyConfig(enabled=False)).is_on(s) for s in range(700))
+    assert all(LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, off_steps=0)).is_on(s) for s in range(50))
+    assert not any(LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, on_steps=0)).is_on(s) for s in range(50))
+    with pytest.raises(ValueError):
+        LengthPenaltySchedule(LengthPenaltyConfig(on_steps=-1))
+
+
+def test_schedule_state_dict_round_trip():
+    s = LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, on_steps=3, off_steps=2))
+    st = s.state_dict()
+    t = LengthPenaltySchedule(LengthPenaltyConfig(enabled=True, on_steps=3, off_steps=2))
+    t.load_state_dict(st)
+    assert [t.is_on(i) for i in range(20)] == [s.is_on(i) for i in range(20)]
+
+
+def test_config_is_an_omegaconf_structured_config():
+    base = OmegaConf.structured(LengthPenaltyConfig)
+    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(["on_steps=7", "enabled=true", "wrong_r0=-5"]))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, LengthPenaltyConfig) and cfg.on_steps == 7 and cfg.enabled and cfg.wrong_r0 == -5.0

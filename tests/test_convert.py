@@ -1,0 +1,385 @@
+"""HF <-> Megatron conversion (megaprorl.models.convert) for tiny random Qwen2 and Llama models.
+
+One gloo job (2 processes, spawned once for the module) loads both HF models into Megatron at
+TP=1, TP=2 and PP=2 and returns logits, losses and gradients; the tests compare them with the HF
+models, bit-exact round trips, and TP=2 against TP=1.
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("megatron.core")
+
+from megaprorl.models import convert as C  # noqa: E402
+
+VOCAB = 100
+# Tied embeddings at PP > 1 make Megatron call `.cuda()` on the last stage's output weight
+# (LanguageModule.setup_embeddings_and_output_layer), which parallel/compat.py does not cover yet:
+# the real PP load runs for the untied Llama; the tied case at PP=2 is covered by the pure-function
+# round trip (test_round_trip_bit_exact).
+PP_FAMILIES = ("llama",)
+B, S = 2, 12
+ATOL = 1e-4
+
+
+# ------------------------------------------------------------------------------- tiny HF models
+def _hf_config(family):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-6)
+    if family == "qwen2":
+        return transformers.Qwen2Config(tie_word_embeddings=True, rope_theta=1000000.0, **common)
+    return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, **common)
+
+
+def _make_hf(family, path):
+    torch.manual_seed(0 if family == "qwen2" else 1)
+    cfg = _hf_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+    with torch.no_grad():  # make every tensor (norms and biases too) non-trivial
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    # Llama is written as a sharded checkpoint (index json), Qwen2 as one model.safetensors.
+    model.save_pretrained(path, max_shard_size="60KB" if family == "llama" else "5GB")
+    return model.eval()
+
+
+def _mcfg(hf_dir, attention):
+    fields = C.model_config_from_hf(C.load_hf_config(hf_dir))
+    base = dict(init_std=0.02, params_dtype="fp32", make_vocab_divisible_by=128, transformer_impl="local",
+                attention=attention, fp8="", fp8_recipe="delayed", recompute_granularity="")
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+# ------------------------------------------------------------------------ the distributed worker
+def _masked_ce(logits_bsv, labels, vocab, tp_rank):
+    """Token-mean CE through Megatron's vocab-parallel CE; padded vocab columns are masked out."""
+    from megatron.core import tensor_parallel
+
+    v_local = logits_bsv.shape[-1]
+    cols = torch.arange(v_local) + tp_rank * v_local
+    logits = logits_bsv.masked_fill(cols >= vocab, -1e9)
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
+                                                        labels.t().contiguous())
+    return loss.mean()
+
+
+def _gather_tp(x):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    g = mps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(parts, x.contiguous(), group=g)
+    return torch.cat(parts, dim=-1)
+
+
+def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.gpt import build_gpt, needs_explicit_causal_mask
+    from megaprorl.parallel import init_distributed
+
+    init_distributed(tp, 1)
+    mcfg = _mcfg(hf_dir, attention)
+    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=False)
+    hf_config = C.load_hf_config(hf_dir)
+    model = build_gpt(mcfg, pcfg, C.hf_vocab_size(hf_config))
+    info = C.load_hf_into_model(model, hf_dir, hf_config)
+    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None] if needs_explicit_causal_mask(mcfg) else None
+    pos = torch.arange(S)[None].expand(B, S)
+    logits = model(tokens, pos, mask)  # [b, s, v/tp]
+    tp_rank = mps.get_tensor_model_parallel_rank()
+    loss = _masked_ce(logits, labels, VOCAB, tp_rank)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    full_logits = _gather_tp(logits.detach())[..., :VOCAB]
+    saved = None
+    if save_dir is not None:
+        saved = C.save_megatron_as_hf(model, hf_config, save_dir, hf_dir=hf_dir)
+    out = dict(logits=full_logits, loss=loss.detach(), grads=grads, tp_rank=tp_rank, info=info,
+               params={k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
+               saved=saved is not None)
+    mps.destroy_model_parallel()
+    return out
+
+
+def _pipeline_dtype_workaround():
+    """models.gpt.transformer_config does not set ``pipeline_dtype``, which Megatron requires for
+    PP > 1; until it does, add it here (a no-op once gpt.py passes it)."""
+    import dataclasses
+
+    from megaprorl.models import gpt
+
+    orig = gpt.transformer_config
+    if getattr(orig, "_pp_dtype_wrapped", False):
+        return
+
+    def wrapped(mcfg, pcfg):
+        try:
+            return orig(mcfg, pcfg)
+        except ValueError as e:
+            if "pipeline_dtype" not in str(e):
+                raise
+        cfg = orig(mcfg, SimpleNamespace(**dict(vars(pcfg), pipeline_parallel=1)))
+        return dataclasses.replace(cfg, pipeline_model_parallel_size=pcfg.pipeline_parallel,
+                                   pipeline_dtype=cfg.params_dtype)
+
+    wrapped._pp_dtype_wrapped = True
+    gpt.transformer_config = wrapped
+
+
+def _run_pp(hf_dir, attention, tokens):
+    """PP=2 (TP=1): stage 0 sends its hidden states to stage 1, which returns the logits."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.gpt import build_gpt, needs_explicit_causal_mask
+    from megaprorl.parallel import init_distributed
+
+    _pipeline_dtype_workaround()
+    init_distributed(1, 2)
+    mcfg = _mcfg(hf_dir, attention)
+    pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=2, sequence_parallel=False)
+    hf_config = C.load_hf_config(hf_dir)
+    model = build_gpt(mcfg, pcfg, C.hf_vocab_size(hf_config))
+    C.load_hf_into_model(model, hf_dir, hf_config)
+    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None] if needs_explicit_causal_mask(mcfg) else None
+    pos = torch.arange(S)[None].expand(B, S)
+    stage = mps.get_pipeline_model_parallel_rank()
+    layers = [int(layer.layer_number) for layer in model.decoder.layers]
+    with torch.no_grad():
+        if stage == 0:
+            hidden = model(tokens, pos, mask)  # [s, b, h]
+            dist.send(hidden.contiguous(), 1)
+            out = None
+        else:
+            hidden = torch.empty(S, B, mcfg.hidden_size)
+            dist.recv(hidden, 0)
+            model.set_input_tensor(hidden)
+            out = model(None, pos, mask)[..., :VOCAB]
+    mps.destroy_model_parallel()
+    return dict(stage=stage, layers=layers, logits=out)
+
+
+def _job(rank, world, dirs, tokens, labels, save_root):
+    out = {}
+    for family, hf_dir in dirs.items():
+        attention = "sdpa" if family == "qwen2" else "megatron"
+        tp1 = _run_tp(hf_dir, attention, 1, tokens, labels)  # two data-parallel replicas of TP=1
+        tp2 = _run_tp(hf_dir, attention, 2, tokens, labels, save_dir=os.path.join(save_root, family))
+        out[family] = dict(tp1=tp1, tp2=tp2)
+        if family in PP_FAMILIES:
+            out[family]["pp2"] = _run_pp(hf_dir, attention, tokens)
+    return out
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    dirs, hf_models = {}, {}
+    for family in ("qwen2", "llama"):
+        d = str(root / family)
+        hf_models[family] = _make_hf(family, d)
+        dirs[family] = d
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (B, S), generator=g)
+    labels = torch.randint(0, VOCAB, (B, S), generator=g)
+    save_root = str(root / "saved")
+    results = run_distributed(_job, world_size=2, args=(dirs, tokens, labels, save_root), timeout=600)
+    return SimpleNamespace(dirs=dirs, hf=hf_models, tokens=tokens, labels=labels, results=results,
+                           save_root=save_root, root=root)
+
+
+def _hf_forward_backward(model, tokens, labels):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+FAMILIES = ("qwen2", "llama")
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_model_config_from_hf():
+    q = C.model_config_from_hf(_hf_config("qwen2"))
+    assert q["add_qkv_bias"] is True and q["tie_embeddings"] is True
+    assert q["num_query_groups"] == 2 and q["ffn_hidden_size"] == 128 and q["rotary_base"] == 1000000.0
+    l = C.model_config_from_hf(_hf_config("llama"))  # noqa: E741
+    assert l["add_qkv_bias"] is False and l["tie_embeddings"] is False and l["rotary_base"] == 10000.0
+    assert l["norm_epsilon"] == 1e-6 and l["num_layers"] == 2 and l["hidden_size"] == 64
+    # a raw config.json dict (old-style rope_theta) works too
+    raw = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=2, intermediate_size=128, vocab_size=100, rope_theta=5e5, rms_norm_eps=1e-5)
+    assert C.model_config_from_hf(raw)["rotary_base"] == 5e5
+    with pytest.raises(C.ConversionError, match="model_type"):
+        C.model_config_from_hf(dict(raw, model_type="gpt2"))
+    with pytest.raises(C.ConversionError, match="RoPE scaling"):
+        C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_logits_match_hf(setup, family, tp):
+    hf_logits, _, _ = _hf_forward_backward(setup.hf[family], setup.tokens, setup.labels)
+    for r in setup.results:
+        res = r[family][f"tp{tp}"]
+        assert res["info"]["tensors"] > 0
+        torch.testing.assert_close(res["logits"], hf_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", PP_FAMILIES)
+def test_pipeline_stages_load_their_layers(setup, family):
+    hf_logits, _, _ = _hf_forward_backward(setup.hf[family], setup.tokens, setup.labels)
+    stages = sorted((r[family]["pp2"] for r in setup.results), key=lambda x: x["stage"])
+    assert [s["layers"] for s in stages] == [[1], [2]]
+    torch.testing.assert_close(stages[1]["logits"], hf_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_loss_and_grads_equal_tp1_and_hf(setup, family):
+    hf_config = C.load_hf_config(setup.dirs[family])
+    _, hf_loss, hf_grads = _hf_forward_backward(setup.hf[family], setup.tokens, setup.labels)
+    tp1 = setup.results[0][family]["tp1"]
+    tp2 = sorted((r[family]["tp2"] for r in setup.results), key=lambda x: x["tp_rank"])
+    assert [t["tp_rank"] for t in tp2] == [0, 1]
+    torch.testing.assert_close(tp1["loss"], hf_loss, atol=1e-5, rtol=0)
+    for t in tp2:
+        torch.testing.assert_close(t["loss"], tp1["loss"], atol=1e-6, rtol=0)
+    g1 = C.megatron_to_hf([tp1["grads"]], hf_config)
+    g2 = C.megatron_to_hf([t["grads"] for t in tp2], hf_config)
+    assert set(g1) == set(g2) == set(hf_grads)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(g1[k], hf_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2), (1, 2)])
+def test_round_trip_bit_exact(setup, family, tp, pp):
+    hf_dir = setup.dirs[family]
+    hf_config = C.load_hf_config(hf_dir)
+    hf_sd = C.load_hf_state_dict(hf_dir)
+    stages = [[C.hf_to_megatron(hf_sd, hf_config, t, tp, p, pp) for t in range(tp)] for p in range(pp)]
+    back = C.megatron_stages_to_hf(stages, hf_config)
+    assert set(back) == set(hf_sd)
+    for k, v in hf_sd.items():
+        assert torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_shards_equal_offline_conversion(setup, family):
+    """The parameters load_hf_into_model placed on each TP rank are the hf_to_megatron shards."""
+    hf_dir = setup.dirs[family]
+    hf_config = C.load_hf_config(hf_dir)
+    hf_sd = C.load_hf_state_dict(hf_dir)
+    for r in setup.results:
+        res = r[family]["tp2"]
+        expect = C.hf_to_megatron(hf_sd, hf_config, res["tp_rank"], 2)
+        assert set(expect) == set(res["params"])
+        for k, v in expect.items():
+            assert torch.equal(res["params"][k], v), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_megatron_as_hf(setup, family):
+    out = os.path.join(setup.save_root, family)
+    assert sum(r[family]["tp2"]["saved"] for r in setup.results) == 1  # only global rank 0 returns it
+    orig = C.load_hf_state_dict(setup.dirs[family])
+    saved = C.load_hf_state_dict(out)
+    assert set(saved) == set(orig)
+    for k in orig:
+        assert torch.equal(saved[k], orig[k]), k
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=setup.tokens).logits,
+                                   setup.hf[family](input_ids=setup.tokens).logits, atol=0, rtol=0)
+
+
+def test_te_layernorm_names_round_trip(setup):
+    hf_dir = setup.dirs["llama"]
+    hf_config = C.load_hf_config(hf_dir)
+    hf_sd = C.load_hf_state_dict(hf_dir)
+    shards = [C.hf_to_megatron(hf_sd, hf_config, t, 2, layernorm_style="te") for t in range(2)]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in shards[0]
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in shards[1]
+    assert not any("input_layernorm" in k for k in shards[0])
+    back = C.megatron_to_hf(shards, hf_config)
+    assert set(back) == set(hf_sd) and all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
+
+
+def test_qkv_grouped_layout():
+    """Rows of linear_qkv are [q heads of group g..., k_g, v_g] per group; TP ranks get whole groups."""
+    cfg = dict(model_type="llama", hidden_size=8, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=1, intermediate_size=8, vocab_size=4, tie_word_embeddings=True)
+    hd = 2
+    q = torch.arange(4 * hd).float()[:, None].expand(-1, 8) + 0.0   # q head h rows: 2h, 2h+1
+    k = 100 + torch.arange(2 * hd).float()[:, None].expand(-1, 8)
+    v = 200 + torch.arange(2 * hd).float()[:, None].expand(-1, 8)
+    sd = {"model.layers.0.self_attn.q_proj.weight": q, "model.layers.0.self_attn.k_proj.weight": k,
+          "model.layers.0.self_attn.v_proj.weight": v}
+    keys = ["decoder.layers.0.self_attention.linear_qkv.weight"]
+    r0 = C.hf_to_megatron(sd, cfg, 0, 2, target_keys=keys, padded_vocab=128)[keys[0]][:, 0].tolist()
+    r1 = C.hf_to_megatron(sd, cfg, 1, 2, target_keys=keys, padded_vocab=128)[keys[0]][:, 0].tolist()
+    assert r0 == [0, 1, 2, 3, 100, 101, 200, 201]  # group 0: q heads 0,1; k0; v0
+    assert r1 == [4, 5, 6, 7, 102, 103, 202, 203]  # group 1: q heads 2,3; k1; v1
+
+
+def test_cli_round_trip_and_errors(setup, tmp_path, capsys):
+    hf_dir = setup.dirs["qwen2"]
+    mdir, back = str(tmp_path / "meg"), str(tmp_path / "back")
+    assert C.main(["hf-to-megatron", "--hf", hf_dir, "--out", mdir, "--tp", "2", "--pp", "2"]) == 0
+    for t in range(2):
+        for p in range(2):
+            assert os.path.isfile(os.path.join(mdir, f"mp_rank_{t:02d}_{p:03d}", "model_optim_rng.pt"))
+    meta = json.load(open(os.path.join(mdir, C.META_FILE)))
+    assert meta["model"]["add_qkv_bias"] is True and meta["padded_vocab_size"] == 256
+    assert C.main(["megatron-to-hf", "--megatron", mdir, "--out", back]) == 0
+    orig, new = C.load_hf_state_dict(hf_dir), C.load_hf_state_dict(back)
+    assert set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+    assert os.path.isfile(os.path.join(back, "config.json"))
+    # through the top-level CLI
+    from megaprorl.cli import main as cli_main
+
+    assert cli_main(["convert", "megatron-to-hf", "--megatron", mdir, "--out", str(tmp_path / "b2")]) == 0
+    capsys.readouterr()
+    # clear errors naming the missing file / key
+    assert C.main(["hf-to-megatron", "--hf", str(tmp_path / "nope"), "--out", mdir]) == 1
+    assert "config.json" in capsys.readouterr().err
+    os.remove(os.path.join(mdir, "mp_rank_01_001", "model_optim_rng.pt"))
+    assert C.main(["megatron-to-hf", "--megatron", mdir, "--out", back]) == 1
+    assert "mp_rank_01_001" in capsys.readouterr().err
+    assert C.main(["hf-to-megatron", "--hf", hf_dir, "--out", mdir, "--tp", "4"]) == 1
+    assert "num_key_value_heads" in capsys.readouterr().err
+    assert C.main(["hf-to-mega", "--hf", hf_dir]) == 2
+    assert "hf-to-megatron" in capsys.readouterr().err
+
+
+def test_missing_tensor_is_named(setup):
+    hf_config = C.load_hf_config(setup.dirs["llama"])
+    hf_sd = C.load_hf_state_dict(setup.dirs["llama"])
+    del hf_sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(C.ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        C.hf_to_megatron(hf_sd, hf_config, 0, 1)
+    bad = dict(hf_sd, **{"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)})
+    with pytest.raises(C.ConversionError, match=r"k_proj\.weight has shape \(64, 64\), expected \(32, 64\)"):
+        C.hf_to_megatron(bad, hf_config, 0, 1)
+    with pytest.raises(C.ConversionError, match="lm_head.weight"):
+        C.load_hf_state_dict(setup.dirs["qwen2"], ["lm_head.weight"])  # tied: not stored

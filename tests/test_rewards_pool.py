@@ -1,0 +1,131 @@
+"""RewardPool: parallel scoring, async submit, per-sample timeouts, crashes, registry in workers."""
+
+import os
+import time
+
+import pytest
+
+from megaprorl.rewards import RewardConfig, RewardPool, RewardResult, get_verifier, register_verifier, score_one
+
+
+# verifiers registered at import time of this module: workers re-import it (fn.__module__)
+def _slow(record, response):
+    time.sleep(float(record.get("sleep", 0.3)))
+    return 1.0, {"slept": record.get("sleep", 0.3)}
+
+
+def _hang(record, response):
+    while True:  # a pure-Python infinite loop, like a sympy blow-up
+        pass
+
+
+def _crash(record, response):
+    if record.get("how") == "segv":
+        import ctypes
+        ctypes.string_at(0)
+    os._exit(3)
+
+
+def _raise(record, response):
+    raise RuntimeError("verifier bug")
+
+
+def _with_cfg(record, response, cfg):
+    return float(cfg.code_memory_mb == 777)
+
+
+register_verifier("t_slow", _slow)
+register_verifier("t_hang", _hang)
+register_verifier("t_crash", _crash)
+register_verifier("t_raise", _raise)
+register_verifier("t_cfg", _with_cfg)
+
+
+def test_registry():
+    assert get_verifier("t_slow") is _slow
+    with pytest.raises(KeyError):
+        get_verifier("no_such_domain")
+    assert score_one({"domain": "no_such_domain"}, "x").error
+    assert score_one({"domain": "t_cfg"}, "x", RewardConfig(code_memory_mb=777)).reward == 1.0
+    with pytest.raises(TypeError):
+        register_verifier("bad", 3)
+
+
+def test_inline_mode():
+    pool = RewardPool(RewardConfig(num_workers=0))
+    res = pool.score([{"domain": "math", "answer": "2"}, {"domain": "t_raise"}], ["\\boxed{2}", "x"])
+    assert res[0].reward == 1.0 and res[1].error and "verifier bug" in res[1].error
+    assert pool.stats()["errors"] == 1 and pool.stats()["scored"] == 2
+    pool.close()
+
+
+def test_parallel_order_and_async_submit():
+    cfg = RewardConfig(num_workers=2, timeout_s=10)
+    with RewardPool(cfg) as pool:
+        recs = [{"domain": "t_slow", "sleep": 0.3, "id": i} for i in range(4)]
+        t0 = time.monotonic()
+        fut = pool.submit(recs, ["x"] * 4)
+        assert not fut.done()  # returns at once, scoring overlaps with the caller
+        mixed = pool.submit([{"domain": "math", "answer": "3"}, {"domain": "stem", "answer": "A"}],
+                            ["\\boxed{3}", "The answer is B"])
+        res = fut.result(timeout=20)
+        assert [r.reward for r in res] == [1.0] * 4
+        assert time.monotonic() - t0 < 1.2 * 4 * 0.3 + 1.0  # parallel, not 4 x 0.3 s serial + restart
+        assert [r.reward for r in mixed.result(timeout=20)] == [1.0, 0.0]
+        assert pool.score([], []) == []
+        with pytest.raises(ValueError):
+            pool.submit([{}], [])
+
+
+def test_timeout_kills_and_replaces_worker():
+    with RewardPool(RewardConfig(num_workers=2, timeout_s=1.0)) as pool:
+        t0 = time.monotonic()
+        res = pool.score([{"domain": "t_hang"}, {"domain": "math", "answer": "1"}, {"domain": "t_hang"}],
+                         ["x", "\\boxed{1}", "y"])
+        assert time.monotonic() - t0 < 6
+        assert res[0].reward == 0.0 and res[0].error.startswith("timeout")
+        assert res[2].error.startswith("timeout")
+        assert res[1].reward == 1.0 and res[1].error is None
+        st = pool.stats()
+        assert st["timeouts"] == 2 and st["errors"] == 2 and st["scored"] == 3
+        # still works afterwards
+        assert pool.score([{"domain": "math", "answer": "5"}], ["\\boxed{5}"])[0].reward == 1.0
+
+
+def test_crashes_are_counted_not_fatal():
+    with RewardPool(RewardConfig(num_workers=1, timeout_s=5.0)) as pool:
+        res = pool.score([{"domain": "t_crash"}, {"domain": "t_crash", "how": "segv"}, {"domain": "t_raise"},
+                          {"domain": "math", "answer": "4"}], ["a", "b", "c", "\\boxed{4}"])
+        assert [r.reward for r in res] == [0.0, 0.0, 0.0, 1.0]
+        assert res[0].error.startswith("crash") and res[1].error.startswith("crash")
+        assert "verifier bug" in res[2].error
+        st = pool.stats()
+        assert st["crashes"] == 2 and st["errors"] == 3
+
+
+def test_extra_verifier_module_and_record_module(tmp_path, monkeypatch):
+    mod = tmp_path / "mpr_extra_verifier_mod.py"
+    mod.write_text("from megaprorl.rewards import register_verifier\n"
+                   "register_verifier('addition_test', lambda rec, resp: float(resp.strip() == str(rec['a'] + rec['b'])))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = RewardConfig(num_workers=1, extra_verifier_modules=["mpr_extra_verifier_mod"])
+    with RewardPool(cfg) as pool:
+        res = pool.score([{"domain": "addition_test", "a": 2, "b": 3}] * 2, ["5", "6"])
+        assert [r.reward for r in res] == [1.0, 0.0], res
+    with RewardPool(RewardConfig(num_workers=1)) as pool:
+        res = pool.score([{"domain": "addition_test", "verifier_module": "mpr_extra_verifier_mod", "a": 1, "b": 1}],
+                         ["2"])
+        assert res[0].reward == 1.0, res
+
+
+def test_close_is_idempotent_and_submit_after_close_fails():
+    pool = RewardPool(RewardConfig(num_workers=1))
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError):
+        pool.submit([{"domain": "math", "answer": "1"}], ["1"])
+
+
+def test_result_type():
+    r = score_one({"domain": "math", "answer": "1"}, "\\boxed{1}")
+    assert isinstance(r, RewardResult) and r.to_dict()["reward"] == 1.0

@@ -1,0 +1,425 @@
+"""Fused per-token policy loss over logits [T, V] (Triton), vocab-parallel under tensor parallelism.
+
+The whole loss depends on the logits of row t only through ``logp_t`` and the entropy ``H_t``, so
+
+    dL/dz_j = g_lp * (onehot_j - p_j) - g_H * p_j * (z_j - E_p[z]),
+    g_lp = weight * dloss_t/dlogp_t,   g_H = -weight * entropy_coef
+
+and the gradient can be produced from per-row statistics plus one more pass over the vocabulary.
+Three kernels:
+
+1. ``_row_stats``   one program per row, online over BLOCK_V chunks of the (local) vocabulary:
+                    running max m, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (centred, so the
+                    entropy ``log s - a / s`` does not cancel catastrophically for large logits), and
+                    the target logit when the token lies in this rank's vocab shard.
+   (tensor parallel: m is all-reduced with MAX, s / a / target rescaled and all-reduced with SUM)
+2. ``_token_loss``  elementwise over tokens: logp, entropy, kl, weight * loss_t, g_lp, g_H.
+3. ``_grad``        one program per row, one more pass over the vocabulary writing dlogits (in the
+                    logits dtype; may be the logits buffer itself).  Rows whose g_lp and g_H are 0
+                    (masked tokens) are written as zeros without reading the logits.
+
+CPU: the kernels run under triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was
+first imported in the process (triton 3.x decides interpreter vs compiler at ``triton.jit`` time, and
+its own standard library is jitted at import).  Our kernels are jitted lazily, per mode, at first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # triton is optional: the package works without it (torch backend)
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+GRAD_MODES = ("recompute", "forward", "inplace")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel bodies (jitted lazily by _kernels())
+# ----------------------------------------------------------------------------------------------
+
+def _row_stats(logits_ptr, stride_row, tokens_ptr, stats_ptr, T, V, vocab_start, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    cols0 = tl.arange(0, BLOCK_V)
+    # scalar running max; per-lane sums (one cross-lane reduction per chunk, two at the end)
+    m = -1e30
+    s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    a_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for off in range(0, V, BLOCK_V):
+        cols = off + cols0
+        mask = cols < V
+        z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        zc = tl.where(mask, z - m_new, 0.0)
+        a_vec = alpha * (a_vec + (m - m_new) * s_vec) + tl.where(e > 0.0, e * zc, 0.0)
+        s_vec = alpha * s_vec + e
+        m = m_new
+    s = tl.sum(s_vec, 0)
+    a = tl.sum(a_vec, 0)
+    tok = tl.load(tokens_ptr + row).to(tl.int64)
+    local = tok - vocab_start
+    in_shard = (local >= 0) & (local < V)
+    local = tl.where(in_shard, local, 0)
+    zt = tl.load(base + local).to(tl.float32)
+    zt = tl.where(in_shard, zt, 0.0)
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + T + row, s)
+    tl.store(stats_ptr + 2 * T + row, a)
+    tl.store(stats_ptr + 3 * T + row, zt)
+
+
+def _token_loss(stats_ptr, out_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, T,
+                eps_low, eps_high, dual_c, ratio_clamp, kl_coef, kl_lclamp, kl_oclamp, ent_coef,
+                HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_DUAL: tl.constexpr,
+                USE_KL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < T
+    m = tl.load(stats_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(stats_ptr + T + offs, mask=mask, other=1.0)
+    a = tl.load(stats_ptr + 2 * T + offs, mask=mask, other=0.0)
+    zt = tl.load(stats_ptr + 3 * T + offs, mask=mask, other=0.0)
+    old = tl.load(old_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    log_s = tl.log(s)
+    abar = a / s
+    logp = (zt - m) - log_s  # centred: no rounding of m + log_s at large |logits|
+    ent = log_s - abar
+
+    # clipped surrogate (clip-higher), gradient conventions of megaprorl.algo.loss
+    lr_raw = logp - old
+    lr = tl.minimum(tl.maximum(lr_raw, -ratio_clamp), ratio_clamp)
+    d_lr = tl.where((lr_raw >= -ratio_clamp) & (lr_raw <= ratio_clamp), 1.0, 0.0)
+    ratio = tl.exp(lr)
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+    unclipped = -adv * ratio
+    cratio = tl.minimum(tl.maximum(ratio, lo), hi)
+    clipped = -adv * cratio
+    take = clipped > unclipped
+    pg = tl.where(take, clipped, unclipped)
+    d_cr = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+    d_pg = tl.where(take, -adv * d_cr, -adv) * ratio * d_lr
+    if HAS_DUAL:
+        cap = -adv * dual_c
+        dual = (adv < 0.0) & (pg > cap)
+        pg = tl.where(dual, cap, pg)
+        d_pg = tl.where(dual, 0.0, d_pg)
+    loss_t = pg
+    d_loss = d_pg
+    if HAS_REF:
+        ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d_raw = ref - logp
+        d = tl.minimum(tl.maximum(d_raw, -kl_lclamp), kl_lclamp)
+        d_d = tl.where((d_raw >= -kl_lclamp) & (d_raw <= kl_lclamp), -1.0, 0.0)  # dd/dlogp
+        if KL_EST == 1:
+            k = -d
+            dk = -1.0 + 0.0 * d
+        elif KL_EST == 2:
+            k = 0.5 * d * d
+            dk = d
+        else:
+            ed = tl.exp(d)
+            k = ed - 1.0 - d
+            dk = ed - 1.0
+        kl = tl.minimum(tl.maximum(k, -kl_oclamp), kl_oclamp)
+        d_kl = tl.where((k >= -kl_oclamp) & (k <= kl_oclamp), dk, 0.0) * d_d
+        tl.store(out_ptr + 2 * T + offs, kl, mask=mask)
+        if USE_KL:
+            loss_t = loss_t + kl_coef * kl
+            d_loss = d_loss + kl_coef * d_kl
+    loss_t = loss_t - ent_coef * ent
+    tl.store(out_ptr + offs, logp, mask=mask)
+    tl.store(out_ptr + T + offs, ent, mask=mask)
+    tl.store(out_ptr + 3 * T + offs, w * loss_t, mask=mask)
+    tl.store(out_ptr + 4 * T + offs, w * d_loss, mask=mask)
+    tl.store(out_ptr + 5 * T + offs, -w * ent_coef, mask=mask)
+    tl.store(out_ptr + 6 * T + offs, log_s, mask=mask)
+    tl.store(out_ptr + 7 * T + offs, m, mask=mask)
+    tl.store(out_ptr + 8 * T + offs, abar, mask=mask)
+
+
+def _grad(logits_ptr, stride_row, grad_ptr, stride_grow, tokens_ptr, tstats_ptr, scale_ptr, T, V,
+          vocab_start, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    c1 = tl.load(tstats_ptr + 4 * T + row) * scale
+    c2 = tl.load(tstats_ptr + 5 * T + row) * scale
+    log_s = tl.load(tstats_ptr + 6 * T + row)
+    m = tl.load(tstats_ptr + 7 * T + row)
+    abar = tl.load(tstats_ptr + 8 * T + row)
+    tok = tl.load(tokens_ptr + row).to(tl.int64)
+    local = tok - vocab_start
+    zbase = logits_ptr + row * stride_row
+    gbase = grad_ptr + row * stride_grow
+    cols0 = tl.arange(0, BLOCK_V)
+    if (c1 == 0.0) & (c2 == 0.0):
+        zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty)
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            tl.store(gbase + cols, zero, mask=cols < V)
+    else:
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            z = tl.load(zbase + cols, mask=mask, other=0.0).to(tl.float32)
+            zc = tl.where(mask, z - m, 0.0)
+            p = tl.exp(zc - log_s)
+            t = c1 + c2 * (zc - abar)
+            g = tl.where(p > 0.0, -p * t, 0.0)
+            g = tl.where(cols == local, g + c1, g)
+            tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNEL_CACHE: dict = {}
+
+
+def _lang_interpreted() -> bool:
+    # triton.language's own @jit helpers (tl.sum, tl.max, ...) are built when triton is first imported
+    return type(getattr(tl, "sum", None)).__name__ == "InterpretedFunction"
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1 now *and* when triton
+    was first imported in this process (its standard library is jitted at import)."""
+    if not HAVE_TRITON:
+        return False
+    try:
+        from triton import knobs
+
+        env = bool(knobs.runtime.interpret)
+    except Exception:  # older triton: env var only
+        env = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env and _lang_interpreted()
+
+
+def _kernels():
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed (pip install triton); use backend='torch'")
+    key = interpreting()
+    if key not in _KERNEL_CACHE:
+        _KERNEL_CACHE[key] = {
+            "row_stats": triton.jit(_row_stats),
+            "token_loss": triton.jit(_token_loss),
+            "grad": triton.jit(_grad),
+        }
+    return _KERNEL_CACHE[key]
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Raise a clear error when the Triton kernels cannot run on ``t``'s device."""
+    if not HAVE_TRITON:
+        raise RuntimeError("backend 'triton' needs triton (pip install triton)")
+    if t.device.type == "cpu" and not interpreting():
+        late = os.environ.get("TRITON_INTERPRET") == "1" and not _lang_interpreted()
+        raise RuntimeError("backend 'triton' on CPU tensors runs only under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 in the environment before triton is first imported in the process"
+                           + (" (it was set after triton had been imported)" if late else "")
+                           + ", or use backend='torch'")
+
+
+# ----------------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _launch_cfg(V: int, device: torch.device, block_v: Optional[int]):
+    if block_v is None:
+        env = os.environ.get("MEGAPRORL_TRITON_BLOCK_V")
+        if env:
+            block_v = int(env)
+        elif device.type == "cpu":
+            block_v = 1024
+        else:
+            block_v = 4096
+    block_v = min(_next_pow2(block_v), max(16, _next_pow2(V)))
+    if device.type == "cpu":
+        return block_v, {}
+    num_warps = int(os.environ.get("MEGAPRORL_TRITON_NUM_WARPS", 0)) or (
+        16 if block_v >= 8192 else (8 if block_v >= 2048 else 4))
+    return block_v, {"num_warps": num_warps}
+
+
+def _tp_size(tp_group) -> int:
+    if tp_group is None:
+        return 1
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(tp_group)
+
+
+def combine_tp_stats(stats: torch.Tensor, tp_group) -> torch.Tensor:
+    """Combine per-shard row statistics [4, T] = (max, sumexp, centred sum exp*z, target logit).
+
+    All-reduce MAX of the max, then SUM of the rescaled sumexp / centred moment / target logit
+    (exactly one rank holds each token's target).  Returns the global [4, T] statistics.
+    """
+    if _tp_size(tp_group) == 1:
+        return stats
+    import torch.distributed as dist
+
+    m_loc, s_loc, a_loc, zt = stats.unbind(0)
+    m = m_loc.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    alpha = torch.exp(m_loc - m)
+    red = torch.stack([s_loc * alpha, alpha * (a_loc + (m_loc - m) * s_loc), zt])
+    dist.all_reduce(red, op=dist.ReduceOp.SUM, group=tp_group)
+    return torch.cat([m[None], red], 0)
+
+
+def _as_f(x: torch.Tensor, T: int) -> torch.Tensor:
+    x = x.reshape(-1)
+    if x.numel() != T:
+        raise ValueError(f"per-token input has {x.numel()} elements, expected {T}")
+    return x.contiguous()
+
+
+def row_statistics(logits, tokens, vocab_start_index=0, tp_group=None, block_v=None):
+    """Pass 1 (+ TP combine): global per-row statistics [4, T] fp32."""
+    T, V = logits.shape
+    stats = torch.empty(4, T, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return stats
+    k = _kernels()
+    bv, kw = _launch_cfg(V, logits.device, block_v)
+    k["row_stats"][(T,)](logits, logits.stride(0), tokens, stats, T, V, int(vocab_start_index), BLOCK_V=bv, **kw)
+    return combine_tp_stats(stats, tp_group)
+
+
+def token_loss(stats, old_logp, ref_logp, adv, weight, spec):
+    """Kernel 2: per-token outputs [9, T] = (logp, entropy, kl, w*loss_t, g_lp, g_H, log_s, max, abar)."""
+    T = stats.shape[1]
+    out = torch.zeros(9, T, dtype=torch.float32, device=stats.device)
+    if T == 0:
+        return out
+    k = _kernels()
+    has_ref = ref_logp is not None
+    block = 1024 if stats.device.type != "cpu" else 256
+    old = _as_f(old_logp, T)
+    ref = _as_f(ref_logp, T) if has_ref else old
+    k["token_loss"][(triton.cdiv(T, block),)](
+        stats, out, old, ref, _as_f(adv, T), _as_f(weight, T), T,
+        float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.ratio_log_clamp),
+        float(spec.kl_coef), float(spec.kl_log_ratio_clamp), float(spec.kl_output_clamp), float(spec.entropy_coef),
+        HAS_REF=has_ref, KL_EST=_KL_CODES[spec.kl_estimator], HAS_DUAL=spec.dual_clip is not None,
+        USE_KL=float(spec.kl_coef) != 0.0, BLOCK=block)
+    return out
+
+
+def logits_grad(logits, tokens, tstats, scale, out=None, vocab_start_index=0, block_v=None):
+    """Kernel 3: dlogits = scale * dL/dlogits for this shard, written to ``out`` (may be ``logits``)."""
+    T, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if T == 0:
+        return out
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=logits.device)
+    scale = scale.reshape(1).to(device=logits.device, dtype=torch.float32).contiguous()
+    k = _kernels()
+    bv, kw = _launch_cfg(V, logits.device, block_v)
+    k["grad"][(T,)](logits, logits.stride(0), out, out.stride(0), tokens, tstats, scale, T, V,
+                    int(vocab_start_index), BLOCK_V=bv, **kw)
+    return out
+
+
+def _prep(logits, tokens):
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, V], got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    tokens = tokens.reshape(-1)
+    if tokens.numel() != logits.shape[0]:
+        raise ValueError(f"tokens has {tokens.numel()} elements, logits has {logits.shape[0]} rows")
+    return logits, tokens.to(torch.int64).contiguous()
+
+
+class _PolicyLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group, vocab_start, grad_mode,
+                block_v):
+        logits, tokens = _prep(logits, tokens)
+        stats = row_statistics(logits, tokens, vocab_start, tp_group, block_v)
+        tstats = token_loss(stats, old_logp, ref_logp, adv, weight, spec)
+        loss = tstats[3].sum()
+        ctx.grad_mode = grad_mode
+        ctx.vocab_start = vocab_start
+        ctx.block_v = block_v
+        if ctx.needs_input_grad[0]:
+            if grad_mode == "recompute":
+                ctx.save_for_backward(logits, tokens, tstats)
+            else:
+                one = torch.ones(1, dtype=torch.float32, device=logits.device)
+                buf = logits if grad_mode == "inplace" else None
+                ctx.grad = logits_grad(logits, tokens, tstats, one, out=buf, vocab_start_index=vocab_start,
+                                       block_v=block_v)
+        logp, ent = tstats[0].clone(), tstats[1].clone()
+        kl = tstats[2].clone() if ref_logp is not None else None
+        ctx.mark_non_differentiable(*(x for x in (logp, ent, kl) if x is not None))
+        return loss, logp, ent, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 11
+        if ctx.grad_mode == "recompute":
+            logits, tokens, tstats = ctx.saved_tensors
+            g = logits_grad(logits, tokens, tstats, grad_loss.detach(), vocab_start_index=ctx.vocab_start,
+                            block_v=ctx.block_v)
+        else:
+            g = ctx.grad
+            if g is None:
+                raise RuntimeError("policy loss with grad_mode='forward'/'inplace': backward called twice "
+                                   "(retain_graph is not supported)")
+            ctx.grad = None
+            scale_in_place(g, grad_loss)
+        return (g,) + (None,) * 10
+
+
+def scale_in_place(g: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """g *= grad_loss, skipping the full pass over g when grad_loss == 1 (the usual case)."""
+    grad_loss = grad_loss.detach()
+    if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        g.mul_(grad_loss.to(g.dtype))
+
+
+def policy_loss_triton(logits, tokens, old_logp, ref_logp, adv, weight, spec, *, tp_group=None,
+                       vocab_start_index=0, grad_mode="recompute", block_v=None):
+    """Fused policy loss on logits [T, V_local]. Returns (loss, logp, entropy, kl) like the reference.
+
+    grad_mode: ``recompute`` (backward does the second vocab pass; saves logits + [T] stats),
+    ``forward`` (gradient computed in this call into a new [T, V] buffer; backward only scales), or
+    ``inplace`` (gradient written over ``logits`` itself in this call, as Liger does; ``logits`` is
+    destroyed, so nothing else may need it).  logp / entropy / kl are detached fp32 [T].
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    check_device(logits)
+    if grad_mode == "inplace" and logits.stride(-1) != 1:
+        raise ValueError("grad_mode='inplace' needs logits with a contiguous last dimension")
+    loss, logp, ent, kl = _PolicyLossFn.apply(logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group,
+                                             int(vocab_start_index), grad_mode, block_v)
+    return loss, logp.detach(), ent.detach(), None if kl is None else kl.detach()
+
+
+__all__ = ["policy_loss_triton", "row_statistics", "token_loss", "logits_grad", "combine_tp_stats",
+           "interpreting", "check_device", "HAVE_TRITON", "GRAD_MODES"]
