@@ -11,14 +11,18 @@ from setuptools import find_packages, setup
 
 
 def _cuda_extensions():
-    if os.environ.get("MEGAPRORL_BUILD_CUDA", "auto") == "0":
+    mode = os.environ.get("MEGAPRORL_BUILD_CUDA", "auto")
+    if mode == "0":
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
+        torch = None
+    if torch is None or torch.version.cuda is None or CUDA_HOME is None:
+        if mode == "1":
+            raise RuntimeError("MEGAPRORL_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME); "
+                               "install with `pip install --no-build-isolation -e .[gpu]`")
         return [], {}
     ext = CUDAExtension(
         name="megaprorl._C_policy_loss",
@@ -57,7 +61,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt", "triton"],
         "trtllm": ["tensorrt-llm"],
-        "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow"],
+        "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow", "langdetect>=1.0.9"],
         "hf": ["transformers>=4.45", "tokenizers", "safetensors"],
         "dev": ["pytest", "hypothesis", "triton", "transformers>=4.45", "tokenizers", "safetensors"],
     },

@@ -84,7 +84,17 @@ class Trainer:
         builtin.register()
         self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template)
         vocab = self.tokenizer.vocab_size
+        hf_cfg = None
+        if cfg.model.hf_path:
+            from .models.convert import hf_vocab_size, load_hf_config
+
+            hf_cfg = load_hf_config(cfg.model.hf_path)
+            vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend)
+        if cfg.model.hf_path:
+            from .models.convert import load_hf_into_model
+
+            load_hf_into_model(self.policy.model, cfg.model.hf_path)
         self.use_ref = cfg.algo.kl.coef > 0
         self.reference = None
         if self.use_ref:
@@ -176,10 +186,11 @@ class Trainer:
         self.engine.wake()
         rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new, n=1, greedy=True))
         res = self.rewards.score(records, [self.tokenizer.decode(r.response_ids) for r in rollouts])
-        correct = torch.tensor([sum(1.0 for r in res if r.reward >= 1.0), float(len(res))], dtype=torch.float64)
+        correct = torch.tensor([sum(1.0 for r in res if r.reward >= 1.0), float(len(res))], dtype=torch.float64,
+                               device=self.device)
         if dist.is_initialized():
             dist.all_reduce(correct, group=dp_group())
-        out["eval/accuracy"] = float(correct[0] / max(correct[1], 1.0))
+        out["eval/accuracy"] = float(correct[0] / correct[1].clamp_min(1.0))
         out["eval/n_prompts"] = int(correct[1])
         k = cfg.eval.samples_per_prompt
         if k > 1 and not (greedy or cfg.eval.greedy):
@@ -297,9 +308,11 @@ class Trainer:
             kl_tok = kl_estimate(batch.old_logp, batch.ref_logp, cfg.algo.kl.estimator, cfg.algo.kl.log_ratio_clamp,
                                  cfg.algo.kl.output_clamp) * mask
             kl_in_reward = cfg.algo.kl.coef * kl_tok
-        batch.advantages = compute_advantages(shaped, group_ids, mask, cfg.algo.advantage, cfg.algo.whiten_advantages,
-                                              group=dp_group() if dp_world() > 1 else None,
-                                              token_penalty=kl_in_reward)
+        dev = self.device  # collectives run on the backend's device (NCCL: GPU tensors)
+        batch.advantages = compute_advantages(
+            shaped.to(dev), group_ids.to(dev), mask.to(dev), cfg.algo.advantage, cfg.algo.whiten_advantages,
+            group=dp_group() if dp_world() > 1 else None,
+            token_penalty=None if kl_in_reward is None else kl_in_reward.to(dev)).cpu()
 
         t = time.time()
         upd = self._optimizer_steps(batch, len(groups))
@@ -326,7 +339,7 @@ class Trainer:
             gsel = order[m * per: (m + 1) * per] if m < n_mini - 1 else order[m * per:]
             idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
             mb = batch.slice(idx)
-            counts = torch.tensor([float(mb.loss_mask.sum()), float(len(mb))], dtype=torch.float64)
+            counts = torch.tensor([float(mb.loss_mask.sum()), float(len(mb))], dtype=torch.float64, device=self.device)
             if dist.is_initialized() and dp_world() > 1:
                 dist.all_reduce(counts, group=dp_group())
             mb.weights = aggregation_weights(mb.loss_mask, cfg.algo.loss.aggregation, float(counts[0]), float(counts[1]))
@@ -439,7 +452,7 @@ class Trainer:
                     stats.update(ev)
                     self.eval_history.append({"step": self.step, **ev})
                     self.resets.observe_validation(self.step, ev["eval/accuracy"])
-                self.logger.log(self.step, _reduce_stats(stats))
+                self.logger.log(self.step, _reduce_stats(stats, self.device))
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save_checkpoint()
                 if self.preempt.agreed(self.device):
@@ -493,13 +506,14 @@ def _engine_mismatch(rollouts, batch: SeqBatch) -> float:
     return tot / max(cnt, 1)
 
 
-def _reduce_stats(stats: Dict) -> Dict:
+def _reduce_stats(stats: Dict, device) -> Dict:
     """Average numeric stats over data-parallel ranks (rank 0 logs them)."""
     if not dist.is_initialized() or dp_world() == 1:
         return stats
     keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("eval/"))
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=dp_group())
+    t = t.cpu()
     t /= dp_world()
     out = dict(stats)
     out.update({k: float(v) for k, v in zip(keys, t)})

@@ -3,11 +3,7 @@
 # Usage on the GPU machine from the repo root:  bash scripts/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:-gpu_out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MEGAPRORL_CUDA_BUILD_DIR=/tmp/mpr_build MAX_JOBS=16
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rs --durations=8 -p no:cacheprovider \

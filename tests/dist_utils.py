@@ -1,6 +1,7 @@
 """Run a function in N gloo processes (CPU) and collect what each rank returns."""
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -23,7 +24,8 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        # plain pickle: tensors travel as bytes, not as shared-memory fds that die with this process
+        queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # report any failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -48,7 +50,7 @@ def run_distributed(fn, world_size=2, args=(), timeout=300):
             rank, status, out = queue.get(timeout=timeout)
             if status != "ok":
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
-            results[rank] = out
+            results[rank] = pickle.loads(out)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -279,6 +279,14 @@ def _tp_worker(rank, world, backend, splits, inputs, spec, lm_inputs):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
+    if backend == "triton" and torch.cuda.is_available():
+        # The gloo children run the Triton kernels in the CPU interpreter; on the GPU image (triton 3.6,
+        # numpy 2.5) the interpreter fails inside numpy ("only 0-dimensional arrays ...").  CI (CPU) runs it.
+        import numpy as np
+        import triton
+
+        if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9) and np.__version__ >= "2.5":
+            pytest.skip("triton<3.9 interpreter is incompatible with numpy>=2.5; runs on the CPU CI")
     for k, v in CHILD_ENV.items():  # the gloo children run on CPU under the interpreter
         monkeypatch.setenv(k, v)
     spec = LossSpec(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, dual_clip=3.0)

@@ -45,7 +45,7 @@ def transformer_config(mcfg, pcfg):
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         recompute_granularity=mcfg.recompute_granularity or None,
         recompute_method="uniform" if mcfg.recompute_granularity == "full" else None,

@@ -37,9 +37,9 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if "MASTER_ADDR" not in os.environ:
+        if "WORLD_SIZE" not in os.environ:  # a single process, not started by torchrun: own rendezvous
             os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(_free_port()))
+            os.environ["MASTER_PORT"] = str(_free_port())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

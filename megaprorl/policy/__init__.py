@@ -210,7 +210,7 @@ class Policy:
         b = batch.to(self.device)
         logits = self._logits(b.tokens)[:, :-1].float()
         nll = vocab_parallel_cross_entropy(logits.clone(), b.tokens[:, 1:])
-        counts = torch.tensor([float(b.loss_mask.sum())], dtype=torch.float64)
+        counts = torch.tensor([float(b.loss_mask.sum())], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size(dp_group()) > 1:
             dist.all_reduce(counts, group=dp_group())
         loss = (nll * b.loss_mask).sum() / counts.clamp_min(1.0).item()

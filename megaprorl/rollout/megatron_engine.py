@@ -52,7 +52,7 @@ class MegatronEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
         expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
-        gen = torch.Generator(device="cpu")
+        gen = torch.Generator(device=self.policy.device)
         gen.manual_seed(int(params.seed))
         out: List[Rollout] = []
         model = self.policy.model
@@ -103,13 +103,14 @@ class MegatronEngine:
             else:
                 logp_all = torch.log_softmax(z / params.temperature, -1)
                 probs = _top_p_filter(logp_all.exp(), params.top_p)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            nxt_l, lp_l, done_l = nxt.tolist(), lp.tolist(), done.tolist()  # one device->host copy per step
             for b in range(B):
-                if not done[b]:
-                    resp[b].append(int(nxt[b]))
-                    lps[b].append(float(lp[b]))
-                    if int(nxt[b]) == self.eos_id:
+                if not done_l[b]:
+                    resp[b].append(nxt_l[b])
+                    lps[b].append(lp_l[b])
+                    if nxt_l[b] == self.eos_id:
                         finished[b] = True
             done |= nxt == self.eos_id
             if bool(done.all()) or t == N - 1:
