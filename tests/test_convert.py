@@ -117,31 +117,6 @@ def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
     return out
 
 
-def _pipeline_dtype_workaround():
-    """models.gpt.transformer_config does not set ``pipeline_dtype``, which Megatron requires for
-    PP > 1; until it does, add it here (a no-op once gpt.py passes it)."""
-    import dataclasses
-
-    from megaprorl.models import gpt
-
-    orig = gpt.transformer_config
-    if getattr(orig, "_pp_dtype_wrapped", False):
-        return
-
-    def wrapped(mcfg, pcfg):
-        try:
-            return orig(mcfg, pcfg)
-        except ValueError as e:
-            if "pipeline_dtype" not in str(e):
-                raise
-        cfg = orig(mcfg, SimpleNamespace(**dict(vars(pcfg), pipeline_parallel=1)))
-        return dataclasses.replace(cfg, pipeline_model_parallel_size=pcfg.pipeline_parallel,
-                                   pipeline_dtype=cfg.params_dtype)
-
-    wrapped._pp_dtype_wrapped = True
-    gpt.transformer_config = wrapped
-
-
 def _run_pp(hf_dir, attention, tokens):
     """PP=2 (TP=1): stage 0 sends its hidden states to stage 1, which returns the logits."""
     import torch.distributed as dist
@@ -150,7 +125,6 @@ def _run_pp(hf_dir, attention, tokens):
     from megaprorl.models.gpt import build_gpt, needs_explicit_causal_mask
     from megaprorl.parallel import init_distributed
 
-    _pipeline_dtype_workaround()
     init_distributed(1, 2)
     mcfg = _mcfg(hf_dir, attention)
     pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=2, sequence_parallel=False)

@@ -43,6 +43,7 @@ def transformer_config(mcfg, pcfg):
         pipeline_model_parallel_size=pcfg.pipeline_parallel,
         sequence_parallel=bool(pcfg.sequence_parallel and pcfg.tensor_parallel > 1),
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,

@@ -51,7 +51,11 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
         return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               batch_size=cfg.rollout.batch_size)
     if name == "trtllm":
-        from .trtllm_engine import TRTLLMEngine
-
-        return TRTLLMEngine(cfg, policy, tokenizer)
+        try:
+            import tensorrt_llm  # noqa: F401
+        except ImportError:
+            raise RuntimeError("rollout.engine=trtllm needs TensorRT-LLM (`pip install -e .[trtllm]` on a CUDA "
+                               "machine with Python 3.10/3.12 and MPI); use rollout.engine=megatron") from None
+        raise NotImplementedError("the TensorRT-LLM engine (in-place refit from Megatron shards) is not implemented "
+                                  "yet; use rollout.engine=megatron")
     raise ValueError(f"rollout.engine must be 'megatron' or 'trtllm', got {name!r}")
