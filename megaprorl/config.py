@@ -42,7 +42,7 @@ class ModelConfig:
     init_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     make_vocab_divisible_by: int = 128
-    tokenizer: str = "builtin"  # "builtin" (character tokenizer) or a local HF tokenizer directory
+    tokenizer: str = "builtin"  # builtin | builtin-ascii (character tokenizers) | a local HF tokenizer directory
     use_chat_template: bool = True
     hf_path: str = ""  # local HF checkpoint to initialise from (see `megaprorl convert`)
     load: str = ""  # megaprorl checkpoint directory to initialise the policy from

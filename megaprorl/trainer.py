@@ -224,6 +224,7 @@ class Trainer:
         raw_rewards: List[float] = []
         lengths: List[int] = []
         truncated_count = 0
+        by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
         max_draws = 1 + (ds.max_extra_draws if ds.enabled else 0)
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
         while len(kept) < b_local and draws < max_draws:
@@ -247,6 +248,12 @@ class Trainer:
             shaped = (apply_length_penalty(rew, lens, trunc, cfg.algo.length_penalty, max_length=cfg.rollout.max_new_tokens)
                       if penalty_on else rew.clone())
             raw_rewards += rew.tolist()
+            for r, s_ in zip(rollouts, scored):
+                dom = records[r.prompt_index].get("domain", "?")
+                acc = by_domain.setdefault(dom, [0.0, 0, 0])
+                acc[0] += s_.reward
+                acc[1] += 1
+                acc[2] += 1 if s_.error else 0
             lengths += lens.int().tolist()
             truncated_count += int(trunc.sum())
             gids = torch.arange(len(records)).repeat_interleave(n)
@@ -277,6 +284,10 @@ class Trainer:
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],
         }
+        for dom, (tot, cnt, err) in sorted(by_domain.items()):
+            stats[f"reward/{dom}"] = tot / max(cnt, 1)
+            stats[f"samples/{dom}"] = cnt
+            stats[f"reward_errors/{dom}"] = err
         return kept, stats
 
     def rl_step(self) -> Dict:

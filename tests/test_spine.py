@@ -203,3 +203,17 @@ def test_full_rl_steps_end_to_end(tmp_path):
 def test_cli_reports_config_errors(tmp_path):
     r = _run_cli(["train", DEMO, "algo.kl.cof=1"], tmp_path, timeout=120)
     assert r.returncode == 2 and "did you mean 'algo.kl.coef'" in r.stderr
+
+
+def test_mixture_with_reasoning_gym_trains(tmp_path):
+    """examples/mixture_cpu.yaml: addition + Reasoning Gym basic_arithmetic, both scored, no errors."""
+    cfg = os.path.join(ROOT, "examples", "mixture_cpu.yaml")
+    r = _run_cli(["train", cfg, f"output_dir={tmp_path}", "name=mix", "train.steps=2", "warmstart.steps=10",
+                  "eval.n_prompts=16", "logging.progress=false", "model.num_layers=1", "rewards.num_workers=1"],
+                 tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "reward" in x]
+    assert len(steps) == 2
+    assert sum(x["samples/logic"] for x in steps) > 0 and sum(x["samples/addition"] for x in steps) > 0
+    assert all(x["reward_errors/logic"] == 0 and x["reward_errors/addition"] == 0 for x in steps)

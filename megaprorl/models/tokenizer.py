@@ -74,6 +74,12 @@ class HFTokenizer:
 
 
 def build_tokenizer(name_or_path: str, use_chat_template: bool = True, alphabet: Optional[str] = None):
+    """``builtin`` (digits, operators, lowercase: the demo), ``builtin-ascii`` (printable ASCII, for
+    mixtures with text prompts such as Reasoning Gym's), or a local HF tokenizer directory."""
     if name_or_path in ("", "builtin", "char"):
         return CharTokenizer(alphabet) if alphabet else CharTokenizer()
+    if name_or_path == "builtin-ascii":
+        import string
+
+        return CharTokenizer(string.printable)
     return HFTokenizer(name_or_path, use_chat_template)
