@@ -1,0 +1,64 @@
+"""Reference resets inside the trainer: the reference becomes the policy; the optimizer state is kept
+(ProRL v2) or cleared (v1) as configured; the length-penalty schedule switches at configured steps."""
+
+import os
+
+import pytest
+import torch
+
+from megaprorl.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["warmstart.steps=5", "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.n_samples=4",
+        "eval.n_prompts=8", "logging.progress=false", "model.num_layers=1", "model.hidden_size=32",
+        "model.ffn_hidden_size=64", "rewards.num_workers=0", "algo.kl.coef=0.01",
+        "algo.dynamic_sampling.enabled=false", "algo.reference_reset.interval=2"]
+
+
+def _trainer(tmp_path, *extra):
+    from megaprorl.trainer import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "examples", "demo.yaml"), [f"output_dir={tmp_path}", *TINY, *extra])
+    return Trainer(cfg)
+
+
+@pytest.mark.parametrize("reset_optimizer", [False, True])
+def test_reset_copies_policy_and_keeps_or_clears_optimizer(tmp_path, reset_optimizer):
+    from megaprorl.policy import build_seq_batch
+
+    t = _trainer(tmp_path, f"algo.reference_reset.reset_optimizer={str(reset_optimizer).lower()}")
+    try:
+        for _ in range(2):
+            stats = t.rl_step()
+            t.step += 1
+            trigger = t.maybe_reset_reference(stats) if t.step < 2 else None
+        assert trigger is None
+        batch = build_seq_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 1], [11, 1]], 0)
+        ref_before = t.reference.logprobs(batch, 2)
+        pol = t.policy.logprobs(batch, 2)
+        assert not torch.allclose(ref_before, pol, atol=1e-6)  # two RL steps moved the policy
+        assert len(t.policy.optimizer.state) > 0
+        exp_avg = [s["exp_avg"].clone() for s in t.policy.optimizer.state.values()]
+        trigger = t.maybe_reset_reference(stats)  # step 2: the interval trigger fires
+        assert trigger == "interval" and t.resets.history[-1][1] == "interval"
+        torch.testing.assert_close(t.reference.logprobs(batch, 2), pol, rtol=0, atol=0)
+        if reset_optimizer:
+            assert len(t.policy.optimizer.state) == 0
+        else:
+            after = [s["exp_avg"] for s in t.policy.optimizer.state.values()]
+            assert all(torch.equal(a, b) for a, b in zip(exp_avg, after))
+    finally:
+        t.close()
+
+
+def test_length_penalty_schedule_in_trainer(tmp_path):
+    t = _trainer(tmp_path, "algo.length_penalty.enabled=true", "algo.length_penalty.on_steps=1",
+                 "algo.length_penalty.off_steps=1", "algo.reference_reset.interval=0")
+    try:
+        seen = []
+        for _ in range(3):
+            seen.append(t.rl_step()["length_penalty/on"])
+            t.step += 1
+        assert seen == [1.0, 0.0, 1.0]
+    finally:
+        t.close()
