@@ -89,13 +89,15 @@ def cmd_eval(argv: List[str]) -> int:
 
 
 def cmd_plot(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="megaprorl plot")
-    p.add_argument("run_dir")
+    p = argparse.ArgumentParser(prog="megaprorl plot", description="Draw a run's curves; several runs are overlaid.")
+    p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="")
+    p.add_argument("--labels", nargs="*", default=None)
     args = p.parse_args(argv)
     from .runlog import plot_run
 
-    print(plot_run(args.run_dir, args.out or None))
+    print(plot_run(args.run_dirs if len(args.run_dirs) > 1 else args.run_dirs[0], args.out or None,
+                   labels=args.labels))
     return 0
 
 

@@ -115,32 +115,40 @@ PLOT_KEYS = [("reward", "reward (verifier)"), ("entropy", "entropy"), ("kl_ref",
              ("response_length", "response length (tokens)")]
 
 
-def plot_run(run_dir: str, out_path: Optional[str] = None, keys=None) -> str:
-    """Draw the run's curves to PNG; returns the file written."""
+def plot_run(run_dir, out_path: Optional[str] = None, keys=None, labels=None) -> str:
+    """Draw the curves of one run (or overlay several: ``run_dir`` a list) to PNG; returns the file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = read_metrics(run_dir)
+    dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in dirs]
     keys = keys or PLOT_KEYS
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-    for ax, (k, title) in zip(axes, keys):
-        pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
-        evals = [(r["step"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r] if k == "reward" else []
-        if evals:
-            ax.plot([p[0] for p in evals], [p[1] for p in evals], "o--", label="held-out accuracy")
-            ax.legend(fontsize=8)
-        for r in recs:
-            if r.get("reference_reset"):
-                ax.axvline(r["step"], color="grey", ls=":", lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
+    for d, label in zip(dirs, labels):
+        recs = read_metrics(d)
+        for ax, (k, title) in zip(axes, keys):
+            pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+            line = None
+            if pts:
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2,
+                                  label=label if len(dirs) > 1 else None)
+            evals = [(r["step"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r] if k == "reward" else []
+            if evals:
+                ax.plot([p[0] for p in evals], [p[1] for p in evals], "o--",
+                        color=line.get_color() if line is not None else None,
+                        label="held-out accuracy" + (f" ({label})" if len(dirs) > 1 else ""))
+            if len(dirs) == 1:
+                for r in recs:
+                    if r.get("reference_reset"):
+                        ax.axvline(r["step"], color="grey", ls=":", lw=1)
+            ax.set_title(title)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    out_path = out_path or os.path.join(run_dir, "curves.png")
+    out_path = out_path or os.path.join(dirs[0], "curves.png")
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
