@@ -217,3 +217,17 @@ def test_mixture_with_reasoning_gym_trains(tmp_path):
     assert len(steps) == 2
     assert sum(x["samples/logic"] for x in steps) > 0 and sum(x["samples/addition"] for x in steps) > 0
     assert all(x["reward_errors/logic"] == 0 and x["reward_errors/addition"] == 0 for x in steps)
+
+
+def test_eval_command_reports_pass_at_k(tmp_path):
+    """`megaprorl eval`: greedy accuracy plus pass@1 over k samples and unbiased pass@k, per domain."""
+    out = tmp_path / "eval.json"
+    r = _run_cli(["eval", DEMO, f"output_dir={tmp_path}", "warmstart.steps=20", "eval.n_prompts=16",
+                  "eval.samples_per_prompt=4", "eval.ks=[1,2,4]", "eval.greedy=false", "model.num_layers=1",
+                  "model.hidden_size=64", "model.ffn_hidden_size=128", "--output", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for k in ("eval/accuracy", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/by_domain/addition/pass@4"):
+        assert k in res, (k, sorted(res))
+    assert 0.0 <= res["eval/pass@1"] <= res["eval/pass@2"] <= res["eval/pass@4"] <= 1.0
+    assert res["eval/n_prompts"] == 16
