@@ -86,15 +86,13 @@ class Trainer:
         vocab = self.tokenizer.vocab_size
         hf_cfg = None
         if cfg.model.hf_path:
-            from .models.convert import hf_vocab_size, load_hf_config
+            from .models.convert import hf_vocab_size, load_hf_config, load_hf_into_model
 
             hf_cfg = load_hf_config(cfg.model.hf_path)
             vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend)
-        if cfg.model.hf_path:
-            from .models.convert import load_hf_into_model
-
-            load_hf_into_model(self.policy.model, cfg.model.hf_path)
+        if hf_cfg is not None:
+            load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
         self.use_ref = cfg.algo.kl.coef > 0
         self.reference = None
         if self.use_ref:
@@ -463,7 +461,7 @@ class Trainer:
                     stats.update(ev)
                     self.eval_history.append({"step": self.step, **ev})
                     self.resets.observe_validation(self.step, ev["eval/accuracy"])
-                self.logger.log(self.step, _reduce_stats(stats, self.device))
+                self.logger.log(self.step, _reduce_stats(stats))
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save_checkpoint()
                 if self.preempt.agreed(self.device):
@@ -517,17 +515,20 @@ def _engine_mismatch(rollouts, batch: SeqBatch) -> float:
     return tot / max(cnt, 1)
 
 
-def _reduce_stats(stats: Dict, device) -> Dict:
-    """Average numeric stats over data-parallel ranks (rank 0 logs them)."""
+def _reduce_stats(stats: Dict) -> Dict:
+    """Average numeric stats over data-parallel ranks (rank 0 logs them).
+
+    Ranks may report different keys (a rank can draw no prompt of some domain, so it has no
+    ``reward/<domain>``): each key is averaged over the ranks that report it.
+    """
     if not dist.is_initialized() or dp_world() == 1:
         return stats
-    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("eval/"))
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=dp_group())
-    t = t.cpu()
-    t /= dp_world()
+    mine = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("eval/")}
+    per_rank = _gather_objects([mine])
     out = dict(stats)
-    out.update({k: float(v) for k, v in zip(keys, t)})
+    for k in sorted(set().union(*per_rank)):
+        vals = [d[k] for d in per_rank if k in d]
+        out[k] = sum(vals) / len(vals)
     return out
 
 

@@ -285,7 +285,10 @@ def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
         import numpy as np
         import triton
 
-        if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9) and np.__version__ >= "2.5":
+        def ver(v):
+            return tuple(int(x) for x in v.split(".")[:2])
+
+        if ver(triton.__version__) < (3, 9) and ver(np.__version__) >= (2, 5):
             pytest.skip("triton<3.9 interpreter is incompatible with numpy>=2.5; runs on the CPU CI")
     for k, v in CHILD_ENV.items():  # the gloo children run on CPU under the interpreter
         monkeypatch.setenv(k, v)

@@ -231,3 +231,22 @@ def test_eval_command_reports_pass_at_k(tmp_path):
         assert k in res, (k, sorted(res))
     assert 0.0 <= res["eval/pass@1"] <= res["eval/pass@2"] <= res["eval/pass@4"] <= 1.0
     assert res["eval/n_prompts"] == 16
+
+
+def _reduce_stats_worker(rank, world):
+    from megaprorl.parallel import init_distributed
+    from megaprorl.trainer import _reduce_stats
+
+    init_distributed()
+    stats = {"reward": float(rank), "reward/addition": 0.5 + rank, "trigger": "interval"}
+    if rank == 1:  # only rank 1 drew a logic prompt this step
+        stats["reward/logic"] = 0.25
+    return _reduce_stats(stats)
+
+
+def test_reduce_stats_over_dp_ranks_with_different_keys():
+    from dist_utils import run_distributed
+
+    for out in run_distributed(_reduce_stats_worker, 2):
+        assert out["reward"] == 0.5 and out["reward/addition"] == 1.0
+        assert out["reward/logic"] == 0.25 and out["trigger"] == "interval"
