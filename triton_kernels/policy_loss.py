@@ -240,20 +240,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _launch_cfg(V: int, device: torch.device, block_v: Optional[int]):
+# (BLOCK_V, num_warps) per kernel on CUDA, from scripts/tune_triton.py on an H100 (docs/benchmarks.md).
+# Tried there and slower: a running max per lane in the statistics pass (a second exp per element;
+# 2.06 ms against 1.97 ms at T=16K), num_stages 1-4 (no effect), and one persistent kernel doing the
+# statistics and gradient passes of a row back to back to re-read it from L2 (6.7 ms against 5.4 ms:
+# about one row per SM in flight is too little parallelism to keep HBM busy).
+CUDA_LAUNCH = {"stats": (1024, 2), "grad": (2048, 16)}
+
+
+def _launch_cfg(V: int, device: torch.device, block_v: Optional[int], kind: str = "stats"):
+    """Block size and warps of a vocabulary-pass kernel; MEGAPRORL_TRITON_BLOCK_V / _NUM_WARPS override."""
+    cuda_bv, cuda_warps = CUDA_LAUNCH[kind]
     if block_v is None:
         env = os.environ.get("MEGAPRORL_TRITON_BLOCK_V")
-        if env:
-            block_v = int(env)
-        elif device.type == "cpu":
-            block_v = 1024
-        else:
-            block_v = 4096
+        block_v = int(env) if env else (1024 if device.type == "cpu" else cuda_bv)
     block_v = min(_next_pow2(block_v), max(16, _next_pow2(V)))
     if device.type == "cpu":
         return block_v, {}
-    num_warps = int(os.environ.get("MEGAPRORL_TRITON_NUM_WARPS", 0)) or (
-        16 if block_v >= 8192 else (8 if block_v >= 2048 else 4))
+    num_warps = int(os.environ.get("MEGAPRORL_TRITON_NUM_WARPS", 0)) or cuda_warps
     return block_v, {"num_warps": num_warps}
 
 
@@ -336,7 +340,7 @@ def logits_grad(logits, tokens, tstats, scale, out=None, vocab_start_index=0, bl
         scale = torch.tensor(float(scale), dtype=torch.float32, device=logits.device)
     scale = scale.reshape(1).to(device=logits.device, dtype=torch.float32).contiguous()
     k = _kernels()
-    bv, kw = _launch_cfg(V, logits.device, block_v)
+    bv, kw = _launch_cfg(V, logits.device, block_v, "grad")
     k["grad"][(T,)](logits, logits.stride(0), out, out.stride(0), tokens, tstats, scale, T, V,
                     int(vocab_start_index), BLOCK_V=bv, **kw)
     return out

@@ -141,7 +141,8 @@ def run(args) -> Dict:
     spec = _spec()
     rows = [r for r in ALL_ROWS if not args.only or r in args.only]
     if device.type == "cpu":
-        rows = [r for r in rows if r in ("torch-eager", "triton", "triton-inplace", "lmhead-triton", "lmhead-torch")]
+        rows = [r for r in rows if r in ("torch-eager", "triton", "triton-inplace", "lmhead-triton",
+                                         "lmhead-torch")]
     info = {"device": torch.cuda.get_device_name() if bench.cuda else "cpu", "torch": torch.__version__,
             "dtype": str(dtype).replace("torch.", ""), "vocab": args.vocab, "hidden": args.hidden,
             "token_chunk": args.token_chunk}
@@ -188,9 +189,11 @@ def run(args) -> Dict:
             x = logits.detach().requires_grad_(True)
 
             def mk(backend, grad_mode="recompute"):
+                # the gradient is returned, not accumulated into x.grad: in a model the logits are not a
+                # leaf, and accumulating into a leaf would copy an in-place gradient that aliases x
                 def fn():
                     out = policy_loss(x, tokens, old, ref, adv, w, spec, backend=backend, grad_mode=grad_mode)
-                    out.loss.backward()
+                    return torch.autograd.grad(out.loss, x)[0]
                 return fn
 
             for r in logit_rows:
@@ -271,7 +274,7 @@ def _liger_grpo(record, T, x, tokens, old, ref, adv, args):
     def fn():
         out = triton_grpo_loss(logits, o, r, ids, a, mask, 1.0, 1e-4, 0.2, 0.28, True)
         loss = out[0] if isinstance(out, (tuple, list)) else out
-        loss.sum().backward() if loss.dim() else loss.backward()
+        return torch.autograd.grad(loss.sum() if loss.dim() else loss, logits)[0]
 
     record("liger-grpo", B * L, fn, [logits], "logits", note="inplace=True")
     del logits
