@@ -121,6 +121,9 @@ class TrainConfig:
     mini_batch_prompts: int = 64  # prompts per optimizer step (v1: 256 / 64 = 4 updates per RL step)
     micro_batch_size: int = 8  # sequences per forward/backward
     logprob_micro_batch_size: int = 16
+    # > 0: pack sequences end to end into micro-batches of at most this many tokens (Megatron THD packed
+    # sequences; no compute on padding; micro_batch_size / logprob_micro_batch_size are then unused)
+    pack_tokens: int = 0
     kernel_backend: str = "auto"  # auto | torch | triton | cuda
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -273,6 +276,9 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
          "must be auto, torch, triton, cuda or torch_compile")
+    need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
+    need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),
+         "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.model.hidden_size % cfg.model.num_attention_heads == 0, "model.num_attention_heads",

@@ -90,14 +90,16 @@ class Trainer:
 
             hf_cfg = load_hf_config(cfg.model.hf_path)
             vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
-        self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend)
+        self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
+                             pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id)
         if hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
         self.use_ref = cfg.algo.kl.coef > 0
         self.reference = None
         if self.use_ref:
             self.reference = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device,
-                                    cfg.train.kernel_backend, trainable=False)
+                                    cfg.train.kernel_backend, trainable=False, pack_tokens=cfg.train.pack_tokens,
+                                    pad_id=self.tokenizer.pad_id)
             self.reference.load_weights_from(self.policy)
         self.engine = build_engine(cfg, self.policy, self.tokenizer)
         self.rewards = RewardPool(cfg.rewards)

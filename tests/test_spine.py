@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megaprorl.config import ConfigError, load_config
+from tiny_models import tiny_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "demo.yaml")
@@ -54,20 +54,7 @@ def test_overrides_apply():
 # ----------------------------------------------------------------------------------------- engine
 @pytest.fixture(scope="module")
 def policy():
-    from megaprorl.models.tokenizer import CharTokenizer
-    from megaprorl.parallel import init_distributed
-    from megaprorl.policy import Policy
-
-    info = init_distributed()
-    torch.manual_seed(0)
-    m = SimpleNamespace(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-                        norm_epsilon=1e-6, add_qkv_bias=True, init_std=0.05, params_dtype="fp32",
-                        recompute_granularity="", fp8="", fp8_recipe="", transformer_impl="local", attention="sdpa",
-                        make_vocab_divisible_by=8, max_position_embeddings=64, tie_embeddings=False, rotary_base=10000)
-    p = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
-    o = SimpleNamespace(lr=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0)
-    tok = CharTokenizer()
-    return Policy(m, p, o, tok.vocab_size, info.device, "torch"), tok
+    return tiny_policy()
 
 
 def _prompts(tok):

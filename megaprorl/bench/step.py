@@ -64,6 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--pack-tokens", type=int, default=0,
+                    help="> 0: pack sequences into micro-batches of at most this many tokens (train.pack_tokens)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="with --skip-rollout: response lengths uniform in [1, --response-len] (as real rollouts)")
     ap.add_argument("--dtype", default="", help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--recompute", default="", help="'' | selective | full")
@@ -93,9 +97,10 @@ def main(argv=None) -> int:
                            fp8="", fp8_recipe="delayed", recompute_granularity=args.recompute)
     pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0)
-    policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend)
+    packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
+    policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend, **packing)
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
-                                                       trainable=False)
+                                                       trainable=False, **packing)
     eos = 1
     engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.prompts * args.n_samples)
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +117,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if args.skip_rollout:
             resp = torch.randint(2, p["vocab"], (args.prompts * args.n_samples, args.response_len), generator=gen)
-            rollouts = [SimpleNamespace(prompt_ids=prompts[i // args.n_samples], response_ids=resp[i].tolist())
+            if args.ragged:
+                n_resp = torch.randint(1, args.response_len + 1, (len(resp),), generator=gen).tolist()
+            else:
+                n_resp = [args.response_len] * len(resp)
+            rollouts = [SimpleNamespace(prompt_ids=prompts[i // args.n_samples], response_ids=resp[i, :n_resp[i]].tolist())
                         for i in range(len(resp))]
         else:
             rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=args.response_len, n=args.n_samples,
@@ -162,6 +171,7 @@ def main(argv=None) -> int:
         "device": device_name, "preset": args.preset, "params": param_count(p), "dtype": dtype,
         "prompts": args.prompts, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
         "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
+        "pack_tokens": args.pack_tokens, "ragged": args.ragged,
         "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],

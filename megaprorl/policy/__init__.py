@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from .. import kernels
 from ..algo.loss import LossSpec
 from ..models.gpt import build_gpt, needs_explicit_causal_mask
 from ..parallel import dp_group, tp_group, tp_rank, tp_world
+from .micro import pack_micro_batches, padded_micro_batches
 
 
 @dataclass
@@ -32,19 +33,21 @@ class SeqBatch:
     ref_logp: Optional[torch.Tensor] = None  # [B, L-1]
     advantages: Optional[torch.Tensor] = None  # [B, L-1]
     weights: Optional[torch.Tensor] = None  # [B, L-1], loss weights incl. the global normaliser
+    lengths: Optional[torch.Tensor] = None  # [B], real (unpadded) length of each row
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def _map(self, f) -> "SeqBatch":
+        g = lambda x: None if x is None else f(x)  # noqa: E731
+        return SeqBatch(g(self.tokens), g(self.loss_mask), g(self.old_logp), g(self.ref_logp), g(self.advantages),
+                        g(self.weights), g(self.lengths))
+
     def slice(self, idx) -> "SeqBatch":
-        f = lambda x: None if x is None else x[idx]  # noqa: E731
-        return SeqBatch(f(self.tokens), f(self.loss_mask), f(self.old_logp), f(self.ref_logp), f(self.advantages),
-                        f(self.weights))
+        return self._map(lambda x: x[idx])
 
     def to(self, device) -> "SeqBatch":
-        f = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return SeqBatch(f(self.tokens), f(self.loss_mask), f(self.old_logp), f(self.ref_logp), f(self.advantages),
-                        f(self.weights))
+        return self._map(lambda x: x.to(device))
 
 
 def build_seq_batch(prompts: List[List[int]], responses: List[List[int]], pad_id: int,
@@ -60,7 +63,7 @@ def build_seq_batch(prompts: List[List[int]], responses: List[List[int]], pad_id
         if r:
             tokens[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, len(p) - 1: len(p) - 1 + len(r)] = 1.0
-    return SeqBatch(tokens=tokens, loss_mask=mask)
+    return SeqBatch(tokens=tokens, loss_mask=mask, lengths=torch.tensor(lens, dtype=torch.long))
 
 
 def causal_mask(L: int, device) -> torch.Tensor:
@@ -72,11 +75,17 @@ class Policy:
     """A Megatron GPTModel plus its optimizer; one instance per rank."""
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
-                 kernel_backend: str = "auto", trainable: bool = True):
+                 kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0):
+        """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
+        (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size)
         self._explicit_mask = needs_explicit_causal_mask(model_cfg)
+        self.pack_tokens, self.pad_id = int(pack_tokens), int(pad_id)
+        if self.pack_tokens and self._explicit_mask:
+            raise ValueError("packed sequences (train.pack_tokens > 0) need model.attention=sdpa or the "
+                             "TransformerEngine spec; Megatron's local attention takes only a dense mask")
         self.kernel_backend = kernel_backend
         self.vocab_size = vocab_size
         self.optimizer = None
@@ -108,23 +117,27 @@ class Policy:
     def _attn_mask(self, L: int, device):
         return causal_mask(L, device) if self._explicit_mask else None
 
-    def _micro_batches(self, batch: SeqBatch, micro_batch_size: int) -> List[SeqBatch]:
-        n = len(batch)
-        return [batch.slice(slice(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+    def _micro_batches(self, batch: SeqBatch, micro_batch_size: int):
+        if self.pack_tokens:
+            # packs as long as needed for FP8 (16) and sequence parallelism (TP) to divide the token count
+            mult = 16 if self.mcfg.fp8 else 1
+            if self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1:
+                mult = mult * self.pcfg.tensor_parallel // math.gcd(mult, self.pcfg.tensor_parallel)
+            return pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult,
+                                      equal_length=self.pcfg.pipeline_parallel > 1)
+        return padded_micro_batches(batch, micro_batch_size)
 
-    def _run_schedule(self, micro: List[SeqBatch], loss_fn, forward_only: bool):
+    def _run_schedule(self, micro, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator).to(self.device)
-            tokens = mb.tokens
-            L = tokens.shape[1]
-            pos = torch.arange(L, device=tokens.device)[None].expand(tokens.shape[0], -1)
-            out = model(tokens, pos, self._attn_mask(L, tokens.device))
+            mb = next(data_iterator)
+            tokens, pos, mask, packed = mb.model_inputs(self.device, self._attn_mask)
+            out = model(tokens, pos, mask, packed_seq_params=packed)
             return out, lambda output: loss_fn(mb, output)
 
-        L = max(mb.tokens.shape[1] for mb in micro)
-        if self.pcfg.pipeline_parallel > 1 and any(mb.tokens.shape[1] != L for mb in micro):
+        L = max(mb.seq_len for mb in micro)
+        if self.pcfg.pipeline_parallel > 1 and any(mb.seq_len != L or len(mb) != len(micro[0]) for mb in micro):
             raise ValueError("pipeline parallelism needs equal micro-batch shapes; pad to one length")
         fb = get_forward_backward_func()
         return fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
@@ -139,29 +152,45 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         spec = LossSpec()
-        store: List[Dict] = []
 
-        def loss_fn(mb: SeqBatch, logits):
-            B, L, V = logits.shape
-            flat = logits[:, :-1].reshape(-1, V)
+        B, L = batch.tokens.shape
+        logp_out = torch.zeros(B, L - 1)
+        ent_out = torch.zeros(B, L - 1) if with_entropy else None
+
+        def loss_fn(mb, logits):
+            flat = mb.flat_logits(logits)
             if temperature != 1.0:
                 flat = flat / temperature
-            targets = mb.tokens[:, 1:].reshape(-1)
+            targets = mb.targets(flat.device)
             zeros = torch.zeros(targets.shape[0], device=flat.device)
             out = kernels.policy_loss(flat, targets, zeros, None, zeros, zeros, spec, backend=self.kernel_backend,
                                       tp_group=tp_group(), vocab_start_index=self.vocab_start)
-            res = {"logp": out.logp.view(B, L - 1).cpu()}
+            mb.scatter_into(logp_out, out.logp.cpu())
             if with_entropy:
-                res["entropy"] = out.entropy.view(B, L - 1).cpu()
-            store.append(res)
-            return out.loss * 0.0, torch.tensor(1, dtype=torch.int), res
+                mb.scatter_into(ent_out, out.entropy.cpu())
+            return out.loss * 0.0, torch.tensor(1, dtype=torch.int), {}
 
         self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
         self.model.train(was_training)
-        logp = _pad_cat([s["logp"] for s in store])
-        if with_entropy:
-            return logp, _pad_cat([s["entropy"] for s in store])
-        return logp
+        logp_out, ent_out = self._from_last_stage(logp_out, ent_out)
+        return (logp_out, ent_out) if with_entropy else logp_out
+
+    def _from_last_stage(self, *tensors):
+        """Under pipeline parallelism only the last stage computes the loss: broadcast its CPU results
+        (tensors, or None) to the other stages of its pipeline."""
+        if self.pcfg.pipeline_parallel == 1:
+            return tensors
+        from megatron.core import parallel_state as mps
+
+        group, src = mps.get_pipeline_model_parallel_group(), mps.get_pipeline_model_parallel_last_rank()
+        out = []
+        for t in tensors:
+            if t is not None:
+                buf = t.to(self.device)
+                dist.broadcast(buf, src=src, group=group)
+                t = buf.cpu()
+            out.append(t)
+        return tuple(out)
 
     # ------------------------------------------------------------------------------- train step
     def train_step(self, batch: SeqBatch, spec: LossSpec, micro_batch_size: int, temperature: float = 1.0) -> Dict:
@@ -175,16 +204,15 @@ class Policy:
         self.optimizer.zero_grad(set_to_none=True)
         sums: Dict[str, float] = {}
 
-        def loss_fn(mb: SeqBatch, logits):
-            B, L, V = logits.shape
-            flat = logits[:, :-1].reshape(-1, V)
+        def loss_fn(mb, logits):
+            flat = mb.flat_logits(logits)
             if temperature != 1.0:
                 flat = flat / temperature
-            targets = mb.tokens[:, 1:].reshape(-1)
-            ref = None if mb.ref_logp is None else mb.ref_logp.reshape(-1)
-            out = kernels.policy_loss(flat, targets, mb.old_logp.reshape(-1), ref, mb.advantages.reshape(-1),
-                                      mb.weights.reshape(-1), spec, backend=self.kernel_backend,
-                                      tp_group=tp_group(), vocab_start_index=self.vocab_start)
+            dev = flat.device
+            out = kernels.policy_loss(flat, mb.targets(dev), mb.field("old_logp", dev), mb.field("ref_logp", dev),
+                                      mb.field("advantages", dev), mb.field("weights", dev), spec,
+                                      backend=self.kernel_backend, tp_group=tp_group(),
+                                      vocab_start_index=self.vocab_start)
             _accumulate_stats(sums, out, mb, spec)
             return out.loss, torch.tensor(1, dtype=torch.int), {}
 
@@ -196,6 +224,13 @@ class Policy:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        if self.pcfg.pipeline_parallel > 1:  # the loss statistics live on the last stage
+            from megatron.core import parallel_state as mps
+
+            box = [sums]
+            dist.broadcast_object_list(box, src=mps.get_pipeline_model_parallel_last_rank(),
+                                       group=mps.get_pipeline_model_parallel_group())
+            sums = box[0]
         stats = _finish_stats(sums)
         stats["grad_norm"] = grad_norm
         stats["skipped_update"] = 0.0 if finite else 1.0
@@ -268,9 +303,8 @@ class Policy:
 def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec) -> None:
     from ..algo.loss import clipped_pg_loss
 
-    m = mb.loss_mask.reshape(-1).to(out.logp.device)
-    old = mb.old_logp.reshape(-1).to(out.logp.device)
-    adv = mb.advantages.reshape(-1).to(out.logp.device)
+    dev = out.logp.device
+    m, old, adv = mb.field("loss_mask", dev), mb.field("old_logp", dev), mb.field("advantages", dev)
     _, clo, chi = clipped_pg_loss(out.logp, old, adv, spec.eps_low, spec.eps_high, spec.dual_clip, spec.ratio_log_clamp)
     log_ratio = (out.logp - old).clamp(-spec.ratio_log_clamp, spec.ratio_log_clamp)
     add = {
@@ -296,9 +330,3 @@ def _finish_stats(sums: Dict[str, float]) -> Dict[str, float]:
     if "kl_ref_sum" in sums:
         out["kl_ref"] = sums["kl_ref_sum"] / n
     return out
-
-
-def _pad_cat(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
-    chunks = list(chunks)
-    L = max(c.shape[1] for c in chunks)
-    return torch.cat([torch.nn.functional.pad(c, (0, L - c.shape[1])) for c in chunks], 0)

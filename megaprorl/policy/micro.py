@@ -1,0 +1,173 @@
+"""Micro-batches for Megatron's schedules: right-padded rows, or sequences packed end to end.
+
+Both kinds present the model inputs and a flat per-token view, so the loss and the log-prob pass
+never care which it is:
+
+* ``PaddedMicro`` — rows ``[b, L]`` of a right-padded ``SeqBatch``; the per-token view is
+  ``logits[:, :-1]`` flattened, ``N = b * (L - 1)``.
+* ``PackedMicro`` — several sequences laid end to end in one row ``[1, t]`` with boundaries
+  ``cu_seqlens`` (Megatron's ``PackedSeqParams``, ``qkv_format='thd'``): attention and RoPE restart at
+  each boundary, so no compute is spent on padding.  The per-token view is every position of the
+  pack, ``N = t``; the last position of each sequence (it predicts nothing) and the pack's tail
+  padding carry zero mask and weight.
+
+``pack_micro_batches`` bins sequences first-fit-decreasing into packs of at most ``max_tokens``
+tokens (a longer sequence gets a pack of its own), each pack padded to a multiple of
+``pad_multiple`` (or all to one length when pipeline parallelism needs equal shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+FIELDS = ("loss_mask", "old_logp", "ref_logp", "advantages", "weights")
+
+
+def seq_lengths(batch) -> torch.Tensor:
+    """Real (unpadded) length of each row: ``batch.lengths`` when the builder recorded it, else one past
+    the last response token (rows without any response token count as full length)."""
+    if getattr(batch, "lengths", None) is not None:
+        return batch.lengths.to(torch.long).cpu()
+    B, L = batch.tokens.shape
+    m = batch.loss_mask.cpu() > 0
+    idx = torch.arange(L - 1).expand(B, -1)
+    last = torch.where(m, idx, torch.full_like(idx, -1)).max(1).values
+    return torch.where(last >= 0, last + 2, torch.full_like(last, L))
+
+
+class PaddedMicro:
+    def __init__(self, batch, rows: torch.Tensor):
+        self.batch, self.rows = batch, rows
+        self.n_rows, self.seq_len = batch.tokens.shape
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def model_inputs(self, device, attn_mask_fn):
+        tokens = self.batch.tokens.to(device)
+        L = tokens.shape[1]
+        pos = torch.arange(L, device=device)[None].expand(tokens.shape[0], -1)
+        return tokens, pos, attn_mask_fn(L, device), None
+
+    def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+    def targets(self, device) -> torch.Tensor:
+        return self.batch.tokens[:, 1:].reshape(-1).to(device)
+
+    def field(self, name: str, device) -> Optional[torch.Tensor]:
+        x = getattr(self.batch, name)
+        return None if x is None else x.reshape(-1).to(device)
+
+    def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        v = values.reshape(self.n_rows, self.seq_len - 1).to(out.device)
+        out[self.rows, : v.shape[1]] = v
+
+
+class PackedMicro:
+    def __init__(self, tokens, targets, positions, cu_seqlens, fields: Dict[str, Optional[torch.Tensor]],
+                 rows: List[int], starts: List[int], lengths: List[int]):
+        self.tokens, self._targets, self.positions, self.cu_seqlens = tokens, targets, positions, cu_seqlens
+        self.fields, self.rows, self.starts, self.lengths = fields, rows, starts, lengths
+        self.seq_len = tokens.shape[1]
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def packed_seq_params(self, device):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = self.cu_seqlens.to(device)
+        max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                               max_seqlen_kv=max_len)
+
+    def model_inputs(self, device, attn_mask_fn):
+        return self.tokens.to(device), self.positions.to(device), None, self.packed_seq_params(device)
+
+    def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.reshape(-1, logits.shape[-1])
+
+    def targets(self, device) -> torch.Tensor:
+        return self._targets.to(device)
+
+    def field(self, name: str, device) -> Optional[torch.Tensor]:
+        x = self.fields.get(name)
+        return None if x is None else x.to(device)
+
+    def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.to(out.device)
+        for r, s, n in zip(self.rows, self.starts, self.lengths):
+            out[r, : n - 1] = values[s: s + n - 1]
+
+
+def padded_micro_batches(batch, micro_batch_size: int) -> List[PaddedMicro]:
+    n = len(batch)
+    out = []
+    for i in range(0, n, micro_batch_size):
+        rows = torch.arange(i, min(i + micro_batch_size, n))
+        out.append(PaddedMicro(batch.slice(slice(i, min(i + micro_batch_size, n))), rows))
+    return out
+
+
+def _bins(lengths: List[int], max_tokens: int) -> List[List[int]]:
+    """First-fit decreasing; ties keep the original order, so packing is deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max(max_tokens - lengths[i], 0))
+    return [sorted(b) for b in bins]
+
+
+def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 1,
+                       equal_length: bool = False) -> List[PackedMicro]:
+    """Pack the rows of a right-padded ``SeqBatch`` into micro-batches of at most ``max_tokens`` tokens."""
+    if max_tokens <= 0:
+        raise ValueError(f"pack_micro_batches: max_tokens must be positive, got {max_tokens}")
+    lengths = seq_lengths(batch).tolist()
+    bins = _bins(lengths, max_tokens)
+    mult = max(1, int(pad_multiple))
+    sizes = [sum(lengths[i] for i in b) for b in bins]
+    target = max(sizes) if equal_length else None
+    tokens_cpu = batch.tokens.cpu()
+    packs = []
+    for b, used in zip(bins, sizes):
+        t = target if target is not None else used
+        t = -(-t // mult) * mult
+        tok = torch.full((t,), pad_id, dtype=torch.long)
+        tgt = torch.full((t,), pad_id, dtype=torch.long)
+        pos = torch.zeros(t, dtype=torch.long)
+        fields = {f: (None if getattr(batch, f) is None else torch.zeros(t, dtype=getattr(batch, f).dtype))
+                  for f in FIELDS}
+        cu, starts, off = [0], [], 0
+        for i in b:
+            n = lengths[i]
+            tok[off: off + n] = tokens_cpu[i, :n]
+            tgt[off: off + n - 1] = tokens_cpu[i, 1:n]
+            pos[off: off + n] = torch.arange(n)
+            for f, x in fields.items():
+                if x is not None:
+                    x[off: off + n - 1] = getattr(batch, f)[i, : n - 1].cpu()
+            starts.append(off)
+            off += n
+            cu.append(off)
+        if off < t:  # the tail padding is a sequence of its own: nothing attends across into it
+            pos[off:] = torch.arange(t - off)
+            cu.append(t)
+        packs.append(PackedMicro(tok[None], tgt, pos[None], torch.tensor(cu, dtype=torch.int32), fields, list(b),
+                                 starts, [lengths[i] for i in b]))
+    return packs

@@ -1,0 +1,186 @@
+"""Sequence packing (Megatron THD packed sequences): packed == unpacked, for the model and the policy."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from tiny_models import tiny_policy
+from tiny_models import tiny_policy
+
+transformers = pytest.importorskip("transformers")
+
+from test_convert import VOCAB, _make_hf, _mcfg  # noqa: E402
+
+LENGTHS = (7, 12, 1, 9, 3)
+
+
+def _sequences(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in LENGTHS]
+
+
+def _packed_logits_job(rank, world, hf_dir, seqs, tail):
+    """Megatron (SDPA core attention) on one packed row vs HF per sequence; returns full-vocab logits."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megaprorl.models import convert as C
+    from megaprorl.models.gpt import build_gpt
+    from megaprorl.parallel import init_distributed
+    from test_convert import _gather_tp
+
+    init_distributed(world, 1)
+    mcfg = _mcfg(hf_dir, "sdpa")
+    hf_config = C.load_hf_config(hf_dir)
+    model = build_gpt(mcfg, SimpleNamespace(tensor_parallel=world, pipeline_parallel=1, sequence_parallel=False),
+                      C.hf_vocab_size(hf_config))
+    C.load_hf_into_model(model, hf_dir, hf_config)
+    lens = [len(s) for s in seqs] + ([tail] if tail else [])
+    tokens = torch.cat(list(seqs) + ([torch.zeros(tail, dtype=torch.long)] if tail else []))[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    p = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
+                        max_seqlen_kv=max(lens))
+    with torch.no_grad():
+        packed = _gather_tp(model(tokens, pos, None, packed_seq_params=p))[0, :, :VOCAB]
+        alone = [_gather_tp(model(s[None], torch.arange(len(s))[None], None))[0, :, :VOCAB] for s in seqs]
+    mps.destroy_model_parallel()
+    return dict(packed=packed, alone=alone)
+
+
+@pytest.fixture(scope="module")
+def hf_qwen(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_qwen2")
+    model = _make_hf("qwen2", str(d))
+    return str(d), model
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_logits_equal_unpacked_and_hf(hf_qwen, tp):
+    hf_dir, hf_model = hf_qwen
+    seqs = _sequences()
+    outs = run_distributed(_packed_logits_job, tp, (hf_dir, seqs, 5))
+    for out in outs:
+        off = 0
+        for s, alone in zip(seqs, out["alone"]):
+            n = len(s)
+            with torch.no_grad():
+                ref = hf_model(s[None]).logits[0].float()
+            torch.testing.assert_close(out["packed"][off: off + n], alone, rtol=0, atol=2e-5)
+            torch.testing.assert_close(out["packed"][off: off + n], ref, rtol=0, atol=1e-4)
+            off += n
+
+
+# ------------------------------------------------------------------------------------ policy level
+@pytest.fixture(scope="module")
+def policies():
+    padded, tok = tiny_policy()
+    packed, _ = tiny_policy(pack_tokens=24, pad_id=tok.pad_id)
+    packed.model.load_state_dict(padded.model.state_dict())
+    return padded, packed, tok
+
+
+def _batch(tok, n=9, seed=0):
+    from megaprorl.algo.loss import aggregation_weights
+    from megaprorl.policy import build_seq_batch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tok.encode(s) for s in ["1+2=", "13+45=", "7+88=", "99+1=", "5+5=", "0+0=", "12+3=", "4+40=", "6+7="]]
+    prompts = prompts[:n]
+    resp = [torch.randint(2, tok.vocab_size, (int(k),), generator=g).tolist()
+            for k in torch.randint(1, 12, (n,), generator=g)]
+    batch = build_seq_batch(prompts, resp, tok.pad_id)
+    batch.old_logp = torch.randn(batch.loss_mask.shape, generator=g) * 0.1 - 3.0
+    batch.ref_logp = batch.old_logp + 0.05
+    batch.advantages = torch.randn(batch.loss_mask.shape, generator=g) * batch.loss_mask
+    batch.weights = aggregation_weights(batch.loss_mask, "token-mean", float(batch.loss_mask.sum()), len(batch))
+    return batch
+
+
+def test_policy_logprobs_packed_equal_padded(policies):
+    padded, packed, tok = policies
+    batch = _batch(tok)
+    lp_pad, ent_pad = padded.logprobs(batch, 4, with_entropy=True)
+    lp_pack, ent_pack = packed.logprobs(batch, 4, with_entropy=True)
+    m = batch.loss_mask > 0
+    torch.testing.assert_close(lp_pack[m], lp_pad[m], rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent_pack[m], ent_pad[m], rtol=0, atol=2e-5)
+    # prompt positions too (everything but each row's padding)
+    for i, n in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(lp_pack[i, : n - 1], lp_pad[i, : n - 1], rtol=0, atol=2e-5)
+        assert torch.all(lp_pack[i, n - 1:] == 0)
+
+
+def test_policy_train_step_packed_equals_padded(policies):
+    from megaprorl.algo.loss import LossSpec
+
+    padded, packed, tok = policies
+    batch = _batch(tok, seed=1)
+    spec = LossSpec(kl_coef=0.1, entropy_coef=0.01)
+    state = copy.deepcopy(padded.model.state_dict())
+    grads, stats = [], []
+    for pol, mbs in ((padded, 3), (packed, 3)):
+        pol.model.load_state_dict(state)
+        pol.reset_optimizer()
+        pol.optimizer.step = lambda: None  # compare gradients, not updates
+        stats.append(pol.train_step(batch, spec, micro_batch_size=mbs))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in pol.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    for k in ("loss", "entropy", "kl_ref", "tokens", "clip_frac_low", "clip_frac_high"):
+        assert stats[1][k] == pytest.approx(stats[0][k], rel=1e-5, abs=1e-7), k
+    padded.model.load_state_dict(state)
+    packed.model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------ packer
+def test_pack_micro_batches_layout():
+    from megaprorl.policy import build_seq_batch
+    from megaprorl.policy.micro import pack_micro_batches
+
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8]]
+    resp = [[9, 10, 11], [12], [13, 14, 15, 16, 17], []]
+    batch = build_seq_batch(prompts, resp, pad_id=0)
+    batch.advantages = torch.arange(batch.loss_mask.numel(), dtype=torch.float).view_as(batch.loss_mask)
+    packs = pack_micro_batches(batch, max_tokens=8, pad_id=0, pad_multiple=4)
+    lens = [5, 2, 8, 2]
+    assert sorted(r for p in packs for r in p.rows) == [0, 1, 2, 3]
+    for p in packs:
+        used = sum(lens[r] for r in p.rows)
+        assert used <= 8 and p.seq_len % 4 == 0 and p.seq_len - used < 4
+        assert p.cu_seqlens[-1] == p.seq_len and p.cu_seqlens.dtype == torch.int32
+        for r, s, n in zip(p.rows, p.starts, p.lengths):
+            seq = prompts[r] + resp[r]
+            assert p.tokens[0, s: s + n].tolist() == seq
+            assert p.targets("cpu")[s: s + n - 1].tolist() == seq[1:]
+            assert p.positions[0, s: s + n].tolist() == list(range(n))
+            mask = p.field("loss_mask", "cpu")[s: s + n]
+            assert mask.tolist() == batch.loss_mask[r, : n - 1].tolist() + [0.0]
+            assert p.field("advantages", "cpu")[s: s + n - 1].tolist() == batch.advantages[r, : n - 1].tolist()
+        assert p.field("old_logp", "cpu") is None
+    # deterministic, and equal shapes when pipeline parallelism asks for them
+    again = pack_micro_batches(batch, max_tokens=8, pad_id=0, pad_multiple=4)
+    assert [p.rows for p in again] == [p.rows for p in packs]
+    eq = pack_micro_batches(batch, max_tokens=8, pad_id=0, equal_length=True)
+    assert len({p.seq_len for p in eq}) == 1
+    # scatter puts per-token values back at [row, :n-1]
+    out = torch.full(batch.loss_mask.shape, -1.0)
+    for p in packs:
+        p.scatter_into(out, torch.arange(p.seq_len, dtype=torch.float))
+    for p in packs:
+        for r, s, n in zip(p.rows, p.starts, p.lengths):
+            assert out[r, : n - 1].tolist() == list(map(float, range(s, s + n - 1)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        pack_micro_batches(batch, max_tokens=0, pad_id=0)
+
+
+def test_pack_tokens_config_checks():
+    from megaprorl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.pack_tokens"):
+        load_config("examples/demo.yaml", ["train.pack_tokens=-1"])
+    with pytest.raises(ConfigError, match="train.pack_tokens"):
+        load_config("examples/demo.yaml", ["train.pack_tokens=64", "model.attention=megatron",
+                                           "model.transformer_impl=local"])
