@@ -276,6 +276,9 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
          "must be auto, torch, triton, cuda or torch_compile")
+    need(cfg.parallel.pipeline_parallel == 1 or cfg.rollout.engine != "megatron", "parallel.pipeline_parallel",
+         "the embedded Megatron sampling engine (rollout.engine=megatron) generates with PP=1 only; pipeline "
+         "parallelism covers the policy's log-prob and training passes (Policy, `megaprorl bench step`)")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
     need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")

@@ -78,7 +78,7 @@ def test_packed_logits_equal_unpacked_and_hf(hf_qwen, tp):
 @pytest.fixture(scope="module")
 def policies():
     padded, tok = tiny_policy()
-    packed, _ = tiny_policy(pack_tokens=24, pad_id=tok.pad_id)
+    packed, _ = tiny_policy(pack_tokens=24)
     packed.model.load_state_dict(padded.model.state_dict())
     return padded, packed, tok
 

@@ -28,4 +28,5 @@ def tiny_policy(**policy_kwargs):
     torch.manual_seed(0)
     m, p, o = tiny_policy_cfgs()
     tok = CharTokenizer()
+    policy_kwargs.setdefault("pad_id", tok.pad_id)
     return Policy(m, p, o, tok.vocab_size, info.device, "torch", **policy_kwargs), tok

@@ -10,6 +10,8 @@ Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy t
    ``model_parallel_cuda_manual_seed`` seeds only the CPU generator.
 3. The pipeline schedules allocate token counters with ``torch.zeros(..., device="cuda")``.  We
    give those modules a view of ``torch`` whose tensor factories map ``"cuda"`` to the CPU.
+4. Pipeline p2p communication calls ``torch.cuda.synchronize()``, which raises on a CPU build of
+   torch; without CUDA it becomes a no-op.
 
 ``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
 Megatron unmodified.
@@ -79,3 +81,7 @@ def install() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _CpuTorchView()
+
+    # 4. Pipeline p2p communication calls torch.cuda.synchronize() around its sends and receives; on a
+    #    CPU build that raises.  Nothing runs asynchronously on a CPU device, so it is a no-op here.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]

@@ -1,0 +1,100 @@
+"""Pipeline parallelism (PP=2 over gloo) through Megatron's schedule equals PP=1: log-probs, loss,
+gradient norm and the updated weights, with right-padded and with packed micro-batches."""
+
+import copy
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from tiny_models import tiny_policy, tiny_policy_cfgs
+
+N_LAYERS = 2  # tiny_policy_cfgs: one decoder layer per stage at PP=2
+
+
+def _batch(tok):
+    from megaprorl.algo.loss import aggregation_weights
+    from megaprorl.policy import build_seq_batch
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [tok.encode(s) for s in ["1+2=", "13+45=", "7+88=", "99+1=", "5+5=", "12+30="]]
+    resp = [torch.randint(2, tok.vocab_size, (k,), generator=g).tolist() for k in (3, 1, 6, 2, 4, 5)]
+    b = build_seq_batch(prompts, resp, tok.pad_id)
+    b.advantages = torch.randn(b.loss_mask.shape, generator=g) * b.loss_mask
+    b.weights = aggregation_weights(b.loss_mask, "token-mean", float(b.loss_mask.sum()), len(b))
+    return b
+
+
+def _stage_state(full: dict, stage: int) -> dict:
+    """The PP=1 state dict's tensors that stage ``stage`` of 2 holds, under that stage's local names."""
+    per = N_LAYERS // 2
+    out = {}
+    for k, v in full.items():
+        if k.startswith("decoder.layers."):
+            i = int(k.split(".")[2])
+            if i // per == stage:
+                out[k.replace(f"decoder.layers.{i}.", f"decoder.layers.{i - stage * per}.", 1)] = v
+        elif k.startswith("embedding."):
+            if stage == 0:
+                out[k] = v
+        elif stage == 1:  # final norm and output layer
+            out[k] = v
+    return out
+
+
+def _pp_job(rank, world, state, batch, pack):
+    from megaprorl.algo.loss import LossSpec
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+
+    info = init_distributed(1, world)
+    m, p, o = tiny_policy_cfgs()
+    p.pipeline_parallel = world
+    tok = CharTokenizer()
+    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", pack_tokens=pack, pad_id=tok.pad_id)
+    from megatron.core import parallel_state as mps
+
+    stage = mps.get_pipeline_model_parallel_rank()
+    own = {k: v for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
+    mine = _stage_state(state, stage)
+    assert set(own) == set(mine), (sorted(own), sorted(mine))
+    pol.model.load_state_dict(mine, strict=False)
+    lp, ent = pol.logprobs(batch, 2, with_entropy=True)
+    batch.old_logp = lp
+    batch.ref_logp = lp + 0.02
+    stats = pol.train_step(batch, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), 2)
+    params = {k: v.detach().clone() for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
+    return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params)
+
+
+@pytest.mark.parametrize("pack", [0, 20])
+def test_pipeline_parallel_equals_single_stage(pack):
+    from megaprorl.algo.loss import LossSpec
+
+    ref_pol, tok = tiny_policy(pack_tokens=pack)
+    state = {k: v.clone() for k, v in ref_pol.state_dict().items()}
+    batch = _batch(tok)
+    lp, ent = ref_pol.logprobs(batch, 2, with_entropy=True)
+    b1 = copy.copy(batch)
+    b1.old_logp, b1.ref_logp = lp, lp + 0.02
+    stats = ref_pol.train_step(b1, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), 2)
+    after = ref_pol.state_dict()
+
+    outs = run_distributed(_pp_job, 2, (state, batch, pack))
+    assert sorted(o["stage"] for o in outs) == [0, 1]
+    for o in outs:  # every stage gets the last stage's results
+        torch.testing.assert_close(o["lp"], lp, rtol=0, atol=2e-5)
+        torch.testing.assert_close(o["ent"], ent, rtol=0, atol=2e-5)
+        for k in ("loss", "entropy", "kl_ref", "tokens"):
+            assert o["stats"][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), k
+        assert o["stats"]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+        for k, v in o["params"].items():  # the update applied on each stage equals PP=1's
+            torch.testing.assert_close(v, _stage_state(after, o["stage"])[k], rtol=1e-5, atol=1e-6)
+
+
+def test_embedded_engine_with_pipeline_parallel_is_a_config_error():
+    from megaprorl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="parallel.pipeline_parallel"):
+        load_config("examples/demo.yaml", ["parallel.pipeline_parallel=2"])
