@@ -57,6 +57,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "pyyaml",
+        "psutil",  # megatron dist_checkpointing's writer processes
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt", "triton"],
