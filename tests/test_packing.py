@@ -135,6 +135,24 @@ def test_policy_train_step_packed_equals_padded(policies):
     packed.model.load_state_dict(state)
 
 
+def test_padded_vocab_columns_leave_the_softmax(policies):
+    """The output layer has rows past the tokenizer's vocabulary (padding); log-probs normalise over
+    the real vocabulary only, as the sampler draws from it only."""
+    padded, _, tok = policies
+    batch = _batch(tok)
+    n_out = padded.model.output_layer.weight.shape[0]
+    assert n_out > tok.vocab_size  # the fixture's vocabulary is padded
+    lp = padded.logprobs(batch, 4)
+    with torch.no_grad():
+        L = batch.tokens.shape[1]
+        z = padded.model(batch.tokens, torch.arange(L)[None].expand(len(batch), -1), None)[:, :-1].float()
+    ref = torch.log_softmax(z[..., : tok.vocab_size], -1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+    m = batch.loss_mask > 0
+    torch.testing.assert_close(lp[m], ref[m], rtol=0, atol=1e-5)
+    wrong = torch.log_softmax(z, -1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+    assert (wrong[m] - ref[m]).abs().max() > 1e-4  # the padded columns did carry probability mass
+
+
 # ------------------------------------------------------------------------------------------ packer
 def test_pack_micro_batches_layout():
     from megaprorl.policy import build_seq_batch

@@ -117,6 +117,15 @@ class Policy:
     def _attn_mask(self, L: int, device):
         return causal_mask(L, device) if self._explicit_mask else None
 
+    def _mask_padded_vocab(self, flat: torch.Tensor) -> torch.Tensor:
+        """Columns past the tokenizer's vocabulary (padding to a multiple of make_vocab_divisible_by x TP)
+        leave the softmax, as the sampler leaves them out: written in place, only those columns."""
+        local = flat.shape[-1]
+        n_valid = min(max(self.vocab_size - self.vocab_start, 0), local)
+        if n_valid < local:  # far below any logit, and finite after a temperature >= 0.01 (no inf - inf)
+            flat[:, n_valid:] = torch.finfo(flat.dtype).min * 0.01
+        return flat
+
     def _micro_batches(self, batch: SeqBatch, micro_batch_size: int):
         if self.pack_tokens:
             # packs as long as needed for FP8 (16) and sequence parallelism (TP) to divide the token count
@@ -158,7 +167,7 @@ class Policy:
         ent_out = torch.zeros(B, L - 1) if with_entropy else None
 
         def loss_fn(mb, logits):
-            flat = mb.flat_logits(logits)
+            flat = self._mask_padded_vocab(mb.flat_logits(logits))
             if temperature != 1.0:
                 flat = flat / temperature
             targets = mb.targets(flat.device)
@@ -205,7 +214,7 @@ class Policy:
         sums: Dict[str, float] = {}
 
         def loss_fn(mb, logits):
-            flat = mb.flat_logits(logits)
+            flat = self._mask_padded_vocab(mb.flat_logits(logits))
             if temperature != 1.0:
                 flat = flat / temperature
             dev = flat.device

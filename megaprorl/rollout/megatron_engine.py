@@ -96,7 +96,7 @@ class MegatronEngine:
         lps = [[] for _ in range(B)]
         finished = [False] * B
         for t in range(N):
-            z = logits[:, -1].float()
+            z = logits[:, -1, : self.policy.vocab_size].float()  # padded vocabulary rows are never drawn
             if params.greedy or params.temperature == 0.0:
                 logp_all = torch.log_softmax(z, -1)
                 nxt = z.argmax(-1)
