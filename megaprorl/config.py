@@ -233,12 +233,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     base = OmegaConf.structured(Config)
     OmegaConf.set_struct(base, True)
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml syntax errors carry the line
-            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        file_cfg = _load_yaml_chain(path, ())
         try:
             base = OmegaConf.merge(base, file_cfg)
         except OmegaConfBaseException as e:
@@ -257,6 +252,27 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise _explain(e, path or "config") from None
     validate(cfg)
     return cfg
+
+
+def _load_yaml_chain(path: str, seen: tuple):
+    """A YAML config, merged over the file its top-level ``base:`` key names (relative to its own
+    directory; chains allowed, cycles are an error).  Lists are replaced, not concatenated."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist" + (f" (the base of {seen[-1]})" if seen else ""))
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: 'base' chain is circular: {' -> '.join(seen + (real,))}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors carry the line
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    if "base" not in cfg:
+        return cfg
+    base_name = cfg.pop("base")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: 'base' must name another YAML config file")
+    parent = _load_yaml_chain(os.path.join(os.path.dirname(path), base_name), seen + (real,))
+    return OmegaConf.merge(parent, cfg)
 
 
 def validate(cfg: Config) -> None:

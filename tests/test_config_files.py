@@ -1,0 +1,54 @@
+"""Every example config loads; ``base:`` chains merge child over parent, and their errors name files."""
+
+import glob
+import os
+
+import pytest
+
+from megaprorl.config import ConfigError, load_config
+
+EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.name
+
+
+def test_scale_examples_inherit_the_recipe():
+    v2 = load_config("examples/prorl_v2.yaml")
+    c16 = load_config("examples/r1_1.5b_16k_4nodes.yaml")
+    assert (c16.parallel.tensor_parallel, c16.parallel.sequence_parallel) == (2, True)
+    assert c16.rollout.max_new_tokens == 16384 and c16.train.pack_tokens >= 16384
+    assert c16.algo == v2.algo and c16.data == v2.data and c16.model.hf_path == v2.model.hf_path
+
+
+def test_base_chain_merge_and_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nseed: 1\ndata:\n  sources:\n    - {name: x, type: builtin}\n"
+                                     "    - {name: y, type: builtin}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ndata:\n  sources:\n    - {name: z, type: builtin}\n")
+    cfg = load_config(str(tmp_path / "b.yaml"), ["seed=3"])
+    assert cfg.name == "b" and cfg.seed == 3
+    assert [s.name for s in cfg.data.sources] == ["z"]  # lists are replaced, not appended
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*c.yaml"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("base: d.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(tmp_path / "d.yaml"))
+    (tmp_path / "f.yaml").write_text("base: a.yaml\nmodel:\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load_config(str(tmp_path / "f.yaml"))
+
+
+def test_slurm_dry_run_of_a_four_node_example(capsys):
+    from megaprorl.cli import main
+
+    rc = main(["launch", "slurm", "examples/r1_1.5b_8k_4nodes.yaml", "--nodes", "4", "--gpus-per-node", "8",
+               "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc in (0, None)
+    assert "--nodes=4" in out or "#SBATCH --nodes 4" in out or "nodes=4" in out
+    assert "USR1@" in out and "--requeue" in out
