@@ -20,7 +20,7 @@ def test_scale_examples_inherit_the_recipe():
     v2 = load_config("examples/prorl_v2.yaml")
     c16 = load_config("examples/r1_1.5b_16k_4nodes.yaml")
     assert (c16.parallel.tensor_parallel, c16.parallel.sequence_parallel) == (2, True)
-    assert c16.rollout.max_new_tokens == 16384 and c16.train.pack_tokens >= 16384
+    assert c16.rollout.max_new_tokens == 16384 and c16.model.recompute_granularity == "full"
     assert c16.algo == v2.algo and c16.data == v2.data and c16.model.hf_path == v2.model.hf_path
 
 

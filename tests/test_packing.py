@@ -153,6 +153,38 @@ def test_padded_vocab_columns_leave_the_softmax(policies):
     assert (wrong[m] - ref[m]).abs().max() > 1e-4  # the padded columns did carry probability mass
 
 
+@pytest.mark.gpu
+def test_packed_equals_padded_bf16_on_gpu(monkeypatch):
+    """bf16 on CUDA, both packed paths: one cuDNN SDPA call per sequence, and FlashAttention varlen
+    (when this torch has it) for packs of many sequences."""
+    from megaprorl.algo.loss import LossSpec
+    from megaprorl.models import attention
+
+    padded, tok = tiny_policy()
+    packed, _ = tiny_policy(pack_tokens=24)
+    for pol in (padded, packed):
+        pol.model.to(torch.bfloat16)
+        pol.reset_optimizer()
+        pol.optimizer.step = lambda: None  # compare losses and gradients at fixed weights
+    packed.model.load_state_dict(padded.model.state_dict())
+    batch = _batch(tok)
+    m = batch.loss_mask > 0
+    lp_pad = padded.logprobs(batch, 4)
+    paths = ["per_sequence"] + (["varlen"] if attention._varlen_attn() is not None else [])
+    for path in paths:
+        monkeypatch.setattr(attention, "VARLEN_MIN_SEQS", 10**6 if path == "per_sequence" else 0)
+        before = dict(attention.PACKED_CALLS)
+        lp_pack = packed.logprobs(batch, 4)
+        assert attention.PACKED_CALLS[path] > before[path]
+        torch.testing.assert_close(lp_pack[m], lp_pad[m], rtol=0, atol=5e-2)
+        spec = LossSpec(kl_coef=0.1)
+        batch.old_logp, batch.ref_logp = lp_pad, lp_pad + 0.01
+        s_pad = padded.train_step(batch, spec, 3)
+        s_pack = packed.train_step(batch, spec, 3)
+        assert s_pack["loss"] == pytest.approx(s_pad["loss"], abs=2e-2), path
+        assert s_pack["grad_norm"] == pytest.approx(s_pad["grad_norm"], rel=5e-2), path
+
+
 # ------------------------------------------------------------------------------------------ packer
 def test_pack_micro_batches_layout():
     from megaprorl.policy import build_seq_batch

@@ -10,16 +10,25 @@ Grouped-query attention uses SDPA's ``enable_gqa`` (no K/V copies).
 
 Packed sequences (``PackedSeqParams`` with ``qkv_format='thd'``: q/k/v are [t, heads, d], sequences
 laid end to end with boundaries ``cu_seqlens``) run causal attention inside each sequence and none
-across: through ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen) for bf16/fp16 CUDA
-tensors when this torch has it, else one SDPA call per sequence (exact, O(sum L_i^2) work).
+across: one SDPA call per sequence (exact, O(sum L_i^2) work, cuDNN/flash kernels on GPU), or for
+packs of many short sequences ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen, one
+launch) for bf16/fp16 CUDA tensors when this torch has it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+
+PACKED_CALLS = {"varlen": 0, "per_sequence": 0}  # which packed path ran (tests and benchmarks read it)
+# packs of more sequences than this use FlashAttention varlen (one launch); fewer, one cuDNN SDPA call
+# each (on an H100 cuDNN's attention ran ~2.5x faster per token pair than torch 2.11's varlen)
+VARLEN_MIN_SEQS = int(os.environ.get("MEGAPRORL_VARLEN_MIN_SEQS", 8))
 
 
 class SDPAttention(DotProductAttention):
@@ -49,20 +58,32 @@ class SDPAttention(DotProductAttention):
     def _packed(self, q, k, v, p):
         if p.qkv_format != "thd":
             raise NotImplementedError(f"SDPAttention supports packed sequences in 'thd' format, got {p.qkv_format!r}")
-        if p.cu_seqlens_q_padded is not None and not torch.equal(p.cu_seqlens_q_padded, p.cu_seqlens_q):
+        cu_q = p.cu_seqlens_q
+        cu_k = p.cu_seqlens_kv if p.cu_seqlens_kv is not None else cu_q
+        # a CPU copy of the boundaries in the *_padded fields (see cpu_boundaries) saves a device sync per layer
+        cpu = p.cu_seqlens_q_padded if _on_cpu(p.cu_seqlens_q_padded) and q.is_cuda else None
+        if cpu is None and p.cu_seqlens_q_padded is not None and not torch.equal(p.cu_seqlens_q_padded, cu_q):
             raise NotImplementedError("SDPAttention: padded cu_seqlens (context parallel) are not supported")
-        cu_q, cu_k = p.cu_seqlens_q, p.cu_seqlens_kv if p.cu_seqlens_kv is not None else p.cu_seqlens_q
-        if not torch.equal(cu_q, cu_k):
+        if cu_k is not cu_q and not torch.equal(cu_q, cu_k):
             raise ValueError("packed causal self-attention needs cu_seqlens_q == cu_seqlens_kv")
+        bounds = (cpu if cpu is not None else cu_q).tolist()
         gqa = k.shape[1] != q.shape[1]
         varlen = _varlen_attn() if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
-        if varlen is not None:
-            max_len = int(p.max_seqlen_q) if p.max_seqlen_q else int((cu_q[1:] - cu_q[:-1]).max())
-            out = varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_len, max_len, scale=self.softmax_scale,
-                         window_size=(-1, 0), enable_gqa=gqa)
-        else:
+        if varlen is not None and len(bounds) - 1 > VARLEN_MIN_SEQS:
+            PACKED_CALLS["varlen"] += 1
+            max_len = int(p.max_seqlen_q) if p.max_seqlen_q else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            kw = {"window_size": (-1, 0)} if _accepts(varlen, "window_size") else {"is_causal": True}
+            if gqa:
+                if _accepts(varlen, "enable_gqa"):
+                    kw["enable_gqa"] = True
+                else:  # older varlen_attn (torch 2.11): one K/V head per query head
+                    rep = q.shape[1] // k.shape[1]
+                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            cu = cu_q.to(torch.int32)
+            out = varlen(q, k, v, cu, cu, max_len, max_len, scale=self.softmax_scale, **kw)
+        else:  # one SDPA call per sequence: cuDNN / flash kernels on GPU, exact on CPU
+            PACKED_CALLS["per_sequence"] += 1
             out = torch.empty_like(q)
-            bounds = cu_q.tolist()
             for s, e in zip(bounds[:-1], bounds[1:]):
                 if e == s:
                     continue
@@ -73,6 +94,28 @@ class SDPAttention(DotProductAttention):
             if bounds[-1] < q.shape[0]:  # tokens after the last sequence (padding of the pack): zeros
                 out[bounds[-1]:] = 0
         return out.reshape(out.shape[0], -1)
+
+
+def cpu_boundaries(params) -> None:
+    """Put a CPU copy of ``cu_seqlens_q`` into the ``*_padded`` fields of a local-spec PackedSeqParams:
+    Megatron's RoPE for THD reads those first and calls ``.tolist()`` on them (on a CUDA tensor that is a
+    device sync in every layer), and SDPAttention takes its loop bounds from them."""
+    cpu = params.cu_seqlens_q.cpu()
+    params.cu_seqlens_q_padded = cpu
+    params.cu_seqlens_kv_padded = cpu
+
+
+def _on_cpu(t) -> bool:
+    return t is not None and t.device.type == "cpu"
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _varlen_attn():

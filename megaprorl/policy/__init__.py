@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..algo.loss import LossSpec
-from ..models.gpt import build_gpt, needs_explicit_causal_mask
+from ..models.gpt import build_gpt, needs_explicit_causal_mask, use_transformer_engine
 from ..parallel import dp_group, tp_group, tp_rank, tp_world
 from .micro import pack_micro_batches, padded_micro_batches
 
@@ -83,6 +83,8 @@ class Policy:
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size)
         self._explicit_mask = needs_explicit_causal_mask(model_cfg)
         self.pack_tokens, self.pad_id = int(pack_tokens), int(pad_id)
+        # the local spec's SDPA attention takes packed-sequence bounds from a CPU copy (TE needs them on GPU)
+        self._cpu_boundaries = not use_transformer_engine(model_cfg)
         if self.pack_tokens and self._explicit_mask:
             raise ValueError("packed sequences (train.pack_tokens > 0) need model.attention=sdpa or the "
                              "TransformerEngine spec; Megatron's local attention takes only a dense mask")
@@ -141,7 +143,7 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            tokens, pos, mask, packed = mb.model_inputs(self.device, self._attn_mask)
+            tokens, pos, mask, packed = mb.model_inputs(self.device, self._attn_mask, self._cpu_boundaries)
             out = model(tokens, pos, mask, packed_seq_params=packed)
             return out, lambda output: loss_fn(mb, output)
 

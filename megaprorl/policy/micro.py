@@ -45,7 +45,7 @@ class PaddedMicro:
     def __len__(self) -> int:
         return self.n_rows
 
-    def model_inputs(self, device, attn_mask_fn):
+    def model_inputs(self, device, attn_mask_fn, cpu_boundaries: bool = False):
         tokens = self.batch.tokens.to(device)
         L = tokens.shape[1]
         pos = torch.arange(L, device=device)[None].expand(tokens.shape[0], -1)
@@ -80,16 +80,22 @@ class PackedMicro:
     def n_rows(self) -> int:
         return len(self.rows)
 
-    def packed_seq_params(self, device):
+    def packed_seq_params(self, device, cpu_boundaries: bool = False):
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = self.cu_seqlens.to(device)
         max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                               max_seqlen_kv=max_len)
+        p = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                            max_seqlen_kv=max_len)
+        if cpu_boundaries:
+            from ..models.attention import cpu_boundaries as put
 
-    def model_inputs(self, device, attn_mask_fn):
-        return self.tokens.to(device), self.positions.to(device), None, self.packed_seq_params(device)
+            put(p)
+        return p
+
+    def model_inputs(self, device, attn_mask_fn, cpu_boundaries: bool = False):
+        return (self.tokens.to(device), self.positions.to(device), None,
+                self.packed_seq_params(device, cpu_boundaries))
 
     def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.reshape(-1, logits.shape[-1])
