@@ -295,6 +295,10 @@ def validate(cfg: Config) -> None:
     need(cfg.parallel.pipeline_parallel == 1 or cfg.rollout.engine != "megatron", "parallel.pipeline_parallel",
          "the embedded Megatron sampling engine (rollout.engine=megatron) generates with PP=1 only; pipeline "
          "parallelism covers the policy's log-prob and training passes (Policy, `megaprorl bench step`)")
+    need(not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1
+              and cfg.model.transformer_impl == "local"), "parallel.sequence_parallel",
+         "needs the TransformerEngine layer spec (model.transformer_impl=transformer_engine or auto with TE "
+         "installed): Megatron's torch norms of the local spec do not support sequence parallelism")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
     need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")

@@ -19,9 +19,15 @@ def test_example_configs_load(path):
 def test_scale_examples_inherit_the_recipe():
     v2 = load_config("examples/prorl_v2.yaml")
     c16 = load_config("examples/r1_1.5b_16k_4nodes.yaml")
-    assert (c16.parallel.tensor_parallel, c16.parallel.sequence_parallel) == (2, True)
+    assert (c16.parallel.tensor_parallel, c16.parallel.sequence_parallel) == (2, False)
     assert c16.rollout.max_new_tokens == 16384 and c16.model.recompute_granularity == "full"
     assert c16.algo == v2.algo and c16.data == v2.data and c16.model.hf_path == v2.model.hf_path
+
+
+def test_sequence_parallel_with_the_local_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*TransformerEngine"):
+        load_config("examples/demo.yaml", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                                           "model.num_query_groups=2", "model.transformer_impl=local"])
 
 
 def test_base_chain_merge_and_errors(tmp_path):

@@ -135,6 +135,24 @@ def test_policy_train_step_packed_equals_padded(policies):
     packed.model.load_state_dict(state)
 
 
+def test_length_padding_for_fp8_leaves_results_unchanged(policies, monkeypatch):
+    """FP8 needs token counts divisible by 16: micro-batches are padded (right-padded rows and packs)."""
+    from megaprorl.policy.micro import padded_micro_batches
+
+    padded, packed, tok = policies
+    batch = _batch(tok)
+    assert batch.tokens.shape[1] % 16 != 0
+    assert all(mb.seq_len % 16 == 0 for mb in padded_micro_batches(batch, 4, tok.pad_id, pad_multiple=16))
+    ref = padded.logprobs(batch, 4)
+    for pol in (padded, packed):
+        monkeypatch.setattr(pol.mcfg, "fp8", "e4m3")  # only the micro-batch layout reads it here
+        assert all(mb.seq_len % 16 == 0 for mb in pol._micro_batches(batch, 4))
+        out = pol.logprobs(batch, 4)
+        m = batch.loss_mask > 0
+        torch.testing.assert_close(out[m], ref[m], rtol=0, atol=2e-5)
+        assert out.shape == ref.shape
+
+
 def test_padded_vocab_columns_leave_the_softmax(policies):
     """The output layer has rows past the tokenizer's vocabulary (padding); log-probs normalise over
     the real vocabulary only, as the sampler draws from it only."""

@@ -100,6 +100,10 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     from megatron.core.models.gpt import GPTModel
 
     cfg = transformer_config(mcfg, pcfg)
+    if cfg.sequence_parallel and not use_transformer_engine(mcfg):
+        raise ValueError("parallel.sequence_parallel needs the TransformerEngine layer spec (install "
+                         "transformer-engine[pytorch]; model.transformer_impl=transformer_engine or auto): the local "
+                         "spec's torch norms do not support sequence parallelism")
     if use_transformer_engine(mcfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

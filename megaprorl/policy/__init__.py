@@ -129,14 +129,14 @@ class Policy:
         return flat
 
     def _micro_batches(self, batch: SeqBatch, micro_batch_size: int):
+        # token counts divisible by 16 for FP8 GEMMs and by TP under sequence parallelism
+        mult = 16 if self.mcfg.fp8 else 1
+        if self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1:
+            mult = mult * self.pcfg.tensor_parallel // math.gcd(mult, self.pcfg.tensor_parallel)
         if self.pack_tokens:
-            # packs as long as needed for FP8 (16) and sequence parallelism (TP) to divide the token count
-            mult = 16 if self.mcfg.fp8 else 1
-            if self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1:
-                mult = mult * self.pcfg.tensor_parallel // math.gcd(mult, self.pcfg.tensor_parallel)
             return pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult,
                                       equal_length=self.pcfg.pipeline_parallel > 1)
-        return padded_micro_batches(batch, micro_batch_size)
+        return padded_micro_batches(batch, micro_batch_size, self.pad_id, pad_multiple=mult)
 
     def _run_schedule(self, micro, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -63,7 +63,7 @@ class PaddedMicro:
 
     def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
         v = values.reshape(self.n_rows, self.seq_len - 1).to(out.device)
-        out[self.rows, : v.shape[1]] = v
+        out[self.rows] = v[:, : out.shape[1]]  # drop columns of length padding (pad_multiple)
 
 
 class PackedMicro:
@@ -113,7 +113,16 @@ class PackedMicro:
             out[r, : n - 1] = values[s: s + n - 1]
 
 
-def padded_micro_batches(batch, micro_batch_size: int) -> List[PaddedMicro]:
+def padded_micro_batches(batch, micro_batch_size: int, pad_id: int = 0, pad_multiple: int = 1) -> List[PaddedMicro]:
+    """Slices of ``micro_batch_size`` rows; with ``pad_multiple > 1`` the sequence length is padded up to
+    a multiple of it (FP8 GEMMs need the token count divisible by 16)."""
+    L = batch.tokens.shape[1]
+    extra = -L % max(1, int(pad_multiple))
+    if extra:
+        pad = lambda x, v: None if x is None else torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
+        batch = type(batch)(pad(batch.tokens, pad_id), pad(batch.loss_mask, 0.0), pad(batch.old_logp, 0.0),
+                            pad(batch.ref_logp, 0.0), pad(batch.advantages, 0.0), pad(batch.weights, 0.0),
+                            batch.lengths)
     n = len(batch)
     out = []
     for i in range(0, n, micro_batch_size):
