@@ -50,9 +50,20 @@ def main():
             r["grad_GBs"] = 2 * T * V * 2 / r["grad_ms"] / 1e6
             rows.append(r)
             print(r, flush=True)
+    # statistics pass with the next chunk's load issued before this chunk's reduction
+    os.environ["MEGAPRORL_TRITON_PREFETCH"] = "1"
+    for bv, nw in [(512, 2), (1024, 2), (1024, 4), (2048, 2), (2048, 4), (2048, 8), (4096, 8)]:
+        os.environ["MEGAPRORL_TRITON_NUM_WARPS"] = str(nw)
+        ms = bench(lambda: tpl.row_statistics(logits, tokens, block_v=bv))
+        r = {"block_v": bv, "num_warps": nw, "prefetch": True, "stats_ms": ms, "stats_GBs": T * V * 2 / ms / 1e6,
+             "grad_ms": float("inf")}
+        rows.append(r)
+        print(r, flush=True)
+    os.environ.pop("MEGAPRORL_TRITON_PREFETCH")
     os.environ.pop("MEGAPRORL_TRITON_NUM_WARPS")
     best_s = min(rows, key=lambda r: r["stats_ms"])
     best_g = min(rows, key=lambda r: r["grad_ms"])
+    tpl.STATS_PREFETCH["on"] = bool(best_s.get("prefetch"))
     tpl.CUDA_LAUNCH.update(stats=(best_s["block_v"], best_s["num_warps"]), grad=(best_g["block_v"], best_g["num_warps"]))
     print("best stats:", best_s, "\nbest grad:", best_g)
     x = logits.requires_grad_(True)

@@ -184,6 +184,23 @@ def test_huge_logits_and_no_reference():
                  grad_tol=dict(atol=1e-6, rtol=1e-3))
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_statistics_pass_with_and_without_prefetch(prefetch, monkeypatch):
+    """Both forms of the statistics pass (next chunk loaded before or after this chunk's reduction)."""
+    from triton_kernels.policy_loss import row_statistics
+
+    monkeypatch.setenv("MEGAPRORL_TRITON_PREFETCH", prefetch)
+    logits, tokens = make_inputs(T=9, V=300)[:2]  # 300 = 2 full blocks of 128 and a partial one
+    stats = row_statistics(logits, tokens)
+    z = logits.double()
+    m = z.max(-1).values
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(stats[0].double(), m)
+    torch.testing.assert_close(stats[1].double(), torch.exp(z - m[:, None]).sum(-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close((stats[2] / stats[1]).double(), (p * (z - m[:, None])).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[3].double(), z.gather(-1, tokens[:, None]).squeeze(-1))
+
+
 def test_bf16_logits():
     # bf16 logits: stats accumulate in fp32 (tight); the gradient is rounded to bf16 (rel 2^-8)
     spec = LossSpec(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
