@@ -62,7 +62,10 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt", "triton"],
         "trtllm": ["tensorrt-llm"],
-        "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow", "langdetect>=1.0.9"],
+        # pyseccomp: ctypes binding of libseccomp (libseccomp2, on every Debian/Ubuntu) that compiles
+        # the code sandbox's seccomp filter
+        "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow", "langdetect>=1.0.9",
+                    "pyseccomp>=0.1.2; sys_platform == 'linux'"],
         "hf": ["transformers>=4.45", "tokenizers", "safetensors"],
         "dev": ["pytest", "hypothesis", "triton", "transformers>=4.45", "tokenizers", "safetensors"],
     },

@@ -5,21 +5,29 @@ namespaces (``unshare``), as root. It reads a JSON spec on stdin, then:
 
 1. hides the host: a read-only empty tmpfs over /root, /home, the project directory, /run, ...
    (binding back only the interpreter's prefix), /dev/null over secret files (/etc/shadow, ...),
-   every other mount read-only, and a fresh size-limited tmpfs at /tmp, owned by a private uid:
-   the only writable place;
-2. for each test: writes the program into /tmp, forks a child that drops to the private uid (no
-   capabilities, no_new_privs), sets rlimits (address space, CPU, processes, file size, open
-   files, no core dumps) and execs a fresh interpreter on the program, stdin/stdout/stderr
-   being memfds the child cannot find its way back from;
+   a minimal /dev (null, zero, full, random, urandom, tty: no GPUs, disks, kvm, fuse, ...), every
+   other mount read-only, and a fresh size-limited tmpfs at /tmp, owned by a private uid: the
+   only writable place;
+2. for each test: writes the program into /tmp, forks a child that sets rlimits (address space,
+   CPU, processes, file size, open files, no core dumps), drops to the private uid (no
+   capabilities, empty bounding set, no_new_privs), loads the seccomp filter (compiled by
+   libseccomp on the host, when it has a binding) and execs a fresh interpreter on the program,
+   stdin/stdout/stderr being memfds the child cannot find its way back from;
 3. enforces the per-test wall-clock limit (pidfd), then kills every process left in the
    namespace (``kill(-1, SIGKILL)`` from PID 1), and compares the output with the expected one,
    which the program never sees;
 4. prints one JSON object with the per-test results on stdout (its own pipe to the host).
 
+Without root (an unprivileged user namespace: ``unshare --user --map-root-user`` or
+``bwrap --unshare-user --uid 0``) only our own uid is mapped, so the program keeps the harness's
+uid (root of the namespace, the calling user outside) and is made harmless by losing every
+capability (bounding set emptied, securebits NOROOT locked) instead of by a uid change.
+
 In mode "none" (no isolation: allowed only by an explicit flag) steps 1 and the uid drop are
-skipped and leftovers are killed by process group.
+skipped and leftovers are killed by process group; the seccomp filter still applies.
 """
 
+import base64
 import ctypes
 import json
 import math
@@ -33,11 +41,87 @@ import time
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = -100, 0x8000, 0x1, 0x2
 SYS_MOUNT_SETATTR = 442
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT = 38, 24, 28, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+# SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_KEEP_CAPS (off), SECBIT_NO_CAP_AMBIENT_RAISE: all locked
+SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"))
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _WARN = []
+
+
+def in_restricted_userns():
+    """True inside a user namespace that maps only a few ids (unprivileged: no private uid to drop to)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _check(r, what):
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+
+
+def drop_capabilities(lock_root):
+    """Empty the bounding and ambient sets (so no later execve can grant a capability); with
+    ``lock_root`` (we stay uid 0 of a user namespace) also lock the securebits so that root means
+    nothing and clear the permitted/effective/inheritable sets (else the uid change does that)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    if lock_root:
+        _check(_libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0), "securebits")
+    for cap in range(last + 1):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            _check(-1, "drop cap %d from the bounding set" % cap)
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if lock_root:
+        hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_program(cfg):
+    """The seccomp filter compiled by libseccomp on the host (``sock_filter`` array, base64), as
+    a ``sock_fprog`` ready for :func:`load_seccomp`; None when the host sent none."""
+    bpf = base64.b64decode(cfg.get("bpf") or "")
+    if not bpf:
+        return None
+    if len(bpf) % 8 or len(bpf) // 8 > 4096:
+        raise ValueError("malformed seccomp program (%d bytes)" % len(bpf))
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    return _SockFprog(len(bpf) // 8, ctypes.addressof(buf)), buf
+
+
+def load_seccomp(prog):
+    """prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER): needs no_new_privs (set before)."""
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog[0]), 0, 0), "seccomp")
+
 
 RUNNER_FUNCTIONAL = r'''
 import json, os, sys
@@ -120,9 +204,32 @@ def _under(path, parent):
     return path == parent or path.startswith(parent + "/")
 
 
-def setup_mounts(spec):
-    uid = spec["uid"]
+def _minimal_dev():
+    """A tmpfs /dev holding only the harmless nodes (bound from the host's) and the fd links."""
+    nodes = []
+    for name in DEV_NODES:
+        try:
+            nodes.append((name, os.open("/dev/" + name, os.O_PATH)))
+        except OSError:
+            pass
+    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "size=64k,mode=755")
+    for name, fd in nodes:
+        try:
+            open("/dev/" + name, "a").close()
+            _mount("/proc/self/fd/%d" % fd, "/dev/" + name, None, MS_BIND)
+        except OSError as e:
+            _WARN.append("dev %s: %s" % (name, e))
+        finally:
+            os.close(fd)
+    for name, target in DEV_LINKS:
+        os.symlink(target, "/dev/" + name)
+    os.mkdir("/dev/shm", 0o755)
+    os.mkdir("/dev/pts", 0o755)
+
+
+def setup_mounts(spec, uid):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _minimal_dev()
     expose = []
     for p in spec.get("expose", []):
         try:
@@ -131,7 +238,7 @@ def setup_mounts(spec):
             pass
     hidden = []
     for h in spec.get("hide_dirs", []):
-        if h in ("/", "/proc", "/dev", "/tmp") or not os.path.isdir(h) or os.path.islink(h):
+        if _under(h, "/dev") or h in ("/", "/proc", "/tmp") or not os.path.isdir(h) or os.path.islink(h):
             continue
         if any(_under(h, x) for x in hidden):
             continue
@@ -186,7 +293,7 @@ def _clean_tmp(workdir):
             pass
 
 
-def _child(spec, argv, stdin_fd, out_fd, err_fd, env, isolated, workdir, cpu_s):
+def _child(spec, argv, stdin_fd, out_fd, err_fd, env, isolated, workdir, cpu_s, uid, userns, seccomp):
     try:
         os.setsid()
         os.dup2(stdin_fd, 0)
@@ -201,12 +308,19 @@ def _child(spec, argv, stdin_fd, out_fd, err_fd, env, isolated, workdir, cpu_s):
             resource.setrlimit(lim, (val, val))
         os.chdir(workdir)
         if isolated:
-            uid = spec["uid"]
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            if userns:
+                # only our own uid exists here: stay on it, but as a root without any capability
+                drop_capabilities(lock_root=True)
+            else:
+                drop_capabilities(lock_root=False)  # as root we still may: bounding set emptied
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)  # clears the remaining capabilities
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        if seccomp is not None:
+            load_seccomp(seccomp)
         os.execve(argv[0], argv, env)
     except BaseException as e:  # noqa: BLE001
         try:
@@ -325,10 +439,17 @@ def values_match(got, expected):
     return got == expected
 
 
-def run(spec):
+def run(spec, info):
     isolated = spec["mode"] != "none"
+    userns = isolated and in_restricted_userns()
+    uid = os.getuid() if userns else spec["uid"]
+    seccomp = seccomp_program(spec.get("seccomp") or {})
+    info.update(userns=userns, seccomp=seccomp is not None)
     if isolated:
-        setup_mounts(spec)
+        if os.getpid() == 1:
+            # a PID 1 only receives the signals it handles from inside its namespace: handle none
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        setup_mounts(spec, uid)
         workdir = "/tmp"
     else:
         workdir = spec["workdir"]
@@ -377,7 +498,7 @@ def run(spec):
         cpu_s = int(math.ceil(left)) + 1
         pid = os.fork()
         if pid == 0:
-            _child(spec, argv, in_fd, out_fd, err_fd, tenv, isolated, workdir, cpu_s)
+            _child(spec, argv, in_fd, out_fd, err_fd, tenv, isolated, workdir, cpu_s, uid, userns, seccomp)
         status, took = _wait(pid, left)
         _kill_leftovers(pid, isolated)
         out, out_size = _read_memfd(out_fd, max_out)
@@ -425,12 +546,13 @@ def run(spec):
 
 def main():
     raw = sys.stdin.buffer.read()
+    info = {}
     try:
         spec = json.loads(raw)
-        results = run(spec)
-        out = {"ok": True, "results": results, "warnings": _WARN}
+        results = run(spec, info)
+        out = dict(info, ok=True, results=results, warnings=_WARN)
     except BaseException as e:  # noqa: BLE001
-        out = {"ok": False, "error": "%s: %s" % (type(e).__name__, e), "warnings": _WARN}
+        out = dict(info, ok=False, error="%s: %s" % (type(e).__name__, e), warnings=_WARN)
     sys.stdout.write(json.dumps(out))
     sys.stdout.flush()
 

@@ -58,6 +58,9 @@ class RewardConfig:
     """Give model code the interpreter's site-packages (numpy, ...); off = '-I -S' (fast start)."""
     sandbox_hide_paths: List[str] = field(default_factory=list)
     """Extra directories/files to hide in the sandbox (beyond /root, /home, the project, ...)."""
+    sandbox_seccomp: str = "auto"
+    """Seccomp filter of sandboxed code: 'auto' (when libseccomp + pyseccomp/python3-seccomp are
+    installed, else a warning), 'require' (no filter = refuse to run code), 'off'."""
     math_timeout_s: float = 5.0
     """Limit inside math-verify parsing/verification (signal based; main thread only)."""
     max_response_chars: int = 200_000

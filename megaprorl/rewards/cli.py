@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", default=d.sandbox, choices=["auto", "unshare", "bwrap", "none"])
     p.add_argument("--allow-unsandboxed", action="store_true",
                    help="run model code without isolation if no sandbox works (unsafe)")
+    p.add_argument("--seccomp", default=d.sandbox_seccomp, choices=["auto", "require", "off"],
+                   help="seccomp filter of sandboxed code (auto: when libseccomp + pyseccomp are installed)")
     p.add_argument("--ifeval-mode", default=d.ifeval_mode, choices=["strict", "loose"])
     p.add_argument("--verifier-module", action="append", default=[],
                    help="module to import that registers extra verifiers (repeatable)")
@@ -53,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = RewardConfig(num_workers=args.workers, timeout_s=args.timeout, code_timeout_s=args.code_timeout,
                        code_memory_mb=args.code_memory_mb, sandbox=args.sandbox,
                        allow_unsandboxed=args.allow_unsandboxed, ifeval_mode=args.ifeval_mode,
-                       extra_verifier_modules=list(args.verifier_module))
+                       sandbox_seccomp=args.seccomp, extra_verifier_modules=list(args.verifier_module))
     rows = []
     try:
         with open(args.input, "r", encoding="utf-8") as f:

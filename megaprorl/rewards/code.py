@@ -116,7 +116,7 @@ def verify_code(record: Dict[str, Any], response: str, cfg: RewardConfig) -> Tup
                     max_procs=cfg.code_max_procs, max_output_kb=cfg.code_max_output_kb,
                     tmp_mb=cfg.code_tmp_mb, python=cfg.code_python, site=cfg.code_python_site,
                     sandbox=cfg.sandbox, allow_unsandboxed=cfg.allow_unsandboxed,
-                    hide_paths=cfg.sandbox_hide_paths)
+                    hide_paths=cfg.sandbox_hide_paths, seccomp=cfg.sandbox_seccomp)
     results = res["results"]
     passed = 0
     statuses = []
@@ -124,7 +124,8 @@ def verify_code(record: Dict[str, Any], response: str, cfg: RewardConfig) -> Tup
         ok = bool(r.get("passed"))
         statuses.append(r.get("status"))
         passed += ok
-    parts.update(passed=passed, statuses=statuses, backend=res["backend"], wall_s=res["wall_s"])
+    parts.update(passed=passed, statuses=statuses, backend=res["backend"], wall_s=res["wall_s"],
+                 seccomp=res.get("seccomp", False))
     first_err = next((r.get("stderr") for r in results if r.get("stderr")), None)
     if first_err:
         parts["stderr"] = first_err[-300:]

@@ -8,11 +8,17 @@ one per instruction; ``None`` values are ignored), plus ``prompt`` (needed only 
 
 Strict: the instruction holds for the response as is. Loose (as in IFEval): it holds for any of
 the response variants with the first line, the last line or both removed, each with and without
-``*`` characters. The checkers re-implement the 25 IFEval instruction kinds without NLTK
-(no data downloads): words are ``\\w+`` runs, sentences split at ``.!?`` (abbreviation aware).
+``*`` characters. The checkers re-implement the 25 IFEval instruction kinds of
+google-research/instruction_following_eval (``instructions.py``) with the same semantics, except
+that NLTK (whose punkt data is downloaded at run time) is not used: words are ``\\w+`` runs (as
+IFEval's ``count_words``), sentences split at ``.!?`` (abbreviation aware; IFEval uses punkt),
+and ``change_case:capital_word_frequency`` tokenizes hyphenated and dotted words as one (as
+NLTK's ``word_tokenize``). Keywords, forbidden words, section splitters and postscript markers
+are matched literally (IFEval uses them as regular expressions: the same for plain words).
 ``language:response_language`` and the English check of ``change_case:english_*`` use
-``langdetect`` when installed; without it the language instruction is skipped (left out of the
-fraction, listed in ``parts["skipped"]``).
+``langdetect`` when installed (text langdetect cannot classify counts as followed, as in IFEval);
+without it the language instruction is skipped (left out of the fraction, listed in
+``parts["skipped"]``) and the English check of ``change_case:*`` is not made.
 """
 
 from __future__ import annotations
@@ -52,7 +58,12 @@ def split_sentences(text: str) -> List[str]:
     return [s for s in out if s and re.search(r"\w", s)]
 
 
+UNDETECTABLE = "?"
+
+
 def _langdetect(text: str) -> Optional[str]:
+    """ISO 639-1 code of ``text``; None without langdetect; UNDETECTABLE when langdetect cannot
+    tell (no features: digits, symbols), which IFEval counts as the instruction followed."""
     try:
         import langdetect
         from langdetect import DetectorFactory
@@ -61,8 +72,8 @@ def _langdetect(text: str) -> Optional[str]:
     DetectorFactory.seed = 0
     try:
         return langdetect.detect(text)
-    except Exception:  # noqa: BLE001 - langdetect raises on text without features
-        return "unknown"
+    except Exception:  # noqa: BLE001 - LangDetectException on text without features
+        return UNDETECTABLE
 
 
 class Skip(Exception):
@@ -84,7 +95,7 @@ def c_keywords_existence(r: str, kw: Dict[str, Any]) -> bool:
 
 
 def c_keywords_frequency(r: str, kw: Dict[str, Any]) -> bool:
-    k = str(_kw(kw, "keyword"))
+    k = str(_kw(kw, "keyword")).strip()
     n = len(re.findall(re.escape(k), r, flags=re.IGNORECASE))
     return _rel(n, int(_kw(kw, "frequency")), _kw(kw, "relation", "at least"))
 
@@ -95,7 +106,9 @@ def c_forbidden_words(r: str, kw: Dict[str, Any]) -> bool:
 
 
 def c_letter_frequency(r: str, kw: Dict[str, Any]) -> bool:
-    letter = str(_kw(kw, "letter")).lower()
+    letter = str(_kw(kw, "letter")).strip().lower()
+    if len(letter) != 1:
+        raise ValueError(f"'letter' must be a single character, got {letter!r}")
     n = r.lower().count(letter)
     return _rel(n, int(_kw(kw, "let_frequency")), _kw(kw, "let_relation", "at least"))
 
@@ -104,7 +117,7 @@ def c_response_language(r: str, kw: Dict[str, Any]) -> bool:
     lang = _langdetect(r)
     if lang is None:
         raise Skip("langdetect not installed")
-    return lang == str(_kw(kw, "language"))
+    return lang == UNDETECTABLE or lang == str(_kw(kw, "language"))
 
 
 def c_number_sentences(r: str, kw: Dict[str, Any]) -> bool:
@@ -128,19 +141,26 @@ def c_number_words(r: str, kw: Dict[str, Any]) -> bool:
 
 
 def c_nth_paragraph_first_word(r: str, kw: Dict[str, Any]) -> bool:
-    paras = re.split(r"\n\n", r)
+    # as IFEval: paragraphs split at "\n\n", the count leaves out empty ones but the nth is taken
+    # from the raw split (an empty one there fails); the first word is the paragraph's first
+    # whitespace token without leading quotes, cut at the first . , ? ! ' or "
+    paras = r.split("\n\n")
     num = int(_kw(kw, "num_paragraphs"))
     nth = int(_kw(kw, "nth_paragraph"))
-    first_word = str(_kw(kw, "first_word")).lower()
-    nonempty = [p for p in paras if p.strip()]
-    if len(nonempty) != num or not 1 <= nth <= len(nonempty):
+    expected = str(_kw(kw, "first_word")).lower()
+    count = sum(1 for p in paras if p.strip())
+    if not 1 <= nth <= count:
         return False
-    p = nonempty[nth - 1].strip()
-    m = re.match(r"[\W_]*([^\s]+)", p)
-    if not m:
+    p = paras[nth - 1].strip()
+    if not p:
         return False
-    w = re.sub(r"[^\w]", "", m.group(1)).lower()
-    return w == first_word
+    word = p.split()[0].strip().lstrip("'").lstrip('"')
+    first = ""
+    for ch in word:
+        if ch in '.,?!\'"':
+            break
+        first += ch.lower()
+    return count == num and first == expected
 
 
 def c_placeholders(r: str, kw: Dict[str, Any]) -> bool:
@@ -189,10 +209,8 @@ def c_multiple_sections(r: str, kw: Dict[str, Any]) -> bool:
 
 def c_json_format(r: str, kw: Dict[str, Any]) -> bool:
     v = r.strip()
-    for p in ("```json", "```Json", "```JSON", "```"):
-        if v.startswith(p):
-            v = v[len(p):]
-            break
+    for p in ("```json", "```Json", "```JSON", "```"):  # chained, as IFEval
+        v = v.removeprefix(p)
     v = v.removesuffix("```").strip()
     try:
         json.loads(v)
@@ -227,19 +245,27 @@ def c_end_checker(r: str, kw: Dict[str, Any]) -> bool:
     return r.strip().strip('"').lower().endswith(end)
 
 
+_CAPS_TOKEN_RE = re.compile(r"\w+(?:[-.]\w+)*")
+
+
 def c_capital_word_frequency(r: str, kw: Dict[str, Any]) -> bool:
-    n = sum(1 for w in re.findall(r"\b\w+\b", r) if w.isupper())
+    # IFEval counts NLTK word_tokenize tokens that are all caps: hyphenated/dotted words are one
+    # token ("STATE-OF-THE-ART", "U.S"), contractions two ("DO" "N'T")
+    n = sum(1 for w in _CAPS_TOKEN_RE.findall(r) if w.isupper())
     return _rel(n, int(_kw(kw, "capital_frequency")), _kw(kw, "capital_relation", "at least"))
 
 
-def c_english_capital(r: str, kw: Dict[str, Any]) -> bool:
+def _english(r: str) -> bool:
     lang = _langdetect(r)
-    return r.isupper() and (lang is None or lang == "en")
+    return lang is None or lang in ("en", UNDETECTABLE)
+
+
+def c_english_capital(r: str, kw: Dict[str, Any]) -> bool:
+    return r.isupper() and _english(r)
 
 
 def c_english_lowercase(r: str, kw: Dict[str, Any]) -> bool:
-    lang = _langdetect(r)
-    return r.islower() and (lang is None or lang == "en")
+    return r.islower() and _english(r)
 
 
 def c_no_comma(r: str, kw: Dict[str, Any]) -> bool:
