@@ -2,9 +2,14 @@
 
 Layout: ``RUN_DIR/checkpoints/step_000012/`` holding one ``rank_XXXXX.pt`` per rank (policy and
 optimizer shard, reference shard, RNG states) and ``trainer.json`` + ``COMPLETE`` written by rank 0
-last.  A checkpoint is first written to ``step_000012.tmp`` and renamed when every rank is done, so a
-process killed mid-save never damages the last good checkpoint; a directory without ``COMPLETE``,
-or whose files do not load, is reported and skipped by ``find_latest``.
+last; ``COMPLETE`` records the world size and every rank file's size.  A checkpoint is first
+written to ``step_000012.tmp`` and renamed when every rank is done, so a process killed mid-save
+never damages the last good checkpoint.  Saving a step that already has a checkpoint (the end of a
+run right after an interval save) moves the old one aside to ``step_000012.old`` first and deletes
+it only after the new one is in place, so that step is never missing; an ``.old`` directory left by
+a kill in between is used when its step has no complete checkpoint.  ``find_latest`` reports and
+skips a directory without ``COMPLETE``, with a missing, truncated or unreadable rank file or an
+unreadable ``trainer.json`` (a flipped bit inside a rank file is not detected before loading).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,6 +26,11 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+OLD = ".old"  # the previous version of a step while it is being saved again
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
 def _rank() -> int:
@@ -60,7 +71,7 @@ def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last:
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    path = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+    path = os.path.join(tmp, _rank_file(_rank()))
     torch.save(rank_state, path + ".part")
     _fsync_file(path + ".part")
     os.replace(path + ".part", path)
@@ -71,32 +82,54 @@ def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last:
             f.flush()
             os.fsync(f.fileno())
         world = dist.get_world_size() if dist.is_initialized() else 1
+        sizes = {_rank_file(r): os.path.getsize(os.path.join(tmp, _rank_file(r))) for r in range(world)}
         with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(json.dumps({"step": step, "world_size": world}))
+            f.write(json.dumps({"step": step, "world_size": world, "files": sizes}))
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(final):  # a re-save of this step: keep the previous version until the new one is in
+            old = final + OLD
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last)
     _barrier()
     return final
 
 
 def _prune(root: str, keep_last: int) -> None:
+    complete = {path for _, path in list_checkpoints(root, verbose=False)}
+    for name in os.listdir(root):  # leftovers of saves that were killed
+        full = os.path.join(root, name)
+        if name.endswith(".tmp"):
+            shutil.rmtree(full, ignore_errors=True)
+        elif name.endswith(OLD) and name.startswith("step_"):
+            final = full[: -len(OLD)]
+            if final in complete or full not in complete:  # its replacement is in, or it was partly deleted
+                shutil.rmtree(full, ignore_errors=True)
+            elif not os.path.exists(final):  # killed before its replacement was in: the version left
+                os.replace(full, final)
+    ckpts = list_checkpoints(root, verbose=False)
     if keep_last <= 0:
         return
-    done = sorted(s for s, _ in list_checkpoints(root, verbose=False))
-    for s in done[:-keep_last]:
-        shutil.rmtree(step_dir(root, s), ignore_errors=True)
-    for name in os.listdir(root):  # leftovers of saves that were killed
-        if name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    steps = sorted({s for s, _ in ckpts})
+    for s in steps[:-keep_last]:
+        for _, path in (c for c in ckpts if c[0] == s):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(root: str, verbose: bool = True) -> List[Tuple[int, str]]:
-    """Complete checkpoints (step, dir), oldest first; incomplete ones are reported and skipped."""
+    """Complete checkpoints (step, dir), oldest first; incomplete ones are reported and skipped.
+
+    A step with both a checkpoint and an ``.old`` version (a re-save killed after moving the old one
+    aside) lists the ``.old`` one first, so that ``find_latest`` tries it only when the other is unusable.
+    """
     if not os.path.isdir(root):
         return []
     out = []
@@ -108,19 +141,24 @@ def list_checkpoints(root: str, verbose: bool = True) -> List[Tuple[int, str]]:
             if verbose:
                 print(f"[checkpoint] skipping {full}: an interrupted save (no rename)")
             continue
+        is_old = name.endswith(OLD)
+        digits = name[len("step_"): -len(OLD) if is_old else None]
+        if not digits.isdigit():
+            continue
         if not os.path.exists(os.path.join(full, COMPLETE)):
             if verbose:
                 print(f"[checkpoint] skipping {full}: incomplete (no {COMPLETE} marker)")
             continue
-        try:
-            out.append((int(name[5:]), full))
-        except ValueError:
-            continue
-    return out
+        out.append((int(digits), 0 if is_old else 1, full))
+    return [(step, full) for step, _, full in sorted(out)]
 
 
 def validate(path: str, world_size: int) -> Optional[str]:
-    """None when the checkpoint looks loadable, else the reason it is not."""
+    """None when the checkpoint looks loadable, else the reason it is not.
+
+    Checks the marker, the world size, ``trainer.json``, and each rank file: present, of the size
+    recorded at save time, and a readable torch archive (its zip directory, at the end of the file).
+    """
     try:
         with open(os.path.join(path, COMPLETE)) as f:
             meta = json.loads(f.read())
@@ -128,11 +166,17 @@ def validate(path: str, world_size: int) -> Optional[str]:
             return f"saved with world size {meta.get('world_size')}, this run has {world_size}"
         with open(os.path.join(path, "trainer.json")) as f:
             json.load(f)
+        sizes = meta.get("files", {})
         for r in range(world_size):
-            p = os.path.join(path, f"rank_{r:05d}.pt")
+            p = os.path.join(path, _rank_file(r))
             if not os.path.exists(p) or os.path.getsize(p) == 0:
                 return f"missing or empty {p}"
-    except (OSError, ValueError) as e:
+            want = sizes.get(_rank_file(r))
+            if want is not None and os.path.getsize(p) != want:
+                return f"{p} has {os.path.getsize(p)} bytes, {want} were written (truncated or replaced)"
+            with zipfile.ZipFile(p) as z:
+                z.namelist()
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         return f"unreadable ({e})"
     return None
 
@@ -141,6 +185,8 @@ def find_latest(root: str, world_size: int) -> Optional[str]:
     for step, path in reversed(list_checkpoints(root)):
         why = validate(path, world_size)
         if why is None:
+            if path.endswith(OLD):
+                print(f"[checkpoint] using {path}: the previous version of step {step} (its re-save was interrupted)")
             return path
         print(f"[checkpoint] skipping {path}: {why}")
     return None
@@ -148,7 +194,7 @@ def find_latest(root: str, world_size: int) -> Optional[str]:
 
 def load(path: str) -> Tuple[Dict, Dict]:
     """This rank's state and the trainer state of checkpoint ``path``."""
-    rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+    rank_file = os.path.join(path, _rank_file(_rank()))
     try:
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     except Exception as e:

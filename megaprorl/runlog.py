@@ -80,7 +80,9 @@ def _plain(v):
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Keep the JSONL records up to and including ``step`` (a resumed run rewrites what follows)."""
+    """Keep the JSONL records up to and including ``step``: a run resumed from the checkpoint of
+    ``step`` logs what follows again (the same values, see tests/test_resume_exact.py), so the file
+    holds each step once.  The final-evaluation record goes too: the resumed run writes it again."""
     keep = []
     with open(path) as f:
         for line in f:
@@ -88,7 +90,7 @@ def _truncate_after(path: str, step: int) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a killed run
-            if rec.get("step", 0) <= step:
+            if rec.get("step", 0) <= step and not rec.get("final_eval"):
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -10,12 +10,14 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -78,6 +80,10 @@ class Trainer:
         self.info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                      cfg.parallel.timeout_s, seed=cfg.seed)
         self.device = self.info.device
+        # init_distributed seeds torch; seed Python's and NumPy's global generators too (per rank), else
+        # they start from OS entropy and a checkpoint carries one process's random state into the next
+        random.seed(_derive_seed(cfg.seed, "python", self.info.rank))
+        np.random.seed(_derive_seed(cfg.seed, "numpy", self.info.rank) % 2**32)
         self.is_main = self.info.rank == 0
         self.run_dir = os.path.join(cfg.output_dir, cfg.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -113,6 +119,7 @@ class Trainer:
                              kl_estimator=cfg.algo.kl.estimator, kl_log_ratio_clamp=cfg.algo.kl.log_ratio_clamp,
                              kl_output_clamp=cfg.algo.kl.output_clamp, entropy_coef=cfg.algo.loss.entropy_coef)
         self.step = 0
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0
         self.eval_history: List[Dict] = []
         self.preempt = _Preemption()
@@ -359,10 +366,14 @@ class Trainer:
                 agg[k] = agg.get(k, 0.0) + v / n_mini
             if s["skipped_update"]:
                 self.nonfinite_in_a_row += 1
+                self._warn(f"[non-finite] RL step {self.step + 1}, optimizer step {m + 1}/{n_mini}: loss "
+                           f"{s.get('loss', float('nan')):.4g}, grad norm {s['grad_norm']:.4g}; update skipped "
+                           f"({self.nonfinite_in_a_row} in a row, the run stops at "
+                           f"{cfg.train.optim.max_nonfinite_in_a_row})")
                 if self.nonfinite_in_a_row >= cfg.train.optim.max_nonfinite_in_a_row:
                     raise NonFiniteError(
                         f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(step {self.step}); stopping. Lower train.optim.lr or check the data.")
+                        f"(RL step {self.step + 1}); stopping. Lower train.optim.lr or check the data.")
             else:
                 self.nonfinite_in_a_row = 0
         agg["optimizer_steps"] = float(n_mini)
@@ -391,7 +402,9 @@ class Trainer:
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": to_yaml(self.cfg)}
-        return ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last)
+        path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last)
+        self.saved_step = self.step
+        return path
 
     def load_checkpoint(self, path: str) -> None:
         rank_state, tstate = ckpt.load(path)
@@ -407,13 +420,19 @@ class Trainer:
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
         self.engine.update_weights(self.step)
+        self.saved_step = self.step
 
     def _resume_path(self) -> Optional[str]:
         r = self.cfg.checkpoint.resume
         if not r:
             return None
         if r == "auto":
-            return ckpt.find_latest(self.ckpt_dir, self.info.world_size)
+            path = ckpt.find_latest(self.ckpt_dir, self.info.world_size)
+            if path is None and ckpt.list_checkpoints(self.ckpt_dir, verbose=False):
+                # starting over would delete metrics.jsonl, and pruning would keep the broken checkpoints
+                raise ValueError(f"checkpoint.resume=auto: {self.ckpt_dir} has checkpoints but none is usable "
+                                 f"(reasons above); move them away to start over, or resume from one explicitly")
+            return path
         why = ckpt.validate(r, self.info.world_size)
         if why:
             raise ValueError(f"config key 'checkpoint.resume': checkpoint {r} is not usable: {why}")
@@ -467,7 +486,8 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save_checkpoint()
                 if self.preempt.agreed(self.device):
-                    self.save_checkpoint()
+                    if self.saved_step != self.step:  # not just saved by the interval above
+                        self.save_checkpoint()
                     self._say(f"{self.preempt.signal or 'signal'} received: checkpointed step {self.step}, "
                               f"exiting with {EXIT_REQUEUE} for requeue")
                     exit_code = EXIT_REQUEUE
@@ -500,6 +520,15 @@ class Trainer:
 
     def _say(self, msg: str) -> None:
         if self.is_main:
+            print(msg, flush=True)
+
+    def _warn(self, msg: str) -> None:
+        """An event worth a line in the log (above the progress bar when there is one)."""
+        if not self.is_main:
+            return
+        if self.logger is not None and self.logger.enabled:
+            self.logger.write(msg)
+        else:
             print(msg, flush=True)
 
 

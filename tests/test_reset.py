@@ -12,7 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["warmstart.steps=5", "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.n_samples=4",
         "eval.n_prompts=8", "logging.progress=false", "model.num_layers=1", "model.hidden_size=32",
         "model.ffn_hidden_size=64", "rewards.num_workers=0", "algo.kl.coef=0.01",
-        "algo.dynamic_sampling.enabled=false", "algo.reference_reset.interval=2"]
+        "algo.dynamic_sampling.enabled=false", "algo.reference_reset.interval=2",
+        # the 5-step warm-started policy earns reward 0 on every sample; the length penalty makes the
+        # shaped rewards differ within a group, so advantages and the update are non-zero
+        "algo.length_penalty.enabled=true", "algo.length_penalty.off_steps=0"]
 
 
 def _trainer(tmp_path, *extra):

@@ -30,7 +30,12 @@ class ParallelInfo:
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeout_s: float = 1800.0,
                      seed: int = 0) -> ParallelInfo:
     """Initialise torch.distributed (from torchrun's env, or as a single process) and Megatron's
-    model-parallel groups.  Idempotent."""
+    model-parallel groups.  Idempotent.
+
+    ``timeout_s`` (config ``parallel.timeout_s``) bounds every collective of the world group and of
+    Megatron's groups: a rank that died or hangs makes the others raise instead of waiting forever
+    (gloo: tested in tests/test_reliability.py; NCCL: its watchdog aborts the process when
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is set, which torchrun does by default)."""
     compat.install()
     from megatron.core import parallel_state as mps
 
@@ -50,8 +55,10 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
         raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) x parallel.pipeline_parallel "
                          f"({pipeline_parallel}) must divide the world size ({world})")
     if not mps.model_parallel_is_initialized():
+        # Megatron's TP/PP/DP groups get their own timeout (30 min unless told): the same as the world group
         mps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                      pipeline_model_parallel_size=pipeline_parallel)
+                                      pipeline_model_parallel_size=pipeline_parallel,
+                                      distributed_timeout_minutes=timeout_s / 60.0)
     from megatron.core import tensor_parallel as mtp
 
     torch.manual_seed(seed)

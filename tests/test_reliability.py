@@ -1,0 +1,400 @@
+"""Faults a weeks-long run meets, injected one at a time (docs/reliability.md is the table):
+a process killed while it writes a checkpoint, corrupt checkpoints, a non-finite loss or gradient,
+a rank that dies or hangs inside a collective.  Resume after SIGKILL / SIGTERM: test_resume_exact.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from megaprorl import checkpoint as ckpt
+from megaprorl.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "examples", "demo.yaml")
+
+
+def _state(value: float):
+    return {"w": torch.full((4096,), float(value))}
+
+
+def _loaded_value(path: str) -> float:
+    rank_state, trainer_state = ckpt.load(path)
+    assert trainer_state["value"] == float(rank_state["w"][0])
+    return float(rank_state["w"][0])
+
+
+def _save(root, step, value, keep_last=5):
+    return ckpt.save(str(root), step, _state(value), {"step": step, "value": float(value)}, keep_last)
+
+
+# ------------------------------------------------------------------------ killed while saving
+# A child process saves steps 1 and 2, then dies by SIGKILL at one point of a third save: of
+# step 3, or of step 2 again (a re-save, as at the end of a run right after an interval save).
+KILL_DURING_SAVE = textwrap.dedent("""
+    import json, os, shutil, signal, sys
+    import torch
+    from megaprorl import checkpoint as ckpt
+
+    root, point = sys.argv[1], sys.argv[2]
+    def save(step, value):
+        ckpt.save(root, step, {"w": torch.full((4096,), float(value))}, {"step": step, "value": float(value)}, 5)
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    save(1, 1.0)
+    save(2, 2.0)
+    if point == "rank_file":  # half of the rank file is on disk
+        real_save = torch.save
+        def torch_save(obj, path, *a, **k):
+            real_save(obj, path, *a, **k)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            die()
+        torch.save = torch_save
+        save(3, 3.0)
+    elif point == "trainer_json":  # rank files done, trainer.json half written, no COMPLETE
+        def dump(obj, f, **k):
+            f.write(json.dumps(obj)[:5])
+            f.flush()
+            die()
+        ckpt.json.dump = dump
+        save(3, 3.0)
+    elif point in ("rename", "resave_rename"):  # everything written, killed at the rename into place
+        real_replace = os.replace
+        def replace(src, dst):
+            if src.endswith(".tmp"):
+                die()
+            real_replace(src, dst)
+        os.replace = replace
+        save(3, 3.0) if point == "rename" else save(2, 22.0)
+    elif point == "resave_delete_old":  # the new step 2 is in place, killed deleting the old one
+        real_rmtree = shutil.rmtree
+        def rmtree(path, *a, **k):
+            if path.endswith(".old"):
+                os.remove(os.path.join(path, "rank_00000.pt"))  # partway through the deletion
+                die()
+            real_rmtree(path, *a, **k)
+        shutil.rmtree = rmtree
+        save(2, 22.0)
+    print("not killed")
+""")
+
+
+@pytest.mark.parametrize("point,expect_step,expect_value", [
+    ("rank_file", 2, 2.0),
+    ("trainer_json", 2, 2.0),
+    ("rename", 2, 2.0),
+    ("resave_rename", 2, 2.0),  # the previous version of step 2, moved aside as step_2.old
+    ("resave_delete_old", 2, 22.0),
+])
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, capsys, point, expect_step, expect_value):
+    root = tmp_path / "checkpoints"
+    script = tmp_path / "save_and_die.py"
+    script.write_text(KILL_DURING_SAVE)
+    r = subprocess.run([sys.executable, str(script), str(root), point], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+    leftovers = sorted(os.listdir(root))
+    assert len(leftovers) == 3, leftovers  # steps 1 and 2 plus what the killed save left
+    path = ckpt.find_latest(str(root), world_size=1)
+    assert path is not None and int(os.path.basename(path)[5:13]) == expect_step, (path, leftovers)
+    assert _loaded_value(path) == expect_value
+    out = capsys.readouterr().out
+    if point in ("rank_file", "rename"):
+        assert "step_00000003.tmp: an interrupted save" in out
+    if point == "trainer_json":
+        assert "step_00000003.tmp: an interrupted save" in out
+    if point == "resave_rename":
+        assert path.endswith("step_00000002.old") and "its re-save was interrupted" in out
+    # the next save cleans up after the killed one
+    _save(root, 4, 4.0)
+    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002", "step_00000004"]
+    assert _loaded_value(ckpt.find_latest(str(root), 1)) == 4.0
+
+
+def test_resave_of_a_step_replaces_it(tmp_path):
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 1, 11.0)
+    assert os.listdir(tmp_path) == ["step_00000001"]
+    assert _loaded_value(ckpt.find_latest(str(tmp_path), 1)) == 11.0
+
+
+# ------------------------------------------------------------------------ corrupt checkpoints
+def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, capsys):
+    for s in range(1, 6):
+        _save(tmp_path, s, float(s))
+    d = {s: tmp_path / f"step_{s:08d}" for s in range(1, 6)}
+    # step 5: rank file truncated (what a full disk or a killed copy leaves)
+    rank5 = d[5] / "rank_00000.pt"
+    with open(rank5, "r+b") as f:
+        f.truncate(os.path.getsize(rank5) - 100)
+    path = ckpt.find_latest(str(tmp_path), 1)
+    assert path == str(d[4]) and _loaded_value(path) == 4.0
+    out = capsys.readouterr().out
+    assert f"skipping {d[5]}" in out and "bytes" in out and "truncated" in out
+    # step 4: no COMPLETE marker
+    os.remove(d[4] / "COMPLETE")
+    # step 3: rank file overwritten with garbage of the same size (the size check passes, the archive does not)
+    rank3 = d[3] / "rank_00000.pt"
+    rank3.write_bytes(b"\0" * os.path.getsize(rank3))
+    # step 2: trainer.json cut short
+    (d[2] / "trainer.json").write_text('{"step": 2, "val')
+    path = ckpt.find_latest(str(tmp_path), 1)
+    assert path == str(d[1]) and _loaded_value(path) == 1.0
+    out = capsys.readouterr().out
+    assert f"skipping {d[4]}: incomplete (no COMPLETE marker)" in out
+    assert f"skipping {d[3]}: unreadable" in out
+    assert f"skipping {d[2]}: unreadable" in out
+    # another world size: not loadable by this run
+    assert ckpt.find_latest(str(tmp_path), 2) is None
+    assert "saved with world size 1, this run has 2" in capsys.readouterr().out
+    # an explicit path is validated too; a missing rank file is named
+    os.remove(d[1] / "rank_00000.pt")
+    assert "missing or empty" in ckpt.validate(str(d[1]), 1)
+    assert ckpt.find_latest(str(tmp_path), 1) is None
+
+
+def test_checkpoint_without_file_sizes_still_validates(tmp_path):
+    """Checkpoints written before COMPLETE recorded the rank files' sizes stay loadable."""
+    path = _save(tmp_path, 7, 7.0)
+    with open(os.path.join(path, "COMPLETE"), "w") as f:
+        json.dump({"step": 7, "world_size": 1}, f)
+    assert ckpt.validate(path, 1) is None
+    with open(os.path.join(path, "rank_00000.pt"), "r+b") as f:
+        f.truncate(1000)
+    assert "unreadable" in ckpt.validate(path, 1)
+
+
+# ------------------------------------------------------------------------ metrics.jsonl on resume
+def test_metrics_after_resume_hold_each_step_once(tmp_path):
+    from megaprorl.runlog import RunLogger, read_metrics
+
+    log = RunLogger(str(tmp_path), tensorboard=False, progress=False)
+    for s in range(0, 6):
+        log.log(s, {"reward": float(s)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "eval/accuracy": 0.5, "final_eval": 1}) + "\n")
+        f.write('{"step": 6, "rew')  # torn by the kill
+    # resumed from the checkpoint of step 3: rows 4, 5, the final evaluation and the torn line go
+    log = RunLogger(str(tmp_path), tensorboard=False, progress=False, initial_step=3, resume=True)
+    for s in range(4, 6):
+        log.log(s, {"reward": 10.0 + s})
+    log.close()
+    rows = read_metrics(str(tmp_path))
+    assert [(r["step"], r["reward"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    # killed after the final evaluation of step 5 was logged, resumed from the checkpoint of step 5:
+    # the resumed run evaluates again, so the old final-evaluation record goes
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "eval/accuracy": 0.5, "final_eval": 1}) + "\n")
+    RunLogger(str(tmp_path), tensorboard=False, progress=False, initial_step=5, resume=True).close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5]
+    assert not any(r.get("final_eval") for r in read_metrics(str(tmp_path)))
+    # a run started afresh (no resume) starts a new file
+    RunLogger(str(tmp_path), tensorboard=False, progress=False).close()
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+# ------------------------------------------------------------------------ trainer-level faults
+TINY = ["warmstart.steps=5", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+        "rollout.n_samples=4", "eval.n_prompts=8", "logging.progress=false", "logging.tensorboard=false",
+        "logging.plot=false", "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
+        "rewards.num_workers=0", "algo.dynamic_sampling.enabled=false", "train.optim.max_nonfinite_in_a_row=3"]
+
+
+def _overrides(tmp_path, *extra):
+    return [f"output_dir={tmp_path}", *TINY, *extra]
+
+
+def _trainer(tmp_path, *extra):
+    from megaprorl.trainer import Trainer
+
+    return Trainer(load_config(DEMO, _overrides(tmp_path, *extra)))
+
+
+def _snapshot(t):
+    weights = {k: v.detach().clone() for k, v in t.policy.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    opt = {i: {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+           for i, st in enumerate(t.policy.optimizer.state.values())}
+    return weights, opt
+
+
+def _same(a, b) -> bool:
+    (wa, oa), (wb, ob) = a, b
+    return (wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and oa.keys() == ob.keys()
+            and all(oa[i].keys() == ob[i].keys() and all(torch.equal(oa[i][k], ob[i][k]) for k in oa[i]) for i in oa))
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """While ``poison["on"]``, the advantages the trainer computes are NaN: the real loss, backward and
+    gradient norm then see the NaN (nothing in the policy's update path is replaced)."""
+    import megaprorl.trainer as tr
+
+    state = {"on": False}
+    real = tr.compute_advantages
+
+    def compute_advantages(*a, **k):
+        adv = real(*a, **k)
+        return torch.full_like(adv, float("nan")) if state["on"] else adv
+
+    monkeypatch.setattr(tr, "compute_advantages", compute_advantages)
+    return state
+
+
+def test_nonfinite_update_is_skipped_and_k_in_a_row_stop_the_run(tmp_path, capsys, poison):
+    from megaprorl.trainer import NonFiniteError
+
+    t = _trainer(tmp_path)
+    try:
+        def step():
+            stats = t.rl_step()
+            t.step += 1
+            return stats
+
+        before = _snapshot(t)
+        poison["on"] = True
+        stats = step()  # 2 optimizer steps, both skipped: 2 in a row
+        assert stats["skipped_updates"] == 2.0 and stats["optimizer_steps"] == 2.0
+        assert not torch.isfinite(torch.tensor(stats["grad_norm"]))
+        assert _same(before, _snapshot(t)), "a skipped update changed the weights or the optimizer state"
+        out = capsys.readouterr().out
+        assert "[non-finite] RL step 1, optimizer step 1/2" in out and "update skipped (2 in a row" in out
+
+        poison["on"] = False
+        stats = step()  # a finite step updates and restarts the count
+        assert stats["skipped_updates"] == 0.0 and t.nonfinite_in_a_row == 0
+        after_update = _snapshot(t)
+        assert not _same(before, after_update), "the finite step did not update (the checks above prove nothing)"
+        before = after_update
+
+        poison["on"] = True
+        step()
+        assert t.nonfinite_in_a_row == 2
+        with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row had a non-finite loss or gradient "
+                                                 r"\(RL step 4\); stopping"):
+            step()
+        assert _same(before, _snapshot(t))
+    finally:
+        t.close()
+
+
+def test_nonfinite_stops_the_cli_with_a_clear_message(tmp_path, capsys, poison):
+    from megaprorl.cli import main
+
+    poison["on"] = True
+    rc = main(["train", DEMO, *_overrides(tmp_path, "train.steps=5")])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "error: 3 optimizer steps in a row had a non-finite loss or gradient (RL step 2)" in captured.err
+    assert "Lower train.optim.lr or check the data." in captured.err
+    assert captured.out.count("[non-finite]") == 3
+
+
+def test_preemption_right_after_an_interval_checkpoint_saves_once(tmp_path, capsys, monkeypatch):
+    """SIGTERM/SIGUSR1 at a step the interval already checkpointed: no second save of the same state."""
+    import megaprorl.trainer as tr
+
+    saves = []
+    real_save = tr.ckpt.save
+
+    def save(root, step, *a, **k):
+        saves.append(step)
+        return real_save(root, step, *a, **k)
+
+    monkeypatch.setattr(tr.ckpt, "save", save)
+    t = _trainer(tmp_path, "train.steps=3", "checkpoint.interval=1")
+    try:
+        t.preempt.requested, t.preempt.signal = True, "SIGTERM"  # as the handler does
+        summary = t.run()
+    finally:
+        t.close()
+    assert summary["exit_code"] == tr.EXIT_REQUEUE and t.step == 1
+    assert saves == [1]
+    assert "SIGTERM received: checkpointed step 1, exiting with 3" in capsys.readouterr().out
+    assert ckpt.find_latest(t.ckpt_dir, 1).endswith("step_00000001")
+
+
+def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_broken(tmp_path, capsys):
+    t = _trainer(tmp_path, "checkpoint.resume=auto")
+    try:
+        assert t._resume_path() is None  # no checkpoint yet: a fresh start
+        path = t.save_checkpoint()
+        assert t._resume_path() == path
+        rank = os.path.join(path, "rank_00000.pt")
+        with open(rank, "r+b") as f:
+            f.truncate(os.path.getsize(rank) // 2)
+        with pytest.raises(ValueError, match="has checkpoints but none is usable"):
+            t._resume_path()
+        assert "truncated" in capsys.readouterr().out
+    finally:
+        t.close()
+
+
+# ------------------------------------------------------------------------ dead or hung rank
+def _collectives_with_a_dead_peer(rank, port, mode, timeout_s, queue):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from megaprorl.parallel import dp_group, init_distributed
+
+    init_distributed(timeout_s=timeout_s)
+    dist.barrier()
+    if rank == 1:
+        if mode == "exit":
+            os._exit(0)  # dies without a word
+        time.sleep(120)  # alive but never joins a collective again (a hang on that rank)
+        os._exit(0)
+    # Megatron's DP group (it carries the gradient all-reduce), then the world group
+    for name, group in (("dp", dp_group()), ("world", None)):
+        t0 = time.time()
+        try:
+            dist.all_reduce(torch.ones(4), group=group)
+            queue.put((name, "returned", time.time() - t0))
+        except Exception as e:  # noqa: BLE001 - report what the surviving rank sees
+            queue.put((name, f"{type(e).__name__}: {e}", time.time() - t0))
+    queue.close()
+    queue.join_thread()  # flushed before the hard exit (no process-group teardown with a dead peer)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode", ["hang", "exit"])
+def test_collective_with_a_dead_or_hung_rank_raises_within_the_timeout(mode):
+    """parallel.timeout_s bounds the world group and Megatron's groups: before it was passed to
+    Megatron, its groups kept their 30-minute default and this test hung on the DP group."""
+    import multiprocessing as mp
+
+    from dist_utils import _free_port
+
+    timeout_s = 4.0
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_collectives_with_a_dead_peer, args=(r, port, mode, timeout_s, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=90) for _ in range(2)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=30)
+    assert [name for name, _, _ in results] == ["dp", "world"]
+    for name, what, waited in results:
+        assert what != "returned", f"the {name} all-reduce completed without the other rank"
+        assert waited < timeout_s + 10, f"rank 0 waited {waited:.1f} s on the {name} group ({what})"
+        if mode == "hang":
+            assert waited >= timeout_s - 0.5 and "Timed out" in what, (name, waited, what)
