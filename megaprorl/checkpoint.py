@@ -1,8 +1,11 @@
 """Checkpoints of everything a run needs to continue exactly, written atomically.
 
-Layout: ``RUN_DIR/checkpoints/step_000012/`` holding one ``rank_XXXXX.pt`` per rank (policy and
-optimizer shard, reference shard, RNG states) and ``trainer.json`` + ``COMPLETE`` written by rank 0
-last; ``COMPLETE`` records the world size and every rank file's size.  A checkpoint is first
+Layout: ``RUN_DIR/checkpoints/step_000012/`` holding ``model/`` (policy, AdamW moments and reference
+through Megatron's dist_checkpointing, see ``megaprorl.dist_ckpt``: it loads at any TP/PP/DP layout),
+one ``rank_XXXXX.pt`` per rank (RNG states, data-sampler position) and ``trainer.json`` + ``COMPLETE``
+written by rank 0 last; ``COMPLETE`` records the world size and every rank file's size.  A checkpoint
+with ``model/`` resumes at another world size (rank 0's sampler position; random streams re-seeded);
+older checkpoints held the whole state dicts in the rank files and still load at their own layout.  A checkpoint is first
 written to ``step_000012.tmp`` and renamed when every rank is done, so a process killed mid-save
 never damages the last good checkpoint.  Saving a step that already has a checkpoint (the end of a
 run right after an interval save) moves the old one aside to ``step_000012.old`` first and deletes
@@ -19,13 +22,14 @@ import os
 import random
 import shutil
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+MODEL_DIR = "model"  # dist_checkpointing of policy, optimizer and reference: loads at any TP/PP/DP layout
 OLD = ".old"  # the previous version of a step while it is being saved again
 
 
@@ -61,8 +65,12 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
-def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last: int = 3) -> str:
-    """Collective: every rank calls it.  Returns the final directory."""
+def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last: int = 3,
+         write_model: Optional[Callable[[str], None]] = None) -> str:
+    """Collective: every rank calls it.  Returns the final directory.
+
+    ``write_model(dir)``, when given, is called on every rank to write the layout-independent model
+    state (``megaprorl.dist_ckpt``) into ``MODEL_DIR`` inside the checkpoint, before the rank files."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -71,6 +79,9 @@ def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last:
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
+    if write_model is not None:
+        write_model(os.path.join(tmp, MODEL_DIR))
+        _barrier()
     path = os.path.join(tmp, _rank_file(_rank()))
     torch.save(rank_state, path + ".part")
     _fsync_file(path + ".part")
@@ -162,12 +173,15 @@ def validate(path: str, world_size: int) -> Optional[str]:
     try:
         with open(os.path.join(path, COMPLETE)) as f:
             meta = json.loads(f.read())
-        if meta.get("world_size") != world_size:
-            return f"saved with world size {meta.get('world_size')}, this run has {world_size}"
+        saved_world = meta.get("world_size")
+        if saved_world != world_size and not has_model_dir(path):
+            return f"saved with world size {saved_world}, this run has {world_size} (and no layout-independent {MODEL_DIR}/)"
         with open(os.path.join(path, "trainer.json")) as f:
             json.load(f)
+        if has_model_dir(path) and not os.path.exists(os.path.join(path, MODEL_DIR, "metadata.json")):
+            return f"{os.path.join(path, MODEL_DIR)} has no metadata.json (an incomplete dist checkpoint)"
         sizes = meta.get("files", {})
-        for r in range(world_size):
+        for r in range(saved_world):
             p = os.path.join(path, _rank_file(r))
             if not os.path.exists(p) or os.path.getsize(p) == 0:
                 return f"missing or empty {p}"
@@ -192,15 +206,29 @@ def find_latest(root: str, world_size: int) -> Optional[str]:
     return None
 
 
+def has_model_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, MODEL_DIR))
+
+
+def saved_world_size(path: str) -> int:
+    with open(os.path.join(path, COMPLETE)) as f:
+        return int(json.loads(f.read())["world_size"])
+
+
 def load(path: str) -> Tuple[Dict, Dict]:
-    """This rank's state and the trainer state of checkpoint ``path``."""
-    rank_file = os.path.join(path, _rank_file(_rank()))
+    """This rank's state and the trainer state of checkpoint ``path``.  When the checkpoint was saved
+    with another world size (a layout change, allowed with a ``MODEL_DIR``), rank 0's file is read and
+    its ``"rank_changed"`` key is set: per-rank random streams cannot carry over."""
+    rank = _rank()
+    changed = saved_world_size(path) != (dist.get_world_size() if dist.is_initialized() else 1)
+    rank_file = os.path.join(path, _rank_file(0 if changed else rank))
     try:
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RuntimeError(f"checkpoint file {rank_file} cannot be loaded: {e}") from e
     with open(os.path.join(path, "trainer.json")) as f:
         trainer_state = json.load(f)
+    rank_state["rank_changed"] = changed
     return rank_state, trainer_state
 
 

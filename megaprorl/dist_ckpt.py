@@ -63,10 +63,24 @@ def _adam_step(optimizer) -> float:
     return steps.pop() if steps else 0.0
 
 
+def _fork_results_queue() -> None:
+    """Megatron's file writer collects its worker results through a queue that it creates, on first
+    use, from a *spawn*-context ``Manager()``: a server process (plus a resource tracker) that outlives
+    a trainer killed with SIGKILL.  We save synchronously and the writer workers are forked, so a
+    fork-context queue does the same job and dies with the process tree."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if hasattr(fa, "_results_queue") and fa._results_queue is None:
+        fa._results_queue = mp.get_context("fork").Queue()
+
+
 def save_policy(directory: str, policy, reference=None, extra_common: Optional[Dict] = None) -> None:
     """Collective over all ranks: write ``directory`` (which must not hold another checkpoint)."""
     from megatron.core import dist_checkpointing
 
+    _fork_results_queue()
     os.makedirs(directory, exist_ok=True)
     model_sd = _model_sharded(policy.model)
     sd: Dict = {"model": model_sd}

@@ -396,24 +396,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
-        rank_state = {"policy": self.policy.model.state_dict(), "optimizer": self.policy.optimizer.state_dict(),
-                      "reference": self.reference.model.state_dict() if self.reference is not None else None,
-                      "rng": ckpt.rng_state(), "source": self.source.state_dict()}
+        from .dist_ckpt import save_policy
+
+        # policy, AdamW moments and reference go to the layout-independent dist checkpoint; the rank
+        # files hold what is per rank (random streams) and the data sampler's position
+        rank_state = {"rng": ckpt.rng_state(), "source": self.source.state_dict()}
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": to_yaml(self.cfg)}
-        path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last)
+        path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
+                         write_model=lambda d: save_policy(d, self.policy, self.reference))
         self.saved_step = self.step
         return path
 
     def load_checkpoint(self, path: str) -> None:
         rank_state, tstate = ckpt.load(path)
-        self.policy.model.load_state_dict(rank_state["policy"])
-        self.policy.optimizer.load_state_dict(rank_state["optimizer"])
-        if self.reference is not None and rank_state.get("reference") is not None:
-            self.reference.model.load_state_dict(rank_state["reference"])
+        if ckpt.has_model_dir(path):
+            from .dist_ckpt import load_policy
+
+            load_policy(os.path.join(path, ckpt.MODEL_DIR), self.policy, self.reference)
+        else:  # checkpoints written before the dist checkpoint (whole state dicts per rank)
+            self.policy.model.load_state_dict(rank_state["policy"])
+            self.policy.optimizer.load_state_dict(rank_state["optimizer"])
+            if self.reference is not None and rank_state.get("reference") is not None:
+                self.reference.model.load_state_dict(rank_state["reference"])
         self.source.load_state_dict(rank_state["source"])
-        ckpt.set_rng_state(rank_state["rng"])
+        if rank_state.get("rank_changed"):
+            self._say(f"[checkpoint] {path} was saved with another world size: model, optimizer and reference "
+                      "were resharded to this layout; per-rank random streams start fresh from the seed")
+        else:
+            ckpt.set_rng_state(rank_state["rng"])
         self.step = int(tstate["step"])
         self.resets.load_state_dict(tstate["resets"])
         self.length_schedule.load_state_dict(tstate["length_penalty"])
