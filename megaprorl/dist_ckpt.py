@@ -63,24 +63,26 @@ def _adam_step(optimizer) -> float:
     return steps.pop() if steps else 0.0
 
 
-def _fork_results_queue() -> None:
-    """Megatron's file writer collects its worker results through a queue that it creates, on first
-    use, from a *spawn*-context ``Manager()``: a server process (plus a resource tracker) that outlives
-    a trainer killed with SIGKILL.  We save synchronously and the writer workers are forked, so a
-    fork-context queue does the same job and dies with the process tree."""
-    import multiprocessing as mp
+def _in_process_results_queue() -> None:
+    """Megatron's file writer hands its collected write results to the saving rank through a queue that
+    it creates, on first use, from a *spawn*-context ``Manager()``: a server process (plus a resource
+    tracker) that outlives a trainer killed with SIGKILL.  We save synchronously, so the results are put
+    and taken by this very process (its forked workers report through a local queue of their own): a
+    thread-safe in-process queue does the job and dies with the trainer.  (A fork-context mp.Queue does
+    not: its feeder thread made the immediate ``get_nowait`` miss the result now and then.)"""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
     if hasattr(fa, "_results_queue") and fa._results_queue is None:
-        fa._results_queue = mp.get_context("fork").Queue()
+        fa._results_queue = queue.Queue()
 
 
 def save_policy(directory: str, policy, reference=None, extra_common: Optional[Dict] = None) -> None:
     """Collective over all ranks: write ``directory`` (which must not hold another checkpoint)."""
     from megatron.core import dist_checkpointing
 
-    _fork_results_queue()
+    _in_process_results_queue()
     os.makedirs(directory, exist_ok=True)
     model_sd = _model_sharded(policy.model)
     sd: Dict = {"model": model_sd}
