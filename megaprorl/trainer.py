@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .algo.advantages import compute_advantages
-from .algo.dynamic_sampling import groups_with_signal
+from .algo.dynamic_sampling import DynamicSampler
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.passk import summarize_eval
@@ -222,25 +222,19 @@ class Trainer:
         cfg = self.cfg
         n = cfg.rollout.n_samples
         b_local = cfg.train.prompts_per_step // dp_world()
-        ds = cfg.algo.dynamic_sampling
-        kept: List[Dict] = []
-        spare: List[Dict] = []
+        sampler: DynamicSampler[Dict] = DynamicSampler(b_local, cfg.algo.dynamic_sampling)
         timings = {"rollout": 0.0, "reward": 0.0}
-        draws = 0
-        generated = discarded = 0
         raw_rewards: List[float] = []
         lengths: List[int] = []
         truncated_count = 0
         by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
-        max_draws = 1 + (ds.max_extra_draws if ds.enabled else 0)
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
-        while len(kept) < b_local and draws < max_draws:
-            want = b_local - len(kept) if draws else b_local
-            records = self.source.sample(want)
+        while sampler.can_draw():
+            records = self.source.sample(sampler.wanted())
             prompts = [self.encode_prompt(r) for r in records]
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, n=n,
-                                    seed=_derive_seed(cfg.seed, "rollout", self.step, draws, dp_rank()))
+                                    seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
             t = time.time()
             self.engine.wake()
             rollouts = self.engine.generate(prompts, params)
@@ -263,30 +257,18 @@ class Trainer:
                 acc[2] += 1 if s_.error else 0
             lengths += lens.int().tolist()
             truncated_count += int(trunc.sum())
-            gids = torch.arange(len(records)).repeat_interleave(n)
-            signal_mask = groups_with_signal(shaped, gids) if ds.enabled else torch.ones(len(records), dtype=torch.bool)
-            for g in range(len(records)):
-                sl = slice(g * n, (g + 1) * n)
-                grp = {"record": records[g], "rollouts": rollouts[sl], "reward": rew[sl], "shaped": shaped[sl],
-                       "errors": sum(1 for s in scored[sl] if s.error)}
-                (kept if bool(signal_mask[g]) else spare).append(grp)
-            generated += len(records)
-            discarded += int((~signal_mask).sum())
-            draws += 1
-        filled = 0
-        while len(kept) < b_local and spare:  # bound reached: top up with zero-signal groups
-            kept.append(spare.pop(0))
-            filled += 1
-        kept = kept[:b_local]
+            groups = [{"record": records[g], "rollouts": rollouts[g * n:(g + 1) * n], "reward": rew[g * n:(g + 1) * n],
+                       "shaped": shaped[g * n:(g + 1) * n], "errors": sum(1 for s in scored[g * n:(g + 1) * n] if s.error)}
+                      for g in range(len(records))]
+            sampler.add(groups, shaped.view(len(records), n))  # signal is judged on the shaped rewards
+        kept = sampler.take()  # B_local groups, topped up with zero-signal ones if the draw bound was hit
         n_tok = max(len(lengths), 1)
         stats = {
             "reward": sum(raw_rewards) / max(len(raw_rewards), 1),
             "accuracy": sum(1.0 for r in raw_rewards if r >= 1.0) / max(len(raw_rewards), 1),
             "response_length": sum(lengths) / n_tok,
             "truncated_frac": truncated_count / n_tok,
-            "dynamic_sampling/draws": draws,
-            "dynamic_sampling/discarded_frac": discarded / max(generated, 1),
-            "dynamic_sampling/filled_zero_signal": filled,
+            **sampler.stats(),
             "length_penalty/on": float(penalty_on),
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],

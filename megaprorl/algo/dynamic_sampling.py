@@ -3,7 +3,8 @@
 A group whose responses all got the same (shaped) reward has zero group-baseline advantage and
 contributes no policy gradient.  The trainer drops such groups and draws more prompts until it has
 the B groups it wants, at most ``max_extra_draws`` extra draws per RL step; if the bound is reached
-it tops the batch up with zero-signal groups (``DynamicSampler.take`` does the same).
+it tops the batch up with zero-signal groups.  ``DynamicSampler`` is that loop's bookkeeping (the
+trainer's ``_draw_groups`` drives it).
 """
 
 from __future__ import annotations
