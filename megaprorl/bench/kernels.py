@@ -12,6 +12,10 @@ Rows (each fwd+bwd of ``sum(weight * loss_t)``, bf16 inputs on CUDA):
   lmhead-triton      fused LM head (hidden [T, H] + weight [V, H], 2K-token chunks)
   lmhead-torch       hidden @ W^T then the torch reference
   liger-*            Liger-Kernel GRPO / fused-linear GRPO / fused-linear CE, when installed
+  verl-linear-entropy  verl's fused linear log-prob + entropy kernel (hidden + weight, no [T, V] logits)
+                     with the same clipped-ratio + k3 loss on top in torch; from an installed ``verl``, or
+                     from ``MEGAPRORL_VERL_SRC`` = a verl wheel or source tree (its kernel files are loaded
+                     alone: importing the ``verl`` package needs ray and tensordict)
 Time: median of triton.testing.do_bench.  Memory: peak allocated during one fwd+bwd minus what was
 allocated before it (inputs excluded, gradients included).  Bandwidth for the logits kernels counts
 the logits read twice and the gradient written once (3 * T * V * 2 bytes), against the device's
@@ -39,7 +43,8 @@ NOMINAL_BW_GBS = {"H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "
                   "A100": 1555.0, "L40S": 864.0, "B200": 8000.0, "GB200": 8000.0}
 
 ALL_ROWS = ("torch-eager", "torch-compile", "triton", "triton-inplace", "cuda", "lmhead-triton", "lmhead-torch",
-            "liger-grpo", "liger-fused-linear-grpo", "liger-flce")
+            "liger-grpo", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
+LM_ROWS = ("lmhead-triton", "lmhead-torch", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
 
 
 def _nominal_bw(name: str) -> Optional[float]:
@@ -183,7 +188,7 @@ def run(args) -> Dict:
         _print_row(res)
 
     for T in args.tokens:
-        logit_rows = [r for r in rows if not r.startswith("lmhead") and r not in ("liger-fused-linear-grpo", "liger-flce")]
+        logit_rows = [r for r in rows if r not in LM_ROWS]
         if logit_rows:
             logits, tokens, old, ref, adv, w = _inputs(T, args.vocab, dtype, device)
             x = logits.detach().requires_grad_(True)
@@ -223,7 +228,7 @@ def run(args) -> Dict:
             gc.collect()
             if bench.cuda:
                 torch.cuda.empty_cache()
-        lm_rows = [r for r in rows if r.startswith("lmhead") or r in ("liger-fused-linear-grpo", "liger-flce")]
+        lm_rows = [r for r in rows if r in LM_ROWS]
         if lm_rows:
             g = torch.Generator(device=device).manual_seed(1)
             hidden = (torch.randn(T, args.hidden, generator=g, device=device) * 0.5).to(dtype).requires_grad_(True)
@@ -244,6 +249,8 @@ def run(args) -> Dict:
                         out.loss.backward()
 
                     record(r, T, fn, [hidden, W], "lmhead")
+                elif r == "verl-linear-entropy":
+                    _verl_lm(record, T, hidden, W, tokens, old, ref, adv, w, spec)
                 else:
                     _liger_lm(record, r, T, hidden, W, tokens, old, ref, adv, args)
             del hidden, W
@@ -309,6 +316,76 @@ def _liger_lm(record, name, T, hidden, W, tokens, old, ref, adv, args):
     except Exception as e:
         return _liger_missing(record, name, T, f"{type(e).__name__}")
     record(name, T, fn, [hidden, W], "lmhead")
+
+
+def load_verl_linear_entropy():
+    """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction, group)`` -> (logp, entropy),
+    and where it came from.  Falls back to ``MEGAPRORL_VERL_SRC`` (a verl wheel, or a directory holding
+    ``verl/utils/kernel/``): its two kernel modules are loaded under stand-in ``verl`` / ``verl.utils.device``
+    modules that answer the four device questions they ask, so ray and tensordict are not needed."""
+    try:
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+        import verl
+
+        return linear_cross_entropy, f"verl {getattr(verl, '__version__', '?')}"
+    except Exception as e:
+        src = os.environ.get("MEGAPRORL_VERL_SRC")
+        if not src:
+            raise ImportError(f"verl does not import ({type(e).__name__}) and MEGAPRORL_VERL_SRC is not set") from e
+    import importlib.util
+    import types
+    import zipfile
+
+    if os.path.isfile(src):  # a wheel: unpack the kernel files next to it
+        dest = os.path.join(os.path.dirname(os.path.abspath(src)), "verl_kernel_src")
+        with zipfile.ZipFile(src) as z:
+            members = [m for m in z.namelist() if m.startswith("verl/utils/kernel/")]
+            if not members:
+                raise ImportError(f"{src}: no verl/utils/kernel/ in this wheel")
+            z.extractall(dest, members)
+        src = dest
+    kdir = os.path.join(src, "verl", "utils", "kernel")
+    for f in ("kernels.py", "linear_cross_entropy.py"):
+        if not os.path.isfile(os.path.join(kdir, f)):
+            raise ImportError(f"MEGAPRORL_VERL_SRC={src}: {os.path.join(kdir, f)} is missing")
+    dev = types.ModuleType("verl.utils.device")
+    dev.is_cuda_available = torch.cuda.is_available()
+    dev.get_device_name = lambda: "cuda" if torch.cuda.is_available() else "cpu"
+    dev.get_torch_device = lambda: torch.cuda
+    dev.get_device_capability = lambda device_id=0: (torch.cuda.get_device_capability(device_id)
+                                                     if torch.cuda.is_available() else (None, None))
+    for name in ("verl", "verl.utils", "verl.utils.kernel"):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [os.path.join(src, *name.split("."))]
+            sys.modules[name] = mod
+    sys.modules["verl.utils.device"] = dev
+    for sub in ("kernels", "linear_cross_entropy"):
+        name = f"verl.utils.kernel.{sub}"
+        spec = importlib.util.spec_from_file_location(name, os.path.join(kdir, sub + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["verl.utils.kernel.linear_cross_entropy"].linear_cross_entropy, f"verl kernels from {src}"
+
+
+def _verl_lm(record, T, hidden, W, tokens, old, ref, adv, w, spec):
+    """verl's fused kernel gives log-prob and entropy per token; the clipped-ratio + k3 loss (the same spec as
+    ours, ``megaprorl.algo``'s torch reference on [T] vectors) goes on top, as verl's actor does."""
+    from megaprorl.algo.loss import per_token_loss
+
+    try:
+        lce, origin = load_verl_linear_entropy()
+    except Exception as e:
+        return _liger_missing(record, "verl-linear-entropy", T, f"{type(e).__name__}: {e}")
+
+    def fn():
+        logp, ent = lce(hidden, W, tokens, 1.0, "none", None)
+        parts = per_token_loss(logp.float(), ent.float(), old, ref, adv, spec)
+        (parts["loss_t"] * w).sum().backward()
+
+    record("verl-linear-entropy", T, fn, [hidden, W], "lmhead", note=origin)
 
 
 def _fmt(v, spec):
