@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="", help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--recompute", default="", help="'' | selective | full")
+    ap.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"),
+                    help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
+    ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
+                    help="model.fp8 (needs TransformerEngine); the delayed-scaling recipe")
     ap.add_argument("--skip-rollout", action="store_true", help="time only log-prob passes and the update")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ..algo.loss import LossSpec, aggregation_weights
+    from ..models.gpt import use_transformer_engine
     from ..parallel import init_distributed
     from ..policy import Policy, build_seq_batch
     from ..rollout import SamplingParams
@@ -93,8 +98,9 @@ def main(argv=None) -> int:
                            ffn_hidden_size=p["ffn_hidden_size"], num_attention_heads=p["num_attention_heads"],
                            num_query_groups=p["num_query_groups"], max_position_embeddings=max(seq_len, 64),
                            rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=True, tie_embeddings=False,
-                           init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128, transformer_impl="auto",
-                           fp8="", fp8_recipe="delayed", recompute_granularity=args.recompute)
+                           init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128,
+                           transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
+                           recompute_granularity=args.recompute)
     pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0)
     packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
@@ -173,6 +179,7 @@ def main(argv=None) -> int:
         "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
         "pack_tokens": args.pack_tokens, "ragged": args.ragged,
         "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
+        "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],
         "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),
@@ -180,7 +187,8 @@ def main(argv=None) -> int:
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
     }
     if info.rank == 0:
-        print(f"\nbench step: {args.preset} ({param_count(p) / 1e9:.2f} B params, {dtype}) on {device_name}")
+        spec_name = ("TE" + (f" fp8={args.fp8}" if args.fp8 else "")) if res["transformer_engine"] else "local spec"
+        print(f"\nbench step: {args.preset} ({param_count(p) / 1e9:.2f} B params, {dtype}, {spec_name}) on {device_name}")
         print(f"  {args.prompts} prompts x {args.n_samples} samples, prompt {args.prompt_len} + response "
               f"{args.response_len} tokens")
         print(f"  {'phase':<14}{'seconds':>10}{'share':>9}")
