@@ -70,6 +70,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     max_nonfinite_in_a_row: int = 3
+    distributed_optimizer: bool = False  # Megatron's ZeRO-1: Adam state and fp32 main weights sharded over DP
 
 
 @dataclass

@@ -1,12 +1,14 @@
-"""Layout-independent checkpoints of the policy, its AdamW state and the reference, through Megatron's
+"""Layout-independent checkpoints of the policy, its optimizer and the reference, through Megatron's
 ``dist_checkpointing`` (the ``torch_dist`` format).
 
 Every tensor is saved as a ``ShardedTensor`` with its global shape and this rank's offsets, so a
 checkpoint written at one TP/PP/DP layout loads at another: the loader reads the slices it needs.
 The vocabulary-padded embedding and output layer load with ``allow_shape_mismatch`` (the padding
-depends on TP).  AdamW's ``exp_avg`` / ``exp_avg_sq`` follow their parameter's sharding (Megatron's
-``optim_state_to_sharding_state``); its per-parameter ``step`` is one number for the whole model and
-is kept in the common state.
+depends on TP).  The optimizer is Megatron's, saved by its own ``sharded_state_dict``: Adam's
+``exp_avg`` / ``exp_avg_sq`` (and the fp32 main weights of bf16 parameters) follow their parameter's
+sharding, the step is one number.  The distributed optimizer uses the ``fully_reshardable`` format
+(its DP shards gathered to DP rank 0 over gloo when saving), so it too resumes at another TP/PP/DP
+layout.  A checkpoint records which optimizer wrote it; resuming with the other one is refused.
 
     save_policy(directory, policy, reference=None, extra_common=None)      # collective
     load_policy(directory, policy, reference=None, load_optimizer=True)    # collective -> common dict
@@ -19,8 +21,10 @@ from typing import Dict, Optional
 
 import torch
 
+
 REFERENCE_PREFIX = "reference."
-STEP_KEY = "adam_step"
+KIND_KEY = "optimizer_kind"
+UPDATES_KEY = "optimizer_updates"
 
 
 def _model_sharded(model, prefix: str = "") -> Dict:
@@ -28,39 +32,39 @@ def _model_sharded(model, prefix: str = "") -> Dict:
     return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
 
 
-def _optimizer_params(optimizer):
-    return [p for g in optimizer.param_groups for p in g["params"]]
+def _optimizer_kind(policy) -> str:
+    return "megatron-distributed" if policy.distributed_optimizer else "megatron"
 
 
-def _ensure_adam_state(optimizer) -> None:
-    """AdamW creates its moments at the first step; a template for loading needs them to exist."""
-    for p in _optimizer_params(optimizer):
-        st = optimizer.state[p]
-        if "exp_avg" not in st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+def _optimizer_metadata(policy) -> Dict:
+    md = {"chained_optim_avoid_prefix": True}
+    if policy.distributed_optimizer:
+        # gathered over gloo to DP rank 0 (CPU memory) rather than all-gathered on every GPU
+        md.update(distrib_optim_sharding_type="fully_reshardable",
+                  distrib_optim_fully_reshardable_mem_efficient=True)
+    return md
 
 
-def _optimizer_sharded(optimizer, model_sd: Dict) -> Dict:
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
+def _torch_adam_step_on_load() -> None:
+    """Megatron 0.16's distributed optimizer, on torch's Adam (no Apex / TE FusedAdam), restores Adam's
+    ``step`` from the param groups but then copies every key of the optimizer state, ``step`` included,
+    from the loaded shards, which have none (KeyError: 'step').  Hand it the step it already holds."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
-    params = _optimizer_params(optimizer)
-    id_map = get_param_id_to_sharded_param_map(model_sd, params)
-    if len(id_map) != len(params):
-        raise RuntimeError(f"dist checkpoint: {len(params) - len(id_map)} optimizer parameters have no sharded "
-                           "model tensor (the optimizer must be built over model.parameters())")
-    state = optimizer.state_dict()
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    return state
+    if getattr(DO, "_megaprorl_step_fix", False):
+        return
+    orig = DO._set_main_param_and_optimizer_states
 
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            gi, go = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[gi]["params"][go]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return orig(self, model_param, tensors)
 
-def _adam_step(optimizer) -> float:
-    steps = {float(optimizer.state[p]["step"]) for p in _optimizer_params(optimizer) if "step" in optimizer.state[p]}
-    if len(steps) > 1:
-        raise RuntimeError(f"dist checkpoint: AdamW parameters are at different steps {sorted(steps)}")
-    return steps.pop() if steps else 0.0
+    DO._set_main_param_and_optimizer_states = set_states
+    DO._megaprorl_step_fix = True
 
 
 def _in_process_results_queue() -> None:
@@ -86,9 +90,10 @@ def save_policy(directory: str, policy, reference=None, extra_common: Optional[D
     os.makedirs(directory, exist_ok=True)
     model_sd = _model_sharded(policy.model)
     sd: Dict = {"model": model_sd}
-    if policy.optimizer is not None and policy.optimizer.state:
-        sd["optimizer"] = _optimizer_sharded(policy.optimizer, model_sd)
-        sd[STEP_KEY] = _adam_step(policy.optimizer)
+    if policy.optimizer is not None and policy.updates > 0:
+        sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, metadata=_optimizer_metadata(policy))
+        sd[KIND_KEY] = _optimizer_kind(policy)
+        sd[UPDATES_KEY] = policy.updates
     if reference is not None:
         sd["reference"] = _model_sharded(reference.model, REFERENCE_PREFIX)
     sd["common"] = dict(extra_common or {})
@@ -103,10 +108,21 @@ def load_policy(directory: str, policy, reference=None, load_optimizer: bool = T
     common = dist_checkpointing.load_common_state_dict(directory)
     model_sd = _model_sharded(policy.model)
     template: Dict = {"model": model_sd}
-    has_optim = "optimizer" in common
+    has_optim = "optimizer" in common or KIND_KEY in common
     if load_optimizer and has_optim and policy.optimizer is not None:
-        _ensure_adam_state(policy.optimizer)
-        template["optimizer"] = _optimizer_sharded(policy.optimizer, model_sd)
+        kind = common.get(KIND_KEY, "torch-adamw (an older megaprorl)")
+        if kind != _optimizer_kind(policy):
+            raise ValueError(f"{directory}: its optimizer state was written by the {kind} optimizer, this run uses "
+                             f"the {_optimizer_kind(policy)} one (optim.distributed_optimizer="
+                             f"{policy.distributed_optimizer}); resume with the setting it was saved with")
+        _torch_adam_step_on_load()
+        if policy.distributed_optimizer and policy.updates == 0:
+            # without Apex/TE, Megatron's distributed optimizer can only describe its state once the state
+            # exists: fill it with the dummies Megatron itself uses before a load (overwritten below)
+            for opt in policy.optimizer.chained_optimizers:
+                opt._init_optimizer_states_with_dummy_values()
+        template["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                    metadata=_optimizer_metadata(policy))
     if reference is not None:
         if not _has_prefix(directory, REFERENCE_PREFIX):
             raise KeyError(f"{directory}: the checkpoint holds no reference policy")
@@ -115,13 +131,15 @@ def load_policy(directory: str, policy, reference=None, load_optimizer: bool = T
     policy.model.load_state_dict(loaded["model"], strict=False)
     _check_loaded(policy.model, loaded["model"], directory)
     if "optimizer" in template:
-        state = loaded["optimizer"]
-        step = torch.tensor(float(common.get(STEP_KEY, 0.0)))
-        for p, (pid, st) in zip(_optimizer_params(policy.optimizer), sorted(state["state"].items())):
-            dst = policy.optimizer.state[p]
-            dst["exp_avg"].copy_(st["exp_avg"])
-            dst["exp_avg_sq"].copy_(st["exp_avg_sq"])
-            dst["step"] = step.clone()
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        # Megatron hands every parameter the same ``step`` tensor, which torch's Adam then increments once
+        # per parameter on each update (a wrong bias correction after resuming): one tensor each
+        for st in policy.adam_states():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+        policy.updates = int(common.get(UPDATES_KEY, 0))
+    elif policy.optimizer is not None:  # new weights, fresh moments: main weights follow the model
+        policy.reset_optimizer()
     if reference is not None:
         ref = {k[len(REFERENCE_PREFIX):] if k.startswith(REFERENCE_PREFIX) else k: v
                for k, v in loaded["reference"].items()}

@@ -100,6 +100,7 @@ class Trainer:
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id)
         if hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
+            self.policy.reset_optimizer()  # fp32 main weights copied from the loaded model
         self.use_ref = cfg.algo.kl.coef > 0
         self.reference = None
         if self.use_ref:
@@ -163,7 +164,7 @@ class Trainer:
 
         examples = sft_examples(w.examples, _derive_seed(self.cfg.seed, "sft", dp_rank()),
                                 self.cfg.data.builtin_min_digits, self.cfg.data.builtin_max_digits)
-        opt = torch.optim.AdamW(self.policy.model.parameters(), lr=w.lr, weight_decay=0.0)
+        self.policy.reset_optimizer()
         gen = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, "sft-order"))
         losses = []
         t0 = time.time()
@@ -173,9 +174,8 @@ class Trainer:
             answers = [self.tokenizer.encode(examples[j]["answer"]) + [self.tokenizer.eos_id] for j in idx]
             batch = build_seq_batch(prompts, answers, self.tokenizer.pad_id)
             lr = w.lr * min(1.0, (i + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * i / w.steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            losses.append(self.policy.sft_step(batch, opt))
+            self.policy.set_lr(lr, weight_decay=0.0)
+            losses.append(self.policy.sft_step(batch))
         if self.reference is not None:
             self.reference.load_weights_from(self.policy)
         self.policy.reset_optimizer()
@@ -397,11 +397,9 @@ class Trainer:
             from .dist_ckpt import load_policy
 
             load_policy(os.path.join(path, ckpt.MODEL_DIR), self.policy, self.reference)
-        else:  # checkpoints written before the dist checkpoint (whole state dicts per rank)
-            self.policy.model.load_state_dict(rank_state["policy"])
-            self.policy.optimizer.load_state_dict(rank_state["optimizer"])
-            if self.reference is not None and rank_state.get("reference") is not None:
-                self.reference.model.load_state_dict(rank_state["reference"])
+        else:
+            raise ValueError(f"{path}: no {ckpt.MODEL_DIR}/ directory (a checkpoint of megaprorl before distributed "
+                             "checkpoints, whose torch AdamW state this version cannot load)")
         self.source.load_state_dict(rank_state["source"])
         if rank_state.get("rank_changed"):
             self._say(f"[checkpoint] {path} was saved with another world size: model, optimizer and reference "

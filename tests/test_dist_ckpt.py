@@ -127,7 +127,7 @@ def _trainer_job(rank, world, out_dir, mode):
             t.load_checkpoint(path)
         batch = build_seq_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 1], [11, 1]], 0)
         return dict(step=t.step, policy=t.policy.logprobs(batch, 2), reference=t.reference.logprobs(batch, 2),
-                    adam_steps={float(s["step"]) for s in t.policy.optimizer.state.values()})
+                    adam_steps={float(s["step"]) for s in t.policy.adam_states()})
     finally:
         t.close()
         mps.destroy_model_parallel()

@@ -178,11 +178,9 @@ def test_packed_equals_padded_bf16_on_gpu(monkeypatch):
     from megaprorl.algo.loss import LossSpec
     from megaprorl.models import attention
 
-    padded, tok = tiny_policy()
-    packed, _ = tiny_policy(pack_tokens=24)
+    padded, tok = tiny_policy({"params_dtype": "bf16"})
+    packed, _ = tiny_policy({"params_dtype": "bf16"}, pack_tokens=24)
     for pol in (padded, packed):
-        pol.model.to(torch.bfloat16)
-        pol.reset_optimizer()
         pol.optimizer.step = lambda: None  # compare losses and gradients at fixed weights
     packed.model.load_state_dict(padded.model.state_dict())
     batch = _batch(tok)

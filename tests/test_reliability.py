@@ -224,7 +224,7 @@ def _trainer(tmp_path, *extra):
 def _snapshot(t):
     weights = {k: v.detach().clone() for k, v in t.policy.model.state_dict().items() if isinstance(v, torch.Tensor)}
     opt = {i: {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
-           for i, st in enumerate(t.policy.optimizer.state.values())}
+           for i, st in enumerate(t.policy.adam_states())}
     return weights, opt
 
 

@@ -40,15 +40,15 @@ def test_reset_copies_policy_and_keeps_or_clears_optimizer(tmp_path, reset_optim
         ref_before = t.reference.logprobs(batch, 2)
         pol = t.policy.logprobs(batch, 2)
         assert not torch.allclose(ref_before, pol, atol=1e-6)  # two RL steps moved the policy
-        assert len(t.policy.optimizer.state) > 0
-        exp_avg = [s["exp_avg"].clone() for s in t.policy.optimizer.state.values()]
+        assert len(t.policy.adam_states()) > 0
+        exp_avg = [s["exp_avg"].clone() for s in t.policy.adam_states()]
         trigger = t.maybe_reset_reference(stats)  # step 2: the interval trigger fires
         assert trigger == "interval" and t.resets.history[-1][1] == "interval"
         torch.testing.assert_close(t.reference.logprobs(batch, 2), pol, rtol=0, atol=0)
         if reset_optimizer:
-            assert len(t.policy.optimizer.state) == 0
+            assert len(t.policy.adam_states()) == 0
         else:
-            after = [s["exp_avg"] for s in t.policy.optimizer.state.values()]
+            after = [s["exp_avg"] for s in t.policy.adam_states()]
             assert all(torch.equal(a, b) for a, b in zip(exp_avg, after))
     finally:
         t.close()

@@ -162,7 +162,7 @@ def _assert_same_final_checkpoint(a_dir, b_dir, tmp_path):
             assert torch.equal(ta_[k], tb_[k]), f"{k} differs"
     common_a, common_b = (torch.load(os.path.join(d, "checkpoints", name, "model", "common.pt"), weights_only=False)
                           for d in (a_dir, b_dir))
-    assert common_a.get("adam_step") == common_b.get("adam_step") and common_a.get("adam_step", 0) > 0
+    assert common_a.get("optimizer_updates") == common_b.get("optimizer_updates") and common_a.get("optimizer_updates", 0) > 0
     a = torch.load(os.path.join(a_dir, "checkpoints", name, "rank_00000.pt"), weights_only=False)
     b = torch.load(os.path.join(b_dir, "checkpoints", name, "rank_00000.pt"), weights_only=False)
     assert a["source"] == b["source"]

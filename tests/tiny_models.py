@@ -16,7 +16,7 @@ def tiny_policy_cfgs(**model_overrides):
     return m, p, o
 
 
-def tiny_policy(**policy_kwargs):
+def tiny_policy(model_overrides=None, **policy_kwargs):
     """A seeded tiny ``Policy`` (torch kernels) on this process's single rank, and its char tokenizer."""
     import torch
 
@@ -26,7 +26,7 @@ def tiny_policy(**policy_kwargs):
 
     info = init_distributed()
     torch.manual_seed(0)
-    m, p, o = tiny_policy_cfgs()
+    m, p, o = tiny_policy_cfgs(**(model_overrides or {}))
     tok = CharTokenizer()
     policy_kwargs.setdefault("pad_id", tok.pad_id)
     return Policy(m, p, o, tok.vocab_size, info.device, "torch", **policy_kwargs), tok

@@ -12,6 +12,10 @@ Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy t
    give those modules a view of ``torch`` whose tensor factories map ``"cuda"`` to the CPU.
 4. Pipeline p2p communication calls ``torch.cuda.synchronize()``, which raises on a CPU build of
    torch; without CUDA it becomes a no-op.
+5. Megatron's DDP grad buffers, its optimizers and grad clipping allocate on ``"cuda"`` literally
+   (the same torch view as 3), and classify parameters by their CUDA type name
+   (``param.type() == 'torch.cuda.FloatTensor'``): inside the optimizers' constructors and the clipping
+   function a CPU tensor's ``type()`` answers with the CUDA name of its dtype.
 
 ``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
 Megatron unmodified.
@@ -85,3 +89,40 @@ def install() -> None:
     # 4. Pipeline p2p communication calls torch.cuda.synchronize() around its sends and receives; on a
     #    CPU build that raises.  Nothing runs asynchronously on a CPU device, so it is a no-op here.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+    # 5. Megatron's DDP buffers, optimizers and grad clipping.
+    import megatron.core.utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer as mbuf
+    from megatron.core.optimizer import clip_grads as mclip
+    from megatron.core.optimizer import distrib_optimizer as mdo
+    from megatron.core.optimizer import optimizer as mopt
+
+    for mod in (mbuf, mclip, mdo, mopt, mutils):  # utils: the local multi-tensor fallbacks
+        mod.torch = _CpuTorchView()
+    mdo.DistributedOptimizer.__init__ = _cuda_type_names(mdo.DistributedOptimizer.__init__)
+    mopt.Float16OptimizerWithFloat16Params.__init__ = _cuda_type_names(mopt.Float16OptimizerWithFloat16Params.__init__)
+    clip = _cuda_type_names(mclip.clip_grad_by_total_norm_fp32)
+    mclip.clip_grad_by_total_norm_fp32 = clip
+    mopt.clip_grad_by_total_norm_fp32 = clip
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _cuda_type_names(fn):
+    """Run ``fn`` with ``Tensor.type()`` naming CPU tensors as CUDA ones (Megatron's dtype checks)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        saved = torch.Tensor.type
+        torch.Tensor.type = _cuda_named_type
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = saved
+    return wrapped

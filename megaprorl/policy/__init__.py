@@ -4,6 +4,13 @@ Sequences are laid out right-padded: ``tokens[b] = prompt + response + pad``; po
 ``[B, L-1]`` per-token tensors refers to the prediction of ``tokens[:, t+1]`` from the logits at
 ``t``.  The model emits vocab-parallel logits ``[B, L, V/TP]``; every loss and log-prob goes through
 ``megaprorl.kernels.policy_loss`` with the TP group, so no rank ever gathers the vocabulary.
+
+A trainable policy is wrapped in Megatron's ``DistributedDataParallel`` (contiguous fp32 grad buffers,
+gradients summed over DP: the loss weights carry the global normaliser) and updated by Megatron's
+optimizer (``get_megatron_optimizer``): Adam with decoupled weight decay (none on biases and norms),
+fp32 main weights for bf16 parameters, gradient clipping by the global norm over all model-parallel
+shards, and with ``optim.distributed_optimizer`` the ZeRO-1 distributed optimizer (Adam moments and
+main weights sharded over DP, gradients reduce-scattered, parameters all-gathered after the step).
 """
 
 from __future__ import annotations
@@ -91,7 +98,15 @@ class Policy:
         self.kernel_backend = kernel_backend
         self.vocab_size = vocab_size
         self.optimizer = None
+        self.ddp = None
+        self.distributed_optimizer = bool(getattr(optim_cfg, "distributed_optimizer", False))
         if trainable:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+            self.ddp = DistributedDataParallel(
+                config=self.model.config, module=self.model,
+                ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                         use_distributed_optimizer=self.distributed_optimizer))
             self.reset_optimizer()
         else:
             for p in self.model.parameters():
@@ -99,11 +114,32 @@ class Policy:
             self.model.eval()
 
     def reset_optimizer(self) -> None:
-        """A fresh AdamW (moments cleared): used after warm-start and by v1-style reference resets."""
-        o = self.ocfg
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                           weight_decay=o.weight_decay)
+        """A fresh Megatron optimizer (moments cleared; fp32 main weights copied from the model): built at
+        construction, and again after warm-start and by v1-style reference resets."""
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o, mc = self.ocfg, self.model.config
+        cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
+                              adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                              clip_grad=float(o.grad_clip or 0.0), bf16=bool(mc.bf16), fp16=bool(mc.fp16),
+                              params_dtype=mc.params_dtype, use_distributed_optimizer=self.distributed_optimizer)
+        with _quiet_megatron_optimizer_log():
+            self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
+        self.set_lr(o.lr, o.weight_decay)
+        self.updates = 0  # optimizer steps taken since this optimizer was built (or loaded)
+
+    def adam_states(self) -> List[Dict]:
+        """This rank's Adam state dicts (``exp_avg``, ``exp_avg_sq``, ``step``), one per parameter it
+        updates (under the distributed optimizer: per main-weight shard it owns)."""
+        return [st for o in self.optimizer.chained_optimizers for st in o.optimizer.state.values()]
+
+    def set_lr(self, lr: float, weight_decay: Optional[float] = None) -> None:
+        """Learning rate (and weight decay) of every parameter group, times the group's multipliers:
+        Megatron's groups carry ``wd_mult = 0`` for biases and norms (its LR scheduler applies them)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            if weight_decay is not None:
+                g["weight_decay"] = weight_decay * g.get("wd_mult", 1.0)
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -151,7 +187,8 @@ class Policy:
         if self.pcfg.pipeline_parallel > 1 and any(mb.seq_len != L or len(mb) != len(micro[0]) for mb in micro):
             raise ValueError("pipeline parallelism needs equal micro-batch shapes; pad to one length")
         fb = get_forward_backward_func()
-        return fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
+        model = self.ddp if (self.ddp is not None and not forward_only) else self.model
+        return fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
                   num_microbatches=len(micro), seq_length=L, micro_batch_size=len(micro[0]),
                   forward_only=forward_only)
 
@@ -212,7 +249,7 @@ class Policy:
         """
         assert self.optimizer is not None, "policy was built frozen"
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         sums: Dict[str, float] = {}
 
         def loss_fn(mb, logits):
@@ -228,13 +265,7 @@ class Policy:
             return out.loss, torch.tensor(1, dtype=torch.int), {}
 
         self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=False)
-        self._reduce_grads_over_dp()
-        grad_norm = self.clip_grad_norm(self.ocfg.grad_clip)
-        finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, finite = self._reduce_clip_step()
         if self.pcfg.pipeline_parallel > 1:  # the loss statistics live on the last stage
             from megatron.core import parallel_state as mps
 
@@ -247,12 +278,13 @@ class Policy:
         stats["skipped_update"] = 0.0 if finite else 1.0
         return stats
 
-    def sft_step(self, batch: SeqBatch, optimizer: torch.optim.Optimizer) -> float:
-        """One supervised step: token-mean cross entropy of the response tokens (vocab-parallel)."""
+    def sft_step(self, batch: SeqBatch) -> float:
+        """One supervised step with the policy's optimizer (its learning rate as set by ``set_lr``):
+        token-mean cross entropy of the response tokens (vocab-parallel)."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         self.model.train()
-        optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         b = batch.to(self.device)
         logits = self._logits(b.tokens)[:, :-1].float()
         nll = vocab_parallel_cross_entropy(logits.clone(), b.tokens[:, 1:])
@@ -261,45 +293,26 @@ class Policy:
             dist.all_reduce(counts, group=dp_group())
         loss = (nll * b.loss_mask).sum() / counts.clamp_min(1.0).item()
         loss.backward()
-        self._reduce_grads_over_dp()
-        self.clip_grad_norm(1.0)
-        optimizer.step()
+        self._reduce_clip_step()
         return float(loss.detach()) * float(counts) / max(float(b.loss_mask.sum()), 1.0)
 
-    def _reduce_grads_over_dp(self) -> None:
-        g = dp_group()
-        if dist.get_world_size(g) == 1:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([x.reshape(-1) for x in grads])
-        dist.all_reduce(flat, group=g)  # weights hold the global normaliser: sum, not mean
-        off = 0
-        for x in grads:
-            n = x.numel()
-            x.copy_(flat[off: off + n].view_as(x))
-            off += n
+    def _zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Global L2 norm over all model-parallel shards (TP duplicates counted once); clip to max_norm."""
-        from megatron.core import parallel_state as mps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    def _reduce_clip_step(self):
+        """Gradients summed over DP (reduce-scattered under the distributed optimizer), then the global
+        norm; a non-finite norm skips the update.  Returns (norm, updated)."""
+        from megatron.core.distributed import finalize_model_grads
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in params:
-            if param_is_not_tensor_parallel_duplicate(p) or mps.get_tensor_model_parallel_rank() == 0:
-                sq += p.grad.detach().double().pow(2).sum()
-        mp_group = mps.get_model_parallel_group()
-        if dist.get_world_size(mp_group) > 1:
-            dist.all_reduce(sq, group=mp_group)
-        norm = float(sq.sqrt())
-        if max_norm and max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for p in params:
-                p.grad.mul_(scale)
-        return norm
+        finalize_model_grads([self.ddp])  # DP reduction, plus SP layer-norm and PP embedding grads
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()  # clips to optim.grad_clip by the same norm, steps, gathers parameters
+            self.updates += 1
+        return grad_norm, finite
 
     # ---------------------------------------------------------------------------------- weights
     def state_dict(self) -> Dict[str, torch.Tensor]:
@@ -309,6 +322,20 @@ class Policy:
         with torch.no_grad():
             for p, q in zip(self.model.parameters(), other.model.parameters()):
                 p.copy_(q)
+
+
+@contextlib.contextmanager
+def _quiet_megatron_optimizer_log():
+    """get_megatron_optimizer logs its whole config at INFO on every (re)build."""
+    import logging
+
+    log = logging.getLogger("megatron.core.optimizer")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec) -> None:

@@ -1,0 +1,155 @@
+"""Megatron's optimizer in the policy, and its distributed (ZeRO-1) form over two gloo ranks: the same
+updates as the replicated optimizer with half the Adam state per rank; its checkpoint resumes exactly,
+reshards to one rank, and is refused by a run with the other optimizer; bf16 parameters train on fp32
+main weights."""
+
+import os
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from tiny_models import tiny_policy_cfgs
+
+
+def _batch(rank, n_global_tokens=None):
+    """This DP rank's half of a batch; the loss weights carry the global token count."""
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.policy import build_seq_batch
+
+    tok = CharTokenizer()
+    g = torch.Generator().manual_seed(11 + rank)
+    prompts = [tok.encode(s) for s in (["1+2=", "13+45=", "7+8="] if rank == 0 else ["99+1=", "5+55="])]
+    resp = [torch.randint(2, tok.vocab_size, (int(k),), generator=g).tolist()
+            for k in torch.randint(2, 9, (len(prompts),), generator=g)]
+    b = build_seq_batch(prompts, resp, tok.pad_id)
+    b.advantages = torch.randn(b.loss_mask.shape, generator=g) * b.loss_mask
+    b.old_logp = torch.full(b.loss_mask.shape, -3.0)
+    b.ref_logp = torch.full(b.loss_mask.shape, -3.1)
+    b.weights = b.loss_mask / float(n_global_tokens)
+    return b, tok
+
+
+def _global_tokens():
+    return sum(float(_batch(r, 1)[0].loss_mask.sum()) for r in (0, 1))
+
+
+def _policy(distributed, dtype="fp32", lr=1e-2):
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+
+    info = init_distributed()
+    torch.manual_seed(3)
+    m, p, o = tiny_policy_cfgs()
+    m.params_dtype = dtype
+    o.distributed_optimizer, o.lr, o.weight_decay = distributed, lr, 0.1
+    from megaprorl.models.tokenizer import CharTokenizer
+
+    return Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch")
+
+
+def _steps(pol, rank, n):
+    from megaprorl.algo.loss import LossSpec
+
+    batch, _ = _batch(rank, _global_tokens())
+    return [pol.train_step(batch, LossSpec(kl_coef=0.1), micro_batch_size=2)["grad_norm"] for _ in range(n)]
+
+
+def _train_job(rank, world, distributed):
+    pol = _policy(distributed)
+    norms = _steps(pol, rank, 2)
+    n_state = sum(v.numel() for st in pol.adam_states() for k, v in st.items() if k.startswith("exp_avg"))
+    return dict(norms=norms, weights=[p.detach().clone() for p in pol.model.parameters()], n_state=n_state,
+                n_params=sum(p.numel() for p in pol.model.parameters()))
+
+
+def test_distributed_optimizer_updates_equal_replicated_with_half_the_state():
+    rep = run_distributed(_train_job, 2, (False,))
+    dist = run_distributed(_train_job, 2, (True,))
+    for r in range(2):
+        assert dist[r]["norms"] == pytest.approx(rep[r]["norms"], rel=1e-6)
+        for a, b in zip(dist[r]["weights"], rep[r]["weights"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(dist[0]["weights"], dist[1]["weights"]):  # parameters all-gathered after the step
+        assert torch.equal(a, b)
+    n = rep[0]["n_params"]
+    assert rep[0]["n_state"] == rep[1]["n_state"] == 2 * n  # exp_avg + exp_avg_sq of every parameter
+    assert dist[0]["n_state"] + dist[1]["n_state"] == 2 * n  # sharded over the two DP ranks
+    assert max(dist[0]["n_state"], dist[1]["n_state"]) < 1.2 * n
+
+
+def _ckpt_job(rank, world, ckpt, mode):
+    from megaprorl.dist_ckpt import load_policy, save_policy
+
+    pol = _policy(True)
+    if mode == "save":
+        _steps(pol, rank, 2)
+        save_policy(ckpt, pol)
+        _steps(pol, rank, 1)
+    elif mode == "load":
+        load_policy(ckpt, pol)
+        assert pol.updates == 2
+        _steps(pol, rank, 1)
+    elif mode == "reshard":  # one rank: load the two ranks' shards, save them again
+        load_policy(ckpt, pol)
+        save_policy(ckpt + "_world1", pol)
+    return [p.detach().clone() for p in pol.model.parameters()]
+
+
+def _tensors(directory, tmp):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(tmp, os.path.basename(directory) + ".pt")
+    dcp_to_torch_save(directory, out)
+    return torch.load(out, weights_only=False)
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly_and_reshards(tmp_path):
+    ckpt = str(tmp_path / "do")
+    cont = run_distributed(_ckpt_job, 2, (ckpt, "save"))
+    resumed = run_distributed(_ckpt_job, 2, (ckpt, "load"))
+    for r in range(2):
+        for a, b in zip(cont[r], resumed[r]):
+            assert torch.equal(a, b)
+    run_distributed(_ckpt_job, 1, (ckpt, "reshard"))
+    two, one = _tensors(ckpt, str(tmp_path)), _tensors(ckpt + "_world1", str(tmp_path))
+    keys = [k for k in two if k.startswith("optimizer.state.")]
+    assert any(".exp_avg_sq." in k for k in keys) and any(k.startswith("optimizer.state.param.") for k in keys)
+    for k in keys:
+        assert torch.equal(two[k], one[k]), k
+
+
+def _mismatch_job(rank, world, ckpt):
+    from megaprorl.dist_ckpt import load_policy, save_policy
+
+    pol = _policy(False)
+    _steps(pol, rank, 1)
+    save_policy(ckpt, pol)
+    other = _policy(True)
+    with pytest.raises(ValueError, match="distributed_optimizer=True"):
+        load_policy(ckpt, other)
+    load_policy(ckpt, other, load_optimizer=False)  # the weights alone still load
+    return [torch.equal(a, b) for a, b in zip(pol.model.parameters(), other.model.parameters())]
+
+
+def test_checkpoint_of_the_other_optimizer_is_refused(tmp_path):
+    out = run_distributed(_mismatch_job, 1, (str(tmp_path / "rep"),))
+    assert all(out[0])
+
+
+def _bf16_job(rank, world):
+    pol = _policy(True, dtype="bf16", lr=1e-5)
+    inner = pol.optimizer.chained_optimizers[0]
+    before = [p.detach().clone() for p in pol.model.parameters()]
+    _steps(pol, rank, 3)
+    main = [p for g in inner.optimizer.param_groups for p in g["params"]]
+    return dict(main_dtypes={p.dtype for p in main}, model_dtypes={p.dtype for p in pol.model.parameters()},
+                moved=sum(int(not torch.equal(a, b)) for a, b in zip(before, pol.model.parameters())),
+                updates=pol.updates)
+
+
+def test_bf16_parameters_train_on_fp32_main_weights():
+    for out in run_distributed(_bf16_job, 2):
+        # the matrices are bf16 (the local spec's torch norms stay fp32); Adam updates fp32 copies of them
+        assert out["main_dtypes"] == {torch.float32} and torch.bfloat16 in out["model_dtypes"]
+        assert out["updates"] == 3 and out["moved"] > 0
