@@ -78,10 +78,10 @@ def test_distributed_optimizer_updates_equal_replicated_with_half_the_state():
     assert max(dist[0]["n_state"], dist[1]["n_state"]) < 1.2 * n
 
 
-def _ckpt_job(rank, world, ckpt, mode):
+def _ckpt_job(rank, world, ckpt, mode, dtype):
     from megaprorl.dist_ckpt import load_policy, save_policy
 
-    pol = _policy(True)
+    pol = _policy(True, dtype=dtype)
     if mode == "save":
         _steps(pol, rank, 2)
         save_policy(ckpt, pol)
@@ -104,14 +104,15 @@ def _tensors(directory, tmp):
     return torch.load(out, weights_only=False)
 
 
-def test_distributed_optimizer_checkpoint_resumes_exactly_and_reshards(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_distributed_optimizer_checkpoint_resumes_exactly_and_reshards(tmp_path, dtype):
     ckpt = str(tmp_path / "do")
-    cont = run_distributed(_ckpt_job, 2, (ckpt, "save"))
-    resumed = run_distributed(_ckpt_job, 2, (ckpt, "load"))
+    cont = run_distributed(_ckpt_job, 2, (ckpt, "save", dtype))
+    resumed = run_distributed(_ckpt_job, 2, (ckpt, "load", dtype))
     for r in range(2):
         for a, b in zip(cont[r], resumed[r]):
             assert torch.equal(a, b)
-    run_distributed(_ckpt_job, 1, (ckpt, "reshard"))
+    run_distributed(_ckpt_job, 1, (ckpt, "reshard", dtype))
     two, one = _tensors(ckpt, str(tmp_path)), _tensors(ckpt + "_world1", str(tmp_path))
     keys = [k for k in two if k.startswith("optimizer.state.")]
     assert any(".exp_avg_sq." in k for k in keys) and any(k.startswith("optimizer.state.param.") for k in keys)
@@ -150,6 +151,6 @@ def _bf16_job(rank, world):
 
 def test_bf16_parameters_train_on_fp32_main_weights():
     for out in run_distributed(_bf16_job, 2):
-        # the matrices are bf16 (the local spec's torch norms stay fp32); Adam updates fp32 copies of them
-        assert out["main_dtypes"] == {torch.float32} and torch.bfloat16 in out["model_dtypes"]
+        # every parameter is bf16 (build_gpt casts the local spec's fp32 torch norms); Adam updates fp32 copies
+        assert out["main_dtypes"] == {torch.float32} and out["model_dtypes"] == {torch.bfloat16}
         assert out["updates"] == 3 and out["moved"] > 0

@@ -135,6 +135,13 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
         position_embedding_type="rope",
         rotary_base=int(mcfg.rotary_base),
     )
+    # the local spec's torch norms are created in fp32 whatever params_dtype says; one dtype for every
+    # parameter (as TE's norms and Megatron's Float16Module give) keeps Megatron's optimizer on a single
+    # grad buffer (its distributed optimizer's checkpoint gather mis-sizes shards across mixed buffers)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != cfg.params_dtype:
+                p.data = p.data.to(cfg.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     return model
