@@ -1,6 +1,6 @@
 """Checkpoints of everything a run needs to continue exactly, written atomically.
 
-Layout: ``RUN_DIR/checkpoints/step_000012/`` holding ``model/`` (policy, AdamW moments and reference
+Layout: ``RUN_DIR/checkpoints/step_000012/`` holding ``model/`` (policy, optimizer state and reference
 through Megatron's dist_checkpointing, see ``megaprorl.dist_ckpt``: it loads at any TP/PP/DP layout),
 one ``rank_XXXXX.pt`` per rank (RNG states, data-sampler position) and ``trainer.json`` + ``COMPLETE``
 written by rank 0 last; ``COMPLETE`` records the world size and every rank file's size.  A checkpoint

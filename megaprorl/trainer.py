@@ -380,7 +380,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         from .dist_ckpt import save_policy
 
-        # policy, AdamW moments and reference go to the layout-independent dist checkpoint; the rank
+        # policy, optimizer state and reference go to the layout-independent dist checkpoint; the rank
         # files hold what is per rank (random streams) and the data sampler's position
         rank_state = {"rng": ckpt.rng_state(), "source": self.source.state_dict()}
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
