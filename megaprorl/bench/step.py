@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", default="", help="'' | selective | full")
     ap.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"),
                     help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
+    ap.add_argument("--distributed-optimizer", action="store_true",
+                    help="train.optim.distributed_optimizer (Megatron's ZeRO-1; one GPU = one shard)")
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
                     help="model.fp8 (needs TransformerEngine); the delayed-scaling recipe")
     ap.add_argument("--skip-rollout", action="store_true", help="time only log-prob passes and the update")
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
                            transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
                            recompute_granularity=args.recompute)
     pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
-    ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0)
+    ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
+                           distributed_optimizer=args.distributed_optimizer)
     packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
     policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend, **packing)
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
@@ -180,6 +183,7 @@ def main(argv=None) -> int:
         "pack_tokens": args.pack_tokens, "ragged": args.ragged,
         "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
+        "distributed_optimizer": args.distributed_optimizer,
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],
         "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),
