@@ -8,6 +8,9 @@ timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_gpu.p
   tests/test_kernels_cuda_gpu.py::test_gpu_huge_logits_against_fp64 "tests/test_kernels_triton.py::test_tensor_parallel_tp2_equals_tp1" 2>&1 | tail -5 | tee "$OUT/retest.log"
 timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 --prompt-len 1024 \
   --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --out "$OUT/bench_step_8k.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_8k.log"
+timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 --prompt-len 1024 \
+  --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --distributed-optimizer \
+  --out "$OUT/bench_step_8k_do.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_8k_do.log"
 timeout 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 --prompt-len 256 \
   --response-len 256 --micro-batch-size 4 --repeats 1 --out "$OUT/bench_step_rollout.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_rollout.log"
 timeout 120 python3 -m megaprorl.cli train examples/demo.yaml output_dir=/tmp/runs train.steps=20 logging.progress=false 2>&1 | grep -v -i warn | tail -15 | tee "$OUT/demo_gpu.log"
