@@ -154,3 +154,23 @@ def test_bf16_parameters_train_on_fp32_main_weights():
         # every parameter is bf16 (build_gpt casts the local spec's fp32 torch norms); Adam updates fp32 copies
         assert out["main_dtypes"] == {torch.float32} and out["model_dtypes"] == {torch.bfloat16}
         assert out["updates"] == 3 and out["moved"] > 0
+
+
+def test_trainer_with_distributed_optimizer_checkpoints_and_resumes(tmp_path):
+    """train.optim.distributed_optimizer reaches the trainer's policy; its checkpoint restores weights and
+    Adam state exactly, and a run configured with the replicated optimizer refuses it by name."""
+    from test_reliability import _same, _snapshot, _trainer
+
+    t = _trainer(tmp_path, "train.optim.distributed_optimizer=true")
+    assert t.policy.distributed_optimizer
+    t.rl_step()
+    t.step += 1
+    path = t.save_checkpoint()
+    saved = _snapshot(t)
+    u = _trainer(tmp_path, "train.optim.distributed_optimizer=true")
+    u.load_checkpoint(path)
+    assert u.step == 1 and u.policy.updates == t.policy.updates > 0
+    assert _same(_snapshot(u), saved)
+    w = _trainer(tmp_path, "train.optim.distributed_optimizer=false")
+    with pytest.raises(ValueError, match="distributed_optimizer=False"):
+        w.load_checkpoint(path)
