@@ -80,16 +80,20 @@ class MegatronEngine:
             tokens[b, P - len(p): P] = torch.tensor(p, dtype=torch.long)
             valid[b, P - len(p):] = True
         pos = torch.arange(total, device=device)[None].expand(B, -1)
-        causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
-        allowed = causal[None] & valid[:, None, :]  # [B, q, k]
-        mask = ~allowed[:, None]  # Megatron: True = masked
-        # rows of fully padded query positions: let them attend to themselves to avoid NaN
-        eye = torch.eye(total, dtype=torch.bool, device=device)[None, None]
-        mask = mask & ~(eye & ~valid[:, None, :, None])
+        # Megatron's masks: True = masked.  Prefill [B, 1, P, P]: causal within each row's prompt, the
+        # left padding hidden (a padded query position attends to itself only, so no row is all -inf).
+        # Decode [B, 1, 1, t]: only the left padding is hidden (one query sees every earlier key).  No
+        # [total, total] mask is ever built: at 1K + 8K tokens and 512 rows that alone is 41 GB.
+        causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
+        allowed = causal[None] & valid[:, None, :P]
+        allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :P, None]
+        prefill_mask = ~allowed[:, None]
+        del causal, allowed
+        pad_mask = ~valid[:, None, None, :]
 
         ctx = StaticInferenceContext(B, total)
-        logits = model(tokens[:, :P], pos[:, :P], mask[:, :, :P, :P], inference_context=ctx,
-                       runtime_gather_output=True)
+        logits = model(tokens[:, :P], pos[:, :P], prefill_mask, inference_context=ctx, runtime_gather_output=True)
+        del prefill_mask
         ctx.sequence_len_offset += P
         done = torch.zeros(B, dtype=torch.bool, device=device)
         resp = [[] for _ in range(B)]
@@ -117,7 +121,7 @@ class MegatronEngine:
                 break
             cur = P + t
             tokens[:, cur] = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            logits = model(tokens[:, cur: cur + 1], pos[:, cur: cur + 1], mask[:, :, cur: cur + 1, : cur + 1],
+            logits = model(tokens[:, cur: cur + 1], pos[:, cur: cur + 1], pad_mask[..., : cur + 1],
                            inference_context=ctx, runtime_gather_output=True)
             ctx.sequence_len_offset += 1
         return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[b], logprobs=lps[b], finished=finished[b])
