@@ -83,7 +83,7 @@ class MegatronEngine:
         # Megatron's masks: True = masked.  Prefill [B, 1, P, P]: causal within each row's prompt, the
         # left padding hidden (a padded query position attends to itself only, so no row is all -inf).
         # Decode [B, 1, 1, t]: only the left padding is hidden (one query sees every earlier key).  No
-        # [total, total] mask is ever built: at 1K + 8K tokens and 512 rows that alone is 41 GB.
+        # [total, total] mask is ever built: at 1K + 8K tokens and 512 rows that alone is 43 GB.
         causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
         allowed = causal[None] & valid[:, None, :P]
         allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :P, None]
