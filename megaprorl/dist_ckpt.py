@@ -21,7 +21,6 @@ from typing import Dict, Optional
 
 import torch
 
-
 REFERENCE_PREFIX = "reference."
 KIND_KEY = "optimizer_kind"
 UPDATES_KEY = "optimizer_updates"

@@ -100,7 +100,7 @@ class Trainer:
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id)
         if hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
-            self.policy.reset_optimizer()  # fp32 main weights copied from the loaded model
+            self.policy.optimizer.reload_model_params()  # fp32 main weights follow the loaded model
         self.use_ref = cfg.algo.kl.coef > 0
         self.reference = None
         if self.use_ref:
@@ -156,7 +156,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ warm start
     def warmstart(self) -> Dict:
-        """Short supervised fine-tuning on the built-in task's answers (fresh RL optimizer after)."""
+        """Short supervised fine-tuning on the built-in task's answers, with the new policy's (fresh)
+        optimizer at the warm-start learning rate; a fresh RL optimizer after."""
         w = self.cfg.warmstart
         if w.steps <= 0:
             return {}
@@ -164,7 +165,6 @@ class Trainer:
 
         examples = sft_examples(w.examples, _derive_seed(self.cfg.seed, "sft", dp_rank()),
                                 self.cfg.data.builtin_min_digits, self.cfg.data.builtin_max_digits)
-        self.policy.reset_optimizer()
         gen = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, "sft-order"))
         losses = []
         t0 = time.time()

@@ -174,3 +174,22 @@ def test_trainer_with_distributed_optimizer_checkpoints_and_resumes(tmp_path):
     w = _trainer(tmp_path, "train.optim.distributed_optimizer=false")
     with pytest.raises(ValueError, match="distributed_optimizer=False"):
         w.load_checkpoint(path)
+
+
+def _reload_job(rank, world):
+    """Weights written into the model outside the optimizer (an HF checkpoint load) reach its fp32 main
+    weights through ``reload_model_params``: a zero-learning-rate step leaves the loaded weights."""
+    pol, other = _policy(True, dtype="bf16"), _policy(False, dtype="bf16")
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.5)
+    pol.model.load_state_dict(other.model.state_dict())
+    pol.optimizer.reload_model_params()
+    pol.set_lr(0.0, weight_decay=0.0)
+    _steps(pol, rank, 1)
+    return [torch.equal(a, b) for a, b in zip(pol.model.parameters(), other.model.parameters())]
+
+
+def test_weights_loaded_into_the_model_reach_the_main_weights():
+    for out in run_distributed(_reload_job, 2):
+        assert all(out)

@@ -125,7 +125,7 @@ def test_policy_train_step_packed_equals_padded(policies):
     for pol, mbs in ((padded, 3), (packed, 3)):
         pol.model.load_state_dict(state)
         pol.reset_optimizer()
-        pol.optimizer.step = lambda: None  # compare gradients, not updates
+        pol.optimizer.step_with_ready_grads = lambda: True  # compare gradients, not updates
         stats.append(pol.train_step(batch, spec, micro_batch_size=mbs))
         grads.append(torch.cat([p.grad.reshape(-1) for p in pol.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
@@ -181,7 +181,7 @@ def test_packed_equals_padded_bf16_on_gpu(monkeypatch):
     padded, tok = tiny_policy({"params_dtype": "bf16"})
     packed, _ = tiny_policy({"params_dtype": "bf16"}, pack_tokens=24)
     for pol in (padded, packed):
-        pol.optimizer.step = lambda: None  # compare losses and gradients at fixed weights
+        pol.optimizer.step_with_ready_grads = lambda: True  # compare losses and gradients at fixed weights
     packed.model.load_state_dict(padded.model.state_dict())
     batch = _batch(tok)
     m = batch.loss_mask > 0

@@ -40,24 +40,16 @@ def _policy(hf_dir, impl, dtype, fp8="", pack_tokens=0):
     o = SimpleNamespace(lr=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0)
     pol = Policy(m, p, o, VOCAB, info.device, "torch", pack_tokens=pack_tokens, pad_id=0)
     C.load_hf_into_model(pol.model, hf_dir)
+    pol.optimizer.reload_model_params()  # fp32 main weights follow the loaded model, as in the trainer
     return pol
 
 
-def _batch(seed=0, n=6):
-    from megaprorl.algo.loss import aggregation_weights
-    from megaprorl.policy import build_seq_batch
+def _batch(seed=0):
+    """Six right-padded rows of the packing tests (their totals are not multiples of 16)."""
+    from megaprorl.models.tokenizer import CharTokenizer
+    from test_packing import _batch as packing_batch
 
-    g = torch.Generator().manual_seed(seed)
-    lens_p = torch.randint(3, 9, (n,), generator=g).tolist()
-    lens_r = torch.randint(1, 14, (n,), generator=g).tolist()  # totals are not multiples of 16
-    prompts = [torch.randint(1, VOCAB, (k,), generator=g).tolist() for k in lens_p]
-    resp = [torch.randint(1, VOCAB, (k,), generator=g).tolist() for k in lens_r]
-    batch = build_seq_batch(prompts, resp, 0)
-    batch.old_logp = torch.randn(batch.loss_mask.shape, generator=g) * 0.1 - 4.0
-    batch.ref_logp = batch.old_logp + 0.05
-    batch.advantages = torch.randn(batch.loss_mask.shape, generator=g) * batch.loss_mask
-    batch.weights = aggregation_weights(batch.loss_mask, "token-mean", float(batch.loss_mask.sum()), len(batch))
-    return batch
+    return packing_batch(CharTokenizer(), n=6, seed=seed)
 
 
 def test_te_spec_logprobs_equal_local_spec(hf_dir):
@@ -87,7 +79,7 @@ def test_te_packed_equals_padded_bf16(hf_dir):
     lp_pack = packed.logprobs(batch, 3)
     torch.testing.assert_close(lp_pack[m], lp_pad[m], rtol=0, atol=5e-2)
     for pol in (padded, packed):
-        pol.optimizer.step = lambda: None  # compare losses and gradient norms at fixed weights
+        pol.optimizer.step_with_ready_grads = lambda: True  # compare losses and gradient norms at fixed weights
     spec = LossSpec(kl_coef=0.1)
     s_pad = padded.train_step(batch, spec, 3)
     s_pack = packed.train_step(batch, spec, 3)

@@ -260,7 +260,7 @@ def run(args) -> Dict:
     return {"info": info, "results": results}
 
 
-def _liger_missing(record, name, T, e):
+def _missing(record, name, T, e):
     record(name, T, lambda: (_ for _ in ()).throw(RuntimeError(f"not installed ({e})")), [], "logits")
 
 
@@ -268,7 +268,7 @@ def _liger_grpo(record, T, x, tokens, old, ref, adv, args):
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
     except Exception as e:
-        return _liger_missing(record, "liger-grpo", T, f"{type(e).__name__}")
+        return _missing(record, "liger-grpo", T, f"{type(e).__name__}")
     L = min(1024, T)
     B = T // L
     # Liger wants logits [B, L + 1, V] (last position dropped), advantages per sequence
@@ -314,7 +314,7 @@ def _liger_lm(record, name, T, hidden, W, tokens, old, ref, adv, args):
                           ref_per_token_logps=ref[: B * L].view(B, L), old_per_token_logps=old[: B * L].view(B, L))
                 (out[0] if isinstance(out, (tuple, list)) else out).backward()
     except Exception as e:
-        return _liger_missing(record, name, T, f"{type(e).__name__}")
+        return _missing(record, name, T, f"{type(e).__name__}")
     record(name, T, fn, [hidden, W], "lmhead")
 
 
@@ -378,7 +378,7 @@ def _verl_lm(record, T, hidden, W, tokens, old, ref, adv, w, spec):
     try:
         lce, origin = load_verl_linear_entropy()
     except Exception as e:
-        return _liger_missing(record, "verl-linear-entropy", T, f"{type(e).__name__}: {e}")
+        return _missing(record, "verl-linear-entropy", T, f"{type(e).__name__}: {e}")
 
     def fn():
         logp, ent = lce(hidden, W, tokens, 1.0, "none", None)

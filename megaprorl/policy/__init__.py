@@ -302,15 +302,24 @@ class Policy:
 
     def _reduce_clip_step(self):
         """Gradients summed over DP (reduce-scattered under the distributed optimizer), then the global
-        norm; a non-finite norm skips the update.  Returns (norm, updated)."""
+        norm; a non-finite norm skips the update, a finite one clips to ``optim.grad_clip`` and steps.
+        The pieces of Megatron's ``optimizer.step()``, with the finiteness check between them (its own
+        step would clip and apply a NaN); each runs once.  Returns (norm, updated)."""
         from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import clip_grads
 
         finalize_model_grads([self.ddp])  # DP reduction, plus SP layer-norm and PP embedding grads
-        self.optimizer.prepare_grads()
+        self.optimizer.prepare_grads()  # model grads -> the main (fp32 / this rank's shard) grads
         grad_norm = float(self.optimizer.get_grad_norm())
         finite = math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()  # clips to optim.grad_clip by the same norm, steps, gathers parameters
+            for opt in self.optimizer.chained_optimizers:
+                params = opt.get_parameters()
+                if params and opt.config.clip_grad > 0.0:
+                    clip_grads.clip_grad_by_total_norm_fp32(
+                        params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                        use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            self.optimizer.step_with_ready_grads()  # Adam, main -> model weights, parameter all-gather
             self.updates += 1
         return grad_norm, finite
 
