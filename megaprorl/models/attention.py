@@ -83,16 +83,24 @@ class SDPAttention(DotProductAttention):
             out = varlen(q, k, v, cu, cu, max_len, max_len, scale=self.softmax_scale, **kw)
         else:  # one SDPA call per sequence: cuDNN / flash kernels on GPU, exact on CPU
             PACKED_CALLS["per_sequence"] += 1
-            out = torch.empty_like(q)
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                if e == s:
-                    continue
-                qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))  # [1, h, L, d]
-                o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=0.0, scale=self.softmax_scale,
-                                                   is_causal=e - s > 1, enable_gqa=gqa)
-                out[s:e] = o[0].transpose(0, 1)
-            if bounds[-1] < q.shape[0]:  # tokens after the last sequence (padding of the pack): zeros
-                out[bounds[-1]:] = 0
+            # split/cat rather than slicing and slice-assignment: the backward of each slice (and of each
+            # assignment) would allocate and add a full-size zero tensor per sequence
+            sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+            tail = q.shape[0] - bounds[-1]  # tokens after the last sequence (padding of the pack): zeros
+            parts = sizes + [tail] if tail else sizes
+            outs = []
+            for qs, ks, vs in zip(*(torch.split(x, parts) for x in (q, k, v))):
+                if len(outs) == len(sizes):
+                    outs.append(qs.new_zeros(qs.shape[0], qs.shape[1], vs.shape[2]))
+                elif qs.shape[0] == 0:
+                    outs.append(qs.new_empty(0, qs.shape[1], vs.shape[2]))
+                else:
+                    o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                                       vs.transpose(0, 1)[None], dropout_p=0.0,
+                                                       scale=self.softmax_scale, is_causal=qs.shape[0] > 1,
+                                                       enable_gqa=gqa)  # [1, h, L, d]
+                    outs.append(o[0].transpose(0, 1))
+            out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
         return out.reshape(out.shape[0], -1)
 
 

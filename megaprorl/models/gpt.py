@@ -96,6 +96,9 @@ def use_transformer_engine(mcfg) -> bool:
 def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     """A GPTModel for this rank's pipeline stage. ``vocab_size`` is the (unpadded) tokenizer size."""
     compat.install()
+    from . import rope
+
+    rope.install()  # packed sequences: RoPE without a per-sequence loop
     from megatron.core import parallel_state as mps
     from megatron.core.models.gpt import GPTModel
 
