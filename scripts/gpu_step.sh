@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Second device call: policy-side throughput (bench step) at 8K for the 1.5B shape, a full step with
-# rollout, and a short end-to-end ProRL run of the demo config on the GPU.
+# rollout, and a short end-to-end ProRL run of the demo config on the GPU; first, which attention path
+# packed sequences should take (scripts/attn_probe.py: per-sequence SDPA per backend, varlen, padded).
 set -uo pipefail
 OUT=${1:-gpu_out}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_gpu.py::test_fused_lm_head_realistic \
   tests/test_kernels_cuda_gpu.py::test_gpu_huge_logits_against_fp64 "tests/test_kernels_triton.py::test_tensor_parallel_tp2_equals_tp1" 2>&1 | tail -5 | tee "$OUT/retest.log"
+timeout 120 python3 scripts/attn_probe.py --out "$OUT/attn_probe.json" 2>&1 | grep -v -i warn | tee "$OUT/attn_probe.log"
 timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 --prompt-len 1024 \
   --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --out "$OUT/bench_step_8k.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_8k.log"
 timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 --prompt-len 1024 \

@@ -21,3 +21,23 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
     assert rep["pack_tokens"] == (64 if "--pack-tokens" in extra else 0)
     if "--skip-rollout" not in extra:
         assert t["rollout"] > 0  # the embedded engine decoded the responses
+
+
+def test_attention_probe_writes_report(tmp_path):
+    """scripts/attn_probe.py (packed attention paths): runs on the CPU, records what cannot run there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "attn_probe.py"
+    spec = importlib.util.spec_from_file_location("attn_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "attn_probe.json"
+    assert probe.main(["--device", "cpu", "--tokens", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                       "--seqs", "1", "3", "--iters", "1", "--paths", "per_sequence:default", "varlen", "padded",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 3 * 2
+    ran = {(r["seqs"], r["path"], r["regime"]) for r in rows if r["ms"] is not None}
+    assert (3, "per_sequence:default", "fresh") in ran and (3, "padded", "repeat") in ran
+    assert all(r["error"] for r in rows if r["path"] == "varlen")  # FlashAttention varlen: CUDA only
