@@ -293,9 +293,6 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
          "must be auto, torch, triton, cuda or torch_compile")
-    need(cfg.parallel.pipeline_parallel == 1 or cfg.rollout.engine != "megatron", "parallel.pipeline_parallel",
-         "the embedded Megatron sampling engine (rollout.engine=megatron) generates with PP=1 only; pipeline "
-         "parallelism covers the policy's log-prob and training passes (Policy, `megaprorl bench step`)")
     need(not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1
               and cfg.model.transformer_impl == "local"), "parallel.sequence_parallel",
          "needs the TransformerEngine layer spec (model.transformer_impl=transformer_engine or auto with TE "

@@ -237,3 +237,31 @@ def test_reduce_stats_over_dp_ranks_with_different_keys():
     for out in run_distributed(_reduce_stats_worker, 2):
         assert out["reward"] == 0.5 and out["reward/addition"] == 1.0
         assert out["reward/logic"] == 0.25 and out["trigger"] == "interval"
+
+
+def test_engine_samples_without_fp8(policy, monkeypatch):
+    """Under model.fp8 the engine decodes in the parameters' dtype: FP8 GEMMs need token counts divisible
+    by 16 (a decode step has one token per row), and the trainer's FP8 forward recomputes the old-policy
+    log-probs anyway.  Megatron's FP8 context is made to fail here, so entering it fails the test."""
+    import megatron.core.transformer.transformer_block as block
+
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    def no_fp8(*a, **k):
+        raise AssertionError("the engine entered Megatron's FP8 context")
+
+    monkeypatch.setattr(block, "get_fp8_context", no_fp8)
+    pol, tok = policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=3)
+    params = SamplingParams(temperature=1.0, max_new_tokens=5, n=2, seed=7)
+    want = eng.generate(_prompts(tok), params)
+    cfg = pol.model.config
+    cfg.fp8 = "hybrid"
+    try:
+        got = eng.generate(_prompts(tok), params)
+        assert cfg.fp8 == "hybrid"  # restored after generation
+    finally:
+        cfg.fp8 = None
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]

@@ -5,13 +5,25 @@ RoPE makes attention depend only on position differences, so left padding change
 rounding.  The KV cache is Megatron's ``StaticInferenceContext``.  Under tensor parallelism every TP
 rank runs the same forward on the same prompts, gathers the logits, and draws with a generator
 seeded identically on all ranks, so all ranks produce identical tokens.
+
+Under pipeline parallelism each stage runs its own layers with its own KV cache: the first stage
+embeds the tokens, every stage but the last sends its hidden states [s, b, h] to the next one (prefill,
+then one token per step), and the last stage samples and broadcasts the drawn tokens and their
+log-probs to its pipeline, so every rank of every stage returns the same rollouts.
+
+Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
+token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
+recomputes the old-policy log-probs that the loss uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
+
+import torch.distributed as dist
 
 from . import Rollout, SamplingParams
 
@@ -27,6 +39,21 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+@contextlib.contextmanager
+def _fp8_off(config):
+    """Megatron enters its FP8 context on every forward while ``config.fp8`` is set (the TransformerConfig
+    that all modules share): unset it for the duration."""
+    saved = getattr(config, "fp8", None)
+    if not saved:
+        yield
+        return
+    config.fp8 = None
+    try:
+        yield
+    finally:
+        config.fp8 = saved
+
+
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64):
         self.policy = policy
@@ -34,6 +61,10 @@ class MegatronEngine:
         self.batch_size = batch_size
         self.weights_version = 0
         self._awake = True
+        self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
+        if self.pp > 1 and getattr(policy.pcfg, "sequence_parallel", False):
+            raise NotImplementedError("the embedded engine does not generate with sequence parallelism under pipeline "
+                                      "parallelism (parallel.sequence_parallel with parallel.pipeline_parallel > 1)")
 
     # The engine shares the policy's parameters, so new weights are visible at once.
     def update_weights(self, step: Optional[int] = None) -> None:
@@ -59,16 +90,49 @@ class MegatronEngine:
         was_training = model.training
         model.eval()
         try:
-            for s in range(0, len(expanded), self.batch_size):
-                out.extend(self._generate_batch(expanded[s: s + self.batch_size], params, gen))
+            with _fp8_off(model.config):
+                for s in range(0, len(expanded), self.batch_size):
+                    out.extend(self._generate_batch(expanded[s: s + self.batch_size], params, gen))
         finally:
             model.train(was_training)
         return out
 
+    def _forward(self, tokens, pos, mask, ctx):
+        """This stage's forward; returns the gathered logits on the last stage, None on the others."""
+        model = self.policy.model
+        if self.pp == 1:
+            return model(tokens, pos, mask, inference_context=ctx, runtime_gather_output=True)
+        from megatron.core import parallel_state as mps
+
+        dtype = model.config.pipeline_dtype or model.config.params_dtype
+        if not mps.is_pipeline_first_stage():
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size, dtype=dtype,
+                                 device=self.policy.device)
+            dist.recv(hidden, src=mps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(tokens if mps.is_pipeline_first_stage() else None, pos, mask, inference_context=ctx,
+                    runtime_gather_output=True)
+        if mps.is_pipeline_last_stage():
+            return out
+        dist.send(out.to(dtype).contiguous(), dst=mps.get_pipeline_model_parallel_next_rank())
+        return None
+
+    def _from_last_stage(self, nxt, lp, B):
+        """The last stage's drawn tokens and log-probs, on every stage of the pipeline (one broadcast)."""
+        if self.pp == 1:
+            return nxt, lp
+        from megatron.core import parallel_state as mps
+
+        buf = torch.empty(2, B, dtype=torch.float64, device=self.policy.device)  # ids < 2^53: exact
+        if nxt is not None:
+            buf[0], buf[1] = nxt, lp
+        dist.broadcast(buf, src=mps.get_pipeline_model_parallel_last_rank(),
+                       group=mps.get_pipeline_model_parallel_group())
+        return buf[0].long(), buf[1].float()
+
     def _generate_batch(self, items, params: SamplingParams, gen: torch.Generator) -> List[Rollout]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        model = self.policy.model
         device = self.policy.device
         B = len(items)
         P = max(len(p) for _, p in items)
@@ -92,7 +156,7 @@ class MegatronEngine:
         pad_mask = ~valid[:, None, None, :]
 
         ctx = StaticInferenceContext(B, total)
-        logits = model(tokens[:, :P], pos[:, :P], prefill_mask, inference_context=ctx, runtime_gather_output=True)
+        logits = self._forward(tokens[:, :P], pos[:, :P], prefill_mask, ctx)
         del prefill_mask
         ctx.sequence_len_offset += P
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -100,15 +164,10 @@ class MegatronEngine:
         lps = [[] for _ in range(B)]
         finished = [False] * B
         for t in range(N):
-            z = logits[:, -1, : self.policy.vocab_size].float()  # padded vocabulary rows are never drawn
-            if params.greedy or params.temperature == 0.0:
-                logp_all = torch.log_softmax(z, -1)
-                nxt = z.argmax(-1)
-            else:
-                logp_all = torch.log_softmax(z / params.temperature, -1)
-                probs = _top_p_filter(logp_all.exp(), params.top_p)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            nxt = lp = None
+            if logits is not None:  # this rank holds the last pipeline stage
+                nxt, lp = self._sample(logits[:, -1, : self.policy.vocab_size].float(), params, gen)
+            nxt, lp = self._from_last_stage(nxt, lp, B)
             nxt_l, lp_l, done_l = nxt.tolist(), lp.tolist(), done.tolist()  # one device->host copy per step
             for b in range(B):
                 if not done_l[b]:
@@ -121,8 +180,21 @@ class MegatronEngine:
                 break
             cur = P + t
             tokens[:, cur] = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            logits = model(tokens[:, cur: cur + 1], pos[:, cur: cur + 1], pad_mask[..., : cur + 1],
-                           inference_context=ctx, runtime_gather_output=True)
+            logits = self._forward(tokens[:, cur: cur + 1], pos[:, cur: cur + 1], pad_mask[..., : cur + 1], ctx)
             ctx.sequence_len_offset += 1
+        if self.pp > 1:
+            self.policy.model.set_input_tensor(None)
         return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[b], logprobs=lps[b], finished=finished[b])
                 for b, (i, p) in enumerate(items)]
+
+    @staticmethod
+    def _sample(z: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+        """Next tokens and their log-probs from fp32 logits [B, V] (padded vocabulary columns removed)."""
+        if params.greedy or params.temperature == 0.0:
+            logp_all = torch.log_softmax(z, -1)
+            nxt = z.argmax(-1)
+        else:
+            logp_all = torch.log_softmax(z / params.temperature, -1)
+            probs = _top_p_filter(logp_all.exp(), params.top_p)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return nxt, logp_all.gather(-1, nxt[:, None]).squeeze(-1)
