@@ -175,7 +175,7 @@ class Trainer:
             batch = build_seq_batch(prompts, answers, self.tokenizer.pad_id)
             lr = w.lr * min(1.0, (i + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * i / w.steps))
             self.policy.set_lr(lr, weight_decay=0.0)
-            losses.append(self.policy.sft_step(batch))
+            losses.append(self.policy.sft_step(batch, self.cfg.train.micro_batch_size))
         if self.reference is not None:
             self.reference.load_weights_from(self.policy)
         self.policy.reset_optimizer()

@@ -98,9 +98,10 @@ def test_load_errors_name_the_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------ trainer checkpoints
-def _trainer_job(rank, world, out_dir, mode):
+def _trainer_job(rank, world, out_dir, mode, layout="tp"):
     """A tiny trainer: 'save' trains 2 RL steps and checkpoints; 'load' resumes that checkpoint at
-    this world size (one rank saved it, two load it: TP=2 here) and reports what it restored."""
+    this world size (one rank saved it, two load it: TP=2 or PP=2 here) and reports what it restored.
+    Both then take one more RL step (at PP=2: the embedded engine decodes across the two stages)."""
     import os
 
     from megatron.core import parallel_state as mps
@@ -110,7 +111,9 @@ def _trainer_job(rank, world, out_dir, mode):
     from megaprorl.trainer import Trainer
     from test_reset import ROOT, TINY
 
-    over = [f"output_dir={out_dir}", *TINY, "model.num_query_groups=2", f"parallel.tensor_parallel={world}"]
+    tp, pp = (world, 1) if layout == "tp" else (1, world)
+    over = [f"output_dir={out_dir}", *TINY, "model.num_query_groups=2", "model.num_layers=2",
+            f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}"]
     t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), over))
     try:
         if mode == "save":
@@ -126,19 +129,25 @@ def _trainer_job(rank, world, out_dir, mode):
             assert path is not None
             t.load_checkpoint(path)
         batch = build_seq_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 1], [11, 1]], 0)
-        return dict(step=t.step, policy=t.policy.logprobs(batch, 2), reference=t.reference.logprobs(batch, 2),
-                    adam_steps={float(s["step"]) for s in t.policy.adam_states()})
+        out = dict(step=t.step, policy=t.policy.logprobs(batch, 2), reference=t.reference.logprobs(batch, 2),
+                   adam_steps={float(s["step"]) for s in t.policy.adam_states()})
+        out["next"] = {k: v for k, v in t.rl_step().items() if k in ("reward", "loss", "response_length", "entropy")}
+        return out
     finally:
         t.close()
         mps.destroy_model_parallel()
 
 
-def test_trainer_checkpoint_resumes_at_another_world_size(tmp_path):
-    saved = run_distributed(_trainer_job, 1, (str(tmp_path), "save"))[0]
-    loaded = run_distributed(_trainer_job, 2, (str(tmp_path), "load"))
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_trainer_checkpoint_resumes_at_another_world_size(tmp_path, layout):
+    saved = run_distributed(_trainer_job, 1, (str(tmp_path), "save", layout))[0]
+    loaded = run_distributed(_trainer_job, 2, (str(tmp_path), "load", layout))
     assert saved["step"] == 2 and saved["adam_steps"] == {2.0}
+    assert set(saved["next"]) == {"reward", "loss", "response_length", "entropy"}
     for out in loaded:
         assert out["step"] == 2 and out["adam_steps"] == {2.0}
         torch.testing.assert_close(out["policy"], saved["policy"], rtol=0, atol=1e-5)
         torch.testing.assert_close(out["reference"], saved["reference"], rtol=0, atol=1e-5)
+        for k, v in saved["next"].items():  # the resumed run's next step: same rollouts, same update
+            assert out["next"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert not torch.allclose(saved["policy"], saved["reference"])  # the two are distinct states

@@ -65,7 +65,9 @@ def _pp_job(rank, world, state, batch, pack):
     batch.ref_logp = lp + 0.02
     stats = pol.train_step(batch, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), 2)
     params = {k: v.detach().clone() for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
-    return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params)
+    sft = pol.sft_step(batch, 2)  # the warm-start's supervised step goes through the same schedule
+    sft_params = {k: v.detach().clone() for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
+    return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params, sft=sft, sft_params=sft_params)
 
 
 @pytest.mark.parametrize("pack", [0, 20])
@@ -79,7 +81,9 @@ def test_pipeline_parallel_equals_single_stage(pack):
     b1 = copy.copy(batch)
     b1.old_logp, b1.ref_logp = lp, lp + 0.02
     stats = ref_pol.train_step(b1, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), 2)
-    after = ref_pol.state_dict()
+    after = {k: v.clone() for k, v in ref_pol.state_dict().items()}
+    sft = ref_pol.sft_step(batch, 2)
+    after_sft = ref_pol.state_dict()
 
     outs = run_distributed(_pp_job, 2, (state, batch, pack))
     assert sorted(o["stage"] for o in outs) == [0, 1]
@@ -91,10 +95,57 @@ def test_pipeline_parallel_equals_single_stage(pack):
         assert o["stats"]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
         for k, v in o["params"].items():  # the update applied on each stage equals PP=1's
             torch.testing.assert_close(v, _stage_state(after, o["stage"])[k], rtol=1e-5, atol=1e-6)
+        assert o["sft"] == pytest.approx(sft, rel=1e-5)
+        for k, v in o["sft_params"].items():
+            torch.testing.assert_close(v, _stage_state(after_sft, o["stage"])[k], rtol=1e-5, atol=1e-6)
 
 
-def test_embedded_engine_with_pipeline_parallel_is_a_config_error():
-    from megaprorl.config import ConfigError, load_config
+PROMPTS = ["1+2=", "13+45=", "7+88=", "99+1=", "5+5="]
+SAMPLING = [dict(max_new_tokens=6, n=2, temperature=1.0, top_p=0.9, seed=5), dict(max_new_tokens=5, greedy=True)]
 
-    with pytest.raises(ConfigError, match="parallel.pipeline_parallel"):
-        load_config("examples/demo.yaml", ["parallel.pipeline_parallel=2"])
+
+def _generate(pol, tok):
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4)  # 10 rows: batches of 4, 4 and 2
+    prompts = [tok.encode(s) for s in PROMPTS]
+    return [[(r.response_ids, r.logprobs, r.finished) for r in eng.generate(prompts, SamplingParams(**sp))]
+            for sp in SAMPLING]
+
+
+def _pp_engine_job(rank, world, state):
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+
+    info = init_distributed(1, world)
+    m, p, o = tiny_policy_cfgs()
+    p.pipeline_parallel = world
+    tok = CharTokenizer()
+    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id)
+    pol.model.load_state_dict(_stage_state(state, mps.get_pipeline_model_parallel_rank()), strict=False)
+    return _generate(pol, tok)
+
+
+def test_embedded_engine_pipeline_parallel_equals_single_stage():
+    """PP=2: each stage decodes its own layers with its own KV cache; every rank returns PP=1's rollouts."""
+    ref_pol, tok = tiny_policy()
+    state = {k: v.clone() for k, v in ref_pol.state_dict().items()}
+    want = _generate(ref_pol, tok)
+    assert any(len(r[0]) > 1 for r in want[0])
+    for got in run_distributed(_pp_engine_job, 2, (state,)):
+        for g_runs, w_runs in zip(got, want):
+            assert [r[0] for r in g_runs] == [r[0] for r in w_runs]  # identical tokens (same seeded draws)
+            assert [r[2] for r in g_runs] == [r[2] for r in w_runs]
+            for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
+                assert g_lp == pytest.approx(w_lp, abs=1e-5)
+
+
+def test_pipeline_parallel_with_the_embedded_engine_is_a_valid_config():
+    from megaprorl.config import load_config
+
+    cfg = load_config("examples/demo.yaml", ["parallel.pipeline_parallel=2"])
+    assert cfg.parallel.pipeline_parallel == 2 and cfg.rollout.engine == "megatron"

@@ -147,11 +147,6 @@ class Policy:
         local = self.model.output_layer.weight.shape[0] if hasattr(self.model, "output_layer") else 0
         return tp_rank() * local
 
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        L = tokens.shape[1]
-        pos = torch.arange(L, device=tokens.device)[None].expand(tokens.shape[0], -1)
-        return self.model(tokens, pos, self._attn_mask(L, tokens.device))
-
     def _attn_mask(self, L: int, device):
         return causal_mask(L, device) if self._explicit_mask else None
 
@@ -266,35 +261,49 @@ class Policy:
 
         self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=False)
         grad_norm, finite = self._reduce_clip_step()
-        if self.pcfg.pipeline_parallel > 1:  # the loss statistics live on the last stage
-            from megatron.core import parallel_state as mps
-
-            box = [sums]
-            dist.broadcast_object_list(box, src=mps.get_pipeline_model_parallel_last_rank(),
-                                       group=mps.get_pipeline_model_parallel_group())
-            sums = box[0]
-        stats = _finish_stats(sums)
+        stats = _finish_stats(self._stats_from_last_stage(sums))
         stats["grad_norm"] = grad_norm
         stats["skipped_update"] = 0.0 if finite else 1.0
         return stats
 
-    def sft_step(self, batch: SeqBatch) -> float:
+    def sft_step(self, batch: SeqBatch, micro_batch_size: int = 0) -> float:
         """One supervised step with the policy's optimizer (its learning rate as set by ``set_lr``):
-        token-mean cross entropy of the response tokens (vocab-parallel)."""
+        token-mean cross entropy of the response tokens (vocab-parallel, over all data-parallel ranks),
+        through Megatron's schedule like ``train_step`` (so pipeline stages and packing apply).
+        ``micro_batch_size`` 0: the whole batch in one micro-batch.  Returns this rank's mean NLL."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         self.model.train()
         self._zero_grad()
-        b = batch.to(self.device)
-        logits = self._logits(b.tokens)[:, :-1].float()
-        nll = vocab_parallel_cross_entropy(logits.clone(), b.tokens[:, 1:])
-        counts = torch.tensor([float(b.loss_mask.sum())], dtype=torch.float64, device=self.device)
+        local = float(batch.loss_mask.sum())
+        counts = torch.tensor([local], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size(dp_group()) > 1:
             dist.all_reduce(counts, group=dp_group())
-        loss = (nll * b.loss_mask).sum() / counts.clamp_min(1.0).item()
-        loss.backward()
+        norm = max(float(counts), 1.0)
+        sums = {"nll": 0.0}
+
+        def loss_fn(mb, logits):
+            flat = self._mask_padded_vocab(mb.flat_logits(logits)).float()
+            mask = mb.field("loss_mask", flat.device)
+            nll = (vocab_parallel_cross_entropy(flat, mb.targets(flat.device)) * mask).sum()
+            sums["nll"] += float(nll.detach())
+            return nll / norm, torch.tensor(1, dtype=torch.int), {}
+
+        self._run_schedule(self._micro_batches(batch, micro_batch_size or len(batch)), loss_fn, forward_only=False)
         self._reduce_clip_step()
-        return float(loss.detach()) * float(counts) / max(float(b.loss_mask.sum()), 1.0)
+        sums = self._stats_from_last_stage(sums)
+        return sums["nll"] / max(local, 1.0)
+
+    def _stats_from_last_stage(self, sums: Dict[str, float]) -> Dict[str, float]:
+        """Under pipeline parallelism the loss statistics live on the last stage: give them to every stage."""
+        if self.pcfg.pipeline_parallel == 1:
+            return sums
+        from megatron.core import parallel_state as mps
+
+        box = [sums]
+        dist.broadcast_object_list(box, src=mps.get_pipeline_model_parallel_last_rank(),
+                                   group=mps.get_pipeline_model_parallel_group())
+        return box[0]
 
     def _zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
