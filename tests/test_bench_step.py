@@ -41,3 +41,29 @@ def test_attention_probe_writes_report(tmp_path):
     ran = {(r["seqs"], r["path"], r["regime"]) for r in rows if r["ms"] is not None}
     assert (3, "per_sequence:default", "fresh") in ran and (3, "padded", "repeat") in ran
     assert all(r["error"] for r in rows if r["path"] == "varlen")  # FlashAttention varlen: CUDA only
+
+
+def _bench_job(rank, world, out, extra):
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.bench.step import main
+
+    try:
+        return main(["--preset", "tiny", "--repeats", "1", "--out", out, *extra])
+    finally:
+        mps.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]])
+def test_bench_step_over_two_ranks(tmp_path, layout):
+    """TP=2 and PP=2 under gloo: every phase runs (at PP=2 the rollout decodes across both stages)."""
+    from dist_utils import run_distributed
+
+    out = tmp_path / "bench_step.json"
+    assert run_distributed(_bench_job, 2, (str(out), layout)) == [0, 0]
+    rep = json.loads(out.read_text())
+    assert rep["world_size"] == 2 and rep["dp"] == 1
+    assert (rep["tp"], rep["pp"]) == ((2, 1) if layout[0] == "--tp" else (1, 2))
+    t = rep["times_s"]
+    assert t["rollout"] > 0 and t["logprob"] > 0 and t["update"] > 0
+    assert t["tokens"] == 8 * 4 * (16 + t["response_tokens"] / (8 * 4))  # 8 prompts x 4 samples, prompt 16

@@ -6,6 +6,10 @@ rollout (the embedded engine), reward (a trivial verifier, so the number is the 
 the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
 ``--skip-rollout`` times only the trainer side on sequences of ``--prompt-len + --response-len``
 random tokens (the 8K training throughput without an 8K decode).  Prints a table and writes JSON.
+
+Under torchrun, ``--tp`` / ``--pp`` lay the policy out over tensor and pipeline parallel ranks and the
+rest of the world is data parallel: each data-parallel rank draws its own prompts, tokens/s counts
+all of them, and MFU is per GPU (all ranks' FLOPs over the world's peak).
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", default="", help="'' | selective | full")
     ap.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"),
                     help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (parallel.tensor_parallel)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (parallel.pipeline_parallel)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (needs TE)")
     ap.add_argument("--distributed-optimizer", action="store_true",
                     help="train.optim.distributed_optimizer (Megatron's ZeRO-1; one GPU = one shard)")
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
@@ -86,12 +93,12 @@ def main(argv=None) -> int:
 
     from ..algo.loss import LossSpec, aggregation_weights
     from ..models.gpt import use_transformer_engine
-    from ..parallel import init_distributed
+    from ..parallel import dp_rank, init_distributed
     from ..policy import Policy, build_seq_batch
     from ..rollout import SamplingParams
     from ..rollout.megatron_engine import MegatronEngine
 
-    info = init_distributed()
+    info = init_distributed(args.tp, args.pp)
     on_gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     p = PRESETS[args.preset]
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
                            init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128,
                            transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
                            recompute_granularity=args.recompute)
-    pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False)
+    pcfg = SimpleNamespace(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
     packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
@@ -112,7 +119,7 @@ def main(argv=None) -> int:
                                                        trainable=False, **packing)
     eos = 1
     engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.prompts * args.n_samples)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
 
     def sync():
@@ -168,14 +175,22 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     runs = [one_step() for _ in range(args.repeats)]
     med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+    med["response_tokens"] *= info.dp  # every data-parallel rank ran a batch of the same size
+    med["tokens"] *= info.dp
     device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     peak = peak_tflops(device_name, args.peak_tflops)
     # training FLOPs: one fwd+bwd (update) and 2 forward passes (old + reference): 6N + 2 * 2N per token
     n_fwd = 1 + (reference is not None)
     flops_train = med["tokens"] * train_flops_per_token(p, seq_len)
     flops_fwd = med["tokens"] * train_flops_per_token(p, seq_len) / 3.0 * n_fwd
-    mfu_update = flops_train / med["update"] / (peak * 1e12) if peak else None
-    mfu_trainer = (flops_train + flops_fwd) / (med["logprob"] + med["update"]) / (peak * 1e12) if peak else None
+    world_peak = peak * 1e12 * info.world_size
+    mfu_update = flops_train / med["update"] / world_peak if peak else None
+    mfu_trainer = (flops_train + flops_fwd) / (med["logprob"] + med["update"]) / world_peak if peak else None
+    peak_mem = None
+    if on_gpu:  # the largest over ranks
+        m = torch.tensor([torch.cuda.max_memory_allocated() / 1e9], device=info.device)
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
+        peak_mem = float(m)
     res = {
         "device": device_name, "preset": args.preset, "params": param_count(p), "dtype": dtype,
         "prompts": args.prompts, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
@@ -184,17 +199,19 @@ def main(argv=None) -> int:
         "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
+        "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
+        "sequence_parallel": args.sequence_parallel,
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],
         "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),
         "mfu_update": mfu_update, "mfu_trainer": mfu_trainer, "peak_tflops": peak,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+        "peak_memory_gb": peak_mem,
     }
     if info.rank == 0:
         spec_name = ("TE" + (f" fp8={args.fp8}" if args.fp8 else "")) if res["transformer_engine"] else "local spec"
         print(f"\nbench step: {args.preset} ({param_count(p) / 1e9:.2f} B params, {dtype}, {spec_name}) on {device_name}")
-        print(f"  {args.prompts} prompts x {args.n_samples} samples, prompt {args.prompt_len} + response "
-              f"{args.response_len} tokens")
+        print(f"  {args.prompts} prompts x {args.n_samples} samples per data-parallel rank, prompt {args.prompt_len} "
+              f"+ response {args.response_len} tokens; {info.world_size} ranks: TP={args.tp} PP={args.pp} DP={info.dp}")
         print(f"  {'phase':<14}{'seconds':>10}{'share':>9}")
         for k in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
             print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
