@@ -59,7 +59,8 @@ def _train_job(rank, world, distributed):
     pol = _policy(distributed)
     norms = _steps(pol, rank, 2)
     n_state = sum(v.numel() for st in pol.adam_states() for k, v in st.items() if k.startswith("exp_avg"))
-    return dict(norms=norms, weights=[p.detach().clone() for p in pol.model.parameters()], n_state=n_state,
+    return dict(norms=norms, weights=[(n, p.detach().clone()) for n, p in pol.model.named_parameters()],
+                n_state=n_state,
                 n_params=sum(p.numel() for p in pol.model.parameters()))
 
 
@@ -68,9 +69,15 @@ def test_distributed_optimizer_updates_equal_replicated_with_half_the_state():
     dist = run_distributed(_train_job, 2, (True,))
     for r in range(2):
         assert dist[r]["norms"] == pytest.approx(rep[r]["norms"], rel=1e-6)
-        for a, b in zip(dist[r]["weights"], rep[r]["weights"]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(dist[0]["weights"], dist[1]["weights"]):  # parameters all-gathered after the step
+        for (name, a), (_, b) in zip(dist[r]["weights"], rep[r]["weights"]):
+            # The norm is summed over shards in another order (1 ulp apart here), so updates differ in
+            # the last bits, except where Adam amplifies rounding noise: the key part of the QKV bias has
+            # an exactly zero true gradient (a constant added to every key cancels in the softmax), and
+            # Adam's m / sqrt(v) turns its ~1e-10 rounding residue into steps of up to lr (1e-2); this
+            # machine: 5e-6 apart there after two steps, 1e-7 everywhere else.
+            tol = dict(rtol=0, atol=2 * 2 * 1e-2) if name.endswith("linear_qkv.bias") else dict(rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    for (_, a), (_, b) in zip(dist[0]["weights"], dist[1]["weights"]):  # parameters all-gathered after the step
         assert torch.equal(a, b)
     n = rep[0]["n_params"]
     assert rep[0]["n_state"] == rep[1]["n_state"] == 2 * n  # exp_avg + exp_avg_sq of every parameter
