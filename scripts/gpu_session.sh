@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
+# start included): run it with `run(command="bash scripts/gpu_session.sh $OUT", timeout_s=560)`.
+# Steps in order of what only a GPU can show, each with its own time limit (total about 520 s):
+#   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
+#   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
+#   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
+#   4. scripts/attn_probe.py (which attention path packed sequences should take)
+# Carry .whl/ (liger-kernel, verl, megatron-core wheels; see scripts/gpu_env.sh) for the Liger and verl
+# rows and for bench step.  TransformerEngine / FP8 does not fit in this budget: scripts/gpu_te.sh.
+set -uo pipefail
+OUT=${1:-gpu_out}; mkdir -p "$OUT"
+source scripts/gpu_env.sh
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/device.txt"
+step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -i "warn" | tee "$OUT/$name.log"
+  echo "[$name] rc=${PIPESTATUS[0]} ${limit}s limit, took $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; }
+step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider tests/test_kernels_gpu.py \
+  tests/test_kernels_cuda_gpu.py tests/test_kernels_triton.py tests/test_packing.py::test_packed_equals_padded_bf16_on_gpu \
+  tests/test_optimizer_gpu.py
+step bench_kernels 130 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
+  --only triton triton-inplace cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
+step bench_step_8k_do 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \
+  --prompt-len 1024 --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --distributed-optimizer \
+  --out "$OUT/bench_step_8k_do.json"
+step attn_probe 60 python3 scripts/attn_probe.py --iters 3 --out "$OUT/attn_probe.json"
