@@ -126,6 +126,9 @@ class TrainConfig:
     # sequences; no compute on padding; micro_batch_size / logprob_micro_batch_size are then unused)
     pack_tokens: int = 0
     kernel_backend: str = "auto"  # auto | torch | triton | cuda
+    # Triton loss: where the logits gradient is made. inplace: over the logits, in the loss's forward (one
+    # [T, V] buffer at the loss instead of two); recompute: a second pass in backward; forward: new buffer
+    loss_grad_mode: str = "inplace"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -293,6 +296,8 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
          "must be auto, torch, triton, cuda or torch_compile")
+    need(cfg.train.loss_grad_mode in ("recompute", "forward", "inplace"), "train.loss_grad_mode",
+         "must be recompute, forward or inplace")
     need(not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1
               and cfg.model.transformer_impl == "local"), "parallel.sequence_parallel",
          "needs the TransformerEngine layer spec (model.transformer_impl=transformer_engine or auto with TE "

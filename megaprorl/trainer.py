@@ -97,7 +97,8 @@ class Trainer:
             hf_cfg = load_hf_config(cfg.model.hf_path)
             vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
-                             pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id)
+                             pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
+                             loss_grad_mode=cfg.train.loss_grad_mode)
         if hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
             self.policy.optimizer.reload_model_params()  # fp32 main weights follow the loaded model

@@ -231,6 +231,42 @@ def test_torch_backends_at_tp1():
     torch.testing.assert_close(out2.loss, r[0], **F32)
 
 
+@pytest.mark.parametrize("pack_tokens", [0, 24])
+def test_policy_train_step_with_triton_loss_in_each_grad_mode(pack_tokens, monkeypatch):
+    """The trainer's loss on the Triton kernels inside Megatron's schedule: ``inplace`` writes the gradient
+    over the model's logits (the output layer's own output when packed or at micro-batch 1) in the loss's
+    forward; it gives the same gradients as ``recompute`` and the torch loss, padded and packed."""
+    import copy
+
+    from test_packing import _batch
+    from tiny_models import tiny_policy
+
+    if DEVICE == "cuda":
+        pytest.skip("the tiny policy runs on CPU; the GPU trainer path is covered by test_packing's bf16 test")
+    pol, tok = tiny_policy(pack_tokens=pack_tokens)
+    batch = _batch(tok, seed=4)
+    spec = LossSpec(kl_coef=0.1, entropy_coef=0.01)
+    state = copy.deepcopy(pol.model.state_dict())
+    pol.optimizer.step_with_ready_grads = lambda: True  # compare gradients, not updates
+    grads, stats = {}, {}
+    for backend, mode, mbs in (("torch", "recompute", 3), ("triton", "recompute", 3), ("triton", "inplace", 3),
+                               ("triton", "inplace", 1), ("triton", "forward", 3)):
+        pol.model.load_state_dict(state)
+        pol.kernel_backend, pol.loss_grad_mode = backend, mode
+        stats[backend, mode, mbs] = pol.train_step(batch, spec, micro_batch_size=mbs)
+        grads[backend, mode, mbs] = torch.cat([p.grad.reshape(-1) for p in pol.model.parameters()
+                                               if p.grad is not None])
+    base = ("triton", "recompute", 3)
+    assert torch.equal(grads["triton", "inplace", 3], grads[base])  # the same kernel arithmetic
+    assert torch.equal(grads["triton", "forward", 3], grads[base])
+    torch.testing.assert_close(grads["triton", "inplace", 1], grads[base], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[base], grads["torch", "recompute", 3], rtol=1e-4, atol=1e-7)
+    for k in ("loss", "entropy", "kl_ref"):
+        assert stats["triton", "inplace", 3][k] == pytest.approx(stats["torch", "recompute", 3][k], rel=1e-5), k
+    with pytest.raises(ValueError, match="grad_mode"):
+        policy_loss(*make_inputs(T=4, V=20), spec, backend="torch", grad_mode="sideways")
+
+
 def test_lm_head_fused_matches_reference():
     spec = LossSpec(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
     T, H, V = 23, 16, 270

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from megaprorl.kernels import GRAD_MODES
+
 try:  # triton is optional: the package works without it (torch backend)
     import triton
     import triton.language as tl
@@ -41,7 +43,6 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAVE_TRITON = False
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-GRAD_MODES = ("recompute", "forward", "inplace")
 
 
 # ----------------------------------------------------------------------------------------------

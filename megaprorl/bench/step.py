@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                     help="with --skip-rollout: response lengths uniform in [1, --response-len] (as real rollouts)")
     ap.add_argument("--dtype", default="", help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument("--loss-grad-mode", default="inplace", choices=("recompute", "forward", "inplace"),
+                    help="train.loss_grad_mode (Triton loss)")
     ap.add_argument("--recompute", default="", help="'' | selective | full")
     ap.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"),
                     help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
     packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
-    policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend, **packing)
+    policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
+                    loss_grad_mode=args.loss_grad_mode, **packing)
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                                                        trainable=False, **packing)
     eos = 1
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
         "prompts": args.prompts, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
         "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
         "pack_tokens": args.pack_tokens, "ragged": args.ragged,
-        "kernel_backend": args.kernel_backend, "skip_rollout": args.skip_rollout, "recompute": args.recompute,
+        "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
+        "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,

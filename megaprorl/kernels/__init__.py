@@ -27,6 +27,8 @@ import torch
 from .torch_ref import PolicyLossOutput, tp_world_size, torch_policy_loss, vocab_parallel_logp_entropy
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "torch_compile")
+# where the Triton loss computes the logits gradient (policy_loss's grad_mode); other backends ignore it
+GRAD_MODES = ("recompute", "forward", "inplace")
 
 _COMPILED = {}
 
@@ -86,7 +88,10 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tens
     grad_mode (Triton only): ``recompute`` (default; backward makes one more pass over the logits),
     ``forward`` (gradient computed in the forward call into a new buffer) or ``inplace`` (the gradient
     overwrites ``logits`` in the forward call, saving a [T, V] buffer; ``logits`` must not be used again).
+    The other backends accept any of the three and compute the gradient in backward.
     """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
     b = _resolve(backend, logits)
     if logits.dim() != 2:  # [..., V] -> [T, V]; per-token inputs are flattened alike
         logits = logits.reshape(-1, logits.shape[-1])
@@ -144,5 +149,5 @@ def policy_loss_lm_head(hidden: torch.Tensor, lm_weight: torch.Tensor, tokens: t
                        vocab_start_index=vocab_start_index)
 
 
-__all__ = ["BACKENDS", "PolicyLossOutput", "policy_loss", "policy_loss_lm_head", "torch_policy_loss",
+__all__ = ["BACKENDS", "GRAD_MODES", "PolicyLossOutput", "policy_loss", "policy_loss_lm_head", "torch_policy_loss",
            "vocab_parallel_logp_entropy", "triton_available"]

@@ -82,9 +82,14 @@ class Policy:
     """A Megatron GPTModel plus its optimizer; one instance per rank."""
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
-                 kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0):
+                 kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0,
+                 loss_grad_mode: str = "inplace"):
         """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
-        (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows."""
+        (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows.
+        ``loss_grad_mode`` (Triton loss only; see ``megaprorl.kernels.policy_loss``): ``inplace`` writes the
+        logits gradient over the logits in the loss's forward call, so the loss holds one [T, V] buffer
+        instead of two (the saved logits and the new gradient); ``recompute`` makes the gradient pass in
+        backward; ``forward`` computes it in the forward call into a new buffer."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size)
@@ -96,6 +101,9 @@ class Policy:
             raise ValueError("packed sequences (train.pack_tokens > 0) need model.attention=sdpa or the "
                              "TransformerEngine spec; Megatron's local attention takes only a dense mask")
         self.kernel_backend = kernel_backend
+        if loss_grad_mode not in kernels.GRAD_MODES:
+            raise ValueError(f"loss_grad_mode must be one of {kernels.GRAD_MODES}, got {loss_grad_mode!r}")
+        self.loss_grad_mode = loss_grad_mode
         self.vocab_size = vocab_size
         self.optimizer = None
         self.ddp = None
@@ -255,7 +263,7 @@ class Policy:
             out = kernels.policy_loss(flat, mb.targets(dev), mb.field("old_logp", dev), mb.field("ref_logp", dev),
                                       mb.field("advantages", dev), mb.field("weights", dev), spec,
                                       backend=self.kernel_backend, tp_group=tp_group(),
-                                      vocab_start_index=self.vocab_start)
+                                      vocab_start_index=self.vocab_start, grad_mode=self.loss_grad_mode)
             _accumulate_stats(sums, out, mb, spec)
             return out.loss, torch.tensor(1, dtype=torch.int), {}
 
