@@ -20,7 +20,7 @@ step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider te
   tests/test_kernels_cuda_gpu.py tests/test_kernels_triton.py tests/test_packing.py::test_packed_equals_padded_bf16_on_gpu \
   tests/test_optimizer_gpu.py
 step bench_kernels 130 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
-  --only triton triton-inplace cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
+  --only triton triton-inplace triton-inplace-defer cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
 step bench_step_8k_do 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \
   --prompt-len 1024 --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --distributed-optimizer \
   --out "$OUT/bench_step_8k_do.json"

@@ -201,6 +201,47 @@ def test_statistics_pass_with_and_without_prefetch(prefetch, monkeypatch):
     torch.testing.assert_close(stats[3].double(), z.gather(-1, tokens[:, None]).squeeze(-1))
 
 
+@pytest.mark.parametrize("grad_mode", ["forward", "inplace"])
+def test_entropy_deferred_to_the_gradient_pass(grad_mode, monkeypatch):
+    """DEFER_ENTROPY: the statistics pass skips the p*z moment and the gradient pass accumulates it (only
+    when the gradient is made in the forward call and does not need the entropy, entropy_coef == 0);
+    entropy and everything else still equal the reference, masked rows included."""
+    import triton_kernels.policy_loss as pl
+
+    monkeypatch.setenv("MEGAPRORL_TRITON_DEFER_ENTROPY", "1")
+    seen = []
+    real = pl.row_statistics
+    monkeypatch.setattr(pl, "row_statistics", lambda *a, **k: seen.append(k.get("entropy", True)) or real(*a, **k))
+    spec = LossSpec(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0)
+    logits, tokens, old, ref, adv, w = make_inputs(T=17, V=300, seed=41, ratio_spread=0.5)
+    w[::4] = 0.0  # masked rows: their entropy still comes from the gradient pass
+    logits[5] = torch.sign(logits[5]) * 1e4
+    inp = (logits, tokens, old, ref, adv, w)
+    out, grad = run_triton(*inp, spec, grad_mode=grad_mode)
+    assert seen == [False]
+    assert_close(out, grad, reference(*inp, spec, f64=True), tol=dict(atol=1e-4, rtol=1e-5),
+                 grad_tol=dict(atol=1e-6, rtol=1e-4))
+    # not deferred where the gradient needs the entropy, or is made in backward
+    seen.clear()
+    run_triton(*inp, LossSpec(kl_coef=0.1, entropy_coef=0.01), grad_mode=grad_mode)
+    run_triton(*inp, spec, grad_mode="recompute")
+    assert seen == [True, True]
+    # the fused LM head makes its gradient in the forward call: deferred there too
+    seen.clear()
+    g = torch.Generator().manual_seed(42)
+    hidden = torch.randn(17, 16, generator=g).to(DEVICE)
+    W = (torch.randn(300, 16, generator=g) * 0.5).to(DEVICE)
+    h1, W1 = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    o = policy_loss_lm_head(h1, W1, tokens, old, ref, adv, w, spec, backend="triton", token_chunk=8)
+    o.loss.backward()
+    assert seen == [False] * 3
+    h2, W2 = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, logp, ent, _ = policy_loss_from_logits(h2 @ W2.t(), tokens, old, ref, adv, w, spec)
+    loss.backward()
+    for a, b in ((o.loss, loss), (o.logp, logp), (o.entropy, ent), (h1.grad, h2.grad), (W1.grad, W2.grad)):
+        torch.testing.assert_close(a, b.detach(), atol=5e-5, rtol=1e-4)
+
+
 def test_bf16_logits():
     # bf16 logits: stats accumulate in fp32 (tight); the gradient is rounded to bf16 (rel 2^-8)
     spec = LossSpec(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
@@ -308,7 +349,7 @@ def test_backend_errors(monkeypatch):
 # tensor parallelism: TP=2 over gloo equals TP=1
 # ------------------------------------------------------------------------------------------------
 
-def _tp_worker(rank, world, backend, splits, inputs, spec, lm_inputs):
+def _tp_worker(rank, world, backend, splits, inputs, spec, lm_inputs, grad_mode="recompute"):
     os.environ.update(CHILD_ENV)
     import torch.distributed as dist
 
@@ -316,7 +357,8 @@ def _tp_worker(rank, world, backend, splits, inputs, spec, lm_inputs):
     logits, tokens, old, ref, adv, w = inputs
     lo, hi = splits[rank], splits[rank + 1]
     x = logits[:, lo:hi].clone().requires_grad_(True)
-    out = policy_loss(x, tokens, old, ref, adv, w, spec, backend=backend, tp_group=group, vocab_start_index=lo)
+    out = policy_loss(x, tokens, old, ref, adv, w, spec, backend=backend, tp_group=group, vocab_start_index=lo,
+                      grad_mode=grad_mode)
     out.loss.backward()
     res = {"loss": out.loss.detach(), "logp": out.logp, "entropy": out.entropy, "kl": out.kl, "grad": x.grad}
     if lm_inputs is not None:
@@ -330,8 +372,12 @@ def _tp_worker(rank, world, backend, splits, inputs, spec, lm_inputs):
     return res
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-deferred-entropy"])
 def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
+    # triton-deferred-entropy: gradient made in the forward call (grad_mode forward, and the fused LM head)
+    # with the entropy moment summed in the gradient pass and all-reduced after it
+    defer = backend == "triton-deferred-entropy"
+    backend = "triton" if defer else backend
     if backend == "triton" and torch.cuda.is_available():
         # The gloo children run the Triton kernels in the CPU interpreter; on the GPU image (triton 3.6,
         # numpy 2.5) the interpreter fails inside numpy ("only 0-dimensional arrays ...").  CI (CPU) runs it.
@@ -345,7 +391,8 @@ def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
             pytest.skip("triton<3.9 interpreter is incompatible with numpy>=2.5; runs on the CPU CI")
     for k, v in CHILD_ENV.items():  # the gloo children run on CPU under the interpreter
         monkeypatch.setenv(k, v)
-    spec = LossSpec(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, dual_clip=3.0)
+    monkeypatch.setenv("MEGAPRORL_TRITON_DEFER_ENTROPY", "1" if defer else "0")
+    spec = LossSpec(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.0 if defer else 0.01, dual_clip=3.0)
     T, V, H = 14, 257, 8
     inputs = tuple(t.cpu() for t in make_inputs(T=T, V=V, seed=31, ratio_spread=0.5))
     inputs[1][:4] = torch.tensor([0, 127, 128, 256])  # targets at both shard edges
@@ -354,7 +401,7 @@ def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
     hidden = torch.randn(T, H, generator=g)
     W = torch.randn(V, H, generator=g) * 0.5
     lm = (hidden, W, 6) if backend == "triton" else None
-    res = run_distributed(_tp_worker, 2, (backend, splits, inputs, spec, lm))
+    res = run_distributed(_tp_worker, 2, (backend, splits, inputs, spec, lm, "forward" if defer else "recompute"))
     r = reference(*inputs, spec)
     for rr in res:
         torch.testing.assert_close(rr["loss"], r[0], **F32)
@@ -369,6 +416,7 @@ def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
         for rr in res:
             torch.testing.assert_close(rr["lm_loss"], loss.detach(), atol=5e-5, rtol=1e-4)
             torch.testing.assert_close(rr["lm_logp"], logp.detach(), atol=5e-5, rtol=1e-4)
+            torch.testing.assert_close(rr["lm_entropy"], ent.detach(), atol=5e-5, rtol=1e-4)
         # d_hidden: each rank holds its shard's partial sum (the TP all-reduce belongs to the caller)
         torch.testing.assert_close(res[0]["lm_dh"] + res[1]["lm_dh"], h2.grad, atol=5e-5, rtol=1e-4)
         torch.testing.assert_close(torch.cat([rr["lm_dw"] for rr in res], 0), W2.grad, atol=5e-5, rtol=1e-4)
@@ -380,10 +428,14 @@ def test_bench_quick_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     if torch.cuda.is_available():
         pytest.skip("CPU smoke test of the benchmark")
-    assert main(["--quick", "--only", "torch-eager", "triton", "--out", str(out)]) == 0
+    assert main(["--quick", "--only", "torch-eager", "triton", "triton-inplace-defer", "--out", str(out)]) == 0
     import json
+
+    import triton_kernels.policy_loss as tpl
 
     rep = json.loads(out.read_text())
     names = {r["name"]: r for r in rep["results"]}
-    assert names["triton"]["ms"] is not None and names["torch-eager"]["ms"] is not None
+    for row in ("triton", "torch-eager", "triton-inplace-defer"):
+        assert names[row]["ms"] is not None, names[row]
+    assert tpl.DEFER_ENTROPY["on"] is False  # the row restores the default
     assert main(["--tokens", "8"]) == 2  # full run needs CUDA

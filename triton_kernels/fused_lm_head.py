@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy_loss import _as_f, check_device, logits_grad, row_statistics, scale_in_place, token_loss
+from .policy_loss import _as_f, check_device, loss_and_grad, row_statistics, scale_in_place, token_loss
 
 
 class _FusedLMHeadFn(torch.autograd.Function):
@@ -42,28 +42,28 @@ class _FusedLMHeadFn(torch.autograd.Function):
         wloss = torch.empty_like(logp)
         chunk = max(1, min(int(token_chunk), T))
         buf = torch.empty(chunk, V, dtype=hidden.dtype, device=dev) if T > 0 else None
-        one = torch.ones(1, dtype=torch.float32, device=dev)
         wt = weight.t()
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
             h = hidden[s:e]
             logits = buf[: e - s]
             torch.mm(h, wt, out=logits)
-            stats = row_statistics(logits, tokens[s:e], vocab_start, tp_group, block_v)
-            ts = token_loss(stats, old_logp[s:e], None if ref_logp is None else ref_logp[s:e], adv[s:e], w[s:e],
-                            spec)
+            ref_c = None if ref_logp is None else ref_logp[s:e]
+            if need_dh or need_dw:  # dlogits written over the chunk buffer
+                ts, g = loss_and_grad(logits, tokens[s:e], old_logp[s:e], ref_c, adv[s:e], w[s:e], spec, tp_group,
+                                      vocab_start, block_v, out=logits)
+            else:
+                ts = token_loss(row_statistics(logits, tokens[s:e], vocab_start, tp_group, block_v), old_logp[s:e],
+                                ref_c, adv[s:e], w[s:e], spec)
             logp[s:e] = ts[0]
             ent[s:e] = ts[1]
             wloss[s:e] = ts[3]
             if kl is not None:
                 kl[s:e] = ts[2]
-            if need_dh or need_dw:
-                g = logits_grad(logits, tokens[s:e], ts, one, out=logits, vocab_start_index=vocab_start,
-                                block_v=block_v)
-                if need_dh:
-                    torch.mm(g, weight, out=d_hidden[s:e])
-                if need_dw:
-                    d_weight.addmm_(g.t(), h)
+            if need_dh:
+                torch.mm(g, weight, out=d_hidden[s:e])
+            if need_dw:
+                d_weight.addmm_(g.t(), h)
         del buf
         ctx.grads = (d_hidden, d_weight)
         outs = [x for x in (logp, ent, kl) if x is not None]

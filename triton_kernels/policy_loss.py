@@ -50,7 +50,7 @@ _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # ----------------------------------------------------------------------------------------------
 
 def _row_stats(logits_ptr, stride_row, tokens_ptr, stats_ptr, T, V, vocab_start, BLOCK_V: tl.constexpr,
-               PREFETCH: tl.constexpr):
+               PREFETCH: tl.constexpr, ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     cols0 = tl.arange(0, BLOCK_V)
@@ -72,8 +72,9 @@ def _row_stats(logits_ptr, stride_row, tokens_ptr, stats_ptr, T, V, vocab_start,
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new)
-        zc = tl.where(mask, z - m_new, 0.0)
-        a_vec = alpha * (a_vec + (m - m_new) * s_vec) + tl.where(e > 0.0, e * zc, 0.0)
+        if ENTROPY:  # else the gradient pass accumulates the moment (entropy deferred)
+            zc = tl.where(mask, z - m_new, 0.0)
+            a_vec = alpha * (a_vec + (m - m_new) * s_vec) + tl.where(e > 0.0, e * zc, 0.0)
         s_vec = alpha * s_vec + e
         m = m_new
     s = tl.sum(s_vec, 0)
@@ -162,8 +163,8 @@ def _token_loss(stats_ptr, out_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, T,
     tl.store(out_ptr + 8 * T + offs, abar, mask=mask)
 
 
-def _grad(logits_ptr, stride_row, grad_ptr, stride_grow, tokens_ptr, tstats_ptr, scale_ptr, T, V,
-          vocab_start, BLOCK_V: tl.constexpr):
+def _grad(logits_ptr, stride_row, grad_ptr, stride_grow, tokens_ptr, tstats_ptr, scale_ptr, ent_ptr, T, V,
+          vocab_start, skip_zero_rows, BLOCK_V: tl.constexpr, ACC_ENT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr).to(tl.float32)
     c1 = tl.load(tstats_ptr + 4 * T + row) * scale
@@ -176,7 +177,9 @@ def _grad(logits_ptr, stride_row, grad_ptr, stride_grow, tokens_ptr, tstats_ptr,
     zbase = logits_ptr + row * stride_row
     gbase = grad_ptr + row * stride_grow
     cols0 = tl.arange(0, BLOCK_V)
-    if (c1 == 0.0) & (c2 == 0.0):
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # ACC_ENT: sum p * (z - max) (entropy deferred to this pass)
+    # rows without gradient (masked tokens) skip reading the logits, unless the entropy needs them
+    if (c1 == 0.0) & (c2 == 0.0) & (skip_zero_rows != 0):
         zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
@@ -188,10 +191,14 @@ def _grad(logits_ptr, stride_row, grad_ptr, stride_grow, tokens_ptr, tstats_ptr,
             z = tl.load(zbase + cols, mask=mask, other=0.0).to(tl.float32)
             zc = tl.where(mask, z - m, 0.0)
             p = tl.exp(zc - log_s)
+            if ACC_ENT:
+                acc += tl.where(p > 0.0, p * zc, 0.0)
             t = c1 + c2 * (zc - abar)
             g = tl.where(p > 0.0, -p * t, 0.0)
             g = tl.where(cols == local, g + c1, g)
             tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if ACC_ENT:
+        tl.store(ent_ptr + row, tl.sum(acc, 0))
 
 
 _KERNEL_CACHE: dict = {}
@@ -257,6 +264,11 @@ def _next_pow2(n: int) -> int:
 # about one row per SM in flight is too little parallelism to keep HBM busy).
 CUDA_LAUNCH = {"stats": (2048, 2), "grad": (2048, 16)}
 STATS_PREFETCH = {"on": True}  # next chunk loaded before this chunk's reduction; MEGAPRORL_TRITON_PREFETCH=0/1
+# Entropy deferred to the gradient pass where the gradient is made in the forward call (grad_mode forward /
+# inplace, the fused LM head) and does not need the entropy (entropy_coef == 0): the statistics pass
+# then keeps only max and sum of exp, as a log-sum-exp pass does.  Off until measured on a GPU
+# (bench kernels row triton-inplace-defer); MEGAPRORL_TRITON_DEFER_ENTROPY=0/1 overrides.
+DEFER_ENTROPY = {"on": False}
 
 
 def _launch_cfg(V: int, device: torch.device, block_v: Optional[int], kind: str = "stats"):
@@ -308,8 +320,9 @@ def _as_f(x: torch.Tensor, T: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def row_statistics(logits, tokens, vocab_start_index=0, tp_group=None, block_v=None):
-    """Pass 1 (+ TP combine): global per-row statistics [4, T] fp32."""
+def row_statistics(logits, tokens, vocab_start_index=0, tp_group=None, block_v=None, entropy=True):
+    """Pass 1 (+ TP combine): global per-row statistics [4, T] fp32 (``entropy=False``: the centred
+    moment is left 0 for the gradient pass to accumulate)."""
     T, V = logits.shape
     stats = torch.empty(4, T, dtype=torch.float32, device=logits.device)
     if T == 0:
@@ -319,7 +332,7 @@ def row_statistics(logits, tokens, vocab_start_index=0, tp_group=None, block_v=N
     env = os.environ.get("MEGAPRORL_TRITON_PREFETCH")
     prefetch = STATS_PREFETCH["on"] if env is None else env == "1"
     k["row_stats"][(T,)](logits, logits.stride(0), tokens, stats, T, V, int(vocab_start_index), BLOCK_V=bv,
-                         PREFETCH=prefetch, **kw)
+                         PREFETCH=prefetch, ENTROPY=bool(entropy), **kw)
     return combine_tp_stats(stats, tp_group)
 
 
@@ -343,8 +356,9 @@ def token_loss(stats, old_logp, ref_logp, adv, weight, spec):
     return out
 
 
-def logits_grad(logits, tokens, tstats, scale, out=None, vocab_start_index=0, block_v=None):
-    """Kernel 3: dlogits = scale * dL/dlogits for this shard, written to ``out`` (may be ``logits``)."""
+def logits_grad(logits, tokens, tstats, scale, out=None, vocab_start_index=0, block_v=None, moment_out=None):
+    """Kernel 3: dlogits = scale * dL/dlogits for this shard, written to ``out`` (may be ``logits``).
+    ``moment_out`` [T] fp32: also accumulate this shard's sum of p * (z - max) into it (deferred entropy)."""
     T, V = logits.shape
     if out is None:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -355,9 +369,41 @@ def logits_grad(logits, tokens, tstats, scale, out=None, vocab_start_index=0, bl
     scale = scale.reshape(1).to(device=logits.device, dtype=torch.float32).contiguous()
     k = _kernels()
     bv, kw = _launch_cfg(V, logits.device, block_v, "grad")
-    k["grad"][(T,)](logits, logits.stride(0), out, out.stride(0), tokens, tstats, scale, T, V,
-                    int(vocab_start_index), BLOCK_V=bv, **kw)
+    acc = moment_out is not None
+    k["grad"][(T,)](logits, logits.stride(0), out, out.stride(0), tokens, tstats, scale,
+                    moment_out if acc else scale, T, V, int(vocab_start_index), 0 if acc else 1, BLOCK_V=bv,
+                    ACC_ENT=acc, **kw)
     return out
+
+
+def entropy_deferred(spec) -> bool:
+    """Whether loss_and_grad defers the entropy to the gradient pass for this loss (see DEFER_ENTROPY)."""
+    env = os.environ.get("MEGAPRORL_TRITON_DEFER_ENTROPY")
+    on = DEFER_ENTROPY["on"] if env is None else env == "1"
+    return on and float(spec.entropy_coef) == 0.0
+
+
+def loss_and_grad(logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group=None, vocab_start_index=0,
+                  block_v=None, out=None):
+    """All passes in one call, for the modes that make the gradient in the forward: per-token outputs
+    [9, T] (as token_loss) and dlogits (unscaled) written to ``out`` (a new buffer when None; may be
+    ``logits``).  With the entropy deferred the gradient pass accumulates the centred moment, which is
+    summed over the TP group like the other statistics, and the entropy is finished from it."""
+    defer = entropy_deferred(spec)
+    stats = row_statistics(logits, tokens, vocab_start_index, tp_group, block_v, entropy=not defer)
+    tstats = token_loss(stats, old_logp, ref_logp, adv, weight, spec)
+    one = torch.ones(1, dtype=torch.float32, device=logits.device)
+    moment = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device) if defer else None
+    g = logits_grad(logits, tokens, tstats, one, out=out, vocab_start_index=vocab_start_index, block_v=block_v,
+                    moment_out=moment)
+    if defer:
+        if _tp_size(tp_group) > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(moment, op=dist.ReduceOp.SUM, group=tp_group)
+        tstats[8] = moment  # abar = sum p * (z - max)
+        tstats[1] = tstats[6] - moment  # entropy = log(sum exp(z - max)) - abar, as token_loss
+    return tstats, g
 
 
 def _prep(logits, tokens):
@@ -376,20 +422,18 @@ class _PolicyLossFn(torch.autograd.Function):
     def forward(ctx, logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group, vocab_start, grad_mode,
                 block_v):
         logits, tokens = _prep(logits, tokens)
-        stats = row_statistics(logits, tokens, vocab_start, tp_group, block_v)
-        tstats = token_loss(stats, old_logp, ref_logp, adv, weight, spec)
-        loss = tstats[3].sum()
         ctx.grad_mode = grad_mode
         ctx.vocab_start = vocab_start
         ctx.block_v = block_v
-        if ctx.needs_input_grad[0]:
-            if grad_mode == "recompute":
+        if ctx.needs_input_grad[0] and grad_mode != "recompute":
+            tstats, ctx.grad = loss_and_grad(logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group,
+                                             vocab_start, block_v, out=logits if grad_mode == "inplace" else None)
+        else:
+            stats = row_statistics(logits, tokens, vocab_start, tp_group, block_v)
+            tstats = token_loss(stats, old_logp, ref_logp, adv, weight, spec)
+            if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(logits, tokens, tstats)
-            else:
-                one = torch.ones(1, dtype=torch.float32, device=logits.device)
-                buf = logits if grad_mode == "inplace" else None
-                ctx.grad = logits_grad(logits, tokens, tstats, one, out=buf, vocab_start_index=vocab_start,
-                                       block_v=block_v)
+        loss = tstats[3].sum()
         logp, ent = tstats[0].clone(), tstats[1].clone()
         kl = tstats[2].clone() if ref_logp is not None else None
         ctx.mark_non_differentiable(*(x for x in (logp, ent, kl) if x is not None))
@@ -440,4 +484,5 @@ def policy_loss_triton(logits, tokens, old_logp, ref_logp, adv, weight, spec, *,
 
 
 __all__ = ["policy_loss_triton", "row_statistics", "token_loss", "logits_grad", "combine_tp_stats",
-           "interpreting", "check_device", "HAVE_TRITON", "GRAD_MODES"]
+           "loss_and_grad", "entropy_deferred", "DEFER_ENTROPY", "interpreting", "check_device", "HAVE_TRITON",
+           "GRAD_MODES"]

@@ -8,6 +8,8 @@ Rows (each fwd+bwd of ``sum(weight * loss_t)``, bf16 inputs on CUDA):
   torch-compile      torch.compile of the reference
   triton             Triton logits kernel, gradient recomputed in backward (new dlogits buffer)
   triton-inplace     Triton logits kernel, gradient written over the logits in the forward call
+  triton-inplace-defer  the same with the entropy deferred to the gradient pass (DEFER_ENTROPY: the
+                     statistics pass keeps only max and sum of exp; the loss has entropy_coef 0)
   cuda               megaprorl.kernels.cuda_ext (skipped with a note when it does not import)
   lmhead-triton      fused LM head (hidden [T, H] + weight [V, H], 2K-token chunks)
   lmhead-torch       hidden @ W^T then the torch reference
@@ -42,7 +44,7 @@ NOMINAL_BW_GBS = {"H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "
                   "H20": 4000.0, "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0,
                   "A100": 1555.0, "L40S": 864.0, "B200": 8000.0, "GB200": 8000.0}
 
-ALL_ROWS = ("torch-eager", "torch-compile", "triton", "triton-inplace", "cuda", "lmhead-triton", "lmhead-torch",
+ALL_ROWS = ("torch-eager", "torch-compile", "triton", "triton-inplace", "triton-inplace-defer", "cuda", "lmhead-triton", "lmhead-torch",
             "liger-grpo", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
 LM_ROWS = ("lmhead-triton", "lmhead-torch", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
 
@@ -146,8 +148,8 @@ def run(args) -> Dict:
     spec = _spec()
     rows = [r for r in ALL_ROWS if not args.only or r in args.only]
     if device.type == "cpu":
-        rows = [r for r in rows if r in ("torch-eager", "triton", "triton-inplace", "lmhead-triton",
-                                         "lmhead-torch")]
+        rows = [r for r in rows if r in ("torch-eager", "triton", "triton-inplace", "triton-inplace-defer",
+                                         "lmhead-triton", "lmhead-torch")]
     info = {"device": torch.cuda.get_device_name() if bench.cuda else "cpu", "torch": torch.__version__,
             "dtype": str(dtype).replace("torch.", ""), "vocab": args.vocab, "hidden": args.hidden,
             "token_chunk": args.token_chunk}
@@ -211,6 +213,14 @@ def run(args) -> Dict:
                 elif r == "triton-inplace":
                     # overwrites x with its gradient each call; timing is unaffected by the values
                     record(r, T, mk("triton", "inplace"), [x], "logits", note="logits buffer reused for the grad")
+                elif r == "triton-inplace-defer":
+                    import triton_kernels.policy_loss as tpl
+
+                    saved, tpl.DEFER_ENTROPY["on"] = tpl.DEFER_ENTROPY["on"], True
+                    try:
+                        record(r, T, mk("triton", "inplace"), [x], "logits", note="entropy in the gradient pass")
+                    finally:
+                        tpl.DEFER_ENTROPY["on"] = saved
                 elif r == "cuda":
                     try:
                         import importlib
