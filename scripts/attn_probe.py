@@ -36,14 +36,12 @@ def _per_sequence(q, k, v, lengths, backend):
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    from megaprorl.models.attention import packed_per_sequence
+
     ctx = sdpa_kernel([backends[backend]]) if backend != "default" else torch.enable_grad()
-    outs = []
-    with ctx:
-        for qs, ks, vs in zip(*(torch.split(x, lengths) for x in (q, k, v))):
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                               vs.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    with ctx:  # the model's own per-sequence path
+        return packed_per_sequence(q, k, v, bounds)[0]
 
 
 def _varlen(q, k, v, lengths):

@@ -250,3 +250,34 @@ def test_pack_tokens_config_checks():
     with pytest.raises(ConfigError, match="train.pack_tokens"):
         load_config("examples/demo.yaml", ["train.pack_tokens=64", "model.attention=megatron",
                                            "model.transformer_impl=local"])
+
+
+def test_packed_per_sequence_attention_equals_each_sequence_alone():
+    """SDPAttention's per-sequence path on a pack with an empty sequence and tail padding, GQA: values and
+    gradients equal causal attention run on each sequence by itself; the padding gets zeros."""
+    import torch.nn.functional as F
+
+    from megaprorl.models.attention import packed_per_sequence
+
+    g = torch.Generator().manual_seed(5)
+    lengths, tail = [5, 0, 1, 9], 3
+    t, h, kv, d = sum(lengths) + tail, 4, 2, 8
+    q, k, v = (torch.randn(t, n, d, generator=g, requires_grad=True) for n in (h, kv, kv))
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    out = packed_per_sequence(q, k, v, bounds, scale=0.3)
+    assert out.shape == (1, t, h, d)
+    go = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    q2, k2, v2 = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    ref = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q2, k2, v2))
+            ks, vs = (x.repeat_interleave(h // kv, dim=1) for x in (ks, vs))
+            ref.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=b - a > 1, scale=0.3)[0].transpose(0, 1))
+    ref = torch.cat(ref + [torch.zeros(tail, h, d)])
+    torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-6)
+    ref_grads = torch.autograd.grad(ref, (q2, k2, v2), go[0])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[0][-tail:] == 0)

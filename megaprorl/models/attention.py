@@ -83,25 +83,38 @@ class SDPAttention(DotProductAttention):
             out = varlen(q, k, v, cu, cu, max_len, max_len, scale=self.softmax_scale, **kw)
         else:  # one SDPA call per sequence: cuDNN / flash kernels on GPU, exact on CPU
             PACKED_CALLS["per_sequence"] += 1
-            # split/cat rather than slicing and slice-assignment: the backward of each slice (and of each
-            # assignment) would allocate and add a full-size zero tensor per sequence
-            sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-            tail = q.shape[0] - bounds[-1]  # tokens after the last sequence (padding of the pack): zeros
-            parts = sizes + [tail] if tail else sizes
-            outs = []
-            for qs, ks, vs in zip(*(torch.split(x, parts) for x in (q, k, v))):
-                if len(outs) == len(sizes):
-                    outs.append(qs.new_zeros(qs.shape[0], qs.shape[1], vs.shape[2]))
-                elif qs.shape[0] == 0:
-                    outs.append(qs.new_empty(0, qs.shape[1], vs.shape[2]))
-                else:
-                    o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                                       vs.transpose(0, 1)[None], dropout_p=0.0,
-                                                       scale=self.softmax_scale, is_causal=qs.shape[0] > 1,
-                                                       enable_gqa=gqa)  # [1, h, L, d]
-                    outs.append(o[0].transpose(0, 1))
-            out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
-        return out.reshape(out.shape[0], -1)
+            out = packed_per_sequence(q, k, v, bounds, self.softmax_scale)
+        return out.reshape(q.shape[0], -1)
+
+
+def packed_per_sequence(q, k, v, bounds, scale=None):
+    """Causal attention within each sequence of a pack, one SDPA call per sequence.  q/k/v [t, heads, d]
+    (K/V may have fewer heads: GQA), ``bounds`` the sequence boundaries as ints (cu_seqlens); tokens past
+    the last boundary (the pack's padding) get zeros.  Returns [1, t, heads, d_v].
+
+    Split/cat rather than slicing and slice-assignment: the backward of each slice (and of each
+    assignment) would allocate and add a full-size zero tensor per sequence.  The pack is viewed as
+    [1, heads, t, d] once and split along t, and the outputs [1, L, heads, d] are joined along L, so a
+    sequence costs its SDPA call, its split views and one transpose: no per-sequence select, whose
+    backward allocated a zero tensor and copied into it (tiny 4-layer model, one pack of 16 sequences,
+    CPU: 10,754 -> 8,994 aten ops per train step)."""
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    tail = q.shape[0] - bounds[-1]
+    parts = sizes + [tail] if tail else sizes
+    gqa = k.shape[1] != q.shape[1]
+    outs = []
+    views = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, t, d]
+    for qs, ks, vs in zip(*(torch.split(x, parts, dim=2) for x in views)):
+        n = qs.shape[2]
+        if len(outs) == len(sizes):
+            outs.append(qs.new_zeros(1, n, qs.shape[1], vs.shape[3]))
+        elif n == 0:
+            outs.append(qs.new_empty(1, 0, qs.shape[1], vs.shape[3]))
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=0.0, scale=scale, is_causal=n > 1,
+                                               enable_gqa=gqa)  # [1, heads, L, d]
+            outs.append(o.transpose(1, 2))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def cpu_boundaries(params) -> None:
