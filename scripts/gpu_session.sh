@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
-# start included): run it with `run(command="bash scripts/gpu_session.sh $OUT", timeout_s=560)`.
+# start included).  First `bash scripts/fetch_gpu_wheels.sh` here (fills .whl/), then
+#   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=560)
 # Steps in order of what only a GPU can show, each with its own time limit (total about 520 s):
 #   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
 #   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
 #   4. scripts/attn_probe.py (which attention path packed sequences should take)
-# Carry .whl/ (liger-kernel, verl, megatron-core wheels; see scripts/gpu_env.sh) for the Liger and verl
-# rows and for bench step.  TransformerEngine / FP8 does not fit in this budget: scripts/gpu_te.sh.
+# .whl/ brings megatron-core (bench step, policy tests), liger-kernel and verl (their bench rows).
+# TransformerEngine / FP8 does not fit in this budget: scripts/gpu_te.sh.
 set -uo pipefail
 OUT=${1:-gpu_out}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
