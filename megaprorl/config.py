@@ -129,6 +129,10 @@ class TrainConfig:
     # Triton loss: where the logits gradient is made. inplace: over the logits, in the loss's forward (one
     # [T, V] buffer at the loss instead of two); recompute: a second pass in backward; forward: new buffer
     loss_grad_mode: str = "inplace"
+    # log-prob passes and the RL loss from hidden states and the output weight, no [T, V] logits (the
+    # Triton fused LM head, token chunks of lm_head_token_chunk); rollouts and the SFT step keep logits
+    fused_lm_head: bool = False
+    lm_head_token_chunk: int = 2048
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -298,6 +302,7 @@ def validate(cfg: Config) -> None:
          "must be auto, torch, triton, cuda or torch_compile")
     need(cfg.train.loss_grad_mode in ("recompute", "forward", "inplace"), "train.loss_grad_mode",
          "must be recompute, forward or inplace")
+    need(cfg.train.lm_head_token_chunk >= 1, "train.lm_head_token_chunk", "must be >= 1")
     need(not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1
               and cfg.model.transformer_impl == "local"), "parallel.sequence_parallel",
          "needs the TransformerEngine layer spec (model.transformer_impl=transformer_engine or auto with TE "

@@ -96,9 +96,10 @@ class Trainer:
 
             hf_cfg = load_hf_config(cfg.model.hf_path)
             vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
+        head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
-                             loss_grad_mode=cfg.train.loss_grad_mode)
+                             loss_grad_mode=cfg.train.loss_grad_mode, **head)
         if hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
             self.policy.optimizer.reload_model_params()  # fp32 main weights follow the loaded model
@@ -107,7 +108,7 @@ class Trainer:
         if self.use_ref:
             self.reference = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device,
                                     cfg.train.kernel_backend, trainable=False, pack_tokens=cfg.train.pack_tokens,
-                                    pad_id=self.tokenizer.pad_id)
+                                    pad_id=self.tokenizer.pad_id, **head)
             self.reference.load_weights_from(self.policy)
         self.engine = build_engine(cfg, self.policy, self.tokenizer)
         self.rewards = RewardPool(cfg.rewards)

@@ -9,8 +9,8 @@ scales them by ``grad_output``.
 
 Extra memory: the chunk buffer (token_chunk x V_local x dtype), d_W (V_local x H, weight dtype) and
 d_hidden (T x H).  Under TP, ``d_hidden`` is this rank's partial sum over its vocab shard; the
-all-reduce over the TP group is the caller's (Megatron's ``copy_to_tensor_model_parallel_region``
-does it in backward), exactly as for an ordinary ColumnParallelLinear output layer.
+all-reduce over the TP group is the caller's (``megaprorl.parallel.all_reduce_grad_tp`` does it in
+backward), exactly as for an ordinary ColumnParallelLinear output layer.
 """
 
 from __future__ import annotations

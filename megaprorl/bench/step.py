@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--loss-grad-mode", default="inplace", choices=("recompute", "forward", "inplace"),
                     help="train.loss_grad_mode (Triton loss)")
+    ap.add_argument("--fused-lm-head", action="store_true", help="train.fused_lm_head: no [T, V] logits")
     ap.add_argument("--recompute", default="", help="'' | selective | full")
     ap.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"),
                     help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     pcfg = SimpleNamespace(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
-    packing = dict(pack_tokens=args.pack_tokens, pad_id=0)
+    packing = dict(pack_tokens=args.pack_tokens, pad_id=0, fused_lm_head=args.fused_lm_head)
     policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                     loss_grad_mode=args.loss_grad_mode, **packing)
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
         "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
         "pack_tokens": args.pack_tokens, "ragged": args.ragged,
         "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
+        "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,

@@ -126,7 +126,7 @@ def policy_loss_lm_head(hidden: torch.Tensor, lm_weight: torch.Tensor, tokens: t
     weight computed in the forward call.  ``torch`` / ``torch_compile`` / ``cuda`` materialise the logits
     (``hidden @ lm_weight.T``) and call ``policy_loss`` (the cuda extension's own fused LM head is used
     when it offers ``policy_loss_lm_head_cuda``).  Under TP the gradient to ``hidden`` is this rank's
-    partial sum; the caller all-reduces it (Megatron's copy_to_tensor_model_parallel_region does).
+    partial sum; the caller all-reduces it (``megaprorl.parallel.all_reduce_grad_tp``, as the policy does).
     """
     b = _resolve(backend, hidden)
     if hidden.dim() != 2:

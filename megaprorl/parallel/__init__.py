@@ -91,6 +91,30 @@ def dp_group():
     return mps.get_data_parallel_group()
 
 
+class _AllReduceGradTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_grad_tp(x: torch.Tensor) -> torch.Tensor:
+    """Identity in forward; the gradient summed over the tensor-parallel group in backward (what a
+    ColumnParallelLinear does for its input).  Megatron's copy_to_tensor_model_parallel_region does the
+    same in principle, but megatron-core 0.16's ``_reduce`` all-reduces ``grad.contiguous()`` and returns
+    ``grad``: when the gradient arrives as a strided view (through GPTModel's final transpose) the sum is
+    made on a copy and lost (NVIDIA/Megatron-LM issue 5337)."""
+    if tp_world() == 1:
+        return x
+    return _AllReduceGradTP.apply(x, tp_group())
+
+
 def tp_rank() -> int:
     from megatron.core import parallel_state as mps
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .. import kernels
 from ..algo.loss import LossSpec
 from ..models.gpt import build_gpt, needs_explicit_causal_mask, use_transformer_engine
-from ..parallel import dp_group, tp_group, tp_rank, tp_world
+from ..parallel import all_reduce_grad_tp, dp_group, tp_group, tp_rank, tp_world
 from .micro import pack_micro_batches, padded_micro_batches
 
 
@@ -83,13 +83,17 @@ class Policy:
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
                  kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0,
-                 loss_grad_mode: str = "inplace"):
+                 loss_grad_mode: str = "inplace", fused_lm_head: bool = False, lm_head_token_chunk: int = 2048):
         """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
         (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows.
         ``loss_grad_mode`` (Triton loss only; see ``megaprorl.kernels.policy_loss``): ``inplace`` writes the
         logits gradient over the logits in the loss's forward call, so the loss holds one [T, V] buffer
         instead of two (the saved logits and the new gradient); ``recompute`` makes the gradient pass in
-        backward; ``forward`` computes it in the forward call into a new buffer."""
+        backward; ``forward`` computes it in the forward call into a new buffer.
+        ``fused_lm_head``: the log-prob passes and the RL loss take the final hidden states and the output
+        layer's weight (``megaprorl.kernels.policy_loss_lm_head``) instead of logits, so no [T, V] logits
+        exist; with the Triton backend the vocabulary is done in token chunks of ``lm_head_token_chunk``.
+        The rollout engine and the SFT step still use logits."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size)
@@ -104,6 +108,8 @@ class Policy:
         if loss_grad_mode not in kernels.GRAD_MODES:
             raise ValueError(f"loss_grad_mode must be one of {kernels.GRAD_MODES}, got {loss_grad_mode!r}")
         self.loss_grad_mode = loss_grad_mode
+        self.fused_lm_head, self.lm_head_token_chunk = bool(fused_lm_head), int(lm_head_token_chunk)
+        self._head_weight = None  # the output layer's weight, recorded while the fused LM head is on
         self.vocab_size = vocab_size
         self.optimizer = None
         self.ddp = None
@@ -152,8 +158,9 @@ class Policy:
     # ----------------------------------------------------------------------------------- helpers
     @property
     def vocab_start(self) -> int:
-        local = self.model.output_layer.weight.shape[0] if hasattr(self.model, "output_layer") else 0
-        return tp_rank() * local
+        # the shard's row count, which the layer knows even without a weight of its own (tied embeddings)
+        head = getattr(self.model, "output_layer", None)
+        return tp_rank() * (head.output_size_per_partition if head is not None else 0)
 
     def _attn_mask(self, L: int, device):
         return causal_mask(L, device) if self._explicit_mask else None
@@ -162,10 +169,66 @@ class Policy:
         """Columns past the tokenizer's vocabulary (padding to a multiple of make_vocab_divisible_by x TP)
         leave the softmax, as the sampler leaves them out: written in place, only those columns."""
         local = flat.shape[-1]
-        n_valid = min(max(self.vocab_size - self.vocab_start, 0), local)
+        n_valid = self._n_valid_vocab(local)
         if n_valid < local:  # far below any logit, and finite after a temperature >= 0.01 (no inf - inf)
             flat[:, n_valid:] = torch.finfo(flat.dtype).min * 0.01
         return flat
+
+    @contextlib.contextmanager
+    def _fused_head(self):
+        """With ``fused_lm_head``: for the duration, the output layer returns its input prepared as its own
+        forward would prepare it (all-gathered under sequence parallelism, whose backward reduce-scatters,
+        else its gradient all-reduced over the TP group: ``all_reduce_grad_tp``) instead of multiplying it by the weight, and records the weight it would have used
+        (its own, or the shared embedding).  GPTModel then returns hidden states [b, s, h]."""
+        layer = getattr(self.model, "output_layer", None)
+        if not self.fused_lm_head or layer is None:  # off, or a pipeline stage without the head
+            yield
+            return
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        def hidden_forward(input_, weight=None, runtime_gather_output=None):
+            self._head_weight = layer.weight if weight is None else weight
+            if getattr(layer, "sequence_parallel", False):
+                return gather_from_sequence_parallel_region(input_), None
+            return all_reduce_grad_tp(input_), None
+
+        layer.forward = hidden_forward
+        try:
+            yield
+        finally:
+            del layer.forward
+            self._head_weight = None
+
+    def _token_loss(self, mb, output, spec, old, ref, adv, weights, temperature):
+        """Per-token loss of a micro-batch from the model's output: logits [b, s, V_local], or under the
+        fused LM head hidden states [b, s, h] and the recorded output weight (its padded rows left out)."""
+        dev = output.device
+        targets = mb.targets(dev)
+        if self._head_weight is not None:
+            hidden = mb.flat_logits(output)
+            n_valid = self._n_valid_vocab(self._head_weight.shape[0])
+            if n_valid <= 0:
+                raise ValueError(f"train.fused_lm_head: this TP rank's vocabulary shard (from {self.vocab_start}) "
+                                 f"holds only padding past the vocabulary of {self.vocab_size}; lower "
+                                 f"model.make_vocab_divisible_by or set train.fused_lm_head=false")
+            weight = self._head_weight[:n_valid]
+            if not torch.is_grad_enabled():
+                weight = weight.detach()
+            if temperature != 1.0:
+                hidden = hidden / temperature  # logits / T = (hidden / T) @ W^T
+            return kernels.policy_loss_lm_head(hidden, weight, targets, old, ref, adv, weights, spec,
+                                               backend=self.kernel_backend, tp_group=tp_group(),
+                                               vocab_start_index=self.vocab_start,
+                                               token_chunk=self.lm_head_token_chunk)
+        flat = self._mask_padded_vocab(mb.flat_logits(output))
+        if temperature != 1.0:
+            flat = flat / temperature
+        return kernels.policy_loss(flat, targets, old, ref, adv, weights, spec, backend=self.kernel_backend,
+                                   tp_group=tp_group(), vocab_start_index=self.vocab_start,
+                                   grad_mode=self.loss_grad_mode)
+
+    def _n_valid_vocab(self, local: int) -> int:
+        return min(max(self.vocab_size - self.vocab_start, 0), local)
 
     def _micro_batches(self, batch: SeqBatch, micro_batch_size: int):
         # token counts divisible by 16 for FP8 GEMMs and by TP under sequence parallelism
@@ -208,20 +271,16 @@ class Policy:
         logp_out = torch.zeros(B, L - 1)
         ent_out = torch.zeros(B, L - 1) if with_entropy else None
 
-        def loss_fn(mb, logits):
-            flat = self._mask_padded_vocab(mb.flat_logits(logits))
-            if temperature != 1.0:
-                flat = flat / temperature
-            targets = mb.targets(flat.device)
-            zeros = torch.zeros(targets.shape[0], device=flat.device)
-            out = kernels.policy_loss(flat, targets, zeros, None, zeros, zeros, spec, backend=self.kernel_backend,
-                                      tp_group=tp_group(), vocab_start_index=self.vocab_start)
+        def loss_fn(mb, output):
+            zeros = torch.zeros(mb.targets("cpu").shape[0], device=output.device)
+            out = self._token_loss(mb, output, spec, zeros, None, zeros, zeros, temperature)
             mb.scatter_into(logp_out, out.logp.cpu())
             if with_entropy:
                 mb.scatter_into(ent_out, out.entropy.cpu())
             return out.loss * 0.0, torch.tensor(1, dtype=torch.int), {}
 
-        self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
+        with self._fused_head():
+            self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
         self.model.train(was_training)
         logp_out, ent_out = self._from_last_stage(logp_out, ent_out)
         return (logp_out, ent_out) if with_entropy else logp_out
@@ -255,19 +314,15 @@ class Policy:
         self._zero_grad()
         sums: Dict[str, float] = {}
 
-        def loss_fn(mb, logits):
-            flat = self._mask_padded_vocab(mb.flat_logits(logits))
-            if temperature != 1.0:
-                flat = flat / temperature
-            dev = flat.device
-            out = kernels.policy_loss(flat, mb.targets(dev), mb.field("old_logp", dev), mb.field("ref_logp", dev),
-                                      mb.field("advantages", dev), mb.field("weights", dev), spec,
-                                      backend=self.kernel_backend, tp_group=tp_group(),
-                                      vocab_start_index=self.vocab_start, grad_mode=self.loss_grad_mode)
+        def loss_fn(mb, output):
+            dev = output.device
+            out = self._token_loss(mb, output, spec, mb.field("old_logp", dev), mb.field("ref_logp", dev),
+                                   mb.field("advantages", dev), mb.field("weights", dev), temperature)
             _accumulate_stats(sums, out, mb, spec)
             return out.loss, torch.tensor(1, dtype=torch.int), {}
 
-        self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=False)
+        with self._fused_head():
+            self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=False)
         grad_norm, finite = self._reduce_clip_step()
         stats = _finish_stats(self._stats_from_last_stage(sums))
         stats["grad_norm"] = grad_norm
