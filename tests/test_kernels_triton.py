@@ -275,7 +275,7 @@ def test_torch_backends_at_tp1():
 @pytest.mark.parametrize("pack_tokens", [0, 24])
 def test_policy_train_step_with_triton_loss_in_each_grad_mode(pack_tokens, monkeypatch):
     """The trainer's loss on the Triton kernels inside Megatron's schedule: ``inplace`` writes the gradient
-    over the model's logits (the output layer's own output when packed or at micro-batch 1) in the loss's
+    over the model's logits (a view of what Megatron returns) in the loss's
     forward; it gives the same gradients as ``recompute`` and the torch loss, padded and packed."""
     import copy
 

@@ -281,3 +281,27 @@ def test_packed_per_sequence_attention_equals_each_sequence_alone():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.all(grads[0][-tail:] == 0)
+
+
+def test_padded_micro_batch_views_the_logits_and_drops_the_placeholder_column():
+    """Right-padded micro-batches hand the loss every position as a view of the logits (no [b, L-1, V]
+    copy); the last position of each row has a placeholder target and zero mask/weight, and
+    scatter_into drops it."""
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.policy.micro import padded_micro_batches
+
+    tok = CharTokenizer()
+    batch = _batch(tok, n=5)
+    B, L = batch.tokens.shape
+    mbs = padded_micro_batches(batch, 3, tok.pad_id)
+    mb = mbs[0]
+    logits = torch.randn(3, L, 11)
+    assert mb.flat_logits(logits).data_ptr() == logits.data_ptr() and mb.flat_logits(logits).shape == (3 * L, 11)
+    t = mb.targets("cpu").reshape(3, L)
+    assert torch.equal(t[:, :-1], batch.tokens[:3, 1:])
+    for name in ("loss_mask", "weights", "advantages"):
+        f = mb.field(name, "cpu").reshape(3, L)
+        assert torch.equal(f[:, :-1], getattr(batch, name)[:3]) and torch.all(f[:, -1] == 0)
+    out = torch.zeros(B, L - 1)
+    mb.scatter_into(out, torch.arange(3 * L, dtype=torch.float32))
+    assert torch.equal(out[:3], torch.arange(3 * L, dtype=torch.float32).reshape(3, L)[:, :-1])

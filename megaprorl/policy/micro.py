@@ -3,8 +3,10 @@
 Both kinds present the model inputs and a flat per-token view, so the loss and the log-prob pass
 never care which it is:
 
-* ``PaddedMicro`` — rows ``[b, L]`` of a right-padded ``SeqBatch``; the per-token view is
-  ``logits[:, :-1]`` flattened, ``N = b * (L - 1)``.
+* ``PaddedMicro`` — rows ``[b, L]`` of a right-padded ``SeqBatch``; the per-token view is every
+  position of ``logits`` flattened, ``N = b * L`` (a view: slicing off the last position would copy
+  ``[b, L-1, V]`` whenever b > 1); the last position of each row carries zero weight and mask, a
+  placeholder target, and is dropped by ``scatter_into``.
 * ``PackedMicro`` — several sequences laid end to end in one row ``[1, t]`` with boundaries
   ``cu_seqlens`` (Megatron's ``PackedSeqParams``, ``qkv_format='thd'``): attention and RoPE restart at
   each boundary, so no compute is spent on padding.  The per-token view is every position of the
@@ -52,18 +54,21 @@ class PaddedMicro:
         return tokens, pos, attn_mask_fn(L, device), None
 
     def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, :-1].reshape(-1, logits.shape[-1])
+        return logits.reshape(-1, logits.shape[-1])
 
     def targets(self, device) -> torch.Tensor:
-        return self.batch.tokens[:, 1:].reshape(-1).to(device)
+        t = self.batch.tokens
+        return torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1).to(device)  # last column: a placeholder
 
     def field(self, name: str, device) -> Optional[torch.Tensor]:
         x = getattr(self.batch, name)
-        return None if x is None else x.reshape(-1).to(device)
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros(x.shape[0], 1)], 1).reshape(-1).to(device)
 
     def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        v = values.reshape(self.n_rows, self.seq_len - 1).to(out.device)
-        out[self.rows] = v[:, : out.shape[1]]  # drop columns of length padding (pad_multiple)
+        v = values.reshape(self.n_rows, self.seq_len).to(out.device)
+        out[self.rows] = v[:, : min(out.shape[1], self.seq_len - 1)]  # drop the placeholder and length padding
 
 
 class PackedMicro:
