@@ -19,7 +19,7 @@ step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "[$name] rc=${PIPESTATUS[0]} ${limit}s limit, took $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; }
 step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernels_cuda_gpu.py tests/test_kernels_triton.py tests/test_packing.py::test_packed_equals_padded_bf16_on_gpu \
-  tests/test_optimizer_gpu.py
+  tests/test_optimizer_gpu.py tests/test_fused_lm_head_policy.py::test_fused_lm_head_equals_logits_bf16_on_gpu
 step bench_kernels 130 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
   --only triton triton-inplace triton-inplace-defer cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
 step bench_step_8k_do 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \
