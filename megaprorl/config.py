@@ -127,7 +127,8 @@ class TrainConfig:
     pack_tokens: int = 0
     kernel_backend: str = "auto"  # auto | torch | triton | cuda
     # Triton loss: where the logits gradient is made. inplace: over the logits, in the loss's forward (one
-    # [T, V] buffer at the loss instead of two); recompute: a second pass in backward; forward: new buffer
+    # [T, V] buffer at the loss instead of two); recompute: a second pass in backward; forward: new buffer.
+    # CUDA loss: inplace = its in-place backward (over the saved logits); torch backends ignore it
     loss_grad_mode: str = "inplace"
     # log-prob passes and the RL loss from hidden states and the output weight, no [T, V] logits (the
     # Triton fused LM head, token chunks of lm_head_token_chunk); rollouts and the SFT step keep logits

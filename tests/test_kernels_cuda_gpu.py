@@ -211,6 +211,13 @@ def test_function_inplace_no_grad_and_dispatch(emulated):
     out = policy_loss(inp[0].clone().requires_grad_(True), *inp[1:], spec, backend="cuda")
     assert_stats(out, r)
     assert type(out).__name__ == "PolicyLossOutput"
+    # the entry point's grad_mode='inplace' (the trainer's default) is the in-place backward here
+    x = inp[0].clone().requires_grad_(True)
+    src = x * 1.0
+    out = policy_loss(src, *inp[1:], spec, backend="cuda", grad_mode="inplace")
+    out.loss.backward()
+    assert_grad(x.grad, r[4])
+    assert torch.equal(src.detach(), x.grad)  # the gradient was written over the logits buffer
 
 
 def test_load_extension_needs_cuda_torch(monkeypatch):

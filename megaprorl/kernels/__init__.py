@@ -88,7 +88,9 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tens
     grad_mode (Triton only): ``recompute`` (default; backward makes one more pass over the logits),
     ``forward`` (gradient computed in the forward call into a new buffer) or ``inplace`` (the gradient
     overwrites ``logits`` in the forward call, saving a [T, V] buffer; ``logits`` must not be used again).
-    The other backends accept any of the three and compute the gradient in backward.
+    ``cuda`` takes ``inplace`` as its in-place backward (the gradient written over the saved logits:
+    the same one [T, V] buffer) and computes the gradient in backward for the other two; the torch
+    backends accept any of the three and ignore it.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -112,7 +114,8 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tens
         return PolicyLossOutput(loss, logp, ent, kl)
     # cuda
     out = _cuda_ext().policy_loss_cuda(logits, tokens, old_logp, ref_logp, adv, weight, spec, tp_group=tp_group,
-                                       vocab_start_index=vocab_start_index)
+                                       vocab_start_index=vocab_start_index,
+                                       inplace_backward=grad_mode == "inplace")
     return PolicyLossOutput(*out)
 
 
