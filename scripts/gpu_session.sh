@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
 # start included).  First `bash scripts/fetch_gpu_wheels.sh` here (fills .whl/), then
-#   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=560)
-# Steps in order of what only a GPU can show, each with its own time limit (total about 520 s):
+#   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=590)
+# Steps in order of what only a GPU can show, each with its own time limit (total 565 s):
 #   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
 #   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
-#   4. scripts/attn_probe.py (which attention path packed sequences should take)
+#   4. `bench step` at 16K with train.fused_lm_head (no [T, V] logits), one timed step
+#   5. scripts/attn_probe.py (which attention path packed sequences should take)
 # .whl/ brings megatron-core (bench step, policy tests), liger-kernel and verl (their bench rows).
 # TransformerEngine / FP8 does not fit in this budget: scripts/gpu_te.sh.
 set -uo pipefail
@@ -20,9 +21,12 @@ step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
 step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernels_cuda_gpu.py tests/test_kernels_triton.py tests/test_packing.py::test_packed_equals_padded_bf16_on_gpu \
   tests/test_optimizer_gpu.py tests/test_fused_lm_head_policy.py::test_fused_lm_head_equals_logits_bf16_on_gpu
-step bench_kernels 130 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
+step bench_kernels 110 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
   --only triton triton-inplace triton-inplace-defer cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
-step bench_step_8k_do 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \
+step bench_step_8k_do 130 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \
   --prompt-len 1024 --response-len 7168 --micro-batch-size 1 --skip-rollout --repeats 2 --distributed-optimizer \
   --out "$OUT/bench_step_8k_do.json"
-step attn_probe 60 python3 scripts/attn_probe.py --iters 3 --out "$OUT/attn_probe.json"
+step bench_step_16k_fused 100 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 2 --n-samples 2 \
+  --prompt-len 1024 --response-len 15360 --micro-batch-size 1 --skip-rollout --repeats 1 --distributed-optimizer \
+  --recompute selective --fused-lm-head --out "$OUT/bench_step_16k_fused.json"
+step attn_probe 45 python3 scripts/attn_probe.py --iters 2 --out "$OUT/attn_probe.json"
