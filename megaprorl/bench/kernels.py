@@ -44,8 +44,8 @@ NOMINAL_BW_GBS = {"H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "
                   "H20": 4000.0, "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0,
                   "A100": 1555.0, "L40S": 864.0, "B200": 8000.0, "GB200": 8000.0}
 
-ALL_ROWS = ("torch-eager", "torch-compile", "triton", "triton-inplace", "triton-inplace-defer", "cuda", "lmhead-triton", "lmhead-torch",
-            "liger-grpo", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
+ALL_ROWS = ("torch-eager", "torch-compile", "triton", "triton-inplace", "triton-inplace-defer", "cuda",
+            "lmhead-triton", "lmhead-torch", "liger-grpo", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
 LM_ROWS = ("lmhead-triton", "lmhead-torch", "liger-fused-linear-grpo", "liger-flce", "verl-linear-entropy")
 
 

@@ -178,8 +178,9 @@ class Policy:
     def _fused_head(self):
         """With ``fused_lm_head``: for the duration, the output layer returns its input prepared as its own
         forward would prepare it (all-gathered under sequence parallelism, whose backward reduce-scatters,
-        else its gradient all-reduced over the TP group: ``all_reduce_grad_tp``) instead of multiplying it by the weight, and records the weight it would have used
-        (its own, or the shared embedding).  GPTModel then returns hidden states [b, s, h]."""
+        else its gradient all-reduced over the TP group: ``all_reduce_grad_tp``) instead of multiplying it
+        by the weight, and records the weight it would have used (its own, or the shared embedding).
+        GPTModel then returns hidden states [b, s, h]."""
         layer = getattr(self.model, "output_layer", None)
         if not self.fused_lm_head or layer is None:  # off, or a pipeline stage without the head
             yield
