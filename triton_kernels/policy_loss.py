@@ -83,8 +83,8 @@ def _row_stats(logits_ptr, stride_row, tokens_ptr, stats_ptr, T, V, vocab_start,
     local = tok - vocab_start
     in_shard = (local >= 0) & (local < V)
     local = tl.where(in_shard, local, 0)
-    zt = tl.load(base + local).to(tl.float32)
-    zt = tl.where(in_shard, zt, 0.0)
+    # masked: a shard may hold no columns at all (V == 0), where even column 0 is out of bounds
+    zt = tl.load(base + local, mask=in_shard, other=0.0).to(tl.float32)
     tl.store(stats_ptr + row, m)
     tl.store(stats_ptr + T + row, s)
     tl.store(stats_ptr + 2 * T + row, a)

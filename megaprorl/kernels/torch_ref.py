@@ -45,15 +45,16 @@ class VocabParallelLogpEntropy(torch.autograd.Function):
         import torch.distributed as dist
 
         z = logits.float()
-        V = z.shape[-1]
-        m = z.max(-1).values
+        V = z.shape[-1]  # may be 0: a shard holding only vocabulary padding, left out by the caller
+        m = z.max(-1).values if V else z.new_full(z.shape[:-1], float("-inf"))
         if tp_world_size(tp_group) > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
         zc = z - m[:, None]
         e = torch.exp(zc)
         local = tokens.long() - vocab_start
         in_shard = (local >= 0) & (local < V)
-        zt = zc.gather(-1, torch.where(in_shard, local, 0)[:, None]).squeeze(-1) * in_shard
+        zt = (zc.gather(-1, torch.where(in_shard, local, 0)[:, None]).squeeze(-1) * in_shard if V
+              else z.new_zeros(z.shape[:-1]))
         red = torch.stack([e.sum(-1), (e * zc).sum(-1), zt])
         if tp_world_size(tp_group) > 1:
             dist.all_reduce(red, op=dist.ReduceOp.SUM, group=tp_group)

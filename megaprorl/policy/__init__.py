@@ -207,12 +207,8 @@ class Policy:
         targets = mb.targets(dev)
         if self._head_weight is not None:
             hidden = mb.flat_logits(output)
-            n_valid = self._n_valid_vocab(self._head_weight.shape[0])
-            if n_valid <= 0:
-                raise ValueError(f"train.fused_lm_head: this TP rank's vocabulary shard (from {self.vocab_start}) "
-                                 f"holds only padding past the vocabulary of {self.vocab_size}; lower "
-                                 f"model.make_vocab_divisible_by or set train.fused_lm_head=false")
-            weight = self._head_weight[:n_valid]
+            # padded rows left out; a shard of padding only (small vocabularies at high TP) keeps 0 rows
+            weight = self._head_weight[: self._n_valid_vocab(self._head_weight.shape[0])]
             if not torch.is_grad_enabled():
                 weight = weight.detach()
             if temperature != 1.0:
