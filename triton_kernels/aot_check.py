@@ -4,9 +4,9 @@
 
 Catches what the CPU interpreter cannot: code the compiler rejects (types changing across branches,
 constexpr misuse), and reports each variant's registers per thread and local memory (spills), read
-from the cubin with the ``cuobjdump`` that ships with triton: the static side of occupancy.  Must run in a process where triton was imported without
-TRITON_INTERPRET=1 (the interpreter replaces triton.language's own jitted helpers); the test suite runs
-it in a subprocess.  Launch configurations are those of ``policy_loss.CUDA_LAUNCH``.
+from the cubin with the ``cuobjdump`` that ships with triton: the static side of occupancy.  Must run
+in a process where triton was imported without TRITON_INTERPRET=1 (the interpreter replaces
+triton.language's own jitted helpers); the test suite runs it in a subprocess.  Launch configurations are those of ``policy_loss.CUDA_LAUNCH``.
 """
 
 from __future__ import annotations

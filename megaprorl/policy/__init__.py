@@ -269,7 +269,7 @@ class Policy:
         ent_out = torch.zeros(B, L - 1) if with_entropy else None
 
         def loss_fn(mb, output):
-            zeros = torch.zeros(mb.targets("cpu").shape[0], device=output.device)
+            zeros = output.new_zeros(output.shape[0] * output.shape[1], dtype=torch.float32)  # one per position
             out = self._token_loss(mb, output, spec, zeros, None, zeros, zeros, temperature)
             mb.scatter_into(logp_out, out.logp.cpu())
             if with_entropy:
