@@ -304,10 +304,6 @@ def validate(cfg: Config) -> None:
     need(cfg.train.loss_grad_mode in ("recompute", "forward", "inplace"), "train.loss_grad_mode",
          "must be recompute, forward or inplace")
     need(cfg.train.lm_head_token_chunk >= 1, "train.lm_head_token_chunk", "must be >= 1")
-    need(not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1
-              and cfg.model.transformer_impl == "local"), "parallel.sequence_parallel",
-         "needs the TransformerEngine layer spec (model.transformer_impl=transformer_engine or auto with TE "
-         "installed): Megatron's torch norms of the local spec do not support sequence parallelism")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
     need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")

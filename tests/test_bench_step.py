@@ -54,9 +54,10 @@ def _bench_job(rank, world, out, extra):
         mps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]])
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sequence-parallel"], ["--pp", "2"]])
 def test_bench_step_over_two_ranks(tmp_path, layout):
-    """TP=2 and PP=2 under gloo: every phase runs (at PP=2 the rollout decodes across both stages)."""
+    """TP=2 with sequence parallelism and PP=2 under gloo: every phase runs (at PP=2 the rollout decodes
+    across both stages)."""
     from dist_utils import run_distributed
 
     out = tmp_path / "bench_step.json"
@@ -64,6 +65,7 @@ def test_bench_step_over_two_ranks(tmp_path, layout):
     rep = json.loads(out.read_text())
     assert rep["world_size"] == 2 and rep["dp"] == 1
     assert (rep["tp"], rep["pp"]) == ((2, 1) if layout[0] == "--tp" else (1, 2))
+    assert rep["sequence_parallel"] == (layout[0] == "--tp")
     t = rep["times_s"]
     assert t["rollout"] > 0 and t["logprob"] > 0 and t["update"] > 0
     assert t["tokens"] == 8 * 4 * (16 + t["response_tokens"] / (8 * 4))  # 8 prompts x 4 samples, prompt 16

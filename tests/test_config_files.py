@@ -24,12 +24,6 @@ def test_scale_examples_inherit_the_recipe():
     assert c16.algo == v2.algo and c16.data == v2.data and c16.model.hf_path == v2.model.hf_path
 
 
-def test_sequence_parallel_with_the_local_spec_is_a_config_error():
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*TransformerEngine"):
-        load_config("examples/demo.yaml", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
-                                           "model.num_query_groups=2", "model.transformer_impl=local"])
-
-
 def test_base_chain_merge_and_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("name: a\nseed: 1\ndata:\n  sources:\n    - {name: x, type: builtin}\n"
                                      "    - {name: y, type: builtin}\n")

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                     help="layer spec (model.transformer_impl; auto = TE when installed on a GPU)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (parallel.tensor_parallel)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (parallel.pipeline_parallel)")
-    ap.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (needs TE)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (with --tp > 1)")
     ap.add_argument("--distributed-optimizer", action="store_true",
                     help="train.optim.distributed_optimizer (Megatron's ZeRO-1; one GPU = one shard)")
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),

@@ -103,10 +103,6 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     from megatron.core.models.gpt import GPTModel
 
     cfg = transformer_config(mcfg, pcfg)
-    if cfg.sequence_parallel and not use_transformer_engine(mcfg):
-        raise ValueError("parallel.sequence_parallel needs the TransformerEngine layer spec (install "
-                         "transformer-engine[pytorch]; model.transformer_impl=transformer_engine or auto): the local "
-                         "spec's torch norms do not support sequence parallelism")
     if use_transformer_engine(mcfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -121,6 +117,14 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
         elif mcfg.attention != "megatron":
             raise ValueError(f"model.attention must be 'sdpa' or 'megatron', got {mcfg.attention!r}")
+        # torch norms that support sequence parallelism (Megatron's WrappedTorchNorm refuses it), for the
+        # layers and the final norm (which the block takes from its submodules, not from the layer spec)
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        from .norm import TorchNorm
+
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg), layer_norm=TorchNorm)
     padded = padded_vocab_size(vocab_size, mcfg.make_vocab_divisible_by, pcfg.tensor_parallel)
     if pre_process is None:
         pre_process = mps.is_pipeline_first_stage()
@@ -138,9 +142,9 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
         position_embedding_type="rope",
         rotary_base=int(mcfg.rotary_base),
     )
-    # the local spec's torch norms are created in fp32 whatever params_dtype says; one dtype for every
-    # parameter (as TE's norms and Megatron's Float16Module give) keeps Megatron's optimizer on a single
-    # grad buffer (its distributed optimizer's checkpoint gather mis-sizes shards across mixed buffers)
+    # one dtype for every parameter (TorchNorm is created in params_dtype, as TE's norms are; this catches
+    # any other module that is not) keeps Megatron's optimizer on a single grad buffer (its distributed
+    # optimizer's checkpoint gather mis-sizes shards across mixed buffers)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != cfg.params_dtype:

@@ -11,6 +11,10 @@ embeds the tokens, every stage but the last sends its hidden states [s, b, h] to
 then one token per step), and the last stage samples and broadcasts the drawn tokens and their
 log-probs to its pipeline, so every rank of every stage returns the same rollouts.
 
+Under ``parallel.sequence_parallel`` the engine samples with sequence parallelism switched off: a decode
+step has one token per row, which cannot be split over the TP ranks, so every TP rank runs the whole
+(short) sequence as plain tensor parallelism does; the trainer's passes keep it.
+
 Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
 token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
 recomputes the old-policy log-probs that the loss uses.
@@ -54,6 +58,29 @@ def _fp8_off(config):
         config.fp8 = saved
 
 
+@contextlib.contextmanager
+def _sequence_parallel_off(model):
+    """Megatron reads sequence parallelism from the shared TransformerConfig (embedding scatter, block RNG
+    fork) and from attributes that layers copy at build time: ``sequence_parallel`` on each parallel linear
+    layer (all-gather of its input / reduce-scatter of its output) and ``reduce_scatter_embeddings`` on the
+    embeddings (reduce-scatter instead of all-reduce of the vocab-parallel lookup).  Unset them all for the
+    duration (no-grad forwards only: the layers' gradient reductions are decided at build time too)."""
+    flipped = {}
+    for m in model.modules():
+        for obj, name in ((getattr(m, "config", None), "sequence_parallel"), (m, "sequence_parallel"),
+                          (m, "reduce_scatter_embeddings")):
+            if getattr(obj, name, None) is True:
+                flipped[id(obj), name] = obj
+    flipped = [(obj, name) for (_, name), obj in flipped.items()]
+    for obj, name in flipped:
+        setattr(obj, name, False)
+    try:
+        yield
+    finally:
+        for obj, name in flipped:
+            setattr(obj, name, True)
+
+
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64):
         self.policy = policy
@@ -62,9 +89,6 @@ class MegatronEngine:
         self.weights_version = 0
         self._awake = True
         self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
-        if self.pp > 1 and getattr(policy.pcfg, "sequence_parallel", False):
-            raise NotImplementedError("the embedded engine does not generate with sequence parallelism under pipeline "
-                                      "parallelism (parallel.sequence_parallel with parallel.pipeline_parallel > 1)")
 
     # The engine shares the policy's parameters, so new weights are visible at once.
     def update_weights(self, step: Optional[int] = None) -> None:
@@ -90,7 +114,7 @@ class MegatronEngine:
         was_training = model.training
         model.eval()
         try:
-            with _fp8_off(model.config):
+            with _fp8_off(model.config), _sequence_parallel_off(model):
                 for s in range(0, len(expanded), self.batch_size):
                     out.extend(self._generate_batch(expanded[s: s + self.batch_size], params, gen))
         finally:
