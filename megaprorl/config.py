@@ -81,6 +81,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 8192
     batch_size: int = 64  # sequences decoded together
+    compact_every: int = 8  # embedded engine: drop finished rows once they are >= 1/this of the cache (0: never)
     trtllm_engine_dir: str = ""
     trtllm_kv_cache_fraction: float = 0.5
 
@@ -293,6 +294,7 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",

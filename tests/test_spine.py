@@ -265,3 +265,31 @@ def test_engine_samples_without_fp8(policy, monkeypatch):
         cfg.fp8 = None
     assert [r.response_ids for r in got] == [r.response_ids for r in want]
     assert [r.logprobs for r in got] == [r.logprobs for r in want]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_finished_rows_leave_the_decode_batch(policy, greedy):
+    """Dropping finished rows from the KV cache changes no token, no log-prob and no finish flag (sampling
+    still draws for every row), while later steps decode fewer rows; compact_every=100 drops them at every
+    finish, 4 once they are a quarter of the cache."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    params = SamplingParams(max_new_tokens=40, n=6, seed=21, temperature=1.5, greedy=greedy)
+    prompts = _prompts(tok) + [tok.encode(s) for s in ["2+2=", "40+2="]]  # 42 rows: batches of 30 and 12
+    dense = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=30, compact_every=0)
+    want = dense.generate(prompts, params)
+    assert dense.stats["compactions"] == 0
+    assert dense.stats["decode_row_steps"] == dense.stats["dense_row_steps"] > 0
+    lengths = sorted({len(r.response_ids) for r in want if r.finished})
+    assert len(lengths) >= 2, lengths  # rows finish at different steps
+    for every in (100, 4):
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=30, compact_every=every)
+        got = eng.generate(prompts, params)
+        assert [r.response_ids for r in got] == [r.response_ids for r in want]
+        assert [r.finished for r in got] == [r.finished for r in want]
+        for g, w in zip(got, want):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+        assert eng.stats["compactions"] >= 1, eng.stats
+        assert eng.stats["decode_row_steps"] < eng.stats["dense_row_steps"] == dense.stats["dense_row_steps"]

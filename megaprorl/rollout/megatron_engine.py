@@ -15,6 +15,13 @@ Under ``parallel.sequence_parallel`` the engine samples with sequence parallelis
 step has one token per row, which cannot be split over the TP ranks, so every TP rank runs the whole
 (short) sequence as plain tensor parallelism does; the trainer's passes keep it.
 
+Rows that have finished leave the decode batch: once at least ``1/compact_every`` of the rows still in
+the KV cache have drawn their EOS, the cache keeps only the running rows (a copy of their filled
+positions), so the forward of every later step runs on those rows alone.  In RL the response lengths
+are spread over the whole budget, and without this every row would be decoded until the longest
+finishes.  Sampling still draws for all rows (finished ones from placeholder logits), so the random
+stream, and with it every row's tokens, does not depend on when rows leave.
+
 Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
 token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
 recomputes the old-policy log-probs that the loss uses.
@@ -82,10 +89,14 @@ def _sequence_parallel_off(model):
 
 
 class MegatronEngine:
-    def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64):
+    def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8):
+        """``compact_every``: drop finished rows from the KV cache once they are at least 1/compact_every
+        of the rows in it (each drop copies the running rows' cache once); 0 never drops them."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.batch_size = batch_size
+        self.compact_every = int(compact_every)
+        self.stats = {"decode_row_steps": 0, "dense_row_steps": 0, "compactions": 0}  # of the last generate()
         self.weights_version = 0
         self._awake = True
         self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
@@ -109,6 +120,7 @@ class MegatronEngine:
         expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         gen = torch.Generator(device=self.policy.device)
         gen.manual_seed(int(params.seed))
+        self.stats = dict.fromkeys(self.stats, 0)
         out: List[Rollout] = []
         model = self.policy.model
         was_training = model.training
@@ -187,10 +199,15 @@ class MegatronEngine:
         resp = [[] for _ in range(B)]
         lps = [[] for _ in range(B)]
         finished = [False] * B
+        rows = None  # the batch rows in the KV cache, in cache order (None: all B, unpermuted)
+        pending = n_finished = 0  # finished rows still in the KV cache; all finished rows
         for t in range(N):
             nxt = lp = None
             if logits is not None:  # this rank holds the last pipeline stage
-                nxt, lp = self._sample(logits[:, -1, : self.policy.vocab_size].float(), params, gen)
+                z = logits[:, -1, : self.policy.vocab_size].float()
+                if rows is not None:  # finished rows draw from placeholder logits: the same random stream
+                    z = z.new_zeros(B, z.shape[1]).index_copy_(0, rows, z)
+                nxt, lp = self._sample(z, params, gen)
             nxt, lp = self._from_last_stage(nxt, lp, B)
             nxt_l, lp_l, done_l = nxt.tolist(), lp.tolist(), done.tolist()  # one device->host copy per step
             for b in range(B):
@@ -199,17 +216,45 @@ class MegatronEngine:
                     lps[b].append(lp_l[b])
                     if nxt_l[b] == self.eos_id:
                         finished[b] = True
-            done |= nxt == self.eos_id
-            if bool(done.all()) or t == N - 1:
+                        pending += 1
+                        n_finished += 1
+            if n_finished == B or t == N - 1:  # counted on the host: no device sync
                 break
+            done |= nxt == self.eos_id
             cur = P + t
             tokens[:, cur] = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            logits = self._forward(tokens[:, cur: cur + 1], pos[:, cur: cur + 1], pad_mask[..., : cur + 1], ctx)
+            if self._should_compact(pending, B if rows is None else len(rows)):
+                rows, pending = self._compact(ctx, rows, done, cur), 0
+            step = (slice(None) if rows is None else rows, slice(cur, cur + 1))
+            logits = self._forward(tokens[step], pos[step], pad_mask[step[0], ..., : cur + 1], ctx)
             ctx.sequence_len_offset += 1
+            self.stats["decode_row_steps"] += B if rows is None else len(rows)
+            self.stats["dense_row_steps"] += B
         if self.pp > 1:
             self.policy.model.set_input_tensor(None)
         return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[b], logprobs=lps[b], finished=finished[b])
                 for b, (i, p) in enumerate(items)]
+
+    def _should_compact(self, pending: int, in_cache: int) -> bool:
+        return self.compact_every > 0 and pending > 0 and pending * self.compact_every >= in_cache
+
+    def _compact(self, ctx, rows, done, cur: int):
+        """Drop the finished rows from the KV cache; returns the batch rows left in it (cache order).
+        Every rank and stage holds the same ``done``, so all compact alike."""
+        base = torch.arange(len(done), device=done.device) if rows is None else rows
+        keep_pos = (~done[base]).nonzero().squeeze(1)
+        for layer, kv in ctx.key_value_memory_dict.items():
+            ctx.key_value_memory_dict[layer] = tuple(self._cache_rows(m, keep_pos, cur) for m in kv)
+        self.stats["compactions"] += 1
+        return base[keep_pos]
+
+    @staticmethod
+    def _cache_rows(mem: torch.Tensor, keep: torch.Tensor, filled: int) -> torch.Tensor:
+        """A KV cache buffer [max_seq, rows, ...] with only the ``keep`` rows, their first ``filled``
+        positions copied (the later ones are written by the coming steps)."""
+        out = mem.new_empty(mem.shape[0], len(keep), *mem.shape[2:])
+        out[:filled] = mem[:filled].index_select(1, keep)
+        return out
 
     @staticmethod
     def _sample(z: torch.Tensor, params: SamplingParams, gen: torch.Generator):
