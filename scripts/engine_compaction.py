@@ -3,7 +3,8 @@
 A random policy over the built-in character tokenizer (about 1 % EOS per step, so response lengths
 spread over the budget as RL responses do), ``--rows`` rows decoded to at most ``--max-new-tokens``.
 Both runs draw the same tokens (checked); the table gives the decode rows summed over steps, the
-compactions and the wall time.
+compactions and the wall time.  ``--no-eos`` decodes every row to the budget (a long-context decode
+speed test of the engine as a whole).
 
     PYTHONPATH=.:tests python3 scripts/engine_compaction.py [--rows 64] [--max-new-tokens 256]
 """
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--compact-every", type=int, nargs="+", default=[0, 8])
+    ap.add_argument("--no-eos", action="store_true", help="every row decodes to --max-new-tokens (long-context decode)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, n=1, seed=7, temperature=1.0)
     rows, want = [], None
     for every in args.compact_every:
-        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=args.rows, compact_every=every)
+        eng = MegatronEngine(pol, -1 if args.no_eos else tok.eos_id, tok.pad_id, batch_size=args.rows,
+                             compact_every=every)
         eng.generate(prompts[:2], SamplingParams(max_new_tokens=4, n=1, seed=0))  # warm-up
         t0 = time.perf_counter()
         out = eng.generate(prompts, params)

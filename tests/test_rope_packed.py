@@ -77,3 +77,25 @@ def test_install_routes_megatron_attention():
     rope.install()
     assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb
     assert rope._ORIGINAL is not rope.apply_rotary_pos_emb
+
+
+def test_kv_cache_stores_rotated_keys_with_megatrons_numbers(monkeypatch):
+    """The engine's keys rotated once before the KV cache stores them (megaprorl.models.rope) give Megatron's
+    own path (the cached prefix rotated again at every step) token for token and log-prob for log-prob."""
+    import megatron.core.transformer.attention as attention
+
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+    from tiny_models import tiny_policy
+
+    pol, tok = tiny_policy()
+    assert attention.Attention._adjust_key_value_for_inference is rope.adjust_key_value_rotating_once
+    prompts = [tok.encode(s) for s in ["1+2=", "13+45=", "7+88="]]
+    params = SamplingParams(max_new_tokens=12, n=3, seed=5, temperature=1.0)
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=9)
+    ours = eng.generate(prompts, params)
+    monkeypatch.setattr(attention.Attention, "_adjust_key_value_for_inference", rope._ORIGINAL_ADJUST)
+    theirs = eng.generate(prompts, params)
+    assert sum(len(r.response_ids) for r in ours) > 40
+    assert [r.response_ids for r in ours] == [r.response_ids for r in theirs]
+    assert [r.logprobs for r in ours] == [r.logprobs for r in theirs]

@@ -9,6 +9,14 @@ below: for a packed input it gathers the per-token frequencies once per (frequen
 boundaries) pair, and rotates the whole pack with Megatron's own ``bshd`` function; every other case
 (no packing, fused RoPE, context parallelism, multi-latent attention) goes to Megatron unchanged.
 Same numbers as Megatron's path, element for element (tests/test_packing.py).
+
+KV-cached decoding (the embedded engine, Megatron's static inference context): Megatron stores keys
+in the cache unrotated and rotates the whole cached prefix ``[t, b, groups, d]`` again in every layer
+at every step, several elementwise passes over the keys, more memory traffic than the attention's own
+read of them.  ``install()`` also wraps ``Attention._adjust_key_value_for_inference``: each new key is
+rotated once, with its own positions' frequencies, before it is stored, and the attention then skips
+the key rotation.  RoPE is elementwise per position, so the numbers are the same, element for element
+(tests/test_rope_packed.py).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import torch
 
 _ORIGINAL = None
+_ORIGINAL_ADJUST = None
 _CACHE = {"key": None, "value": None}  # one entry: (freqs, cu_seqlens, tokens) -> per-token freqs
 
 
@@ -59,12 +68,38 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
         multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)
 
 
+def adjust_key_value_rotating_once(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+    """Wraps ``Attention._adjust_key_value_for_inference``: under a static inference context the new keys
+    are rotated before the cache stores them, and the returned embeddings carry no key part, so the
+    attention rotates only the query.  Anything else (no context, dynamic batching, flash decode, fused
+    RoPE, multi-latent attention) goes to Megatron unchanged."""
+    ctx = inference_context if inference_context is not None else kwargs.get("inference_params")
+    if (ctx is None or not ctx.is_static_batching() or not isinstance(rotary_pos_emb, tuple)
+            or rotary_pos_emb[1] is None or self.config.flash_decode or self.config.apply_rope_fusion
+            or self.config.multi_latent_attention):
+        return _ORIGINAL_ADJUST(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    start = ctx.sequence_len_offset
+    k_freqs = rotary_pos_emb[1][start: start + key.size(0)]
+    key = apply_rotary_pos_emb(key, k_freqs, config=self.config,
+                               mscale=_yarn_get_concentration_factor_from_config(self.config))
+    q, k, v, rope, mask_type, block_table = _ORIGINAL_ADJUST(self, inference_context, query, key, value,
+                                                             rotary_pos_emb, *args, **kwargs)
+    return q, k, v, (rope[0], None), mask_type, block_table
+
+
 def install() -> None:
-    """Route Megatron's attention modules through ``apply_rotary_pos_emb`` (idempotent)."""
-    global _ORIGINAL
+    """Route Megatron's attention modules through ``apply_rotary_pos_emb`` and
+    ``adjust_key_value_rotating_once`` (idempotent)."""
+    global _ORIGINAL, _ORIGINAL_ADJUST
     import megatron.core.transformer.attention as attention
 
     if attention.apply_rotary_pos_emb is apply_rotary_pos_emb:
         return
     _ORIGINAL = attention.apply_rotary_pos_emb
     attention.apply_rotary_pos_emb = apply_rotary_pos_emb
+    _ORIGINAL_ADJUST = attention.Attention._adjust_key_value_for_inference
+    attention.Attention._adjust_key_value_for_inference = adjust_key_value_rotating_once
