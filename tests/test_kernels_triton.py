@@ -422,20 +422,27 @@ def test_tensor_parallel_tp2_equals_tp1(backend, monkeypatch):
         torch.testing.assert_close(torch.cat([rr["lm_dw"] for rr in res], 0), W2.grad, atol=5e-5, rtol=1e-4)
 
 
-def test_bench_quick_smoke(tmp_path, capsys):
+def test_bench_quick_smoke(tmp_path, capsys, monkeypatch):
     from megaprorl.bench.kernels import main
 
     out = tmp_path / "bench.json"
     if torch.cuda.is_available():
         pytest.skip("CPU smoke test of the benchmark")
-    assert main(["--quick", "--only", "torch-eager", "triton", "triton-inplace-defer", "--out", str(out)]) == 0
     import json
 
     import triton_kernels.policy_loss as tpl
 
+    monkeypatch.setenv("MEGAPRORL_TRITON_DEFER_ENTROPY", "1")  # the rows set deferral themselves
+    seen = []
+    real_deferred = tpl.entropy_deferred
+    monkeypatch.setattr(tpl, "entropy_deferred", lambda *a, **k: seen.append(real_deferred(*a, **k)) or seen[-1])
+    assert main(["--quick", "--only", "torch-eager", "triton", "triton-inplace", "triton-inplace-defer",
+                 "--out", str(out)]) == 0
+    assert True in seen and False in seen, seen  # triton-inplace ran without deferral despite the env
+    assert os.environ["MEGAPRORL_TRITON_DEFER_ENTROPY"] == "1"  # restored
     rep = json.loads(out.read_text())
     names = {r["name"]: r for r in rep["results"]}
-    for row in ("triton", "torch-eager", "triton-inplace-defer"):
+    for row in ("triton", "torch-eager", "triton-inplace", "triton-inplace-defer"):
         assert names[row]["ms"] is not None, names[row]
     assert tpl.DEFER_ENTROPY["on"] is False  # the row restores the default
     assert main(["--tokens", "8"]) == 2  # full run needs CUDA

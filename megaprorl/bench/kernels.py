@@ -29,6 +29,7 @@ Imports no config / omegaconf, so it runs from a source checkout with ``PYTHONPA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -212,15 +213,11 @@ def run(args) -> Dict:
                     record(r, T, mk("triton"), [x], "logits")
                 elif r == "triton-inplace":
                     # overwrites x with its gradient each call; timing is unaffected by the values
-                    record(r, T, mk("triton", "inplace"), [x], "logits", note="logits buffer reused for the grad")
+                    with _entropy_deferral(False):
+                        record(r, T, mk("triton", "inplace"), [x], "logits", note="logits buffer reused for the grad")
                 elif r == "triton-inplace-defer":
-                    import triton_kernels.policy_loss as tpl
-
-                    saved, tpl.DEFER_ENTROPY["on"] = tpl.DEFER_ENTROPY["on"], True
-                    try:
+                    with _entropy_deferral(True):
                         record(r, T, mk("triton", "inplace"), [x], "logits", note="entropy in the gradient pass")
-                    finally:
-                        tpl.DEFER_ENTROPY["on"] = saved
                 elif r == "cuda":
                     try:
                         import importlib
@@ -400,6 +397,23 @@ def _verl_lm(record, T, hidden, W, tokens, old, ref, adv, w, spec):
 
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+@contextlib.contextmanager
+def _entropy_deferral(on: bool):
+    """The Triton loss with the entropy deferred to the gradient pass (or not) for the duration, whatever
+    MEGAPRORL_TRITON_DEFER_ENTROPY says (it would otherwise override the flag and make both rows one)."""
+    import triton_kernels.policy_loss as tpl
+
+    saved_flag = tpl.DEFER_ENTROPY["on"]
+    saved_env = os.environ.pop("MEGAPRORL_TRITON_DEFER_ENTROPY", None)
+    tpl.DEFER_ENTROPY["on"] = on
+    try:
+        yield
+    finally:
+        tpl.DEFER_ENTROPY["on"] = saved_flag
+        if saved_env is not None:
+            os.environ["MEGAPRORL_TRITON_DEFER_ENTROPY"] = saved_env
 
 
 def _print_row(r):
