@@ -108,7 +108,8 @@ def _generate(pol, tok):
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
-    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4)  # 10 rows: batches of 4, 4 and 2
+    # 10 rows: batches of 4, 4 and 2; finished rows leave the KV cache at every finish (on every stage alike)
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4, compact_every=100)
     prompts = [tok.encode(s) for s in PROMPTS]
     return [[(r.response_ids, r.logprobs, r.finished) for r in eng.generate(prompts, SamplingParams(**sp))]
             for sp in SAMPLING]
