@@ -80,8 +80,9 @@ def test_install_routes_megatron_attention():
 
 
 def test_kv_cache_stores_rotated_keys_with_megatrons_numbers(monkeypatch):
-    """The engine's keys rotated once before the KV cache stores them (megaprorl.models.rope) give Megatron's
-    own path (the cached prefix rotated again at every step) token for token and log-prob for log-prob."""
+    """The engine's keys rotated once before the KV cache stores them, with cos/sin shared by the layers
+    (megaprorl.models.rope), give Megatron's own path (the cached prefix rotated again, cos/sin computed
+    again, in every layer at every step) token for token and log-prob for log-prob."""
     import megatron.core.transformer.attention as attention
 
     from megaprorl.rollout import SamplingParams
@@ -95,7 +96,27 @@ def test_kv_cache_stores_rotated_keys_with_megatrons_numbers(monkeypatch):
     eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=9)
     ours = eng.generate(prompts, params)
     monkeypatch.setattr(attention.Attention, "_adjust_key_value_for_inference", rope._ORIGINAL_ADJUST)
+    monkeypatch.setattr(attention, "apply_rotary_pos_emb", rope._ORIGINAL)  # and Megatron's own rotation
     theirs = eng.generate(prompts, params)
     assert sum(len(r.response_ids) for r in ours) > 40
     assert [r.response_ids for r in ours] == [r.response_ids for r in theirs]
     assert [r.logprobs for r in ours] == [r.logprobs for r in theirs]
+
+
+@pytest.mark.parametrize("rot_dim", [16, 8])  # the whole head, or a partial rotation (t_pass kept)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bshd_rope_with_shared_cos_sin_equals_megatron(rot_dim, dtype):
+    """Unpacked RoPE through megaprorl.models.rope (cos/sin cached per frequency table) equals Megatron's
+    unfused function, values and gradients, and a new table (same shape) is not served stale cos/sin."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    g = torch.Generator().manual_seed(1)
+    for base in (10000.0, 500.0):  # two tables of one shape, one after the other
+        freqs = _freqs(7, d=rot_dim, base=base)
+        t = torch.randn(7, 2, 3, 16, generator=g).to(dtype).requires_grad_()
+        ours = rope.apply_rotary_pos_emb(t, freqs, CFG, mscale=1.0)
+        again = rope.apply_rotary_pos_emb(t, freqs, CFG, mscale=1.0)  # served from the cache
+        theirs = rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, mscale=1.0)
+        assert torch.equal(ours, theirs) and torch.equal(again, theirs)
+        go = torch.randn(ours.shape, generator=g).to(dtype)
+        assert torch.equal(torch.autograd.grad(ours, t, go)[0], torch.autograd.grad(theirs, t, go)[0])

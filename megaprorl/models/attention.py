@@ -43,7 +43,7 @@ class SDPAttention(DotProductAttention):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         kwargs = {}
         if attention_mask is not None:
-            kwargs["attn_mask"] = ~attention_mask.to(torch.bool)
+            kwargs["attn_mask"] = _allowed(attention_mask)
         elif mask_type == AttnMaskType.causal and q.shape[2] > 1:
             if q.shape[2] != k.shape[2]:
                 raise ValueError("causal attention without a mask needs equal query and key lengths")
@@ -115,6 +115,18 @@ def packed_per_sequence(q, k, v, bounds, scale=None):
                                                enable_gqa=gqa)  # [1, heads, L, d]
             outs.append(o.transpose(1, 2))
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+_ALLOWED = {"mask": None, "value": None}  # one entry: Megatron's mask (True = masked) -> SDPA's (True = kept)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's boolean mask from Megatron's, once per mask tensor: the layers of a forward pass (each decode
+    step of the engine) are given the same mask object.  The entry holds that object, so identity cannot
+    be reused while it is cached; masks are not written in place."""
+    if _ALLOWED["mask"] is not mask:
+        _ALLOWED["mask"], _ALLOWED["value"] = mask, ~mask.to(torch.bool)
+    return _ALLOWED["value"]
 
 
 def cpu_boundaries(params) -> None:

@@ -26,6 +26,7 @@ import torch
 _ORIGINAL = None
 _ORIGINAL_ADJUST = None
 _CACHE = {"key": None, "value": None}  # one entry: (freqs, cu_seqlens, tokens) -> per-token freqs
+_TRIG = {"key": None, "value": None}  # one entry: a frequency table's cos and sin (see _cos_sin)
 
 
 def token_positions(cu_seqlens: torch.Tensor, total: int, device=None) -> torch.Tensor:
@@ -55,17 +56,44 @@ def packed_freqs(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> t
     return value
 
 
+def _cos_sin(freqs: torch.Tensor, dtype, mscale: float):
+    """``(cos(freqs) * mscale).to(dtype)`` and the same for sin, as Megatron's unfused RoPE computes them in
+    every call; here once per frequency table, which the layers of a forward pass share (the query and
+    key of every layer, and in decoding each step's slice).  The entry holds the table itself, so its
+    storage cannot be reused by another tensor while the key (address, shape, strides) is cached."""
+    key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), freqs.dtype, freqs.device, dtype, float(mscale))
+    if _TRIG["key"] == key:
+        return _TRIG["value"][1:]
+    cos_ = (torch.cos(freqs) * mscale).to(dtype)
+    sin_ = (torch.sin(freqs) * mscale).to(dtype)
+    _TRIG["key"], _TRIG["value"] = key, (freqs, cos_, sin_)
+    return cos_, sin_
+
+
+def _rotate_bshd(t, freqs, config, mscale: float = 1.0):
+    """Megatron's ``_apply_rotary_pos_emb_bshd`` (not multi-latent), element for element, with the cos and
+    sin shared through ``_cos_sin`` and no concatenation when the rotation covers the whole head."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rot_dim = freqs.shape[-1]
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    cos_, sin_ = _cos_sin(freqs, t.dtype, mscale)
+    t = (t * cos_) + (rope_utils._rotate_half(t, config.rotary_interleaved) * sin_)
+    return t if t_pass.shape[-1] == 0 else torch.cat((t, t_pass), dim=-1)
+
+
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
     """Drop-in for ``megatron.core.models.common.embeddings.rope_utils.apply_rotary_pos_emb``."""
     from megatron.core.models.common.embeddings import rope_utils
 
     cp_size = cp_group.size() if cp_group is not None else 1
-    if cu_seqlens is None or config.apply_rope_fusion or cp_size > 1 or t.dim() != 3:
+    if config.apply_rope_fusion or cp_size > 1 or config.multi_latent_attention or (cu_seqlens is not None
+                                                                                     and t.dim() != 3):
         return (_ORIGINAL or rope_utils.apply_rotary_pos_emb)(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    if cu_seqlens is None:
+        return _rotate_bshd(t, freqs, config, mscale)
     per_token = packed_freqs(freqs, cu_seqlens, t.shape[0])
-    return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), per_token, rotary_interleaved=config.rotary_interleaved,
-        multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)
+    return _rotate_bshd(t.unsqueeze(1), per_token, config, mscale).squeeze(1)
 
 
 def adjust_key_value_rotating_once(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
