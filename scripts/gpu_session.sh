@@ -2,12 +2,14 @@
 # The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
 # start included).  First `bash scripts/fetch_gpu_wheels.sh` here (fills .whl/), then
 #   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=590)
-# Steps in order of what only a GPU can show, each with its own time limit (total 565 s):
+# Steps in order of what only a GPU can show, each with its own time limit (total 625 s; the call's 590 s may cut step 6 short):
 #   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
 #   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
 #   4. `bench step` at 16K with train.fused_lm_head (no [T, V] logits), one timed step
 #   5. scripts/attn_probe.py (which attention path packed sequences should take)
+#   6. `bench step` with rollouts, the shape of session 1's engine figure (64 rows x 256 tokens, 14.9 s then),
+#      after the decode changes of 2026-12-02; last, so a call cut off at its timeout loses only this one
 # .whl/ brings megatron-core (bench step, policy tests), liger-kernel and verl (their bench rows).
 # TransformerEngine / FP8 does not fit in this budget: scripts/gpu_te.sh.
 set -uo pipefail
@@ -30,3 +32,5 @@ step bench_step_16k_fused 100 python3 -m megaprorl.bench.step --preset qwen2-1.5
   --prompt-len 1024 --response-len 15360 --micro-batch-size 1 --skip-rollout --repeats 1 --distributed-optimizer \
   --recompute selective --fused-lm-head --out "$OUT/bench_step_16k_fused.json"
 step attn_probe 45 python3 scripts/attn_probe.py --iters 2 --out "$OUT/attn_probe.json"
+step bench_step_rollout 60 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 \
+  --prompt-len 256 --response-len 256 --repeats 1 --out "$OUT/bench_step_rollout.json"

@@ -21,6 +21,10 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
     assert rep["pack_tokens"] == (64 if "--pack-tokens" in extra else 0)
     if "--skip-rollout" not in extra:
         assert t["rollout"] > 0  # the embedded engine decoded the responses
+        assert rep["rollout_tokens_per_s"] > 0
+        assert 0 < rep["engine"]["decode_row_steps"] <= rep["engine"]["dense_row_steps"]
+    else:
+        assert rep["rollout_tokens_per_s"] is None and rep["engine"] is None
 
 
 def test_attention_probe_writes_report(tmp_path):

@@ -210,6 +210,9 @@ def main(argv=None) -> int:
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],
         "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),
+        # generated tokens per second of the embedded engine, and its decode rows of the last timed step
+        "rollout_tokens_per_s": None if args.skip_rollout else med["response_tokens"] / med["rollout"],
+        "engine": None if args.skip_rollout else dict(engine.stats),
         "mfu_update": mfu_update, "mfu_trainer": mfu_trainer, "peak_tflops": peak,
         "peak_memory_gb": peak_mem,
     }
@@ -222,6 +225,10 @@ def main(argv=None) -> int:
         for k in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
             print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
+        if res["rollout_tokens_per_s"] is not None:
+            e = res["engine"]
+            print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; decode rows {e['decode_row_steps']} "
+                  f"of {e['dense_row_steps']} in lock-step, {e['compactions']} compactions")
         if mfu_update is not None:
             print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "
                   f"(peak {peak:.0f} TFLOP/s)")
