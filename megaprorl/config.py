@@ -82,6 +82,7 @@ class RolloutConfig:
     max_new_tokens: int = 8192
     batch_size: int = 64  # sequences decoded together
     compact_every: int = 8  # embedded engine: drop finished rows once they are >= 1/this of the cache (0: never)
+    lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
     trtllm_engine_dir: str = ""
     trtllm_kv_cache_fraction: float = 0.5
 

@@ -1,4 +1,5 @@
-"""Time the embedded engine with and without dropping finished rows from the decode batch (CPU or GPU).
+"""Time the embedded engine with and without dropping finished rows from the decode batch, and with its
+decode steps through the lean stage or Megatron's forward (CPU or GPU).
 
 A random policy over the built-in character tokenizer (about 1 % EOS per step, so response lengths
 spread over the budget as RL responses do), ``--rows`` rows decoded to at most ``--max-new-tokens``.
@@ -7,6 +8,9 @@ compactions and the wall time.  ``--no-eos`` decodes every row to the budget (a 
 speed test of the engine as a whole).
 
     PYTHONPATH=.:tests python3 scripts/engine_compaction.py [--rows 64] [--max-new-tokens 256]
+    # host-bound decode (what a GPU's decode of a small-batch model is): tiny layers, one thread
+    PYTHONPATH=.:tests python3 scripts/engine_compaction.py --rows 4 --layers 8 --hidden 64 --heads 4 \
+        --max-new-tokens 200 --no-eos --compact-every 0 --lean-decode 0 1 --threads 1
 """
 
 from __future__ import annotations
@@ -24,25 +28,31 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--compact-every", type=int, nargs="+", default=[0, 8])
+    ap.add_argument("--lean-decode", type=int, nargs="+", default=[1], choices=[0, 1],
+                    help="decode steps through the engine's lean stage (1) or Megatron's forward (0)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-eos", action="store_true", help="every row decodes to --max-new-tokens (long-context decode)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tiny_models import tiny_policy
 
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
     pol, tok = tiny_policy({"num_layers": args.layers, "hidden_size": args.hidden, "ffn_hidden_size": 4 * args.hidden,
-                            "num_attention_heads": 8, "num_query_groups": 2,
+                            "num_attention_heads": args.heads, "num_query_groups": 2,
                             "max_position_embeddings": 16 + args.max_new_tokens}, trainable=False)
     prompts = [tok.encode(f"{i}+{2 * i}=") for i in range(args.rows)]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, n=1, seed=7, temperature=1.0)
     rows, want = [], None
-    for every in args.compact_every:
+    for every, lean in [(e, bool(x)) for e in args.compact_every for x in args.lean_decode]:
         eng = MegatronEngine(pol, -1 if args.no_eos else tok.eos_id, tok.pad_id, batch_size=args.rows,
-                             compact_every=every)
+                             compact_every=every, lean_decode=lean)
         eng.generate(prompts[:2], SamplingParams(max_new_tokens=4, n=1, seed=0))  # warm-up
         t0 = time.perf_counter()
         out = eng.generate(prompts, params)
@@ -52,13 +62,15 @@ def main(argv=None) -> int:
             want = ids
         assert ids == want, "the runs drew different tokens"
         lens = [len(x) for x in ids]
-        rows.append(dict(compact_every=every, seconds=secs, **eng.stats, finished=sum(r.finished for r in out),
-                         mean_len=sum(lens) / len(lens), max_len=max(lens)))
-    print(f"{'compact_every':>13} {'seconds':>8} {'decode rows':>11} {'dense rows':>10} {'compactions':>11} "
-          f"{'finished':>8} {'mean len':>8}")
+        rows.append(dict(compact_every=every, lean_decode=lean, seconds=secs, ms_per_step=1000 * secs / max(lens),
+                         **eng.stats, finished=sum(r.finished for r in out), mean_len=sum(lens) / len(lens),
+                         max_len=max(lens)))
+    print(f"{'compact_every':>13} {'lean':>5} {'seconds':>8} {'ms/step':>8} {'decode rows':>11} {'dense rows':>10} "
+          f"{'compactions':>11} {'finished':>8} {'mean len':>8}")
     for r in rows:
-        print(f"{r['compact_every']:>13} {r['seconds']:>8.2f} {r['decode_row_steps']:>11} {r['dense_row_steps']:>10} "
-              f"{r['compactions']:>11} {r['finished']:>8} {r['mean_len']:>8.1f}")
+        print(f"{r['compact_every']:>13} {int(r['lean_decode']):>5} {r['seconds']:>8.2f} {r['ms_per_step']:>8.2f} "
+              f"{r['decode_row_steps']:>11} {r['dense_row_steps']:>10} {r['compactions']:>11} {r['finished']:>8} "
+              f"{r['mean_len']:>8.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

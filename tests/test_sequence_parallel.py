@@ -2,7 +2,8 @@
 ``parallel.sequence_parallel`` equals the same policy without it, in log-probs, entropies, loss statistics
 and every parameter's gradient (the norms' partial gradients all-reduced by Megatron's
 ``finalize_model_grads``), in padded and packed micro-batches, with the logits path and the fused LM head;
-the embedded engine (sequence parallelism off while it decodes) returns the same rollouts."""
+the embedded engine (sequence parallelism off while it decodes) returns the same rollouts, and its lean
+decode stage returns Megatron's forward's rollouts exactly (TP=2, and TP=2 x PP=2)."""
 
 import copy
 
@@ -52,6 +53,8 @@ def _job(rank, world, pp, pack, fused, engine):
         grads = {n: q.grad.detach().clone() for n, q in pol.model.named_parameters() if q.grad is not None}
         out[sp] = dict(lp=lp, ent=ent, stats=stats, grads=grads, mask=batch.loss_mask > 0,
                        rollouts=_generate(pol, tok) if engine else None)
+        if engine and not sp:  # the lean decode stage (TP reductions, PP stages) = Megatron's forward, exactly
+            assert _generate(pol, tok, lean=False) == out[sp]["rollouts"]
         assert pol.model.config.sequence_parallel == sp  # restored after generating
     return out
 

@@ -293,3 +293,33 @@ def test_finished_rows_leave_the_decode_batch(policy, greedy):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
         assert eng.stats["compactions"] >= 1, eng.stats
         assert eng.stats["decode_row_steps"] < eng.stats["dense_row_steps"] == dense.stats["dense_row_steps"]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_lean_decode_equals_megatrons_forward(policy, greedy):
+    """Decode steps through the engine's lean stage give Megatron's forward's tokens, finish flags and
+    log-probs bit for bit (rows leaving the cache on both sides)."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine, lean_decode_unsupported
+
+    pol, tok = policy
+    assert lean_decode_unsupported(pol.model) is None
+    params = SamplingParams(max_new_tokens=24, n=4, seed=9, temperature=1.0, greedy=greedy)
+    runs = []
+    for lean in (False, True):
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=12, lean_decode=lean)
+        assert eng.lean_decode == lean
+        runs.append(eng.generate(_prompts(tok), params))
+    assert sum(len(r.response_ids) for r in runs[0]) > 100
+    assert [r.response_ids for r in runs[1]] == [r.response_ids for r in runs[0]]
+    assert [r.finished for r in runs[1]] == [r.finished for r in runs[0]]
+    assert [r.logprobs for r in runs[1]] == [r.logprobs for r in runs[0]]
+
+
+def test_lean_decode_declines_what_it_does_not_cover():
+    from megaprorl.rollout.megatron_engine import MegatronEngine, lean_decode_unsupported
+    from tiny_models import tiny_policy
+
+    pol, tok = tiny_policy({"attention": "megatron"}, trainable=False)  # Megatron's DotProductAttention
+    assert "SDPAttention" in lean_decode_unsupported(pol.model)
+    assert MegatronEngine(pol, tok.eos_id, tok.pad_id).lean_decode is False

@@ -49,7 +49,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
         from .megatron_engine import MegatronEngine
 
         return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                              batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every)
+                              batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
+                              lean_decode=cfg.rollout.lean_decode)
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

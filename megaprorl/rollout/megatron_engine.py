@@ -22,6 +22,17 @@ are spread over the whole budget, and without this every row would be decoded un
 finishes.  Sampling still draws for all rows (finished ones from placeholder logits), so the random
 stream, and with it every row's tokens, does not depend on when rows leave.
 
+Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
+(``lean_decode``, the local layer spec of the Qwen2 / Llama shape): each layer is its norms, four
+matmuls, the rotation of the new query and key, the KV-cache write and the same SDPA call, with the
+same TP reductions; the embedding, norms, attention module and output layer are Megatron's own
+modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
+every layer's kernels launched from Python), so the host time per layer is the decode rate: with
+compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less time this way
+(docs/benchmarks.md).  The prefill stays on Megatron's forward (one call per batch).  Same tokens
+and log-probs as Megatron's path, bit for bit (tests/test_spine.py, tests/test_sequence_parallel.py
+at TP=2 and TP=2 x PP=2).
+
 Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
 token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
 recomputes the old-policy log-probs that the loss uses.
@@ -65,6 +76,41 @@ def _fp8_off(config):
         config.fp8 = saved
 
 
+def lean_decode_unsupported(model) -> Optional[str]:
+    """Why the engine's lean decode step cannot stand in for this model's forward (None: it can).  It covers
+    the local layer spec of the Qwen2 / Llama shape: torch RMSNorm, SDPA core attention, rotary positions,
+    grouped-query attention with whole query groups per TP rank, a SwiGLU MLP, no q/k norms, no MoE."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from ..models.attention import SDPAttention
+
+    cfg = model.config
+    checks = [
+        (getattr(model, "position_embedding_type", None) == "rope", "positions are not plain RoPE"),
+        (not cfg.apply_rope_fusion and not cfg.rotary_interleaved and not cfg.multi_latent_attention
+         and not cfg.flash_decode, "fused, interleaved or latent RoPE, or flash decode"),
+        (cfg.gated_linear_unit and cfg.activation_func_clamp_value is None, "the MLP is not a plain GLU"),
+        (not cfg.num_moe_experts, "mixture of experts"),
+        (cfg.num_query_groups % cfg.tensor_model_parallel_size == 0, "query groups split across TP ranks"),
+        (not getattr(cfg, "attention_output_gate", False), "gated attention output"),
+    ]
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
+        att = layer.self_attention
+        checks += [
+            (type(layer) is TransformerLayer, f"layer type {type(layer).__name__}"),
+            (isinstance(att.core_attention, SDPAttention), "core attention is not SDPAttention (local spec)"),
+            (all(n is None or isinstance(n, IdentityOp) for n in (att.q_layernorm, att.k_layernorm)), "q/k norms"),
+            (isinstance(layer.input_layernorm, torch.nn.RMSNorm)
+             and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm), "norms are not torch RMSNorm"),
+            (hasattr(layer.mlp, "linear_fc1") and hasattr(layer.mlp, "linear_fc2"), "the MLP is not Megatron's MLP"),
+        ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
 @contextlib.contextmanager
 def _sequence_parallel_off(model):
     """Megatron reads sequence parallelism from the shared TransformerConfig (embedding scatter, block RNG
@@ -89,13 +135,17 @@ def _sequence_parallel_off(model):
 
 
 class MegatronEngine:
-    def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8):
+    def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
+                 lean_decode: bool = True):
         """``compact_every``: drop finished rows from the KV cache once they are at least 1/compact_every
-        of the rows in it (each drop copies the running rows' cache once); 0 never drops them."""
+        of the rows in it (each drop copies the running rows' cache once); 0 never drops them.
+        ``lean_decode``: decode steps through ``_lean_stage`` where ``lean_decode_unsupported`` finds
+        nothing against it (else, and with False, through Megatron's forward)."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.batch_size = batch_size
         self.compact_every = int(compact_every)
+        self.lean_decode = bool(lean_decode) and lean_decode_unsupported(policy.model) is None
         self.stats = {"decode_row_steps": 0, "dense_row_steps": 0, "compactions": 0}  # of the last generate()
         self.weights_version = 0
         self._awake = True
@@ -133,25 +183,77 @@ class MegatronEngine:
             model.train(was_training)
         return out
 
-    def _forward(self, tokens, pos, mask, ctx):
-        """This stage's forward; returns the gathered logits on the last stage, None on the others."""
+    def _forward(self, tokens, pos, mask, ctx, lean: bool = False):
+        """This stage's forward (Megatron's, or with ``lean`` a decode step through ``_lean_stage``); returns
+        the gathered logits [b, s, V] on the last stage, None on the others."""
         model = self.policy.model
         if self.pp == 1:
+            if lean:
+                return self._lean_stage(tokens, pos, mask, ctx, None, True, True)
             return model(tokens, pos, mask, inference_context=ctx, runtime_gather_output=True)
         from megatron.core import parallel_state as mps
 
         dtype = model.config.pipeline_dtype or model.config.params_dtype
-        if not mps.is_pipeline_first_stage():
+        first, last = mps.is_pipeline_first_stage(), mps.is_pipeline_last_stage()
+        hidden = None
+        if not first:
             hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size, dtype=dtype,
                                  device=self.policy.device)
             dist.recv(hidden, src=mps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(tokens if mps.is_pipeline_first_stage() else None, pos, mask, inference_context=ctx,
-                    runtime_gather_output=True)
-        if mps.is_pipeline_last_stage():
+        if lean:
+            out = self._lean_stage(tokens, pos, mask, ctx, hidden, first, last)
+        else:
+            if hidden is not None:
+                model.set_input_tensor(hidden)
+            out = model(tokens if first else None, pos, mask, inference_context=ctx, runtime_gather_output=True)
+        if last:
             return out
         dist.send(out.to(dtype).contiguous(), dst=mps.get_pipeline_model_parallel_next_rank())
         return None
+
+    def _lean_stage(self, tokens, pos, mask, ctx, hidden, first: bool, last: bool):
+        """One decode step of this stage's layers, as Megatron's forward computes it (same modules for the
+        embedding, norms, core attention and output layer; the linear layers as their no-grad forward:
+        matmul, bias, TP all-reduce of the row-parallel ones), without its plumbing.  ``hidden`` [1, b, h]
+        from the previous stage when not ``first``.  Returns logits [b, 1, V] when ``last``, else hidden."""
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+        from megatron.core.transformer.enums import AttnMaskType
+
+        from ..models.rope import _rotate_bshd
+
+        model = self.policy.model
+        cfg = model.config
+        x = model.embedding(input_ids=tokens, position_ids=pos) if first else hidden  # [1, b, h]
+        b, cur = x.shape[1], ctx.sequence_len_offset
+        freqs = model.rotary_pos_emb(ctx.max_sequence_length)[cur: cur + 1]  # the table Megatron's path uses
+
+        def linear(layer, inp, reduce):
+            out = torch.matmul(inp, layer.weight.t())
+            if reduce:
+                out = reduce_from_tensor_model_parallel_region(out)
+            return out if layer.bias is None else out + layer.bias
+
+        for layer in model.decoder.layers:
+            att, mlp = layer.self_attention, layer.mlp
+            ng, hn = att.num_query_groups_per_partition, att.hidden_size_per_attention_head
+            npg = att.num_attention_heads_per_partition // ng
+            qkv = linear(att.linear_qkv, layer.input_layernorm(x), False).view(1, b, ng, (npg + 2) * hn)
+            q, k, v = torch.split(qkv, [npg * hn, hn, hn], dim=3)
+            q = _rotate_bshd(q.reshape(1, b, -1, hn), freqs, cfg)
+            k = _rotate_bshd(k, freqs, cfg)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
+            key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
+            key_mem[cur: cur + 1, :b] = k
+            val_mem[cur: cur + 1, :b] = v
+            o = att.core_attention(q, key_mem[: cur + 1, :b], val_mem[: cur + 1, :b], mask,
+                                   attn_mask_type=AttnMaskType.no_mask)
+            x = x + linear(att.linear_proj, o, True)
+            gate, up = torch.chunk(linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), False), 2, dim=-1)
+            x = x + linear(mlp.linear_fc2, cfg.activation_func(gate) * (up + cfg.glu_linear_offset), True)
+        if not last:
+            return x
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(model.decoder.final_layernorm(x), weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1)
 
     def _from_last_stage(self, nxt, lp, B):
         """The last stage's drawn tokens and log-probs, on every stage of the pipeline (one broadcast)."""
@@ -226,7 +328,7 @@ class MegatronEngine:
             if self._should_compact(pending, B if rows is None else len(rows)):
                 rows, pending = self._compact(ctx, rows, done, cur), 0
             step = (slice(None) if rows is None else rows, slice(cur, cur + 1))
-            logits = self._forward(tokens[step], pos[step], pad_mask[step[0], ..., : cur + 1], ctx)
+            logits = self._forward(tokens[step], pos[step], pad_mask[step[0], ..., : cur + 1], ctx, self.lean_decode)
             ctx.sequence_len_offset += 1
             self.stats["decode_row_steps"] += B if rows is None else len(rows)
             self.stats["dense_row_steps"] += B
