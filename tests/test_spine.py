@@ -323,3 +323,13 @@ def test_lean_decode_declines_what_it_does_not_cover():
     pol, tok = tiny_policy({"attention": "megatron"}, trainable=False)  # Megatron's DotProductAttention
     assert "SDPAttention" in lean_decode_unsupported(pol.model)
     assert MegatronEngine(pol, tok.eos_id, tok.pad_id).lean_decode is False
+
+
+def test_lean_decode_needs_keys_cached_rotated(policy, monkeypatch):
+    import megatron.core.transformer.attention as attention
+
+    from megaprorl.models import rope
+    from megaprorl.rollout.megatron_engine import lean_decode_unsupported
+
+    monkeypatch.setattr(attention.Attention, "_adjust_key_value_for_inference", rope._ORIGINAL_ADJUST)
+    assert "unrotated" in lean_decode_unsupported(policy[0].model)

@@ -83,10 +83,16 @@ def lean_decode_unsupported(model) -> Optional[str]:
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
+    import megatron.core.transformer.attention as mattention
+
+    from ..models import rope
     from ..models.attention import SDPAttention
 
     cfg = model.config
     checks = [
+        # the prefill (Megatron's forward) must store its keys rotated, as the lean steps do
+        (mattention.Attention._adjust_key_value_for_inference is rope.adjust_key_value_rotating_once,
+         "megaprorl.models.rope is not installed (keys are cached unrotated)"),
         (getattr(model, "position_embedding_type", None) == "rope", "positions are not plain RoPE"),
         (not cfg.apply_rope_fusion and not cfg.rotary_interleaved and not cfg.multi_latent_attention
          and not cfg.flash_decode, "fused, interleaved or latent RoPE, or flash decode"),
