@@ -93,14 +93,17 @@ def test_kv_cache_stores_rotated_keys_with_megatrons_numbers(monkeypatch):
     assert attention.Attention._adjust_key_value_for_inference is rope.adjust_key_value_rotating_once
     prompts = [tok.encode(s) for s in ["1+2=", "13+45=", "7+88="]]
     params = SamplingParams(max_new_tokens=12, n=3, seed=5, temperature=1.0)
-    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=9)
-    ours = eng.generate(prompts, params)
+    runs = [MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=9, lean_decode=lean).generate(prompts, params)
+            for lean in (False, True)]  # Megatron's forward with rotated keys cached, and the lean steps
     monkeypatch.setattr(attention.Attention, "_adjust_key_value_for_inference", rope._ORIGINAL_ADJUST)
     monkeypatch.setattr(attention, "apply_rotary_pos_emb", rope._ORIGINAL)  # and Megatron's own rotation
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=9)
+    assert not eng.lean_decode  # declined: the prefill would cache unrotated keys
     theirs = eng.generate(prompts, params)
-    assert sum(len(r.response_ids) for r in ours) > 40
-    assert [r.response_ids for r in ours] == [r.response_ids for r in theirs]
-    assert [r.logprobs for r in ours] == [r.logprobs for r in theirs]
+    assert sum(len(r.response_ids) for r in theirs) > 40
+    for ours in runs:
+        assert [r.response_ids for r in ours] == [r.response_ids for r in theirs]
+        assert [r.logprobs for r in ours] == [r.logprobs for r in theirs]
 
 
 @pytest.mark.parametrize("rot_dim", [16, 8])  # the whole head, or a partial rotation (t_pass kept)
