@@ -6,9 +6,10 @@ query and for the key of every layer, forward and backward: a few ops per sequen
 rotation itself only needs each token's position inside its own sequence, which is the same for
 every layer of a forward pass.  ``install()`` reroutes Megatron's attention to ``apply_rotary_pos_emb``
 below: for a packed input it gathers the per-token frequencies once per (frequency table,
-boundaries) pair, and rotates the whole pack with Megatron's own ``bshd`` function; every other case
-(no packing, fused RoPE, context parallelism, multi-latent attention) goes to Megatron unchanged.
-Same numbers as Megatron's path, element for element (tests/test_packing.py).
+boundaries) pair, and rotates the whole pack as Megatron's ``bshd`` function does (``rotate_bshd``,
+which also serves unpacked inputs, with cos and sin computed once per frequency table); fused RoPE,
+context parallelism and multi-latent attention go to Megatron unchanged.  Same numbers as Megatron's
+path, element for element (tests/test_packing.py, tests/test_rope_packed.py).
 
 KV-cached decoding (the embedded engine, Megatron's static inference context): Megatron stores keys
 in the cache unrotated and rotates the whole cached prefix ``[t, b, groups, d]`` again in every layer
@@ -70,7 +71,7 @@ def _cos_sin(freqs: torch.Tensor, dtype, mscale: float):
     return cos_, sin_
 
 
-def _rotate_bshd(t, freqs, config, mscale: float = 1.0):
+def rotate_bshd(t, freqs, config, mscale: float = 1.0):
     """Megatron's ``_apply_rotary_pos_emb_bshd`` (not multi-latent), element for element, with the cos and
     sin shared through ``_cos_sin`` and no concatenation when the rotation covers the whole head."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -91,9 +92,9 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
                                                                                      and t.dim() != 3):
         return (_ORIGINAL or rope_utils.apply_rotary_pos_emb)(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
     if cu_seqlens is None:
-        return _rotate_bshd(t, freqs, config, mscale)
+        return rotate_bshd(t, freqs, config, mscale)
     per_token = packed_freqs(freqs, cu_seqlens, t.shape[0])
-    return _rotate_bshd(t.unsqueeze(1), per_token, config, mscale).squeeze(1)
+    return rotate_bshd(t.unsqueeze(1), per_token, config, mscale).squeeze(1)
 
 
 def adjust_key_value_rotating_once(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):

@@ -225,7 +225,7 @@ class MegatronEngine:
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
         from megatron.core.transformer.enums import AttnMaskType
 
-        from ..models.rope import _rotate_bshd
+        from ..models.rope import rotate_bshd
 
         model = self.policy.model
         cfg = model.config
@@ -245,8 +245,8 @@ class MegatronEngine:
             npg = att.num_attention_heads_per_partition // ng
             qkv = linear(att.linear_qkv, layer.input_layernorm(x), False).view(1, b, ng, (npg + 2) * hn)
             q, k, v = torch.split(qkv, [npg * hn, hn, hn], dim=3)
-            q = _rotate_bshd(q.reshape(1, b, -1, hn), freqs, cfg)
-            k = _rotate_bshd(k, freqs, cfg)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
+            q = rotate_bshd(q.reshape(1, b, -1, hn), freqs, cfg)
+            k = rotate_bshd(k, freqs, cfg)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
             key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
             key_mem[cur: cur + 1, :b] = k
             val_mem[cur: cur + 1, :b] = v
@@ -317,9 +317,9 @@ class MegatronEngine:
                     z = z.new_zeros(B, z.shape[1]).index_copy_(0, rows, z)
                 nxt, lp = self._sample(z, params, gen)
             nxt, lp = self._from_last_stage(nxt, lp, B)
-            nxt_l, lp_l, done_l = nxt.tolist(), lp.tolist(), done.tolist()  # one device->host copy per step
+            nxt_l, lp_l = nxt.tolist(), lp.tolist()  # the step's device->host copies (``done`` = ``finished``)
             for b in range(B):
-                if not done_l[b]:
+                if not finished[b]:
                     resp[b].append(nxt_l[b])
                     lps[b].append(lp_l[b])
                     if nxt_l[b] == self.eos_id:
