@@ -206,6 +206,24 @@ def find_latest(root: str, world_size: int) -> Optional[str]:
     return None
 
 
+def resolve_checkpoint(path: str, key: str) -> str:
+    """The checkpoint that ``path`` names, for reading its model state: a step directory, or a checkpoints
+    root / run directory (its newest complete checkpoint with a ``MODEL_DIR``).  ``key`` (the config key
+    or option that gave the path) is named in the error when there is none."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{key}: {path!r} is not a directory")
+    if os.path.exists(os.path.join(path, COMPLETE)):
+        if not has_model_dir(path):
+            raise ValueError(f"{key}: checkpoint {path} has no {MODEL_DIR}/ (written before distributed checkpoints)")
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        usable = [p for _, p in list_checkpoints(root, verbose=False) if has_model_dir(p)]
+        if usable:
+            return usable[-1]
+    raise ValueError(f"{key}: no complete checkpoint in {path!r} (give a step_XXXXXXXX directory, its "
+                     "checkpoints/ directory or the run directory)")
+
+
 def has_model_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, MODEL_DIR))
 

@@ -45,6 +45,9 @@ def cmd_train(argv: List[str]) -> int:
 
     try:
         summary = train(cfg)
+    except ConfigError as e:  # found once the files it names were read (model.hf_path, model.load, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,7 +45,10 @@ class ModelConfig:
     tokenizer: str = "builtin"  # builtin | builtin-ascii (character tokenizers) | a local HF tokenizer directory
     use_chat_template: bool = True
     hf_path: str = ""  # local HF checkpoint to initialise from (see `megaprorl convert`)
-    load: str = ""  # megaprorl checkpoint directory to initialise the policy from
+    # initialise the policy (and reference) from a megaprorl checkpoint's weights, at this run's layout (a
+    # step directory, or a run / checkpoints directory: its newest); the optimizer and run state start fresh.
+    # With model.hf_path too, the HF directory gives the architecture check and end tokens, not the weights
+    load: str = ""
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     attention: str = "sdpa"  # local spec's core attention: sdpa (torch SDPA / flash) | megatron
     fp8: str = ""  # "" | e4m3 | hybrid (needs TransformerEngine)
@@ -83,6 +86,9 @@ class RolloutConfig:
     batch_size: int = 64  # sequences decoded together
     compact_every: int = 8  # embedded engine: drop finished rows once they are >= 1/this of the cache (0: never)
     lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
+    # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
+    # generation_config.json in model.tokenizer and model.hf_path
+    stop_token_ids: List[int] = field(default_factory=list)
     trtllm_engine_dir: str = ""
     trtllm_kv_cache_fraction: float = 0.5
 
@@ -239,12 +245,21 @@ def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: {str(e).splitlines()[0]} (key '{key}')")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Structured config from defaults <- YAML file <- dotted ``key=value`` overrides."""
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, text: Optional[str] = None,
+                where: str = "") -> Config:
+    """Structured config from defaults <- YAML file (or the YAML ``text``, e.g. a checkpoint's resolved
+    config; ``where`` names it in errors) <- dotted ``key=value`` overrides."""
     base = OmegaConf.structured(Config)
     OmegaConf.set_struct(base, True)
-    if path:
+    if text is not None:
+        path = where or "config text"
+        try:
+            file_cfg = OmegaConf.create(text)
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    elif path:
         file_cfg = _load_yaml_chain(path, ())
+    if path:
         try:
             base = OmegaConf.merge(base, file_cfg)
         except OmegaConfBaseException as e:
@@ -295,6 +310,7 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(all(i >= 0 for i in cfg.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids are >= 0")
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")

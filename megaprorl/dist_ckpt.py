@@ -12,6 +12,7 @@ layout.  A checkpoint records which optimizer wrote it; resuming with the other 
 
     save_policy(directory, policy, reference=None, extra_common=None)      # collective
     load_policy(directory, policy, reference=None, load_optimizer=True)    # collective -> common dict
+    load_weights(directory, model, prefix="")                              # collective -> common dict
 """
 
 from __future__ import annotations
@@ -145,6 +146,21 @@ def load_policy(directory: str, policy, reference=None, load_optimizer: bool = T
         reference.model.load_state_dict(ref, strict=False)
         _check_loaded(reference.model, ref, directory)
     return dict(common.get("common", {}))
+
+
+def load_weights(directory: str, model, prefix: str = "") -> Dict:
+    """Collective: fill ``model`` (a GPTModel of this rank's layout) with the weights saved under
+    ``prefix`` ("" the policy, ``REFERENCE_PREFIX`` the reference), nothing else read.  Returns the
+    checkpoint's common dict."""
+    from megatron.core import dist_checkpointing
+
+    if prefix and not _has_prefix(directory, prefix):
+        raise KeyError(f"{directory}: the checkpoint holds no tensors under {prefix!r}")
+    loaded = dist_checkpointing.load({"model": _model_sharded(model, prefix)}, directory)["model"]
+    sd = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in loaded.items()}
+    model.load_state_dict(sd, strict=False)
+    _check_loaded(model, sd, directory)
+    return dict(dist_checkpointing.load_common_state_dict(directory).get("common", {}))
 
 
 def _check_loaded(model, loaded: Dict, directory: str) -> None:

@@ -28,7 +28,7 @@ from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
-from .config import Config, to_yaml
+from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .models.tokenizer import build_tokenizer
 from .parallel import dp_group, dp_rank, dp_world, init_distributed, tp_rank
@@ -92,15 +92,48 @@ class Trainer:
         vocab = self.tokenizer.vocab_size
         hf_cfg = None
         if cfg.model.hf_path:
-            from .models.convert import hf_vocab_size, load_hf_config, load_hf_into_model
+            from .models.convert import (ConversionError, check_model_config, hf_vocab_size, load_hf_config,
+                                         load_hf_into_model)
+            from .models.tokenizer import generation_eos_ids
 
             hf_cfg = load_hf_config(cfg.model.hf_path)
+            try:
+                check_model_config(cfg.model, hf_cfg, cfg.model.hf_path)
+            except ConversionError as e:
+                raise ConfigError(f"config key 'model.hf_path': {e}") from None
             vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
+            self.tokenizer.add_stop_ids(generation_eos_ids(cfg.model.hf_path))
+        load_src = None
+        if cfg.model.load:
+            from megatron.core import dist_checkpointing
+
+            try:
+                load_src = ckpt.resolve_checkpoint(cfg.model.load, "config key 'model.load'")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            common = dist_checkpointing.load_common_state_dict(os.path.join(load_src, ckpt.MODEL_DIR))
+            saved = common.get("common", {}).get("vocab_size")
+            if saved is not None and int(saved) != vocab:
+                if hf_cfg is not None:
+                    raise ConfigError(f"config key 'model.load': {load_src} was trained with {saved} vocabulary "
+                                      f"rows, {cfg.model.hf_path}/config.json has vocab_size {vocab}")
+                vocab = int(saved)  # the rows of the checkpoint's embedding (an HF-started run's, say)
+        self.tokenizer.add_stop_ids(cfg.rollout.stop_token_ids)
+        bad = [i for i in self.tokenizer.stop_ids if not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"config key 'rollout.stop_token_ids': stop token ids {bad} are outside the "
+                              f"vocabulary of {vocab} (the tokenizer's EOS and generation_config.json included)")
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
                              loss_grad_mode=cfg.train.loss_grad_mode, **head)
-        if hf_cfg is not None:
+        if load_src is not None:
+            from .dist_ckpt import load_policy
+
+            # the policy's weights only (optimizer fresh; main weights follow), at this run's layout
+            load_policy(os.path.join(load_src, ckpt.MODEL_DIR), self.policy, load_optimizer=False)
+            self._say(f"policy initialised from {load_src}")
+        elif hf_cfg is not None:
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
             self.policy.optimizer.reload_model_params()  # fp32 main weights follow the loaded model
         self.use_ref = cfg.algo.kl.coef > 0
@@ -389,7 +422,8 @@ class Trainer:
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": to_yaml(self.cfg)}
         path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
-                         write_model=lambda d: save_policy(d, self.policy, self.reference))
+                         write_model=lambda d: save_policy(d, self.policy, self.reference,
+                                                           extra_common={"vocab_size": self.policy.vocab_size}))
         self.saved_step = self.step
         return path
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from tiny_models import randomize_hf_params
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
@@ -43,14 +44,7 @@ def _make_hf(family, path):
     torch.manual_seed(0 if family == "qwen2" else 1)
     cfg = _hf_config(family)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
-    with torch.no_grad():  # make every tensor (norms and biases too) non-trivial
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
+    randomize_hf_params(model)  # norms and biases non-trivial too
     # Llama is written as a sharded checkpoint (index json), Qwen2 as one model.safetensors.
     model.save_pretrained(path, max_shard_size="60KB" if family == "llama" else "5GB")
     return model.eval()

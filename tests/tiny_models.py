@@ -30,3 +30,18 @@ def tiny_policy(model_overrides=None, **policy_kwargs):
     tok = CharTokenizer()
     policy_kwargs.setdefault("pad_id", tok.pad_id)
     return Policy(m, p, o, tok.vocab_size, info.device, "torch", **policy_kwargs), tok
+
+
+def randomize_hf_params(model, scale: float = 0.05):
+    """Make every tensor of an HF model non-trivial (norms near 1, biases and weights random), in place."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model

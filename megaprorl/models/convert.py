@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -162,6 +163,61 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
     if dtype in _DTYPE_NAMES:
         out["params_dtype"] = _DTYPE_NAMES[dtype]
     return out
+
+
+# The ModelConfig fields that fix the computation: a model built with another value than the HF config's
+# loads (where the shapes agree) and computes something else (RoPE base, norm epsilon) or fails to load.
+ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "rotary_base", "norm_epsilon", "add_qkv_bias", "tie_embeddings")
+
+
+def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.") -> None:
+    """Raise ``ConversionError`` naming every architecture key of ``model_cfg`` (a ``ModelConfig``) whose
+    value differs from the HF config's (``where``: the HF directory, for the message), with the values
+    to set."""
+    want = model_config_from_hf(hf_config)
+    bad = []
+    for k in ARCH_FIELDS:
+        have, need = getattr(model_cfg, k), want[k]
+        same = (math.isclose(float(have), float(need), rel_tol=1e-9, abs_tol=0.0) if isinstance(need, float)
+                else have == need)
+        if not same:
+            bad.append((k, have, need))
+    if bad:
+        listing = ", ".join(f"{prefix}{k}={have!r} (config.json: {need!r})" for k, have, need in bad)
+        fix = ", ".join(f"{k}: {need}" for k, _, need in bad)
+        raise ConversionError(f"{where}/config.json does not describe the model the config builds: {listing}; "
+                              f"set them to the checkpoint's values (model: {{{fix}}})")
+
+
+def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, pad_token_id=None) -> Dict:
+    """An HF ``config.json`` dict for a model built from ``model_cfg`` (Qwen2 with a QKV bias, else
+    Llama): the inverse of :func:`model_config_from_hf`, for policies that did not start from an HF
+    checkpoint (e.g. the demo's)."""
+    qwen = bool(model_cfg.add_qkv_bias)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[model_cfg.params_dtype]
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(model_cfg.hidden_size),
+        "intermediate_size": int(model_cfg.ffn_hidden_size),
+        "num_hidden_layers": int(model_cfg.num_layers),
+        "num_attention_heads": int(model_cfg.num_attention_heads),
+        "num_key_value_heads": int(model_cfg.num_query_groups or model_cfg.num_attention_heads),
+        "max_position_embeddings": int(model_cfg.max_position_embeddings),
+        "rope_theta": float(model_cfg.rotary_base),
+        "rms_norm_eps": float(model_cfg.norm_epsilon),
+        "tie_word_embeddings": bool(model_cfg.tie_embeddings),
+        "hidden_act": "silu",
+        "torch_dtype": dtype,
+    }
+    cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False, "mlp_bias": False})
+    if eos_token_id is not None:
+        cfg["eos_token_id"] = eos_token_id
+    if pad_token_id is not None:
+        cfg["pad_token_id"] = pad_token_id
+    return cfg
 
 
 def hf_vocab_size(hf_config) -> int:
@@ -802,10 +858,13 @@ def convert_megatron_dir_to_hf(megatron_dir: str, out_dir: str, hf_config_dir: O
 USAGE = """megaprorl convert hf-to-megatron --hf HF_DIR --out DIR [--tp N] [--pp M]
                   [--make-vocab-divisible-by 128] [--layernorm-names local|te] [--dtype fp32|bf16|fp16]
 megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR] [--dtype ...]
+megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
+                  [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
 Qwen2 / Llama families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
 (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
-(config and tokenizer files).  Inside a running job, megaprorl.models.convert.load_hf_into_model
+(config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
+megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model
 shards an HF directory on the fly (no conversion step needed)."""
 
 
@@ -836,10 +895,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
         a = p.parse_args(rest)
         run = lambda: convert_megatron_dir_to_hf(a.megatron, a.out, a.hf_config, a.dtype)  # noqa: E731
+    elif direction == "checkpoint-to-hf":
+        from .. import export
+
+        p = argparse.ArgumentParser(prog="megaprorl convert checkpoint-to-hf",
+                                    description="Write a megaprorl checkpoint's policy (or reference) as an HF model.")
+        export.add_arguments(p)
+        a = p.parse_args(rest)
+        run = lambda: export.export_checkpoint_to_hf(a.checkpoint, a.out, a.hf_config, a.which,  # noqa: E731
+                                                     a.dtype, a.tp, a.pp)
     else:
         import difflib
 
-        near = difflib.get_close_matches(direction, ["hf-to-megatron", "megatron-to-hf"], n=1)
+        near = difflib.get_close_matches(direction, ["hf-to-megatron", "megatron-to-hf", "checkpoint-to-hf"], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         print(f"megaprorl convert: unknown direction {direction!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return 2

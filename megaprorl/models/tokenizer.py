@@ -1,12 +1,65 @@
-"""Tokenizers: a tiny built-in character tokenizer for the demo, and HF tokenizers from a local path."""
+"""Tokenizers: a tiny built-in character tokenizer for the demo, and HF tokenizers from a local path.
+
+Every tokenizer has ``eos_id`` (what the warm-start appends to an answer) and ``stop_ids`` (every token
+that ends a response: the EOS first, then the model's other end tokens, e.g. Qwen2.5-Instruct's
+``<|im_end|>`` and ``<|endoftext|>`` or Llama-3.1's three, from ``generation_config.json``).
+``decode`` stops at the first of them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 
-class CharTokenizer:
+def _unique(ids: Iterable[int]) -> List[int]:
+    out: List[int] = []
+    for i in ids:
+        if int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+def generation_eos_ids(model_dir: str) -> List[int]:
+    """The ``eos_token_id`` (an id or a list of ids) of ``model_dir/generation_config.json``; [] when the
+    file or the key is absent.  A malformed file is an error naming it."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot read eos_token_id ({e})") from None
+    if eos is None:
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
+    return _unique(ids)
+
+
+class _StopIds:
+    """``stop_ids`` and the ``decode`` cut shared by both tokenizers."""
+
+    eos_id: int
+    stop_ids: List[int]
+
+    def add_stop_ids(self, ids: Iterable[int]) -> None:
+        """More tokens that end a response (after the EOS and those already known)."""
+        self.stop_ids = _unique([*self.stop_ids, *ids])
+
+    def _cut(self, ids: Sequence[int]) -> List[int]:
+        ids = [int(i) for i in ids]
+        stops = set(self.stop_ids)
+        for n, i in enumerate(ids):
+            if i in stops:
+                return ids[:n]
+        return ids
+
+
+class CharTokenizer(_StopIds):
     """Character-level tokenizer over a fixed alphabet; id 0 = pad, 1 = end of sequence."""
 
     PAD, EOS = 0, 1
@@ -19,6 +72,7 @@ class CharTokenizer:
         self.vocab_size = len(alphabet) + 2
         self.pad_id = self.PAD
         self.eos_id = self.EOS
+        self.stop_ids = [self.EOS]
 
     def encode(self, text: str) -> List[int]:
         try:
@@ -29,10 +83,8 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         out = []
-        for i in ids:
+        for i in self._cut(ids) if skip_special else ids:
             i = int(i)
-            if i == self.EOS and skip_special:
-                break
             if 2 <= i < self.vocab_size:
                 out.append(self.alphabet[i - 2])
         return "".join(out)
@@ -41,8 +93,9 @@ class CharTokenizer:
         return record["prompt"]
 
 
-class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local directory (no hub access), with its chat template."""
+class HFTokenizer(_StopIds):
+    """A Hugging Face tokenizer loaded from a local directory (no hub access), with its chat template and
+    the end tokens of the directory's ``generation_config.json``."""
 
     def __init__(self, path: str, use_chat_template: bool = True):
         if not os.path.isdir(path):
@@ -53,7 +106,12 @@ class HFTokenizer:
             raise RuntimeError("HF tokenizers need `pip install -e .[hf]` (transformers, tokenizers)") from e
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         self.vocab_size = len(self.tok)
-        self.eos_id = self.tok.eos_token_id
+        gen_eos = generation_eos_ids(path)
+        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else (gen_eos or [None])[0]
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {path!r} has no eos_token and {path}/generation_config.json no "
+                             "eos_token_id: nothing would end a response")
+        self.stop_ids = _unique([self.eos_id, *gen_eos])
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.use_chat_template = use_chat_template and getattr(self.tok, "chat_template", None) is not None
 
@@ -61,9 +119,7 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        ids = list(int(i) for i in ids)
-        if skip_special and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        ids = self._cut(ids) if skip_special else [int(i) for i in ids]
         return self.tok.decode(ids, skip_special_tokens=skip_special)
 
     def render_prompt(self, record: dict) -> str:

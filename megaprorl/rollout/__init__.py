@@ -24,7 +24,7 @@ class Rollout:
     prompt_ids: List[int]
     response_ids: List[int]  # includes the end-of-sequence token when it was produced
     logprobs: List[float]  # sampling log-probs (of the temperature-scaled, untruncated distribution)
-    finished: bool  # True when end-of-sequence was produced before max_new_tokens
+    finished: bool  # True when a stop token (EOS or another end token) was produced within max_new_tokens
     extra: dict = field(default_factory=dict)
 
 
@@ -50,7 +50,7 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
 
         return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
-                              lean_decode=cfg.rollout.lean_decode)
+                              lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids)
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

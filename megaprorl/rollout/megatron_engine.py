@@ -16,7 +16,7 @@ step has one token per row, which cannot be split over the TP ranks, so every TP
 (short) sequence as plain tensor parallelism does; the trainer's passes keep it.
 
 Rows that have finished leave the decode batch: once at least ``1/compact_every`` of the rows still in
-the KV cache have drawn their EOS, the cache keeps only the running rows (a copy of their filled
+the KV cache have drawn a stop token (EOS or another end token), the cache keeps only the running rows (a copy of their filled
 positions), so the forward of every later step runs on those rows alone.  In RL the response lengths
 are spread over the whole budget, and without this every row would be decoded until the longest
 finishes.  Sampling still draws for all rows (finished ones from placeholder logits), so the random
@@ -41,7 +41,7 @@ recomputes the old-policy log-probs that the loss uses.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -142,13 +142,15 @@ def _sequence_parallel_off(model):
 
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
-                 lean_decode: bool = True):
-        """``compact_every``: drop finished rows from the KV cache once they are at least 1/compact_every
+                 lean_decode: bool = True, stop_ids: Sequence[int] = ()):
+        """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
+        ``compact_every``: drop finished rows from the KV cache once they are at least 1/compact_every
         of the rows in it (each drop copies the running rows' cache once); 0 never drops them.
         ``lean_decode``: decode steps through ``_lean_stage`` where ``lean_decode_unsupported`` finds
         nothing against it (else, and with False, through Megatron's forward)."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
         self.batch_size = batch_size
         self.compact_every = int(compact_every)
         self.lean_decode = bool(lean_decode) and lean_decode_unsupported(policy.model) is None
@@ -309,6 +311,7 @@ class MegatronEngine:
         finished = [False] * B
         rows = None  # the batch rows in the KV cache, in cache order (None: all B, unpermuted)
         pending = n_finished = 0  # finished rows still in the KV cache; all finished rows
+        stops, stop_t = set(self.stop_ids), torch.tensor(self.stop_ids, dtype=torch.long, device=device)
         for t in range(N):
             nxt = lp = None
             if logits is not None:  # this rank holds the last pipeline stage
@@ -322,13 +325,13 @@ class MegatronEngine:
                 if not finished[b]:
                     resp[b].append(nxt_l[b])
                     lps[b].append(lp_l[b])
-                    if nxt_l[b] == self.eos_id:
+                    if nxt_l[b] in stops:
                         finished[b] = True
                         pending += 1
                         n_finished += 1
             if n_finished == B or t == N - 1:  # counted on the host: no device sync
                 break
-            done |= nxt == self.eos_id
+            done |= torch.isin(nxt, stop_t)
             cur = P + t
             tokens[:, cur] = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             if self._should_compact(pending, B if rows is None else len(rows)):
