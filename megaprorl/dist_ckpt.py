@@ -160,6 +160,13 @@ def load_weights(directory: str, model, prefix: str = "") -> Dict:
     sd = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in loaded.items()}
     model.load_state_dict(sd, strict=False)
     _check_loaded(model, sd, directory)
+    return saved_common(directory)
+
+
+def saved_common(directory: str) -> Dict:
+    """The ``extra_common`` dict a checkpoint was saved with (no tensor is read)."""
+    from megatron.core import dist_checkpointing
+
     return dict(dist_checkpointing.load_common_state_dict(directory).get("common", {}))
 
 

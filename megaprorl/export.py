@@ -26,7 +26,7 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
                             dtype: str = "", tp: int = 1, pp: int = 1, log=print) -> str:
     """Collective when run under torchrun.  Returns the checkpoint directory that was exported."""
     from .config import ConfigError, load_config
-    from .dist_ckpt import REFERENCE_PREFIX, load_weights
+    from .dist_ckpt import REFERENCE_PREFIX, load_weights, saved_common
     from .models.convert import (_DTYPES, ConversionError, _model_type, check_model_config,
                                  hf_config_from_model_config, hf_vocab_size, load_hf_config, save_megatron_as_hf)
     from .parallel import init_distributed
@@ -55,10 +55,8 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
         raise ConversionError(f"{os.path.join(src, 'config.json')} not found "
                               f"({'--hf-config' if hf_config_dir else 'the run model.hf_path'}); give --hf-config")
     info = init_distributed(tp, pp)
-    from megatron.core import dist_checkpointing
-
     model_dir = os.path.join(path, ckpt.MODEL_DIR)
-    common = dict(dist_checkpointing.load_common_state_dict(model_dir).get("common", {}))
+    common = saved_common(model_dir)
     if src:
         hf_config = load_hf_config(src)
         check_model_config(mcfg, hf_config, src)

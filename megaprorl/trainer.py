@@ -89,40 +89,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         builtin.register()
         self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template)
-        vocab = self.tokenizer.vocab_size
-        hf_cfg = None
-        if cfg.model.hf_path:
-            from .models.convert import (ConversionError, check_model_config, hf_vocab_size, load_hf_config,
-                                         load_hf_into_model)
-            from .models.tokenizer import generation_eos_ids
-
-            hf_cfg = load_hf_config(cfg.model.hf_path)
-            try:
-                check_model_config(cfg.model, hf_cfg, cfg.model.hf_path)
-            except ConversionError as e:
-                raise ConfigError(f"config key 'model.hf_path': {e}") from None
-            vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
-            self.tokenizer.add_stop_ids(generation_eos_ids(cfg.model.hf_path))
-        load_src = None
-        if cfg.model.load:
-            from megatron.core import dist_checkpointing
-
-            try:
-                load_src = ckpt.resolve_checkpoint(cfg.model.load, "config key 'model.load'")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            common = dist_checkpointing.load_common_state_dict(os.path.join(load_src, ckpt.MODEL_DIR))
-            saved = common.get("common", {}).get("vocab_size")
-            if saved is not None and int(saved) != vocab:
-                if hf_cfg is not None:
-                    raise ConfigError(f"config key 'model.load': {load_src} was trained with {saved} vocabulary "
-                                      f"rows, {cfg.model.hf_path}/config.json has vocab_size {vocab}")
-                vocab = int(saved)  # the rows of the checkpoint's embedding (an HF-started run's, say)
-        self.tokenizer.add_stop_ids(cfg.rollout.stop_token_ids)
-        bad = [i for i in self.tokenizer.stop_ids if not 0 <= i < vocab]
-        if bad:
-            raise ConfigError(f"config key 'rollout.stop_token_ids': stop token ids {bad} are outside the "
-                              f"vocabulary of {vocab} (the tokenizer's EOS and generation_config.json included)")
+        vocab, hf_cfg, load_src = self._model_source()
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
@@ -134,6 +101,8 @@ class Trainer:
             load_policy(os.path.join(load_src, ckpt.MODEL_DIR), self.policy, load_optimizer=False)
             self._say(f"policy initialised from {load_src}")
         elif hf_cfg is not None:
+            from .models.convert import load_hf_into_model
+
             load_hf_into_model(self.policy.model, cfg.model.hf_path, hf_cfg)  # the config read once, above
             self.policy.optimizer.reload_model_params()  # fp32 main weights follow the loaded model
         self.use_ref = cfg.algo.kl.coef > 0
@@ -160,6 +129,45 @@ class Trainer:
         self.eval_history: List[Dict] = []
         self.preempt = _Preemption()
         self.logger: Optional[RunLogger] = None
+
+    def _model_source(self):
+        """(vocabulary rows, HF config or None, megaprorl checkpoint or None) of the policy to build:
+        ``model.hf_path``'s config.json checked against ``model.*``, the end tokens collected on the
+        tokenizer, ``model.load`` resolved to a checkpoint."""
+        cfg = self.cfg
+        vocab = self.tokenizer.vocab_size
+        hf_cfg = None
+        if cfg.model.hf_path:
+            from .models.convert import ConversionError, check_model_config, hf_vocab_size, load_hf_config
+            from .models.tokenizer import generation_eos_ids
+
+            hf_cfg = load_hf_config(cfg.model.hf_path)
+            try:
+                check_model_config(cfg.model, hf_cfg, cfg.model.hf_path)
+            except ConversionError as e:
+                raise ConfigError(f"config key 'model.hf_path': {e}") from None
+            vocab = hf_vocab_size(hf_cfg)  # the checkpoint's embedding rows (>= the tokenizer's size)
+            self.tokenizer.add_stop_ids(generation_eos_ids(cfg.model.hf_path))
+        load_src = None
+        if cfg.model.load:
+            from .dist_ckpt import saved_common
+
+            try:
+                load_src = ckpt.resolve_checkpoint(cfg.model.load, "config key 'model.load'")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            saved = saved_common(os.path.join(load_src, ckpt.MODEL_DIR)).get("vocab_size")
+            if saved is not None and int(saved) != vocab:
+                if hf_cfg is not None:
+                    raise ConfigError(f"config key 'model.load': {load_src} was trained with {saved} vocabulary "
+                                      f"rows, {cfg.model.hf_path}/config.json has vocab_size {vocab}")
+                vocab = int(saved)  # the rows of the checkpoint's embedding (an HF-started run's, say)
+        self.tokenizer.add_stop_ids(cfg.rollout.stop_token_ids)
+        bad = [i for i in self.tokenizer.stop_ids if not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"config key 'rollout.stop_token_ids': stop token ids {bad} are outside the "
+                              f"vocabulary of {vocab} (the tokenizer's EOS and generation_config.json included)")
+        return vocab, hf_cfg, load_src
 
     # ------------------------------------------------------------------------------ data
     def _build_source(self):

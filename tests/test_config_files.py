@@ -52,3 +52,24 @@ def test_slurm_dry_run_of_a_four_node_example(capsys):
     assert rc in (0, None)
     assert "--nodes=4" in out or "#SBATCH --nodes 4" in out or "nodes=4" in out
     assert "USR1@" in out and "--requeue" in out
+
+
+# config.json of DeepSeek-R1-Distill-Qwen-1.5B as published (the architecture keys the trainer checks)
+R1_DISTILL_1P5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+                   "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                   "num_key_value_heads": 2, "max_position_embeddings": 131072, "rope_theta": 10000,
+                   "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "use_sliding_window": False,
+                   "sliding_window": 4096, "vocab_size": 151936, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if "r1_1.5b" in p or "prorl_v" in p], ids=os.path.basename)
+def test_r1_examples_describe_the_checkpoint(path):
+    """The 1.5B examples pass the trainer's check of model.* against the checkpoint's config.json, and a
+    wrong RoPE base (Qwen2.5's 1e6 instead of the distill's 1e4) would be refused."""
+    from megaprorl.models.convert import ConversionError, check_model_config
+
+    cfg = load_config(path)
+    check_model_config(cfg.model, R1_DISTILL_1P5B, "/models/DeepSeek-R1-Distill-Qwen-1.5B")
+    cfg.model.rotary_base = 1e6
+    with pytest.raises(ConversionError, match=r"model.rotary_base=1000000.0 \(config.json: 10000.0\)"):
+        check_model_config(cfg.model, R1_DISTILL_1P5B, "/models/x")
