@@ -318,10 +318,10 @@ def validate(cfg: Config) -> None:
          "must be token-mean or sequence-mean")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
-    need(cfg.train.kernel_backend in ("auto", "torch", "triton", "cuda", "torch_compile"), "train.kernel_backend",
-         "must be auto, torch, triton, cuda or torch_compile")
-    need(cfg.train.loss_grad_mode in ("recompute", "forward", "inplace"), "train.loss_grad_mode",
-         "must be recompute, forward or inplace")
+    from .kernels import BACKENDS, GRAD_MODES
+
+    need(cfg.train.kernel_backend in BACKENDS, "train.kernel_backend", f"must be one of {', '.join(BACKENDS)}")
+    need(cfg.train.loss_grad_mode in GRAD_MODES, "train.loss_grad_mode", f"must be one of {', '.join(GRAD_MODES)}")
     need(cfg.train.lm_head_token_chunk >= 1, "train.lm_head_token_chunk", "must be >= 1")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
     need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),

@@ -21,11 +21,9 @@ pytest.importorskip("megatron.core")
 from megaprorl.models import convert as C  # noqa: E402
 
 VOCAB = 100
-# Tied embeddings at PP > 1 make Megatron call `.cuda()` on the last stage's output weight
-# (LanguageModule.setup_embeddings_and_output_layer), which parallel/compat.py does not cover yet:
-# the real PP load runs for the untied Llama; the tied case at PP=2 is covered by the pure-function
-# round trip (test_round_trip_bit_exact).
-PP_FAMILIES = ("llama",)
+# Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
+# embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
+PP_FAMILIES = ("llama", "qwen2")
 B, S = 2, 12
 ATOL = 1e-4
 

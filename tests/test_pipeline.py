@@ -26,9 +26,12 @@ def _batch(tok):
 
 
 def _stage_state(full: dict, stage: int) -> dict:
-    """The PP=1 state dict's tensors that stage ``stage`` of 2 holds, under that stage's local names."""
+    """The PP=1 state dict's tensors that stage ``stage`` of 2 holds, under that stage's local names (with
+    tied embeddings the last stage holds a copy of the embedding as its output layer)."""
     per = N_LAYERS // 2
     out = {}
+    if stage == 1 and "output_layer.weight" not in full:
+        out["output_layer.weight"] = full["embedding.word_embeddings.weight"]
     for k, v in full.items():
         if k.startswith("decoder.layers."):
             i = int(k.split(".")[2])
@@ -42,14 +45,14 @@ def _stage_state(full: dict, stage: int) -> dict:
     return out
 
 
-def _pp_job(rank, world, state, batch, pack):
+def _pp_job(rank, world, state, batch, pack, tie):
     from megaprorl.algo.loss import LossSpec
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
 
     info = init_distributed(1, world)
-    m, p, o = tiny_policy_cfgs()
+    m, p, o = tiny_policy_cfgs(tie_embeddings=tie)
     p.pipeline_parallel = world
     tok = CharTokenizer()
     pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", pack_tokens=pack, pad_id=tok.pad_id)
@@ -70,11 +73,13 @@ def _pp_job(rank, world, state, batch, pack):
     return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params, sft=sft, sft_params=sft_params)
 
 
-@pytest.mark.parametrize("pack", [0, 20])
-def test_pipeline_parallel_equals_single_stage(pack):
+@pytest.mark.parametrize("pack,tie", [(0, False), (20, False), (0, True)], ids=["padded", "packed", "tied"])
+def test_pipeline_parallel_equals_single_stage(pack, tie):
+    """``tied``: tied embeddings (Qwen2.5-0.5B/1.5B), whose two copies on the first and last stage get the
+    all-reduced gradient of both uses and so the single stage's update."""
     from megaprorl.algo.loss import LossSpec
 
-    ref_pol, tok = tiny_policy(pack_tokens=pack)
+    ref_pol, tok = tiny_policy(dict(tie_embeddings=tie), pack_tokens=pack)
     state = {k: v.clone() for k, v in ref_pol.state_dict().items()}
     batch = _batch(tok)
     lp, ent = ref_pol.logprobs(batch, 2, with_entropy=True)
@@ -85,7 +90,7 @@ def test_pipeline_parallel_equals_single_stage(pack):
     sft = ref_pol.sft_step(batch, 2)
     after_sft = ref_pol.state_dict()
 
-    outs = run_distributed(_pp_job, 2, (state, batch, pack))
+    outs = run_distributed(_pp_job, 2, (state, batch, pack, tie))
     assert sorted(o["stage"] for o in outs) == [0, 1]
     for o in outs:  # every stage gets the last stage's results
         torch.testing.assert_close(o["lp"], lp, rtol=0, atol=2e-5)
@@ -166,15 +171,17 @@ def _tp_pp_engine_job(rank, world, hf_dir, tp, pp):
     return _generate(pol, tok)
 
 
-def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path):
-    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama loaded and sharded by the converter: every
-    rank returns the single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on
-    the last stage of each TP rank)."""
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path, family):
+    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied) or Qwen2 (tied embeddings: the last
+    stage samples with its copy of the embedding) loaded and sharded by the converter: every rank returns
+    the single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage
+    of each TP rank)."""
     pytest.importorskip("transformers")
     from test_convert import _make_hf
 
-    hf_dir = str(tmp_path / "llama")
-    _make_hf("llama", hf_dir)  # untied embeddings (tied ones at PP > 1 need CUDA in Megatron)
+    hf_dir = str(tmp_path / family)
+    _make_hf(family, hf_dir)
     want = run_distributed(_tp_pp_engine_job, 1, (hf_dir, 1, 1))[0]
     assert any(len(r[0]) > 1 for r in want[0])
     for got in run_distributed(_tp_pp_engine_job, 4, (hf_dir, 2, 2)):

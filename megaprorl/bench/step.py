@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
+from ..kernels import GRAD_MODES
+
 PRESETS = {
     "tiny": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                  vocab=64),
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
                     help="with --skip-rollout: response lengths uniform in [1, --response-len] (as real rollouts)")
     ap.add_argument("--dtype", default="", help="fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--kernel-backend", default="auto")
-    ap.add_argument("--loss-grad-mode", default="inplace", choices=("recompute", "forward", "inplace"),
+    ap.add_argument("--loss-grad-mode", default="inplace", choices=GRAD_MODES,
                     help="train.loss_grad_mode (Triton loss)")
     ap.add_argument("--fused-lm-head", action="store_true", help="train.fused_lm_head: no [T, V] logits")
     ap.add_argument("--recompute", default="", help="'' | selective | full")

@@ -17,6 +17,11 @@ Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy t
    (``param.type() == 'torch.cuda.FloatTensor'``): inside the optimizers' constructors and the clipping
    function a CPU tensor's ``type()`` answers with the CUDA name of its dtype.
 
+6. With tied embeddings under pipeline parallelism the last stage's copy of the embedding is moved
+   with ``weight.data.cuda()`` before the first/last-stage all-reduce that initialises it
+   (``LanguageModule.setup_embeddings_and_output_layer``); inside that method ``Tensor.cuda()`` leaves
+   a CPU tensor where it is.
+
 ``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
 Megatron unmodified.
 """
@@ -105,6 +110,11 @@ def install() -> None:
     mclip.clip_grad_by_total_norm_fp32 = clip
     mopt.clip_grad_by_total_norm_fp32 = clip
 
+    # 6. Tied embeddings at PP > 1: the last stage's embedding copy is moved to "cuda" before its all-reduce.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _cpu_stays(LanguageModule.setup_embeddings_and_output_layer)
+
 
 _TENSOR_TYPE = torch.Tensor.type
 
@@ -125,4 +135,17 @@ def _cuda_type_names(fn):
             return fn(*args, **kwargs)
         finally:
             torch.Tensor.type = saved
+    return wrapped
+
+
+def _cpu_stays(fn):
+    """Run ``fn`` with ``Tensor.cuda()`` returning CPU tensors unchanged."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
     return wrapped
