@@ -111,6 +111,13 @@ def _run_cli(args, cwd, timeout=600):
     return r
 
 
+def _cli(args):
+    """``megaprorl ARGS`` in this process (its exit status)."""
+    from megaprorl.cli import main
+
+    return main(args)
+
+
 def test_engine_on_a_local_hf_checkpoint_equals_transformers(hf_dir, tmp_path):
     from megaprorl.rollout import SamplingParams
 
@@ -186,9 +193,7 @@ def test_train_export_and_reload(hf_dir, tmp_path):
     run = tmp_path / "hf"
     exp, ref = str(tmp_path / "exported"), str(tmp_path / "exported_ref")
     for out, which in ((exp, "policy"), (ref, "reference")):
-        r = _run_cli(["convert", "checkpoint-to-hf", "--checkpoint", str(run), "--out", out, "--which", which],
-                     tmp_path)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(run), "--out", out, "--which", which]) == 0
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             assert os.path.exists(os.path.join(out, name)), name
     orig, pol, rsd = (load_hf_state_dict(d) for d in (path, exp, ref))
@@ -225,9 +230,8 @@ def test_demo_policy_exports_as_qwen2(tmp_path):
     r = _run_cli(["train", DEMO, *tiny], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = str(tmp_path / "demo_hf")
-    r = _run_cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path / "demo" / "checkpoints"),
-                  "--out", out], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path / "demo" / "checkpoints"),
+                 "--out", out]) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
     tok = CharTokenizer()
     assert cfg["model_type"] == "qwen2" and cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_id
@@ -244,12 +248,13 @@ def test_demo_policy_exports_as_qwen2(tmp_path):
         t.close()
 
 
-def test_export_errors_name_what_is_wrong(tmp_path):
-    r = _run_cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
-                 tmp_path, timeout=120)
-    assert r.returncode == 1 and "no complete checkpoint" in r.stderr and "--checkpoint" in r.stderr
-    r = _run_cli(["train", DEMO, f"model.load={tmp_path}", f"output_dir={tmp_path}"], tmp_path, timeout=120)
-    assert r.returncode == 2 and "model.load" in r.stderr and "no complete checkpoint" in r.stderr
+def test_export_errors_name_what_is_wrong(tmp_path, capsys):
+    assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and "--checkpoint" in err
+    assert _cli(["train", DEMO, f"model.load={tmp_path}", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.load" in err and "no complete checkpoint" in err
 
 
 def test_generation_config_end_tokens_are_read_and_checked(tmp_path):
