@@ -5,9 +5,9 @@ steps from the CLI, exported back with ``megaprorl convert checkpoint-to-hf`` an
 - the engine's sampling log-probs on chat-rendered prompts equal the HF model's (fp32, 1e-4);
 - the tokenizer's EOS and generation_config.json's other end token both stop a response;
 - a config whose architecture differs from config.json is refused, naming the key and the value;
-- the exported reference is the original HF checkpoint bit for bit, the exported policy has moved, and
-  transformers' log-probs of the exported policy equal the trained Megatron policy's (loaded back with
-  ``model.load``);
+- the exported reference is the original HF checkpoint bit for bit, the exported policy has moved (the
+  same files when exported at TP=2 over two ranks), and transformers' log-probs of the exported policy
+  equal the trained Megatron policy's (loaded back with ``model.load``);
 - the demo's policy (no HF start) exports as a Qwen2 that transformers runs with the same log-probs.
 """
 
@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from dist_utils import run_distributed
 from tiny_models import randomize_hf_params
 
 transformers = pytest.importorskip("transformers")
@@ -182,6 +183,12 @@ def test_architecture_that_differs_from_config_json_is_refused(hf_dir, tmp_path,
     assert f"model.{key}={value!r}" in msg and "config.json" in msg and path in msg
 
 
+def _export_job(rank, world, checkpoint, out):
+    from megaprorl.export import export_checkpoint_to_hf
+
+    export_checkpoint_to_hf(checkpoint, out, tp=world)
+
+
 def test_train_export_and_reload(hf_dir, tmp_path):
     from megaprorl.models.convert import load_hf_state_dict
     from megaprorl.policy import build_seq_batch
@@ -196,7 +203,10 @@ def test_train_export_and_reload(hf_dir, tmp_path):
         assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(run), "--out", out, "--which", which]) == 0
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             assert os.path.exists(os.path.join(out, name)), name
-    orig, pol, rsd = (load_hf_state_dict(d) for d in (path, exp, ref))
+    exp_tp2 = str(tmp_path / "exported_tp2")  # loaded at TP=2 over two gloo ranks, gathered, written by rank 0
+    run_distributed(_export_job, 2, (str(run), exp_tp2))
+    orig, pol, rsd, pol2 = (load_hf_state_dict(d) for d in (path, exp, ref, exp_tp2))
+    assert set(pol2) == set(pol) and all(torch.equal(pol2[k], pol[k]) for k in pol)
     assert set(orig) == set(pol) == set(rsd)
     for k in orig:  # the reference was never reset in two steps: the HF checkpoint, bit for bit
         assert torch.equal(orig[k], rsd[k]), k
