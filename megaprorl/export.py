@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional
-
 from . import checkpoint as ckpt
 
 
@@ -42,7 +40,8 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
         raise ConversionError(str(e)) from None
     tjson = os.path.join(path, "trainer.json")
     with open(tjson) as f:
-        text = json.load(f).get("config")
+        tstate = json.load(f)
+    text = tstate.get("config")
     if not text:
         raise ConversionError(f"{tjson} holds no run config (a checkpoint of an older megaprorl)")
     try:
@@ -77,16 +76,9 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
     save_megatron_as_hf(policy.model, hf_config, out_dir, hf_dir=src or None,
                         dtype=_DTYPES[dtype] if dtype else None)
     if info.rank == 0:
-        log(f"wrote the {which} of {path} (step {_step_of(path)}) as an HF {_model_type(hf_config)} model to {out_dir}")
+        log(f"wrote the {which} of {path} (step {tstate.get('step')}) as an HF {_model_type(hf_config)} model to "
+            f"{out_dir}")
     return path
-
-
-def _step_of(path: str) -> Optional[int]:
-    try:
-        with open(os.path.join(path, "trainer.json")) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

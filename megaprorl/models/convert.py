@@ -195,7 +195,7 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
     Llama): the inverse of :func:`model_config_from_hf`, for policies that did not start from an HF
     checkpoint (e.g. the demo's)."""
     qwen = bool(model_cfg.add_qkv_bias)
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[model_cfg.params_dtype]
+    dtype = str(_DTYPES[model_cfg.params_dtype]).replace("torch.", "")  # float32 | bfloat16 | float16
     cfg = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen else "llama",

@@ -14,11 +14,7 @@ from typing import Iterable, List, Optional, Sequence
 
 
 def _unique(ids: Iterable[int]) -> List[int]:
-    out: List[int] = []
-    for i in ids:
-        if int(i) not in out:
-            out.append(int(i))
-    return out
+    return list(dict.fromkeys(int(i) for i in ids))  # first occurrences, in order
 
 
 def generation_eos_ids(model_dir: str) -> List[int]:
