@@ -12,7 +12,7 @@ layout.  A checkpoint records which optimizer wrote it; resuming with the other 
 
     save_policy(directory, policy, reference=None, extra_common=None)      # collective
     load_policy(directory, policy, reference=None, load_optimizer=True)    # collective -> common dict
-    load_weights(directory, model, prefix="")                              # collective -> common dict
+    load_weights(directory, model, prefix="")                              # collective
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ def load_policy(directory: str, policy, reference=None, load_optimizer: bool = T
             raise KeyError(f"{directory}: the checkpoint holds no reference policy")
         template["reference"] = _model_sharded(reference.model, REFERENCE_PREFIX)
     loaded = dist_checkpointing.load(template, directory)
-    policy.model.load_state_dict(loaded["model"], strict=False)
-    _check_loaded(policy.model, loaded["model"], directory)
+    _fill(policy.model, loaded["model"], "", directory)
     if "optimizer" in template:
         policy.optimizer.load_state_dict(loaded["optimizer"])
         # Megatron hands every parameter the same ``step`` tensor, which torch's Adam then increments once
@@ -141,26 +140,26 @@ def load_policy(directory: str, policy, reference=None, load_optimizer: bool = T
     elif policy.optimizer is not None:  # new weights, fresh moments: main weights follow the model
         policy.reset_optimizer()
     if reference is not None:
-        ref = {k[len(REFERENCE_PREFIX):] if k.startswith(REFERENCE_PREFIX) else k: v
-               for k, v in loaded["reference"].items()}
-        reference.model.load_state_dict(ref, strict=False)
-        _check_loaded(reference.model, ref, directory)
+        _fill(reference.model, loaded["reference"], REFERENCE_PREFIX, directory)
     return dict(common.get("common", {}))
 
 
-def load_weights(directory: str, model, prefix: str = "") -> Dict:
+def load_weights(directory: str, model, prefix: str = "") -> None:
     """Collective: fill ``model`` (a GPTModel of this rank's layout) with the weights saved under
-    ``prefix`` ("" the policy, ``REFERENCE_PREFIX`` the reference), nothing else read.  Returns the
-    checkpoint's common dict."""
+    ``prefix`` ("" the policy, ``REFERENCE_PREFIX`` the reference), nothing else read."""
     from megatron.core import dist_checkpointing
 
     if prefix and not _has_prefix(directory, prefix):
         raise KeyError(f"{directory}: the checkpoint holds no tensors under {prefix!r}")
-    loaded = dist_checkpointing.load({"model": _model_sharded(model, prefix)}, directory)["model"]
+    _fill(model, dist_checkpointing.load({"model": _model_sharded(model, prefix)}, directory)["model"], prefix,
+          directory)
+
+
+def _fill(model, loaded: Dict, prefix: str, directory: str) -> None:
+    """Load the tensors read from ``directory`` under ``prefix`` into ``model``; every one it has must be there."""
     sd = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in loaded.items()}
     model.load_state_dict(sd, strict=False)
     _check_loaded(model, sd, directory)
-    return saved_common(directory)
 
 
 def saved_common(directory: str) -> Dict:

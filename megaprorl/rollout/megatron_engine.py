@@ -16,8 +16,8 @@ step has one token per row, which cannot be split over the TP ranks, so every TP
 (short) sequence as plain tensor parallelism does; the trainer's passes keep it.
 
 Rows that have finished leave the decode batch: once at least ``1/compact_every`` of the rows still in
-the KV cache have drawn a stop token (EOS or another end token), the cache keeps only the running rows (a copy of their filled
-positions), so the forward of every later step runs on those rows alone.  In RL the response lengths
+the KV cache have drawn a stop token (EOS or another end token), the cache keeps only the running rows
+(a copy of their filled positions), so the forward of every later step runs on those rows alone.  In RL the response lengths
 are spread over the whole budget, and without this every row would be decoded until the longest
 finishes.  Sampling still draws for all rows (finished ones from placeholder logits), so the random
 stream, and with it every row's tokens, does not depend on when rows leave.
