@@ -15,8 +15,10 @@ writes safetensors.  The HF ``config.json``, generation config and tokenizer fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+
 from . import checkpoint as ckpt
 
 
@@ -48,7 +50,7 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
         cfg = load_config(text=text, where=f"{tjson} (config)")
     except ConfigError as e:
         raise ConversionError(str(e)) from None
-    mcfg = cfg.model
+    mcfg = _readable_here(cfg.model, log)
     src = hf_config_dir or mcfg.hf_path
     if src and not os.path.isfile(os.path.join(src, "config.json")):
         raise ConversionError(f"{os.path.join(src, 'config.json')} not found "
@@ -79,6 +81,24 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
         log(f"wrote the {which} of {path} (step {tstate.get('step')}) as an HF {_model_type(hf_config)} model to "
             f"{out_dir}")
     return path
+
+
+def _readable_here(mcfg, log):
+    """The run's model config, with the local spec in place of TransformerEngine where TE is not installed.
+
+    A checkpoint's tensors carry the same names under either spec: Megatron's local spec saves its norms
+    under TE's fused names (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``) and the
+    ``_extra_state`` entries are never saved, so a TE or FP8 run's checkpoint loads into the local spec.
+    FP8 is compute only (the saved weights are the bf16 / fp32 ones), so it is dropped with TE."""
+    if mcfg.transformer_impl != "transformer_engine" and not mcfg.fp8:
+        return mcfg
+    try:
+        import transformer_engine  # noqa: F401
+        return mcfg
+    except ImportError:
+        log(f"TransformerEngine is not installed: reading the checkpoint of a model.transformer_impl="
+            f"{mcfg.transformer_impl} model.fp8={mcfg.fp8!r} run through the local spec (same tensor names)")
+        return dataclasses.replace(mcfg, transformer_impl="local", fp8="")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -257,6 +257,24 @@ def test_demo_policy_exports_as_qwen2(tmp_path):
     finally:
         t.close()
 
+    # the same checkpoint, as a TransformerEngine FP8 run would have written it (its tensors carry the same
+    # names under either spec; only trainer.json's config differs): without TE it exports through the local
+    # spec to the same files
+    from megaprorl.checkpoint import resolve_checkpoint
+    from megaprorl.config import load_config, to_yaml
+    from megaprorl.models.convert import load_hf_state_dict
+
+    tj = os.path.join(resolve_checkpoint(str(tmp_path / "demo"), "--checkpoint"), "trainer.json")
+    state = json.load(open(tj))
+    cfg_te = load_config(text=state["config"])
+    cfg_te.model.transformer_impl, cfg_te.model.fp8 = "transformer_engine", "hybrid"
+    state["config"] = to_yaml(cfg_te)
+    json.dump(state, open(tj, "w"))
+    out_te = str(tmp_path / "demo_hf_te")
+    assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path / "demo"), "--out", out_te]) == 0
+    a, b = load_hf_state_dict(out), load_hf_state_dict(out_te)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_export_errors_name_what_is_wrong(tmp_path, capsys):
     assert _cli(["convert", "checkpoint-to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
