@@ -28,6 +28,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """HF config.json's ``rope_scaling``, same names: none, ``linear`` (positions / factor) or Llama-3.x's
+    ``llama3`` (defaults: Llama-3.1's; Llama-3.2 has factor 32)."""
+    rope_type: str = ""  # "" (none) | linear | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0  # llama3 only, as the next two
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
@@ -36,6 +47,7 @@ class ModelConfig:
     num_query_groups: int = 2  # grouped-query attention; = heads for MHA
     max_position_embeddings: int = 4096
     rotary_base: float = 1000000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-6
     add_qkv_bias: bool = True
     tie_embeddings: bool = False
@@ -328,6 +340,12 @@ def validate(cfg: Config) -> None:
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
+    from .models.rope import rope_scaling_spec
+
+    try:
+        rope_scaling_spec(cfg.model.rope_scaling, "config key 'model.rope_scaling'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(cfg.model.hidden_size % cfg.model.num_attention_heads == 0, "model.num_attention_heads",
          "must divide model.hidden_size")
     need(cfg.model.num_attention_heads % max(cfg.model.num_query_groups, 1) == 0, "model.num_query_groups",

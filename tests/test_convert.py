@@ -26,6 +26,8 @@ VOCAB = 100
 PP_FAMILIES = ("llama", "qwen2")
 B, S = 2, 12
 ATOL = 1e-4
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
 
 
 # ------------------------------------------------------------------------------- tiny HF models
@@ -35,7 +37,10 @@ def _hf_config(family):
                   rms_norm_eps=1e-6)
     if family == "qwen2":
         return transformers.Qwen2Config(tie_word_embeddings=True, rope_theta=1000000.0, **common)
-    return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, **common)
+    # Llama-3.x RoPE scaling, with a short original context so that, at head_dim 16, the 12 test positions
+    # see all three bands (kept, interpolated, divided by the factor)
+    return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING),
+                                    **common)
 
 
 def _make_hf(family, path):
@@ -197,8 +202,60 @@ def test_model_config_from_hf():
     assert C.model_config_from_hf(raw)["rotary_base"] == 5e5
     with pytest.raises(C.ConversionError, match="model_type"):
         C.model_config_from_hf(dict(raw, model_type="gpt2"))
-    with pytest.raises(C.ConversionError, match="RoPE scaling"):
+    assert l["rope_scaling"] == LLAMA3_SCALING and q["rope_scaling"] == {} and C.model_config_from_hf(raw)[
+        "rope_scaling"] == {}
+    lin = C.model_config_from_hf(dict(raw, rope_scaling={"type": "linear", "factor": 2}))["rope_scaling"]
+    assert lin == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(C.ConversionError, match="RoPE scaling 'yarn' is not supported"):
+        C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(C.ConversionError, match="low_freq_factor"):  # llama3 without its parameters
         C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    assert C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "yarn"}), strict=False)["rope_scaling"] == {}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0},
+                                     dict(LLAMA3_SCALING, factor=32.0, original_max_position_embeddings=8192)])
+def test_rope_scaling_frequencies_equal_transformers(scaling):
+    """The policy's RoPE frequencies = transformers' for the same config (head_dim 16, base 500000)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tiny_models import tiny_policy
+
+    policy, _ = tiny_policy({"rotary_base": 500000.0, "rope_scaling": scaling})
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
+                                      max_position_embeddings=131072, rope_scaling=dict(scaling))
+    want, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, "cpu")
+    assert attention_factor == 1.0
+    got = policy.model.rotary_pos_emb.inv_freq
+    unscaled = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    assert ((want.float() - unscaled).abs() / unscaled).max() > 0.5  # the scaling moves the table
+    torch.testing.assert_close(got, want.float(), atol=0, rtol=1e-6)
+
+
+def test_rope_scaling_is_checked_and_exported():
+    """check_model_config names a model.rope_scaling that differs from config.json's; the exported
+    config.json carries the scaling, and transformers reads it back as it was."""
+    hf_cfg = _hf_config("llama")
+    mcfg = SimpleNamespace(**C.model_config_from_hf(hf_cfg))
+    C.check_model_config(mcfg, hf_cfg, "/hf")
+    for wrong in ({}, dict(LLAMA3_SCALING, factor=4.0)):
+        with pytest.raises(C.ConversionError, match="model.rope_scaling=.*config.json: .*'llama3'"):
+            C.check_model_config(SimpleNamespace(**{**vars(mcfg), "rope_scaling": wrong}), hf_cfg, "/hf")
+    mcfg.params_dtype, mcfg.max_position_embeddings = "fp32", 64
+    back = transformers.LlamaConfig(**C.hf_config_from_model_config(mcfg, VOCAB))
+    assert C.model_config_from_hf(back)["rope_scaling"] == LLAMA3_SCALING
+
+
+def test_llama3_scaling_matters_to_the_logits(setup):
+    """The tiny Llama's HF logits move far outside the tolerance without its RoPE scaling, so the
+    TP / PP / round-trip tests on it check the scaled frequencies."""
+    plain_cfg = _hf_config("llama")
+    plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    plain = transformers.AutoModelForCausalLM.from_config(plain_cfg, attn_implementation="eager").float().eval()
+    plain.load_state_dict(setup.hf["llama"].state_dict())
+    with torch.no_grad():
+        a, b = setup.hf["llama"](input_ids=setup.tokens).logits, plain(input_ids=setup.tokens).logits
+    assert (a - b).abs().max() > 100 * ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,6 +1,7 @@
 """The trainer from a local HF directory, end to end: a tiny random Qwen2 with a BPE tokenizer trained here,
-a chat template and two end tokens in generation_config.json (as Qwen2.5-Instruct has), trained for two RL
-steps from the CLI, exported back with ``megaprorl convert checkpoint-to-hf`` and read by transformers.
+a chat template and two end tokens in generation_config.json (as Qwen2.5-Instruct has) and Llama-3.x RoPE
+scaling, trained for two RL steps from the CLI, exported back with ``megaprorl convert checkpoint-to-hf``
+and read by transformers.
 
 - the engine's sampling log-probs on chat-rendered prompts equal the HF model's (fp32, 1e-4);
 - the tokenizer's EOS and generation_config.json's other end token both stop a response;
@@ -32,8 +33,13 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HF_VOCAB = 320  # embedding rows beyond the tokenizer's length, as Qwen2.5 has (151936 > 151665)
+# Llama-3.x RoPE scaling (HF applies any rope_type to any model) with a short original context, so the
+# engine's and the trainer's positions meet its bands: the scaled frequencies, end to end
+ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}
 ARCH = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-            rotary_base=10000.0, norm_epsilon=1e-6, add_qkv_bias=True, tie_embeddings=False)
+            rotary_base=10000.0, rope_scaling=ROPE_SCALING, norm_epsilon=1e-6, add_qkv_bias=True,
+            tie_embeddings=False)
 
 
 def _make_hf_dir(path):
@@ -53,7 +59,8 @@ def _make_hf_dir(path):
     ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIALS}
     cfg = transformers.Qwen2Config(vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                   rope_theta=10000.0, rope_scaling=dict(ROPE_SCALING), rms_norm_eps=1e-6,
+                                   tie_word_embeddings=False,
                                    eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()

@@ -43,6 +43,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .rope import rope_scaling_spec
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -77,14 +79,19 @@ def _rope_theta(cfg) -> float:
     return float(theta) if theta is not None else 10000.0
 
 
-def _rope_type(cfg) -> str:
-    params = _cfg_get(cfg, "rope_parameters", None)
-    if isinstance(params, dict):
-        return str(params.get("rope_type", params.get("type", "default")) or "default")
-    scaling = _cfg_get(cfg, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        return str(scaling.get("rope_type", scaling.get("type", "default")) or "default")
-    return "default"
+def _rope_scaling(cfg, strict: bool) -> Dict:
+    """The HF config's RoPE scaling (``rope_parameters``, or the older ``rope_scaling``) as
+    ``rope_scaling_spec`` gives it; a type megaprorl does not build is an error, or ``{}`` without
+    ``strict``."""
+    raw = _cfg_get(cfg, "rope_parameters", None)
+    if not isinstance(raw, dict):
+        raw = _cfg_get(cfg, "rope_scaling", None)
+    try:
+        return rope_scaling_spec(raw if isinstance(raw, dict) else None, "HF config")
+    except ValueError as e:
+        if strict:
+            raise ConversionError(f"{e} (pass strict=False to convert anyway)") from None
+        return {}
 
 
 class _Dims:
@@ -133,18 +140,14 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
     """``ModelConfig`` fields for an HF Qwen2 / Llama config (a ``PretrainedConfig`` or the config.json dict).
 
     The Megatron model must be built with ``vocab_size=hf_vocab_size(hf_config)`` (the HF embedding
-    rows, which may exceed the tokenizer's length).  With ``strict`` a RoPE scaling other than the
-    default (e.g. Llama-3.1's ``llama3``) or a sliding window is an error: the built model would not
-    reproduce the HF logits.
+    rows, which may exceed the tokenizer's length).  RoPE scaling ``linear`` and ``llama3`` (Llama-3.x)
+    come over as ``rope_scaling``; with ``strict`` another one (``yarn``, ``dynamic``...) or a sliding
+    window is an error, since the built model would not reproduce the HF logits.
     """
     d = _Dims(hf_config)
-    if strict:
-        rt = _rope_type(hf_config)
-        if rt != "default":
-            raise ConversionError(f"RoPE scaling {rt!r} is not supported by megaprorl's GPT builder "
-                                  "(pass strict=False to convert anyway)")
-        if _cfg_get(hf_config, "use_sliding_window", False):
-            raise ConversionError("sliding-window attention (use_sliding_window=True) is not supported")
+    rope_scaling = _rope_scaling(hf_config, strict)
+    if strict and _cfg_get(hf_config, "use_sliding_window", False):
+        raise ConversionError("sliding-window attention (use_sliding_window=True) is not supported")
     dtype = _cfg_get(hf_config, "dtype", None) or _cfg_get(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -156,6 +159,7 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
         num_query_groups=d.groups,
         max_position_embeddings=int(_cfg_get(hf_config, "max_position_embeddings", 4096)),
         rotary_base=_rope_theta(hf_config),
+        rope_scaling=rope_scaling,
         norm_epsilon=float(_cfg_get(hf_config, "rms_norm_eps", 1e-6)),
         add_qkv_bias=d.qkv_bias,
         tie_embeddings=d.tie,
@@ -168,7 +172,7 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
 # The ModelConfig fields that fix the computation: a model built with another value than the HF config's
 # loads (where the shapes agree) and computes something else (RoPE base, norm epsilon) or fails to load.
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "rotary_base", "norm_epsilon", "add_qkv_bias", "tie_embeddings")
+               "rotary_base", "rope_scaling", "norm_epsilon", "add_qkv_bias", "tie_embeddings")
 
 
 def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.") -> None:
@@ -179,6 +183,8 @@ def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.")
     bad = []
     for k in ARCH_FIELDS:
         have, need = getattr(model_cfg, k), want[k]
+        if k == "rope_scaling":
+            have = rope_scaling_spec(have, f"{prefix}{k}")
         same = (math.isclose(float(have), float(need), rel_tol=1e-9, abs_tol=0.0) if isinstance(need, float)
                 else have == need)
         if not same:
@@ -213,6 +219,9 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         "torch_dtype": dtype,
     }
     cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False, "mlp_bias": False})
+    scaling = rope_scaling_spec(getattr(model_cfg, "rope_scaling", None))
+    if scaling:
+        cfg["rope_scaling"] = scaling
     if eos_token_id is not None:
         cfg["eos_token_id"] = eos_token_id
     if pad_token_id is not None:

@@ -18,11 +18,24 @@ read of them.  ``install()`` also wraps ``Attention._adjust_key_value_for_infere
 rotated once, with its own positions' frequencies, before it is stored, and the attention then skips
 the key rotation.  RoPE is elementwise per position, so the numbers are the same, element for element
 (tests/test_rope_packed.py).
+
+RoPE scaling (``rope_scaling_spec`` / ``scale_rope``): the frequency table of Llama-3.x checkpoints
+(``rope_type: llama3``) and of linear position interpolation (``rope_type: linear``), HF's formulas,
+set on the model's ``rotary_pos_emb`` once after it is built; every path above reads that table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Dict, Mapping
+
 import torch
+
+# rope_type -> the parameters it needs (HF's config.json names); attention is not rescaled by either
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 _ORIGINAL = None
 _ORIGINAL_ADJUST = None
@@ -132,3 +145,48 @@ def install() -> None:
     attention.apply_rotary_pos_emb = apply_rotary_pos_emb
     _ORIGINAL_ADJUST = attention.Attention._adjust_key_value_for_inference
     attention.Attention._adjust_key_value_for_inference = adjust_key_value_rotating_once
+
+
+def rope_scaling_spec(raw, where: str = "model.rope_scaling") -> Dict:
+    """HF's ``rope_scaling`` (or ``rope_parameters``) dict, or the run config's ``model.rope_scaling``, as
+    ``{"rope_type": t, <its parameters>}``, the
+    parameters as floats (``original_max_position_embeddings`` an int); ``{}`` for none or ``default``.
+    Other keys (``rope_theta`` in ``rope_parameters``) are left out.  Raises ``ValueError`` naming
+    ``where`` for a type megaprorl does not build or a missing or bad parameter."""
+    if dataclasses.is_dataclass(raw):  # the run config's model.rope_scaling
+        raw = dataclasses.asdict(raw)
+    if not raw:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping like {{rope_type: llama3, factor: 8.0, ...}}, got {raw!r}")
+    rt = str(raw.get("rope_type", raw.get("type", "default")) or "default")
+    if rt == "default":
+        return {}
+    if rt not in ROPE_SCALINGS:
+        raise ValueError(f"{where}: RoPE scaling {rt!r} is not supported (megaprorl builds "
+                         f"{' and '.join(ROPE_SCALINGS)}); the model would not reproduce the checkpoint's logits")
+    out: Dict = {"rope_type": rt}
+    for k in ROPE_SCALINGS[rt]:
+        v = raw.get(k)
+        try:
+            out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: rope_type {rt!r} needs a number for {k!r}, got {v!r}") from None
+        if out[k] <= 0:
+            raise ValueError(f"{where}: {k} must be > 0, got {v!r}")
+    if rt == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor ({out['high_freq_factor']}) must exceed low_freq_factor "
+                         f"({out['low_freq_factor']})")
+    return out
+
+
+def scale_rope(model, spec: Dict) -> None:
+    """Rescale the frequencies of ``model.rotary_pos_emb`` (a fresh Megatron ``RotaryEmbedding``, before
+    its first forward: its table is cached) by ``spec`` from :func:`rope_scaling_spec`."""
+    if not spec:
+        return
+    rpe = model.rotary_pos_emb
+    if spec["rope_type"] == "linear":
+        rpe.inv_freq = rpe.inv_freq / spec["factor"]
+    else:  # Megatron's own Llama-3 scaling, which takes the four parameters (its constructor only the factor)
+        rpe.inv_freq = rpe._apply_scaling(rpe.inv_freq, **{k: v for k, v in spec.items() if k != "rope_type"})
