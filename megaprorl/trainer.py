@@ -195,7 +195,7 @@ class Trainer:
                                   cfg.data.builtin_max_digits, train_seed=0)
 
     def encode_prompt(self, record: Dict) -> List[int]:
-        return self.tokenizer.encode(self.tokenizer.render_prompt(record))
+        return self.tokenizer.encode_prompt(record)
 
     # ------------------------------------------------------------------------------ warm start
     def warmstart(self) -> Dict:

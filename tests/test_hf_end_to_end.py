@@ -9,7 +9,9 @@ and read by transformers.
 - the exported reference is the original HF checkpoint bit for bit, the exported policy has moved (the
   same files when exported at TP=2 over two ranks), and transformers' log-probs of the exported policy
   equal the trained Megatron policy's (loaded back with ``model.load``);
-- the demo's policy (no HF start) exports as a Qwen2 that transformers runs with the same log-probs.
+- the demo's policy (no HF start) exports as a Qwen2 that transformers runs with the same log-probs, and
+  so does its checkpoint with the config of a TE + FP8 run, without TE;
+- prompts start with a Llama-style tokenizer's BOS once, with or without a chat template.
 """
 
 import json
@@ -304,3 +306,34 @@ def test_generation_config_end_tokens_are_read_and_checked(tmp_path):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(ValueError, match="generation_config.json"):
             generation_eos_ids(str(tmp_path))
+
+
+def test_prompts_start_with_the_tokenizers_bos_once(hf_dir, tmp_path):
+    """A Llama-style tokenizer puts its BOS before a text: a prompt no chat template renders gets it (as
+    ``tokenizer(text)`` does), one rendered by a template that writes it gets it once; a Qwen-style
+    tokenizer (no BOS) adds nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from megaprorl.models.tokenizer import build_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["12+34=46 the answer"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                                eos_token="<|eot_id|>")
+    fast.save_pretrained(str(tmp_path / "plain"))
+    plain = build_tokenizer(str(tmp_path / "plain"))
+    assert not plain.use_chat_template
+    ids = plain.encode_prompt({"prompt": "12+34="})
+    assert ids == [bos] + plain.encode("12+34=") == fast("12+34=")["input_ids"]
+    fast.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}"
+    fast.save_pretrained(str(tmp_path / "chat"))
+    ids = build_tokenizer(str(tmp_path / "chat")).encode_prompt({"prompt": "12+34="})
+    assert ids[0] == bos and ids.count(bos) == 1
+    qwen = build_tokenizer(hf_dir[0], use_chat_template=False)
+    assert qwen.encode_prompt({"prompt": "12+34="}) == qwen.encode("12+34=")

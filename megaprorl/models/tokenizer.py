@@ -88,6 +88,9 @@ class CharTokenizer(_StopIds):
     def render_prompt(self, record: dict) -> str:
         return record["prompt"]
 
+    def encode_prompt(self, record: dict) -> List[int]:
+        return self.encode(self.render_prompt(record))
+
 
 class HFTokenizer(_StopIds):
     """A Hugging Face tokenizer loaded from a local directory (no hub access), with its chat template and
@@ -110,9 +113,19 @@ class HFTokenizer(_StopIds):
         self.stop_ids = _unique([self.eos_id, *gen_eos])
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.use_chat_template = use_chat_template and getattr(self.tok, "chat_template", None) is not None
+        # what the tokenizer itself puts before a text (Llama's BOS; Qwen's nothing), for prompts that no chat
+        # template renders (a template writes its own BOS into the text)
+        bos = self.tok.bos_token_id
+        self._bos = [bos] if bos is not None and self.tok.encode("", add_special_tokens=True)[:1] == [bos] else []
 
     def encode(self, text: str) -> List[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, record: dict) -> List[int]:
+        """The prompt's ids: the chat template's rendering as it is, or the plain text after the tokenizer's
+        own BOS, as ``tokenizer(text)`` starts it (no template: a base Llama still sees its BOS)."""
+        ids = self.encode(self.render_prompt(record))
+        return ids if self.use_chat_template else self._bos + ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = self._cut(ids) if skip_special else [int(i) for i in ids]
