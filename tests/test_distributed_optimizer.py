@@ -89,18 +89,20 @@ def _ckpt_job(rank, world, ckpt, mode, dtype):
     from megaprorl.dist_ckpt import load_policy, save_policy
 
     pol = _policy(True, dtype=dtype)
-    if mode == "save":
-        _steps(pol, rank, 2)
-        save_policy(ckpt, pol)
-        _steps(pol, rank, 1)
-    elif mode == "load":
-        load_policy(ckpt, pol)
-        assert pol.updates == 2
-        _steps(pol, rank, 1)
-    elif mode == "reshard":  # one rank: load the two ranks' shards, save them again
+    if mode == "reshard":  # one rank: load the two ranks' shards, save them again
         load_policy(ckpt, pol)
         save_policy(ckpt + "_world1", pol)
-    return [p.detach().clone() for p in pol.model.parameters()]
+        return None
+    # two ranks: save after 2 updates and make a third; a fresh policy (a new model and optimizer) loads the
+    # checkpoint and makes the third again
+    _steps(pol, rank, 2)
+    save_policy(ckpt, pol)
+    _steps(pol, rank, 1)
+    resumed = _policy(True, dtype=dtype)
+    load_policy(ckpt, resumed)
+    assert resumed.updates == 2
+    _steps(resumed, rank, 1)
+    return [[p.detach().clone() for p in q.model.parameters()] for q in (pol, resumed)]
 
 
 def _tensors(directory, tmp):
@@ -114,10 +116,8 @@ def _tensors(directory, tmp):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_distributed_optimizer_checkpoint_resumes_exactly_and_reshards(tmp_path, dtype):
     ckpt = str(tmp_path / "do")
-    cont = run_distributed(_ckpt_job, 2, (ckpt, "save", dtype))
-    resumed = run_distributed(_ckpt_job, 2, (ckpt, "load", dtype))
-    for r in range(2):
-        for a, b in zip(cont[r], resumed[r]):
+    for cont, resumed in run_distributed(_ckpt_job, 2, (ckpt, "save-load", dtype)):
+        for a, b in zip(cont, resumed):
             assert torch.equal(a, b)
     run_distributed(_ckpt_job, 1, (ckpt, "reshard", dtype))
     two, one = _tensors(ckpt, str(tmp_path)), _tensors(ckpt + "_world1", str(tmp_path))

@@ -151,9 +151,10 @@ def test_embedded_engine_pipeline_parallel_equals_single_stage():
                 assert g_lp == pytest.approx(w_lp, abs=1e-5)
 
 
-def _tp_pp_engine_job(rank, world, hf_dir, tp, pp):
+def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
     from types import SimpleNamespace
 
+    from megatron.core import parallel_state as mps
     from test_convert import _mcfg
 
     from megaprorl.models import convert as C
@@ -161,35 +162,42 @@ def _tp_pp_engine_job(rank, world, hf_dir, tp, pp):
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
 
-    info = init_distributed(tp, pp)
-    hf_config = C.load_hf_config(hf_dir)
-    p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=False)
-    tok = CharTokenizer()
-    pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device, "torch",
-                 trainable=False, pad_id=tok.pad_id)
-    C.load_hf_into_model(pol.model, hf_dir, hf_config)
-    return _generate(pol, tok)
+    out = {}
+    for family, hf_dir in hf_dirs.items():
+        info = init_distributed(tp, pp)
+        hf_config = C.load_hf_config(hf_dir)
+        p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=False)
+        tok = CharTokenizer()
+        pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device,
+                     "torch", trainable=False, pad_id=tok.pad_id)
+        C.load_hf_into_model(pol.model, hf_dir, hf_config)
+        out[family] = _generate(pol, tok)
+        del pol
+        mps.destroy_model_parallel()
+    return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path, family):
-    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied) or Qwen2 (tied embeddings: the last
-    stage samples with its copy of the embedding) loaded and sharded by the converter: every rank returns
-    the single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage
-    of each TP rank)."""
+def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path):
+    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied, Llama-3.x RoPE scaling) and Qwen2
+    (tied embeddings: the last stage samples with its copy of the embedding) loaded and sharded by the
+    converter: every rank returns the single-rank rollouts (greedy and seeded sampling; vocab-parallel
+    logits gathered on the last stage of each TP rank).  One job per layout for both models."""
     pytest.importorskip("transformers")
     from test_convert import _make_hf
 
-    hf_dir = str(tmp_path / family)
-    _make_hf(family, hf_dir)
-    want = run_distributed(_tp_pp_engine_job, 1, (hf_dir, 1, 1))[0]
-    assert any(len(r[0]) > 1 for r in want[0])
-    for got in run_distributed(_tp_pp_engine_job, 4, (hf_dir, 2, 2)):
-        for g_runs, w_runs in zip(got, want):
-            assert [r[0] for r in g_runs] == [r[0] for r in w_runs]
-            assert [r[2] for r in g_runs] == [r[2] for r in w_runs]
-            for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
-                assert g_lp == pytest.approx(w_lp, abs=1e-4)
+    hf_dirs = {family: str(tmp_path / family) for family in ("llama", "qwen2")}
+    for family, d in hf_dirs.items():
+        _make_hf(family, d)
+    want = run_distributed(_tp_pp_engine_job, 1, (hf_dirs, 1, 1))[0]
+    got_all = run_distributed(_tp_pp_engine_job, 4, (hf_dirs, 2, 2))
+    for family in hf_dirs:
+        assert any(len(r[0]) > 1 for r in want[family][0]), family
+        for got in got_all:
+            for g_runs, w_runs in zip(got[family], want[family]):
+                assert [r[0] for r in g_runs] == [r[0] for r in w_runs], family
+                assert [r[2] for r in g_runs] == [r[2] for r in w_runs], family
+                for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
+                    assert g_lp == pytest.approx(w_lp, abs=1e-4), family
 
 
 def test_pipeline_parallel_with_the_embedded_engine_is_a_valid_config():

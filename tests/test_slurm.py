@@ -11,9 +11,9 @@ requeue paths:
 Each restart must resume from the newest checkpoint.  SLURM makes a requeued job wait 120 s before
 it is eligible again; the tests shorten that wait with ``scontrol update JobId=.. StartTime=now+3``.
 
-``test_requeue_fake_trainer`` checks the launcher's mechanics with a stand-in trainer (torchrun,
-gloo, same checkpoint and signal contract, fast); ``test_requeue_real_trainer`` runs the real
-``megaprorl train`` on the tiny demo config.
+``test_requeue_real_trainer`` runs the real ``megaprorl train`` on the tiny demo config (2 gloo ranks
+under torchrun).  (A stand-in trainer that checked the launcher alone ran the same two paths with the
+same assertions; it was dropped for time, 83 s on the 2-core machine.)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -83,9 +82,10 @@ def test_dry_run_script(tmp_path, capsys):
 def test_dry_run_cpu_defaults(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc = launch_main([DEMO, "name=cpu", "output_dir=out", "--gpus-per-node", "0", "--signal", "USR1@300",
-                      "--dry-run"])
+                      "--python", "/opt/env/bin/python3", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
+    assert "export MEGAPRORL_PYTHON=/opt/env/bin/python3" in out.splitlines()
     assert "--gpus-per-node" not in out
     assert "--nproc-per-node=1" in out
     assert "#SBATCH --signal=B:USR1@300" in out
@@ -219,63 +219,6 @@ def _exercise_both_requeue_paths(job: Job, steps: int):
     assert second > ckpt_a, job.report()
     assert job.checkpoints()[-1] == steps, job.report()
     return out
-
-
-# The stand-in trainer: same contract as megaprorl.trainer (gloo process group, SIGUSR1/SIGTERM ->
-# finish the step, checkpoint, exit 3; checkpoint.resume=auto -> newest COMPLETE checkpoint).
-FAKE_TRAINER = textwrap.dedent("""
-    import glob, json, os, signal, sys, time
-    import torch, torch.distributed as dist
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    run_dir = os.environ["MEGAPRORL_RUN_DIR"]; steps = int(os.environ["FAKE_STEPS"])
-    flag = [0]
-    def on_signal(s, f): flag[0] = 1
-    signal.signal(signal.SIGUSR1, on_signal); signal.signal(signal.SIGTERM, on_signal)
-    done = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "COMPLETE")))
-    step = int(os.path.basename(os.path.dirname(done[-1]))[5:]) if done else 0
-    if done and rank == 0: print(f"resumed from {os.path.dirname(done[-1])} at step {step}", flush=True)
-    while step < steps:
-        time.sleep(0.3); step += 1
-        t = torch.tensor([float(flag[0])]); dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            d = os.path.join(run_dir, "checkpoints", f"step_{step:08d}"); os.makedirs(d, exist_ok=True)
-            open(os.path.join(d, "COMPLETE"), "w").close()
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps({"step": step}) + "\\n")
-        dist.barrier()
-        if t.item() > 0:
-            if rank == 0: print(f"signal received: checkpointed step {step}, exiting with 3", flush=True)
-            sys.exit(3)
-    dist.destroy_process_group()
-""")
-
-# Runs the real interpreter but puts the stand-in trainer where `-m megaprorl.cli train CONFIG ...` was.
-FAKE_PYTHON = textwrap.dedent("""\
-    #!{py}
-    import os, sys
-    a = sys.argv[1:]
-    for i in range(len(a) - 2):
-        if a[i:i + 3] == ["-m", "megaprorl.cli", "train"]:
-            a = a[:i] + [{trainer!r}]
-            break
-    os.execv({py!r}, [{py!r}] + a)
-""")
-
-
-def test_requeue_fake_trainer(cluster, tmp_path):
-    """Launcher + SLURM mechanics, independent of the trainer: both requeue paths, resume, completion."""
-    trainer = tmp_path / "fake_trainer.py"
-    trainer.write_text(FAKE_TRAINER)
-    fake_py = tmp_path / "python"
-    fake_py.write_text(FAKE_PYTHON.format(py=PY, trainer=str(trainer)))
-    fake_py.chmod(0o755)
-    steps = 60
-    job = _launch(cluster, str(tmp_path / "run"),
-                  [DEMO, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2", "--cpus-per-task", "2",
-                   "--python", str(fake_py), "--env", f"FAKE_STEPS={steps}", "--signal", "USR1@60"], timeout_s=150)
-    _exercise_both_requeue_paths(job, steps)
-    rows = [json.loads(ln) for ln in open(os.path.join(job.run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "steps are not contiguous"
 
 
 def test_requeue_real_trainer(cluster, tmp_path):
