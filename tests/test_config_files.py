@@ -61,6 +61,29 @@ R1_DISTILL_1P5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "use_sliding_window": False,
                    "sliding_window": 4096, "vocab_size": 151936, "hidden_act": "silu", "torch_dtype": "bfloat16"}
 
+# Llama-3.2-1B's published config.json (the architecture keys): tied embeddings, llama3 RoPE scaling x32
+LLAMA_3P2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "rms_norm_eps": 1e-05, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
+                "vocab_size": 128256, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+
+
+def test_llama_3p2_config_reads_as_the_run_config_spells_it():
+    """Llama-3.2-1B's config.json gives model.* keys (llama3 RoPE scaling included) that a run config takes as
+    overrides and that pass the trainer's check against the same config.json."""
+    from megaprorl.models.convert import check_model_config, model_config_from_hf
+
+    fields = model_config_from_hf(LLAMA_3P2_1B)
+    assert fields["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert fields["tie_embeddings"] and not fields["add_qkv_bias"] and fields["rotary_base"] == 500000.0
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "prorl_v2.yaml"),
+                      [f"model.{k}={v}" for k, v in fields.items() if k != "params_dtype"])
+    check_model_config(cfg.model, LLAMA_3P2_1B, "/models/Llama-3.2-1B")
+
 
 @pytest.mark.parametrize("path", [p for p in EXAMPLES if "r1_1.5b" in p or "prorl_v" in p], ids=os.path.basename)
 def test_r1_examples_describe_the_checkpoint(path):
