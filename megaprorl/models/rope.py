@@ -149,10 +149,10 @@ def install() -> None:
 
 def rope_scaling_spec(raw, where: str = "model.rope_scaling") -> Dict:
     """HF's ``rope_scaling`` (or ``rope_parameters``) dict, or the run config's ``model.rope_scaling``, as
-    ``{"rope_type": t, <its parameters>}``, the
-    parameters as floats (``original_max_position_embeddings`` an int); ``{}`` for none or ``default``.
-    Other keys (``rope_theta`` in ``rope_parameters``) are left out.  Raises ``ValueError`` naming
-    ``where`` for a type megaprorl does not build or a missing or bad parameter."""
+    ``{"rope_type": t, <its parameters>}`` with the parameters as floats (``original_max_position_embeddings``
+    an int); ``{}`` for none or ``default``.  Other keys (``rope_theta`` in ``rope_parameters``) are left
+    out.  Raises ``ValueError`` naming ``where`` for a type megaprorl does not build or a missing or bad
+    parameter."""
     if dataclasses.is_dataclass(raw):  # the run config's model.rope_scaling
         raw = dataclasses.asdict(raw)
     if not raw:
