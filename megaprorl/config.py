@@ -45,11 +45,13 @@ class ModelConfig:
     ffn_hidden_size: int = 512
     num_attention_heads: int = 4
     num_query_groups: int = 2  # grouped-query attention; = heads for MHA
+    head_dim: int = 0  # channels per attention head; 0 = hidden_size / num_attention_heads (Qwen3 sets 128)
     max_position_embeddings: int = 4096
     rotary_base: float = 1000000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-6
     add_qkv_bias: bool = True
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = False
     init_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
@@ -346,8 +348,9 @@ def validate(cfg: Config) -> None:
         rope_scaling_spec(cfg.model.rope_scaling, "config key 'model.rope_scaling'")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    need(cfg.model.hidden_size % cfg.model.num_attention_heads == 0, "model.num_attention_heads",
-         "must divide model.hidden_size")
+    need(cfg.model.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = hidden_size / num_attention_heads)")
+    need(cfg.model.head_dim or cfg.model.hidden_size % cfg.model.num_attention_heads == 0,
+         "model.num_attention_heads", "must divide model.hidden_size (or set model.head_dim)")
     need(cfg.model.num_attention_heads % max(cfg.model.num_query_groups, 1) == 0, "model.num_query_groups",
          "must divide model.num_attention_heads")
     need(cfg.model.num_query_groups % cfg.parallel.tensor_parallel == 0 or cfg.model.num_query_groups == 0,

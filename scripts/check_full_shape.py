@@ -3,12 +3,14 @@ written by transformers, loaded into the Megatron policy the trainer builds (fp3
 check of model.* against config.json, and compared with transformers' logits on a few sequences; then written
 back with save_megatron_as_hf and compared tensor by tensor with the original files.
 
-    PYTHONPATH=. python3 scripts/check_full_shape.py [--model r1-distill-1.5b|llama-3.2-1b] [--workdir DIR]
+    PYTHONPATH=. python3 scripts/check_full_shape.py [--model r1-distill-1.5b|llama-3.2-1b|qwen3-0.6b]
+                                                     [--workdir DIR]
                                                      [--tokens 64]
 
 r1-distill-1.5b: DeepSeek-R1-Distill-Qwen-1.5B (Qwen2) with examples/prorl_v2.yaml's model.* keys.
 llama-3.2-1b: Llama-3.2-1B (tied embeddings, llama3 RoPE scaling with factor 32) with the model.* keys that
-model_config_from_hf gives, as a run config would spell them.  About 7 GB of disk (fp32 safetensors, twice)
+model_config_from_hf gives, as a run config would spell them.  qwen3-0.6b: Qwen3-0.6B (head_dim 128 with
+hidden 1024 / 16 heads, q/k norms, tied), the same way.  About 7 GB of disk (fp32 safetensors, twice)
 and up to 23 GB of memory.  Prints the figures recorded in docs/convert.md.
 """
 
@@ -24,10 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from test_config_files import LLAMA_3P2_1B, R1_DISTILL_1P5B  # noqa: E402  the published config.json files
+from test_config_files import LLAMA_3P2_1B, QWEN3_0P6B, R1_DISTILL_1P5B  # noqa: E402  published config.json files
 
 MODELS = {"r1-distill-1.5b": (R1_DISTILL_1P5B, "Qwen2Config"),
-          "llama-3.2-1b": (LLAMA_3P2_1B, "LlamaConfig")}
+          "llama-3.2-1b": (LLAMA_3P2_1B, "LlamaConfig"),
+          "qwen3-0.6b": (QWEN3_0P6B, "Qwen3Config")}
 
 
 def main():

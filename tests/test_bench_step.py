@@ -27,6 +27,32 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert rep["rollout_tokens_per_s"] is None and rep["engine"] is None
 
 
+@pytest.mark.parametrize("preset", ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b"])
+def test_preset_parameter_counts_are_the_models(preset):
+    """param_count (the MFU's N) = the parameters of the HF model of the preset's shape (built on the meta
+    device from the config.json the export would write: Qwen2 with a QKV bias, Qwen3 with q/k norms)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from megaprorl.bench.step import PRESETS, param_count, train_flops_per_token
+    from megaprorl.models.convert import hf_config_from_model_config
+
+    p = PRESETS[preset]
+    mcfg = SimpleNamespace(**{k: v for k, v in p.items() if k != "vocab"}, max_position_embeddings=4096,
+                           rotary_base=1e6, norm_epsilon=1e-6, params_dtype="bf16")
+    mcfg.add_qkv_bias = p.get("add_qkv_bias", True)
+    mcfg.tie_embeddings = p.get("tie_embeddings", False)
+    hf_cfg = hf_config_from_model_config(mcfg, p["vocab"])
+    assert hf_cfg["model_type"] == preset.split("-")[0]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_cfg))
+    assert param_count(p) == sum(t.numel() for t in model.parameters())
+    embedding = 0 if mcfg.tie_embeddings else p["vocab"] * p["hidden_size"]  # a lookup, no FLOPs
+    assert train_flops_per_token(p, 0) == 6 * (param_count(p) - embedding)
+
+
 def test_attention_probe_writes_report(tmp_path):
     """scripts/attn_probe.py (packed attention paths): runs on the CPU, records what cannot run there."""
     import importlib.util

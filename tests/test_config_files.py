@@ -70,6 +70,38 @@ LLAMA_3P2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "h
                 "rms_norm_eps": 1e-05, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
                 "vocab_size": 128256, "hidden_act": "silu", "torch_dtype": "bfloat16"}
 
+# Qwen3-0.6B's published config.json (the architecture keys): head_dim 128 with hidden 1024 / 16 heads,
+# q/k norms (implied by model_type), no QKV bias, tied embeddings
+QWEN3_0P6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+              "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+              "head_dim": 128, "max_position_embeddings": 40960, "max_window_layers": 28, "rope_theta": 1000000,
+              "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": True, "attention_bias": False,
+              "use_sliding_window": False, "sliding_window": None, "vocab_size": 151936, "hidden_act": "silu",
+              "torch_dtype": "bfloat16"}
+
+
+def test_qwen3_config_reads_as_the_run_config_spells_it():
+    """Qwen3-0.6B's config.json gives model.* keys (head_dim, qk_norm) that a run config takes as overrides
+    and that pass the trainer's check against the same config.json."""
+    from megaprorl.models.convert import check_model_config, model_config_from_hf
+
+    fields = model_config_from_hf(QWEN3_0P6B)
+    assert (fields["head_dim"], fields["qk_norm"], fields["add_qkv_bias"]) == (128, True, False)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "prorl_v2.yaml"),
+                      [f"model.{k}={v}" for k, v in fields.items() if k != "params_dtype"])
+    assert cfg.model.head_dim == 128 and cfg.model.qk_norm
+    check_model_config(cfg.model, QWEN3_0P6B, "/models/Qwen3-0.6B")
+
+
+def test_head_dim_frees_the_width_from_the_heads():
+    demo = os.path.join(os.path.dirname(__file__), "..", "examples", "demo.yaml")
+    with pytest.raises(ConfigError, match="model.num_attention_heads.*or set model.head_dim"):
+        load_config(demo, ["model.hidden_size=66", "model.num_attention_heads=4"])
+    cfg = load_config(demo, ["model.hidden_size=66", "model.num_attention_heads=4", "model.head_dim=16"])
+    assert cfg.model.head_dim == 16
+    with pytest.raises(ConfigError, match="model.head_dim"):
+        load_config(demo, ["model.head_dim=-1"])
+
 
 def test_llama_3p2_config_reads_as_the_run_config_spells_it():
     """Llama-3.2-1B's config.json gives model.* keys (llama3 RoPE scaling included) that a run config takes as

@@ -1,8 +1,10 @@
-"""HF <-> Megatron conversion (megaprorl.models.convert) for tiny random Qwen2 and Llama models.
+"""HF <-> Megatron conversion (megaprorl.models.convert) for tiny random Qwen2, Qwen3 and Llama models.
 
-One gloo job (2 processes, spawned once for the module) loads both HF models into Megatron at
+One gloo job (2 processes, spawned once for the module) loads the HF models into Megatron at
 TP=1, TP=2 and PP=2 and returns logits, losses and gradients; the tests compare them with the HF
-models, bit-exact round trips, and TP=2 against TP=1.
+models, bit-exact round trips, and TP=2 against TP=1.  The Qwen3 has a head_dim (32) that is not
+hidden / heads (16) and per-head q/k norms; the job also takes one policy training step on it at TP=1
+and TP=2 (the trainer's gradient reduction of the replicated q/k norms over the TP ranks).
 """
 
 import json
@@ -21,9 +23,10 @@ pytest.importorskip("megatron.core")
 from megaprorl.models import convert as C  # noqa: E402
 
 VOCAB = 100
+FAMILIES = ("qwen2", "llama", "qwen3")
 # Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
 # embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
-PP_FAMILIES = ("llama", "qwen2")
+PP_FAMILIES = ("llama", "qwen2", "qwen3")
 B, S = 2, 12
 ATOL = 1e-4
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -37,6 +40,8 @@ def _hf_config(family):
                   rms_norm_eps=1e-6)
     if family == "qwen2":
         return transformers.Qwen2Config(tie_word_embeddings=True, rope_theta=1000000.0, **common)
+    if family == "qwen3":  # Qwen3's shape: head_dim fixed (128 there), heads x head_dim = 2 x hidden here
+        return transformers.Qwen3Config(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32, **common)
     # Llama-3.x RoPE scaling, with a short original context so that, at head_dim 16, the 12 test positions
     # see all three bands (kept, interpolated, divided by the factor)
     return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING),
@@ -44,7 +49,7 @@ def _hf_config(family):
 
 
 def _make_hf(family, path):
-    torch.manual_seed(0 if family == "qwen2" else 1)
+    torch.manual_seed(FAMILIES.index(family))
     cfg = _hf_config(family)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
     randomize_hf_params(model)  # norms and biases non-trivial too
@@ -102,6 +107,7 @@ def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
     tp_rank = mps.get_tensor_model_parallel_rank()
     loss = _masked_ce(logits, labels, VOCAB, tp_rank)
     loss.backward()
+    _sum_qk_norm_grads(model)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     full_logits = _gather_tp(logits.detach())[..., :VOCAB]
     saved = None
@@ -112,6 +118,46 @@ def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
                saved=saved is not None)
     mps.destroy_model_parallel()
     return out
+
+
+def _sum_qk_norm_grads(model):
+    """Each TP rank's q/k norms saw only its own heads: their gradient is the sum over the TP group, as
+    Megatron's finalize_model_grads makes it in the trainer (checked through the policy by _run_policy_step)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    for n, p in model.named_parameters():
+        if "q_layernorm" in n or "k_layernorm" in n:
+            dist.all_reduce(p.grad, group=mps.get_tensor_model_parallel_group())
+
+
+def _run_policy_step(hf_dir, tp):
+    """One policy training step (the trainer's path: Megatron's DDP, finalize_model_grads, grad norm) from
+    the HF weights at ``tp``, without clipping (the gradients are read after the step)."""
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.algo.loss import LossSpec
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+    from test_packing import _batch
+    from tiny_models import tiny_policy_cfgs
+
+    info = init_distributed(tp, 1)
+    hf_config = C.load_hf_config(hf_dir)
+    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=False)
+    tok = CharTokenizer()
+    ocfg = tiny_policy_cfgs()[2]
+    ocfg.grad_clip = 0.0
+    pol = Policy(_mcfg(hf_dir, "sdpa"), pcfg, ocfg, C.hf_vocab_size(hf_config), info.device, "torch",
+                 pad_id=tok.pad_id)
+    C.load_hf_into_model(pol.model, hf_dir, hf_config)
+    pol.optimizer.step_with_ready_grads = lambda: True  # compare gradients, not updates
+    stats = pol.train_step(_batch(tok, n=6, seed=7), LossSpec(kl_coef=0.1), micro_batch_size=3)
+    grads = {n: q.grad.detach().clone() for n, q in pol.model.named_parameters()}
+    del pol
+    mps.destroy_model_parallel()
+    return dict(stats=stats, grads=grads, dp=info.dp)
 
 
 def _run_pp(hf_dir, attention, tokens):
@@ -149,12 +195,13 @@ def _run_pp(hf_dir, attention, tokens):
 def _job(rank, world, dirs, tokens, labels, save_root):
     out = {}
     for family, hf_dir in dirs.items():
-        attention = "sdpa" if family == "qwen2" else "megatron"
+        attention = "megatron" if family == "llama" else "sdpa"
         tp1 = _run_tp(hf_dir, attention, 1, tokens, labels)  # two data-parallel replicas of TP=1
         tp2 = _run_tp(hf_dir, attention, 2, tokens, labels, save_dir=os.path.join(save_root, family))
         out[family] = dict(tp1=tp1, tp2=tp2)
         if family in PP_FAMILIES:
             out[family]["pp2"] = _run_pp(hf_dir, attention, tokens)
+    out["qwen3"]["step"] = {tp: _run_policy_step(dirs["qwen3"], tp) for tp in (1, 2)}
     return out
 
 
@@ -163,7 +210,7 @@ def _job(rank, world, dirs, tokens, labels, save_root):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     dirs, hf_models = {}, {}
-    for family in ("qwen2", "llama"):
+    for family in FAMILIES:
         d = str(root / family)
         hf_models[family] = _make_hf(family, d)
         dirs[family] = d
@@ -183,9 +230,6 @@ def _hf_forward_backward(model, tokens, labels):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return logits.detach(), loss.detach(), grads
-
-
-FAMILIES = ("qwen2", "llama")
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -211,6 +255,38 @@ def test_model_config_from_hf():
     with pytest.raises(C.ConversionError, match="low_freq_factor"):  # llama3 without its parameters
         C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     assert C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "yarn"}), strict=False)["rope_scaling"] == {}
+    # Qwen3: head_dim from the config (not hidden / heads), q/k norms, no QKV bias
+    q3 = C.model_config_from_hf(_hf_config("qwen3"))
+    assert (q3["head_dim"], q3["qk_norm"], q3["add_qkv_bias"], q3["tie_embeddings"]) == (32, True, False, True)
+    assert (l["head_dim"], l["qk_norm"], q["head_dim"], q["qk_norm"]) == (16, False, 16, False)
+    raw3 = dict(raw, model_type="qwen3", head_dim=128)
+    assert C.model_config_from_hf(raw3)["head_dim"] == 128
+    with pytest.raises(C.ConversionError, match="qwen3 with attention_bias=True"):
+        C.model_config_from_hf(dict(raw3, attention_bias=True))
+    with pytest.raises(C.ConversionError, match=r"layer_types \['sliding_attention'\]"):
+        C.model_config_from_hf(dict(raw3, layer_types=["full_attention", "sliding_attention"]))
+    with pytest.raises(C.ConversionError, match="gives no head_dim"):
+        C.model_config_from_hf(dict(raw, hidden_size=66))
+
+
+def test_qwen3_config_is_checked_and_exported():
+    """check_model_config names a head_dim or qk_norm that differs from config.json's (head_dim 0 means
+    hidden / heads); the exported config.json is a Qwen3 one that transformers reads back as it was."""
+    hf_cfg = _hf_config("qwen3")
+    mcfg = SimpleNamespace(**C.model_config_from_hf(hf_cfg))
+    C.check_model_config(mcfg, hf_cfg, "/hf")
+    for key, wrong in (("head_dim", 0), ("head_dim", 16), ("qk_norm", False)):
+        with pytest.raises(C.ConversionError, match=f"model.{key}="):
+            C.check_model_config(SimpleNamespace(**{**vars(mcfg), key: wrong}), hf_cfg, "/hf")
+    llama = SimpleNamespace(**C.model_config_from_hf(_hf_config("llama")))
+    C.check_model_config(SimpleNamespace(**{**vars(llama), "head_dim": 0}), _hf_config("llama"), "/hf")
+    mcfg.params_dtype, mcfg.max_position_embeddings = "fp32", 64
+    out = C.hf_config_from_model_config(mcfg, VOCAB)
+    assert out["model_type"] == "qwen3" and out["architectures"] == ["Qwen3ForCausalLM"]
+    back = transformers.Qwen3Config(**out)
+    assert C.model_config_from_hf(back) == dict(C.model_config_from_hf(hf_cfg), params_dtype="fp32")
+    with pytest.raises(C.ConversionError, match="Qwen3 has no QKV bias"):
+        C.hf_config_from_model_config(SimpleNamespace(**{**vars(mcfg), "add_qkv_bias": True}), VOCAB)
 
 
 @pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0},
@@ -292,6 +368,27 @@ def test_tp2_loss_and_grads_equal_tp1_and_hf(setup, family):
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
         torch.testing.assert_close(g1[k], hf_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_qwen3_policy_step_at_tp2_equals_tp1(setup):
+    """The trainer's step on the Qwen3 weights: at TP=2 each rank's q/k norms see half the heads, and the
+    summed gradients (finalize_model_grads), the loss and the gradient norm equal TP=1's.  At TP=1 the
+    two ranks are data-parallel replicas of the same batch, whose gradients DP sums: twice TP=2's."""
+    hf_config = C.load_hf_config(setup.dirs["qwen3"])
+    runs = [r["qwen3"]["step"] for r in setup.results]
+    one, two = runs[0][1], [r[2] for r in runs]  # results are in rank order
+    assert (one["dp"], two[0]["dp"]) == (2, 1)
+    g1 = C.megatron_to_hf([one["grads"]], hf_config)
+    g2 = C.megatron_to_hf([t["grads"] for t in two], hf_config)
+    assert set(g1) == set(g2)
+    qk = [k for k in g1 if k.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(qk) == 4 and all(g1[k].abs().max() > 1e-4 for k in qk)
+    for k in g1:
+        torch.testing.assert_close(2 * g2[k], g1[k], atol=1e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    for t in two:
+        assert t["stats"]["loss"] == pytest.approx(one["stats"]["loss"], rel=1e-5)
+        assert t["stats"]["tokens"] == one["stats"]["tokens"]
+        assert 2 * t["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ and read by transformers.
 - the exported reference is the original HF checkpoint bit for bit, the exported policy has moved (the
   same files when exported at TP=2 over two ranks), and transformers' log-probs of the exported policy
   equal the trained Megatron policy's (loaded back with ``model.load``);
-- the demo's policy (no HF start) exports as a Qwen2 that transformers runs with the same log-probs, and
+- the demo's policy (no HF start) exports as a Qwen2 (or, with model.qk_norm and model.head_dim, a Qwen3) that transformers runs with the same log-probs, and
   so does its checkpoint with the config of a TE + FP8 run, without TE;
 - prompts start with a Llama-style tokenizer's BOS once, with or without a chat template.
 """
@@ -238,11 +238,14 @@ def test_train_export_and_reload(hf_dir, tmp_path):
         t.close()
 
 
-def test_demo_policy_exports_as_qwen2(tmp_path):
-    """A run that did not start from HF (character tokenizer) exports a Qwen2 config.json of its own."""
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_demo_policy_exports_as_hf(tmp_path, family):
+    """A run that did not start from HF (character tokenizer) exports a config.json of its own: Qwen2 (QKV
+    bias), or Qwen3 with model.qk_norm and a model.head_dim that is not hidden / heads."""
     from megaprorl.models.tokenizer import CharTokenizer
 
-    tiny = ["warmstart.steps=5", "train.steps=1", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+    arch = {"qwen2": [], "qwen3": ["model.qk_norm=true", "model.head_dim=32", "model.add_qkv_bias=false"]}[family]
+    tiny = arch + ["warmstart.steps=5", "train.steps=1", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
             "rollout.n_samples=2", "eval.n_prompts=4", "logging.progress=false", "logging.plot=false",
             "logging.tensorboard=false", "model.num_layers=1", "model.hidden_size=64", "model.ffn_hidden_size=128",
             f"output_dir={tmp_path}", "name=demo"]
@@ -253,7 +256,8 @@ def test_demo_policy_exports_as_qwen2(tmp_path):
                  "--out", out]) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
     tok = CharTokenizer()
-    assert cfg["model_type"] == "qwen2" and cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_id
+    assert cfg["model_type"] == family and cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_id
+    assert cfg["head_dim"] == (32 if family == "qwen3" else 16)
     hf = _hf_model(out)
     t = _trainer(tiny + [f"model.load={tmp_path / 'demo'}", f"output_dir={tmp_path / 'x'}"])
     try:
@@ -265,6 +269,8 @@ def test_demo_policy_exports_as_qwen2(tmp_path):
         torch.testing.assert_close(lp[0, s: s + 3], _hf_logprobs(hf, prompts[0], responses[0]), atol=1e-4, rtol=0)
     finally:
         t.close()
+    if family != "qwen2":
+        return
 
     # the same checkpoint, as a TransformerEngine FP8 run would have written it (its tensors carry the same
     # names under either spec; only trainer.json's config differs): without TE it exports through the local

@@ -178,17 +178,19 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
 
 
 def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path):
-    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied, Llama-3.x RoPE scaling) and Qwen2
-    (tied embeddings: the last stage samples with its copy of the embedding) loaded and sharded by the
-    converter: every rank returns the single-rank rollouts (greedy and seeded sampling; vocab-parallel
-    logits gathered on the last stage of each TP rank).  One job per layout for both models."""
+    """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied, Llama-3.x RoPE scaling), Qwen2
+    (tied embeddings: the last stage samples with its copy of the embedding) and Qwen3 (head_dim 32 for
+    hidden 64 / 4 heads, per-head q/k norms) loaded and sharded by the converter: every rank returns the
+    single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage of
+    each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
+    decode stage) are transformers' for the same tokens.  One job per layout for the three models."""
     pytest.importorskip("transformers")
-    from test_convert import _make_hf
+    from test_convert import FAMILIES, _make_hf
 
-    hf_dirs = {family: str(tmp_path / family) for family in ("llama", "qwen2")}
-    for family, d in hf_dirs.items():
-        _make_hf(family, d)
+    hf_dirs = {family: str(tmp_path / family) for family in FAMILIES}
+    hf = {family: _make_hf(family, d) for family, d in hf_dirs.items()}
     want = run_distributed(_tp_pp_engine_job, 1, (hf_dirs, 1, 1))[0]
+    _check_against_hf(want, hf)
     got_all = run_distributed(_tp_pp_engine_job, 4, (hf_dirs, 2, 2))
     for family in hf_dirs:
         assert any(len(r[0]) > 1 for r in want[family][0]), family
@@ -198,6 +200,27 @@ def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path):
                 assert [r[2] for r in g_runs] == [r[2] for r in w_runs], family
                 for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
                     assert g_lp == pytest.approx(w_lp, abs=1e-4), family
+
+
+def _check_against_hf(rollouts, hf_models):
+    """Each rollout's log-probs (temperature 1: the sampled runs' and the greedy run's) = the HF model's
+    log-softmax at the same tokens."""
+    from megaprorl.models.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    for family, runs in rollouts.items():
+        n = 0
+        for run in runs:
+            per_prompt = len(run) // len(PROMPTS)
+            for i, (resp, lps, _) in enumerate(run):
+                prompt = tok.encode(PROMPTS[i // per_prompt])
+                with torch.no_grad():
+                    logits = hf_models[family](input_ids=torch.tensor([prompt + resp])).logits[0]
+                want = torch.log_softmax(logits.float(), -1)[len(prompt) - 1: -1].gather(
+                    -1, torch.tensor(resp)[:, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(lps), want, atol=1e-4, rtol=0, msg=lambda m: f"{family}: {m}")
+                n += len(resp)
+        assert n >= 40, family
 
 
 def test_pipeline_parallel_with_the_embedded_engine_is_a_valid_config():

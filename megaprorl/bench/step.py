@@ -25,6 +25,7 @@ import torch
 
 from ..kernels import GRAD_MODES
 
+_QWEN3 = dict(head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=True)
 PRESETS = {
     "tiny": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                  vocab=64),
@@ -34,22 +35,37 @@ PRESETS = {
                        num_query_groups=2, vocab=151936),
     "qwen2-7b": dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
                      num_query_groups=4, vocab=152064),
+    # Qwen3: head_dim 128 whatever the width, per-head q/k RMSNorm, no QKV bias, tied below 8B
+    "qwen3-0.6b": dict(num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+                       num_query_groups=8, vocab=151936, **_QWEN3),
+    "qwen3-1.7b": dict(num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16,
+                       num_query_groups=8, vocab=151936, **_QWEN3),
+    "qwen3-4b": dict(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
+                     num_query_groups=8, vocab=151936, **_QWEN3),
 }
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
+def _head_dim(p: dict) -> int:
+    return p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
+
+
 def param_count(p: dict) -> int:
-    h, f, L, V = p["hidden_size"], p["ffn_hidden_size"], p["num_layers"], p["vocab"]
-    kv = h // p["num_attention_heads"] * p["num_query_groups"]
-    per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-    return L * per_layer + 2 * V * h + h
+    """Parameters of a preset (the embedding once when tied)."""
+    h, f, L, V, hd = p["hidden_size"], p["ffn_hidden_size"], p["num_layers"], p["vocab"], _head_dim(p)
+    q, kv = hd * p["num_attention_heads"], hd * p["num_query_groups"]
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+    per_layer += (q + 2 * kv) * p.get("add_qkv_bias", True) + 2 * hd * p.get("qk_norm", False)
+    return L * per_layer + (1 if p.get("tie_embeddings", False) else 2) * V * h + h
 
 
 def train_flops_per_token(p: dict, seq_len: int) -> float:
-    """6N plus attention (causal: 6 * L * s * h per token for fwd+bwd of QK^T and AV, halved by causality)."""
-    return 6.0 * param_count(p) + 6.0 * p["num_layers"] * seq_len * p["hidden_size"]
+    """6 x (the matmul parameters: the layers and the LM head, a tied one too; not the embedding lookup) plus
+    attention (causal: 6 * L * s * heads * head_dim per token for fwd+bwd of QK^T and AV, halved by causality)."""
+    matmul = param_count(p) - (0 if p.get("tie_embeddings", False) else p["vocab"] * p["hidden_size"])
+    return 6.0 * matmul + 6.0 * p["num_layers"] * seq_len * p["num_attention_heads"] * _head_dim(p)
 
 
 def peak_tflops(device_name: str, override: float) -> float:
@@ -110,8 +126,10 @@ def main(argv=None) -> int:
     seq_len = args.prompt_len + args.response_len
     mcfg = SimpleNamespace(num_layers=p["num_layers"], hidden_size=p["hidden_size"],
                            ffn_hidden_size=p["ffn_hidden_size"], num_attention_heads=p["num_attention_heads"],
-                           num_query_groups=p["num_query_groups"], max_position_embeddings=max(seq_len, 64),
-                           rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=True, tie_embeddings=False,
+                           num_query_groups=p["num_query_groups"], head_dim=p.get("head_dim", 0),
+                           qk_norm=p.get("qk_norm", False), max_position_embeddings=max(seq_len, 64),
+                           rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=p.get("add_qkv_bias", True),
+                           tie_embeddings=p.get("tie_embeddings", False),
                            init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128,
                            transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
                            recompute_granularity=args.recompute)

@@ -1,4 +1,4 @@
-"""HF <-> Megatron-core weights for the Qwen2 and Llama families (TP-sharded, PP-stage sliced).
+"""HF <-> Megatron-core weights for the Qwen2, Qwen3 and Llama families (TP-sharded, PP-stage sliced).
 
 The mapping (see docs/convert.md), per decoder layer ``N`` (HF prefix ``model.layers.N.``):
 
@@ -10,6 +10,8 @@ decoder.layers.N.input_layernorm.weight                input_layernorm.weight   
   [self_attention.linear_qkv.layer_norm_weight]
 decoder.layers.N.self_attention.linear_qkv.weight      self_attn.{q,k,v}_proj.weight (grouped)     query groups
 decoder.layers.N.self_attention.linear_qkv.bias        self_attn.{q,k,v}_proj.bias (Qwen2 only)    query groups
+decoder.layers.N.self_attention.q_layernorm.weight     self_attn.q_norm.weight (Qwen3 only)        replicated
+decoder.layers.N.self_attention.k_layernorm.weight     self_attn.k_norm.weight (Qwen3 only)        replicated
 decoder.layers.N.self_attention.linear_proj.weight     self_attn.o_proj.weight                     input dim
 decoder.layers.N.pre_mlp_layernorm.weight              post_attention_layernorm.weight             replicated
   [mlp.linear_fc1.layer_norm_weight]
@@ -19,6 +21,8 @@ decoder.final_layernorm.weight                         model.norm.weight        
 output_layer.weight                                    lm_head.weight (embed_tokens when tied)     vocab rows
 =====================================================  ==========================================  ===========
 
+Qwen3's ``head_dim`` need not be hidden_size / num_attention_heads (Qwen3-0.6B: 1024 / 16 heads, head_dim 128);
+its q/k norms are RMSNorms over each head's ``head_dim`` channels, the same weight for every head.
 Megatron's fused QKV weight is ordered by query group: for each of the ``G`` key/value heads,
 the ``H/G`` query heads that share it, then its key head, then its value head
 (``[G, (H/G + 2) * head_dim, hidden]``); tensor parallelism gives each rank ``G/tp`` whole groups.
@@ -45,7 +49,7 @@ import torch
 
 from .rope import rope_scaling_spec
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META_FILE = "megaprorl_convert.json"
@@ -109,18 +113,20 @@ class _Dims:
         self.ffn = int(_cfg_get(cfg, "intermediate_size"))
         self.vocab = int(_cfg_get(cfg, "vocab_size"))
         self.tie = bool(_cfg_get(cfg, "tie_word_embeddings", False))
-        self.head_dim = self.hidden // self.heads
         hd = _cfg_get(cfg, "head_dim", None)
-        if hd is not None and int(hd) != self.head_dim:
-            raise ConversionError(f"HF config head_dim={hd} differs from hidden_size/num_attention_heads="
-                                  f"{self.head_dim}; megaprorl's GPT builder derives head_dim from the hidden size")
+        # Qwen2 and Llama configs may carry head_dim (transformers' Llama honours it); 0 / None: hidden / heads
+        self.head_dim = int(hd) if hd else self.hidden // self.heads
+        if not hd and self.hidden % self.heads:
+            raise ConversionError(f"hidden_size ({self.hidden}) is not a multiple of num_attention_heads "
+                                  f"({self.heads}) and the HF config gives no head_dim")
+        self.qk_norm = mt == "qwen3"
         if self.heads % self.groups:
             raise ConversionError(f"num_attention_heads ({self.heads}) must be a multiple of "
                                   f"num_key_value_heads ({self.groups})")
         self.q_per_group = self.heads // self.groups
         self.qkv_bias = mt == "qwen2" or bool(_cfg_get(cfg, "attention_bias", False))
-        if mt == "llama" and _cfg_get(cfg, "attention_bias", False):
-            raise ConversionError("Llama with attention_bias=True (bias on o_proj too) is not supported")
+        if mt in ("llama", "qwen3") and _cfg_get(cfg, "attention_bias", False):
+            raise ConversionError(f"{mt} with attention_bias=True (bias on o_proj too) is not supported")
         if _cfg_get(cfg, "mlp_bias", False):
             raise ConversionError("mlp_bias=True is not supported (Megatron model is built without linear biases)")
         act = _cfg_get(cfg, "hidden_act", "silu")
@@ -137,7 +143,7 @@ class _Dims:
 
 
 def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
-    """``ModelConfig`` fields for an HF Qwen2 / Llama config (a ``PretrainedConfig`` or the config.json dict).
+    """``ModelConfig`` fields for an HF Qwen2 / Qwen3 / Llama config (a ``PretrainedConfig`` or the config.json dict).
 
     The Megatron model must be built with ``vocab_size=hf_vocab_size(hf_config)`` (the HF embedding
     rows, which may exceed the tokenizer's length).  RoPE scaling ``linear`` and ``llama3`` (Llama-3.x)
@@ -148,6 +154,9 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
     rope_scaling = _rope_scaling(hf_config, strict)
     if strict and _cfg_get(hf_config, "use_sliding_window", False):
         raise ConversionError("sliding-window attention (use_sliding_window=True) is not supported")
+    kinds = sorted(set(_cfg_get(hf_config, "layer_types", None) or ()) - {"full_attention"})
+    if strict and kinds:
+        raise ConversionError(f"layer_types {kinds} are not supported: every layer must be full_attention")
     dtype = _cfg_get(hf_config, "dtype", None) or _cfg_get(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -157,11 +166,13 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
         ffn_hidden_size=d.ffn,
         num_attention_heads=d.heads,
         num_query_groups=d.groups,
+        head_dim=d.head_dim,
         max_position_embeddings=int(_cfg_get(hf_config, "max_position_embeddings", 4096)),
         rotary_base=_rope_theta(hf_config),
         rope_scaling=rope_scaling,
         norm_epsilon=float(_cfg_get(hf_config, "rms_norm_eps", 1e-6)),
         add_qkv_bias=d.qkv_bias,
+        qk_norm=d.qk_norm,
         tie_embeddings=d.tie,
     )
     if dtype in _DTYPE_NAMES:
@@ -172,7 +183,8 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
 # The ModelConfig fields that fix the computation: a model built with another value than the HF config's
 # loads (where the shapes agree) and computes something else (RoPE base, norm epsilon) or fails to load.
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "rotary_base", "rope_scaling", "norm_epsilon", "add_qkv_bias", "tie_embeddings")
+               "head_dim", "rotary_base", "rope_scaling", "norm_epsilon", "add_qkv_bias", "qk_norm",
+               "tie_embeddings")
 
 
 def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.") -> None:
@@ -185,6 +197,8 @@ def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.")
         have, need = getattr(model_cfg, k), want[k]
         if k == "rope_scaling":
             have = rope_scaling_spec(have, f"{prefix}{k}")
+        elif k == "head_dim":  # 0 means hidden_size / num_attention_heads
+            have = have or (model_cfg.hidden_size // max(model_cfg.num_attention_heads, 1))
         same = (math.isclose(float(have), float(need), rel_tol=1e-9, abs_tol=0.0) if isinstance(need, float)
                 else have == need)
         if not same:
@@ -197,20 +211,26 @@ def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.")
 
 
 def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, pad_token_id=None) -> Dict:
-    """An HF ``config.json`` dict for a model built from ``model_cfg`` (Qwen2 with a QKV bias, else
-    Llama): the inverse of :func:`model_config_from_hf`, for policies that did not start from an HF
+    """An HF ``config.json`` dict for a model built from ``model_cfg`` (Qwen3 with q/k norms, Qwen2 with a
+    QKV bias, else Llama): the inverse of :func:`model_config_from_hf`, for policies that did not start from an HF
     checkpoint (e.g. the demo's)."""
-    qwen = bool(model_cfg.add_qkv_bias)
+    qwen3 = bool(getattr(model_cfg, "qk_norm", False))
+    qwen = bool(model_cfg.add_qkv_bias) and not qwen3
+    if qwen3 and model_cfg.add_qkv_bias:
+        raise ConversionError("model.qk_norm with model.add_qkv_bias has no HF family: Qwen3 has no QKV bias")
+    mt = "qwen3" if qwen3 else "qwen2" if qwen else "llama"
     dtype = str(_DTYPES[model_cfg.params_dtype]).replace("torch.", "")  # float32 | bfloat16 | float16
+    heads = int(model_cfg.num_attention_heads)
     cfg = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[mt]],
+        "model_type": mt,
         "vocab_size": int(vocab_size),
         "hidden_size": int(model_cfg.hidden_size),
         "intermediate_size": int(model_cfg.ffn_hidden_size),
         "num_hidden_layers": int(model_cfg.num_layers),
         "num_attention_heads": int(model_cfg.num_attention_heads),
         "num_key_value_heads": int(model_cfg.num_query_groups or model_cfg.num_attention_heads),
+        "head_dim": int(getattr(model_cfg, "head_dim", 0) or int(model_cfg.hidden_size) // heads),
         "max_position_embeddings": int(model_cfg.max_position_embeddings),
         "rope_theta": float(model_cfg.rotary_base),
         "rms_norm_eps": float(model_cfg.norm_epsilon),
@@ -218,7 +238,9 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         "hidden_act": "silu",
         "torch_dtype": dtype,
     }
-    cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False, "mlp_bias": False})
+    cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False})
+    if mt == "llama":
+        cfg["mlp_bias"] = False
     scaling = rope_scaling_spec(getattr(model_cfg, "rope_scaling", None))
     if scaling:
         cfg["rope_scaling"] = scaling
@@ -249,12 +271,15 @@ _LAYER_MAP = {
                                           "self_attn.v_proj.weight"), "qkv"),
     "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias",
                                         "self_attn.v_proj.bias"), "qkv"),
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "replicated"),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "replicated"),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "row"),
     "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "row"),
 }
+_QK_NORM_NAMES = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 _LAYERNORM_NAMES = {
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
     "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
@@ -279,6 +304,9 @@ def _hf_names(mkey: str, global_layer: Optional[int], dims: _Dims):
         if kind == "qkv" and names[0].endswith(".bias") and not dims.qkv_bias:
             raise ConversionError(f"Megatron parameter {mkey} has a QKV bias but the HF "
                                   f"{dims.model_type} config has none (add_qkv_bias mismatch)")
+        if m.group(2) in _QK_NORM_NAMES and not dims.qk_norm:
+            raise ConversionError(f"Megatron parameter {mkey} is a q/k norm but the HF {dims.model_type} "
+                                  "config has none (qk_norm mismatch)")
         return tuple(f"model.layers.{global_layer}.{n}" for n in names), kind
     raise ConversionError(f"no HF mapping for Megatron parameter {mkey!r}")
 
@@ -298,6 +326,8 @@ def megatron_keys(hf_config, layer_numbers: Sequence[int], pre_process: bool = T
         keys += [p + ln1, p + "self_attention.linear_qkv.weight"]
         if dims.qkv_bias:
             keys.append(p + "self_attention.linear_qkv.bias")
+        if dims.qk_norm:
+            keys += [p + n for n in _QK_NORM_NAMES]
         keys += [p + "self_attention.linear_proj.weight", p + ln2, p + "mlp.linear_fc1.weight",
                  p + "mlp.linear_fc2.weight"]
     if post_process:
@@ -378,6 +408,7 @@ def _check_hf_shapes(mkey: str, names: Sequence[str], tensors: Sequence[torch.Te
               "k_proj.bias": (dims.groups * hd,), "v_proj.bias": (dims.groups * hd,),
               "o_proj.weight": (h, dims.heads * hd), "gate_proj.weight": (dims.ffn, h),
               "up_proj.weight": (dims.ffn, h), "down_proj.weight": (h, dims.ffn),
+              "q_norm.weight": (hd,), "k_norm.weight": (hd,),  # before norm.weight: the first match counts
               "layernorm.weight": (h,), "norm.weight": (h,), "embed_tokens.weight": (dims.vocab, h),
               "lm_head.weight": (dims.vocab, h)}
     for name, t in zip(names, tensors):
@@ -768,8 +799,10 @@ def hf_keys(hf_config) -> List[str]:
     dims = _Dims(hf_config)
     keys = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if dims.tie else ["lm_head.weight"])
     for i in range(dims.layers):
-        for names, kind in _LAYER_MAP.values():
+        for mname, (names, kind) in _LAYER_MAP.items():
             if kind == "qkv" and names[0].endswith(".bias") and not dims.qkv_bias:
+                continue
+            if mname in _QK_NORM_NAMES and not dims.qk_norm:
                 continue
             keys += [f"model.layers.{i}.{n}" for n in names]
     return list(dict.fromkeys(keys))
@@ -870,7 +903,7 @@ megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR
 megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
                   [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
-Qwen2 / Llama families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
+Qwen2 / Qwen3 / Llama families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
 (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
 (config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
 megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model

@@ -1,4 +1,4 @@
-"""Build a Megatron-core GPTModel of the Qwen2 / Llama shape from the model config."""
+"""Build a Megatron-core GPTModel of the Qwen2 / Qwen3 / Llama shape from the model config."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(mcfg, pcfg):
-    """megatron.core TransformerConfig for the Qwen2 family (RoPE, RMSNorm, SwiGLU, GQA, QKV bias)."""
+    """megatron.core TransformerConfig for the Qwen2 / Qwen3 / Llama families (RoPE, RMSNorm, SwiGLU, GQA;
+    QKV bias for Qwen2; per-head q/k RMSNorm and a free head_dim for Qwen3)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if mcfg.params_dtype not in _DTYPES:
@@ -23,7 +24,8 @@ def transformer_config(mcfg, pcfg):
         ffn_hidden_size=mcfg.ffn_hidden_size,
         num_attention_heads=mcfg.num_attention_heads,
         num_query_groups=mcfg.num_query_groups or mcfg.num_attention_heads,
-        kv_channels=mcfg.hidden_size // mcfg.num_attention_heads,
+        kv_channels=head_dim(mcfg),
+        qk_layernorm=bool(getattr(mcfg, "qk_norm", False)),
         normalization="RMSNorm",
         layernorm_epsilon=mcfg.norm_epsilon,
         gated_linear_unit=True,
@@ -59,6 +61,11 @@ def transformer_config(mcfg, pcfg):
     if not on_gpu:
         kwargs.update(attention_backend=_local_attention_backend())
     return TransformerConfig(**kwargs)
+
+
+def head_dim(mcfg) -> int:
+    """Channels per attention head: ``model.head_dim``, or hidden_size / num_attention_heads when it is 0."""
+    return int(getattr(mcfg, "head_dim", 0) or mcfg.hidden_size // mcfg.num_attention_heads)
 
 
 def _local_attention_backend():
@@ -106,11 +113,11 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     if use_transformer_engine(mcfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=cfg.qk_layernorm)
         if getattr(mcfg, "attention", "sdpa") == "sdpa":
             from .attention import SDPAttention
 
@@ -124,6 +131,9 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
         from .norm import TorchNorm
 
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm
+        if cfg.qk_layernorm:  # per head (hidden_size = head_dim); finalize_model_grads sums their grads over TP
+            att = spec.submodules.self_attention.submodules
+            att.q_layernorm = att.k_layernorm = TorchNorm
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg), layer_norm=TorchNorm)
     padded = padded_vocab_size(vocab_size, mcfg.make_vocab_divisible_by, pcfg.tensor_parallel)
     if pre_process is None:

@@ -23,7 +23,7 @@ finishes.  Sampling still draws for all rows (finished ones from placeholder log
 stream, and with it every row's tokens, does not depend on when rows leave.
 
 Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
-(``lean_decode``, the local layer spec of the Qwen2 / Llama shape): each layer is its norms, four
+(``lean_decode``, the local layer spec of the Qwen2 / Qwen3 / Llama shape): each layer is its norms, four
 matmuls, the rotation of the new query and key, the KV-cache write and the same SDPA call, with the
 same TP reductions; the embedding, norms, attention module and output layer are Megatron's own
 modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
@@ -78,8 +78,9 @@ def _fp8_off(config):
 
 def lean_decode_unsupported(model) -> Optional[str]:
     """Why the engine's lean decode step cannot stand in for this model's forward (None: it can).  It covers
-    the local layer spec of the Qwen2 / Llama shape: torch RMSNorm, SDPA core attention, rotary positions,
-    grouped-query attention with whole query groups per TP rank, a SwiGLU MLP, no q/k norms, no MoE."""
+    the local layer spec of the Qwen2 / Qwen3 / Llama shape: torch RMSNorm (q/k norms too, when present), SDPA
+    core attention, rotary positions, grouped-query attention with whole query groups per TP rank, a SwiGLU
+    MLP, no MoE."""
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -106,7 +107,8 @@ def lean_decode_unsupported(model) -> Optional[str]:
         checks += [
             (type(layer) is TransformerLayer, f"layer type {type(layer).__name__}"),
             (isinstance(att.core_attention, SDPAttention), "core attention is not SDPAttention (local spec)"),
-            (all(n is None or isinstance(n, IdentityOp) for n in (att.q_layernorm, att.k_layernorm)), "q/k norms"),
+            (all(n is None or isinstance(n, (IdentityOp, torch.nn.RMSNorm)) for n in (att.q_layernorm, att.k_layernorm)),
+             "q/k norms are not torch RMSNorm"),
             (isinstance(layer.input_layernorm, torch.nn.RMSNorm)
              and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm), "norms are not torch RMSNorm"),
             (hasattr(layer.mlp, "linear_fc1") and hasattr(layer.mlp, "linear_fc2"), "the MLP is not Megatron's MLP"),
@@ -247,7 +249,10 @@ class MegatronEngine:
             npg = att.num_attention_heads_per_partition // ng
             qkv = linear(att.linear_qkv, layer.input_layernorm(x), False).view(1, b, ng, (npg + 2) * hn)
             q, k, v = torch.split(qkv, [npg * hn, hn, hn], dim=3)
-            q = rotate_bshd(q.reshape(1, b, -1, hn), freqs, cfg)
+            q = q.reshape(1, b, -1, hn)
+            if isinstance(att.q_layernorm, torch.nn.RMSNorm):  # Qwen3's per-head norms, before RoPE as Megatron's
+                q, k = att.q_layernorm(q), att.k_layernorm(k)
+            q = rotate_bshd(q, freqs, cfg)
             k = rotate_bshd(k, freqs, cfg)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
             key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
             key_mem[cur: cur + 1, :b] = k
