@@ -93,6 +93,22 @@ def test_qwen3_config_reads_as_the_run_config_spells_it():
     check_model_config(cfg.model, QWEN3_0P6B, "/models/Qwen3-0.6B")
 
 
+# Qwen3-1.7B's published config.json (the architecture keys)
+QWEN3_1P7B = dict(QWEN3_0P6B, hidden_size=2048, intermediate_size=6144)
+
+
+def test_qwen3_example_describes_the_checkpoint():
+    """examples/qwen3_1.7b_8k_1node.yaml passes the trainer's check against Qwen3-1.7B's config.json, and
+    without its q/k norms it would be refused by name."""
+    from megaprorl.models.convert import ConversionError, check_model_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "qwen3_1.7b_8k_1node.yaml"))
+    check_model_config(cfg.model, QWEN3_1P7B, "/models/Qwen3-1.7B")
+    cfg.model.qk_norm = False
+    with pytest.raises(ConversionError, match=r"model.qk_norm=False \(config.json: True\)"):
+        check_model_config(cfg.model, QWEN3_1P7B, "/models/Qwen3-1.7B")
+
+
 def test_head_dim_frees_the_width_from_the_heads():
     demo = os.path.join(os.path.dirname(__file__), "..", "examples", "demo.yaml")
     with pytest.raises(ConfigError, match="model.num_attention_heads.*or set model.head_dim"):

@@ -15,12 +15,15 @@ from test_pipeline import _generate
 from tiny_models import tiny_policy_cfgs
 
 
-def _policy(tp, pp, sp, pack, fused):
+QWEN3 = dict(qk_norm=True, head_dim=32, add_qkv_bias=False)  # per-head q/k norms, heads x head_dim = 2 x hidden
+
+
+def _policy(tp, pp, sp, pack, fused, model):
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.policy import Policy
 
     torch.manual_seed(0)
-    m, p, o = tiny_policy_cfgs()
+    m, p, o = tiny_policy_cfgs(**model)
     p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel = tp, pp, sp
     tok = CharTokenizer()
     pol = Policy(m, p, o, tok.vocab_size, torch.device("cpu"), "torch", pack_tokens=pack, pad_id=tok.pad_id,
@@ -29,7 +32,7 @@ def _policy(tp, pp, sp, pack, fused):
     return pol, tok
 
 
-def _job(rank, world, pp, pack, fused, engine):
+def _job(rank, world, pp, pack, fused, engine, model):
     from megaprorl.algo.loss import LossSpec
     from megaprorl.parallel import init_distributed
     from test_fused_lm_head_policy import _batch
@@ -38,7 +41,7 @@ def _job(rank, world, pp, pack, fused, engine):
     out = {}
     state = None
     for sp in (False, True):
-        pol, tok = _policy(world // pp, pp, sp, pack, fused)
+        pol, tok = _policy(world // pp, pp, sp, pack, fused, model)
         if state is None:
             state = copy.deepcopy(pol.model.state_dict())
         else:
@@ -46,6 +49,7 @@ def _job(rank, world, pp, pack, fused, engine):
         assert pol.model.config.sequence_parallel == sp
         norms = [q for n, q in pol.model.named_parameters() if "layernorm" in n]
         assert norms and all(getattr(q, "sequence_parallel", None) is sp for q in norms)
+        assert any("q_layernorm" in n for n, _ in pol.model.named_parameters()) == bool(model.get("qk_norm"))
         batch = _batch(tok)
         lp, ent = pol.logprobs(batch, 2, temperature=0.7, with_entropy=True)
         stats = pol.train_step(batch, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), micro_batch_size=2,
@@ -77,17 +81,19 @@ def _compare(results):
                     assert g_lp == pytest.approx(w_lp, abs=1e-5)
 
 
-@pytest.mark.parametrize("pack,fused,engine", [(0, False, True), (20, True, False)])
-def test_sequence_parallel_equals_tensor_parallel(pack, fused, engine):
+@pytest.mark.parametrize("pack,fused,engine,model", [(0, False, True, {}), (20, True, False, QWEN3)],
+                         ids=["padded-qwen2", "packed-fused-qwen3"])
+def test_sequence_parallel_equals_tensor_parallel(pack, fused, engine, model):
     """TP=2: padded micro-batches with the logits path and the engine; packed ones with the fused LM head
-    (its input all-gathered along the sequence, its gradient reduce-scattered)."""
-    _compare(run_distributed(_job, 2, (1, pack, fused, engine)))
+    (its input all-gathered along the sequence, its gradient reduce-scattered) on the Qwen3 shape (its q/k
+    norms, marked sequence-parallel like every norm, see all tokens of their heads: one TP sum either way)."""
+    _compare(run_distributed(_job, 2, (1, pack, fused, engine, model)))
 
 
 def test_sequence_parallel_under_pipeline_parallelism():
     """TP=2 x PP=2 (four ranks): Megatron's schedule sends [s/TP, b, h] between stages; the engine decodes
     with sequence parallelism off on every stage."""
-    _compare(run_distributed(_job, 4, (2, 0, False, True)))
+    _compare(run_distributed(_job, 4, (2, 0, False, True, {})))
 
 
 def test_sequence_parallel_with_the_local_spec_is_a_valid_config():
