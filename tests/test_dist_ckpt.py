@@ -39,7 +39,7 @@ def _full_logits(pol, tokens, vocab):
     return torch.cat(parts, -1)[..., :vocab]
 
 
-def _job(rank, world, tp, ckpt, mode):
+def _job(rank, world, tp, ckpt, mode, model=None):
     """mode 'save': one update, save, then a second update; 'load': load, then the second update."""
     from megatron.core import parallel_state as mps
 
@@ -50,7 +50,7 @@ def _job(rank, world, tp, ckpt, mode):
 
     info = init_distributed(tp, 1)
     torch.manual_seed(7)
-    m, p, o = tiny_policy_cfgs()
+    m, p, o = tiny_policy_cfgs(**(model or {}))
     p.tensor_parallel = tp
     batch, tok = _batch()
     pol = Policy(m, p, o, tok.vocab_size, info.device, "torch")
@@ -71,11 +71,14 @@ def _job(rank, world, tp, ckpt, mode):
     return out
 
 
-@pytest.mark.parametrize("save_tp,load_tp", [(2, 1), (1, 2)])
-def test_checkpoint_resumes_on_another_tensor_parallel_layout(tmp_path, save_tp, load_tp):
+@pytest.mark.parametrize("save_tp,load_tp,model", [(2, 1, None), (1, 2, dict(qk_norm=True, head_dim=32, add_qkv_bias=False))],
+                         ids=["tp2-to-tp1", "tp1-to-tp2-qwen3"])
+def test_checkpoint_resumes_on_another_tensor_parallel_layout(tmp_path, save_tp, load_tp, model):
+    """TP=2 -> TP=1 on the Qwen2 shape; TP=1 -> TP=2 on the Qwen3 shape (the replicated q/k norms and their
+    Adam moments on both ranks)."""
     ckpt = str(tmp_path / "ckpt")
-    saved = run_distributed(_job, save_tp, (save_tp, ckpt, "save"))[0]
-    loaded = run_distributed(_job, load_tp, (load_tp, ckpt, "load"))
+    saved = run_distributed(_job, save_tp, (save_tp, ckpt, "save", model))[0]
+    loaded = run_distributed(_job, load_tp, (load_tp, ckpt, "load", model))
     for out in loaded:
         assert out["common"] == {"step": 1}
         torch.testing.assert_close(out["logits"], saved["logits"], rtol=0, atol=1e-5)
