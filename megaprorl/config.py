@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf  # noqa: F401
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -58,6 +58,8 @@ class ModelConfig:
     make_vocab_divisible_by: int = 128
     tokenizer: str = "builtin"  # builtin | builtin-ascii (character tokenizers) | a local HF tokenizer directory
     use_chat_template: bool = True
+    # extra variables for the chat template (Qwen3: {enable_thinking: false} renders its empty think block)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     hf_path: str = ""  # local HF checkpoint to initialise from (see `megaprorl convert`)
     # initialise the policy (and reference) from a megaprorl checkpoint's weights, at this run's layout (a
     # step directory, or a run / checkpoints directory: its newest); the optimizer and run state start fresh.
@@ -259,12 +261,27 @@ def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: {str(e).splitlines()[0]} (key '{key}')")
 
 
+def _open_free_dicts(node) -> None:
+    """Struct mode refuses unknown keys everywhere; a ``Dict[str, Any]`` field (``model.chat_template_kwargs``)
+    takes any key, so it is opened again."""
+    from omegaconf import DictConfig
+
+    for k in node:
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_dicts(child)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, text: Optional[str] = None,
                 where: str = "") -> Config:
     """Structured config from defaults <- YAML file (or the YAML ``text``, e.g. a checkpoint's resolved
     config; ``where`` names it in errors) <- dotted ``key=value`` overrides."""
     base = OmegaConf.structured(Config)
     OmegaConf.set_struct(base, True)
+    _open_free_dicts(base)
     if text is not None:
         path = where or "config text"
         try:

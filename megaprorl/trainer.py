@@ -88,7 +88,8 @@ class Trainer:
         self.run_dir = os.path.join(cfg.output_dir, cfg.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         builtin.register()
-        self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template)
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template,
+                                         chat_template_kwargs=cfg.model.chat_template_kwargs)
         vocab, hf_cfg, load_src = self._model_source()
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,

@@ -343,3 +343,24 @@ def test_prompts_start_with_the_tokenizers_bos_once(hf_dir, tmp_path):
     assert ids[0] == bos and ids.count(bos) == 1
     qwen = build_tokenizer(hf_dir[0], use_chat_template=False)
     assert qwen.encode_prompt({"prompt": "12+34="}) == qwen.encode("12+34=")
+
+
+def test_chat_template_kwargs_reach_the_template(hf_dir, tmp_path):
+    """model.chat_template_kwargs are the template's extra variables (Qwen3's enable_thinking), from a
+    dotted override; the variables megaprorl sets itself are refused by name."""
+    from megaprorl.config import load_config
+    from megaprorl.models.tokenizer import build_tokenizer
+
+    path = str(tmp_path / "thinking")
+    fast = transformers.AutoTokenizer.from_pretrained(hf_dir[0], local_files_only=True)
+    fast.chat_template = CHAT + ("{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+                                 "<think>\n\n</think>\n\n{% endif %}")
+    fast.save_pretrained(path)
+    cfg = load_config(DEMO, [f"model.tokenizer={path}", "model.chat_template_kwargs.enable_thinking=false"])
+    assert cfg.model.chat_template_kwargs == {"enable_thinking": False}
+    record = {"prompt": "12+34="}
+    off = build_tokenizer(path, chat_template_kwargs=cfg.model.chat_template_kwargs).render_prompt(record)
+    on = build_tokenizer(path).render_prompt(record)
+    assert off == on + "<think>\n\n</think>\n\n" and on.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="model.chat_template_kwargs.add_generation_prompt"):
+        build_tokenizer(path, chat_template_kwargs={"add_generation_prompt": False})

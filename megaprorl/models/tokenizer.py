@@ -96,7 +96,7 @@ class HFTokenizer(_StopIds):
     """A Hugging Face tokenizer loaded from a local directory (no hub access), with its chat template and
     the end tokens of the directory's ``generation_config.json``."""
 
-    def __init__(self, path: str, use_chat_template: bool = True):
+    def __init__(self, path: str, use_chat_template: bool = True, chat_template_kwargs: Optional[dict] = None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (model.tokenizer)")
         try:
@@ -113,6 +113,10 @@ class HFTokenizer(_StopIds):
         self.stop_ids = _unique([self.eos_id, *gen_eos])
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.use_chat_template = use_chat_template and getattr(self.tok, "chat_template", None) is not None
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        for k in self.chat_template_kwargs:
+            if k in ("tokenize", "add_generation_prompt", "conversation", "messages"):
+                raise ValueError(f"model.chat_template_kwargs.{k}: megaprorl sets {k!r} itself")
         # what the tokenizer itself puts before a text (Llama's BOS; Qwen's nothing), for prompts that no chat
         # template renders (a template writes its own BOS into the text)
         bos = self.tok.bos_token_id
@@ -134,17 +138,20 @@ class HFTokenizer(_StopIds):
     def render_prompt(self, record: dict) -> str:
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
         if self.use_chat_template:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                **self.chat_template_kwargs)
         return "\n".join(m["content"] for m in messages)
 
 
-def build_tokenizer(name_or_path: str, use_chat_template: bool = True, alphabet: Optional[str] = None):
+def build_tokenizer(name_or_path: str, use_chat_template: bool = True, alphabet: Optional[str] = None,
+                    chat_template_kwargs: Optional[dict] = None):
     """``builtin`` (digits, operators, lowercase: the demo), ``builtin-ascii`` (printable ASCII, for
-    mixtures with text prompts such as Reasoning Gym's), or a local HF tokenizer directory."""
+    mixtures with text prompts such as Reasoning Gym's), or a local HF tokenizer directory (its chat
+    template rendered with ``chat_template_kwargs`` as extra variables)."""
     if name_or_path in ("", "builtin", "char"):
         return CharTokenizer(alphabet) if alphabet else CharTokenizer()
     if name_or_path == "builtin-ascii":
         import string
 
         return CharTokenizer(string.printable)
-    return HFTokenizer(name_or_path, use_chat_template)
+    return HFTokenizer(name_or_path, use_chat_template, chat_template_kwargs)
