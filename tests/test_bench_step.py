@@ -5,13 +5,15 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"]])
+@pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
+                                   ["--preset", "tiny-qwen3"]], ids=["tiny", "tiny-packed", "tiny-qwen3"])
 def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
 
     out = tmp_path / "bench_step.json"
     assert main(["--preset", "tiny", "--repeats", "1", "--out", str(out), *extra]) == 0
     rep = json.loads(out.read_text())
+    assert rep["preset"] == ("tiny-qwen3" if "tiny-qwen3" in extra else "tiny")
     t = rep["times_s"]
     for phase in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
         assert t[phase] >= 0.0, phase

@@ -1,7 +1,7 @@
 """TransformerEngine layer spec and FP8 on a GPU (skipped where CUDA or transformer-engine is missing).
 
 The local spec (SDPA core attention) is checked against HF on CPU elsewhere; here the TE spec, loaded
-from the same tiny HF Qwen2, must give the local spec's log-probs, packed THD sequences must equal
+from the same tiny HF Qwen2 (and Qwen3: TE's norms as its q/k norms), must give the local spec's log-probs, packed THD sequences must equal
 right-padded rows under TE's fused attention, and an FP8 (delayed scaling) policy must train on token
 counts that are not multiples of 16 (the micro-batches are padded) with log-probs close to bf16.
 """
@@ -25,6 +25,13 @@ from test_convert import VOCAB, _make_hf, _mcfg  # noqa: E402
 def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_qwen2_te")
     _make_hf("qwen2", str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_qwen3_te")
+    _make_hf("qwen3", str(d))
     return str(d)
 
 
@@ -52,13 +59,16 @@ def _batch(seed=0):
     return packing_batch(CharTokenizer(), n=6, seed=seed)
 
 
-def test_te_spec_logprobs_equal_local_spec(hf_dir):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_te_spec_logprobs_equal_local_spec(request, family):
     from megaprorl.models.gpt import use_transformer_engine
 
+    hf_dir = request.getfixturevalue("hf_dir" if family == "qwen2" else "qwen3_dir")
     local = _policy(hf_dir, "local", "fp32")
     te = _policy(hf_dir, "transformer_engine", "fp32")
     assert use_transformer_engine(te.mcfg) and not use_transformer_engine(local.mcfg)
     assert any("layer_norm_weight" in k for k in te.model.state_dict())  # the TE spec was built
+    assert any("q_layernorm" in k for k in te.model.state_dict()) == (family == "qwen3")
     batch = _batch()
     m = batch.loss_mask > 0
     lp_local, ent_local = local.logprobs(batch, 3, with_entropy=True)

@@ -29,6 +29,9 @@ _QWEN3 = dict(head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=Tru
 PRESETS = {
     "tiny": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                  vocab=64),
+    # the Qwen3 shape at the tiny size (head_dim 64 = 2 x hidden / heads), for CPU runs of the bench itself
+    "tiny-qwen3": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                       vocab=64, head_dim=64, qk_norm=True, add_qkv_bias=False, tie_embeddings=True),
     "qwen2-0.5b": dict(num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
                        num_query_groups=2, vocab=151936),
     "qwen2-1.5b": dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
