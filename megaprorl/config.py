@@ -349,6 +349,9 @@ def validate(cfg: Config) -> None:
          "must be token-mean or sequence-mean")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
+    from .rewards.base import THINK_MODES
+
+    need(cfg.rewards.think_mode in THINK_MODES, "rewards.think_mode", f"must be one of {', '.join(THINK_MODES)}")
     from .kernels import BACKENDS, GRAD_MODES
 
     need(cfg.train.kernel_backend in BACKENDS, "train.kernel_backend", f"must be one of {', '.join(BACKENDS)}")

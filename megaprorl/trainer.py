@@ -30,7 +30,7 @@ from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
-from .models.tokenizer import build_tokenizer
+from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import dp_group, dp_rank, dp_world, init_distributed, tp_rank
 from .policy import Policy, SeqBatch, build_seq_batch
 from .rewards import RewardPool
@@ -90,6 +90,7 @@ class Trainer:
         builtin.register()
         self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template,
                                          chat_template_kwargs=cfg.model.chat_template_kwargs)
+        self._check_think_end()
         vocab, hf_cfg, load_src = self._model_source()
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
@@ -554,6 +555,18 @@ class Trainer:
 
     def close(self) -> None:
         self.rewards.close()
+
+    def _check_think_end(self) -> None:
+        """rewards.think_end must survive the decode that turns responses into the text the verifiers see."""
+        r = self.cfg.rewards
+        if r.think_mode == "off" or not r.think_end or self.tokenizer.keeps_text(r.think_end):
+            return
+        why = (f"rewards.think_end {r.think_end!r} does not come back from the tokenizer's decode (a special "
+               "token, or outside the built-in alphabet)")
+        if r.think_mode == "require":
+            raise ConfigError(f"config key 'rewards.think_mode': 'require', but {why}: every reward would be 0")
+        if isinstance(self.tokenizer, HFTokenizer):
+            self._warn(f"{why}: responses are scored whole (rewards.think_mode=auto)")
 
     def _say(self, msg: str) -> None:
         if self.is_main:

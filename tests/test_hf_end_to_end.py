@@ -364,3 +364,24 @@ def test_chat_template_kwargs_reach_the_template(hf_dir, tmp_path):
     assert off == on + "<think>\n\n</think>\n\n" and on.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="model.chat_template_kwargs.add_generation_prompt"):
         build_tokenizer(path, chat_template_kwargs={"add_generation_prompt": False})
+
+
+def test_think_end_must_survive_decoding(hf_dir, tmp_path):
+    """A </think> that the tokenizer has as a special token vanishes from the decoded responses the verifiers
+    read: rewards.think_mode=require is then refused (every reward would be 0); as an added, non-special
+    token (as R1-Distill's and Qwen3's tokenizers have it) it comes back."""
+    from megaprorl.config import ConfigError
+    from megaprorl.models.tokenizer import CharTokenizer, build_tokenizer
+
+    for special in (True, False):
+        fast = transformers.AutoTokenizer.from_pretrained(hf_dir[0], local_files_only=True)
+        fast.add_tokens([tokenizers.AddedToken("<think>", special=special), tokenizers.AddedToken("</think>", special=special)],
+                       special_tokens=special)
+        fast.save_pretrained(str(tmp_path / str(special)))
+        tok = build_tokenizer(str(tmp_path / str(special)))
+        assert len(tok.encode("</think>")) == 1 and tok.keeps_text("</think>") is not special
+    assert not CharTokenizer().keeps_text("</think>")
+    path = hf_dir[0]
+    with pytest.raises(ConfigError, match="rewards.think_mode.*every reward would be 0"):
+        _trainer(_overrides(path, str(tmp_path / "run"), **{"model.tokenizer": str(tmp_path / "True"),
+                                                             "rewards.think_mode": "require"}))

@@ -129,3 +129,30 @@ def test_close_is_idempotent_and_submit_after_close_fails():
 def test_result_type():
     r = score_one({"domain": "math", "answer": "1"}, "\\boxed{1}")
     assert isinstance(r, RewardResult) and r.to_dict()["reward"] == 1.0
+
+
+def test_reasoning_models_are_scored_on_the_text_after_their_thought():
+    """rewards.think_mode: 'auto' scores what follows the last </think> (an IFEval constraint and a stray
+    \\boxed{} in the thought do not count), 'require' gives an unfinished thought 0, 'off' scores it all."""
+    ife = {"domain": "ifeval", "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    thought = "<think>\nHmm, first, let me see: 2 + 2, so \\boxed{5}? No.\n</think>\n\n"
+    auto = score_one(ife, thought + "The answer is four.", RewardConfig())
+    assert auto.reward == 1.0 and auto.parts["thought_chars"] == len(thought) - len("</think>\n\n")
+    assert score_one(ife, thought + "The answer is four.", RewardConfig(think_mode="off")).reward == 0.0
+    maths = {"domain": "math", "answer": "4"}
+    assert score_one(maths, thought + "So \\boxed{4}", RewardConfig()).reward == 1.0
+    assert score_one({"domain": "math", "answer": "5"}, thought + "So 4.", RewardConfig()).reward == 0.0
+    # no </think>: 'auto' scores the whole response, 'require' scores 0 and says why
+    assert score_one(maths, "\\boxed{4}", RewardConfig()).reward == 1.0
+    req = score_one(maths, "<think>\\boxed{4} and then the budget ran out", RewardConfig(think_mode="require"))
+    assert (req.reward, req.parts, req.error) == (0.0, {"think_end_missing": True}, None)
+    assert score_one(maths, "<think>x</think>\\boxed{4}", RewardConfig(think_mode="require")).reward == 1.0
+    bad = score_one(maths, "\\boxed{4}", RewardConfig(think_mode="sometimes"))
+    assert bad.reward == 0.0 and "rewards.think_mode" in bad.error
+
+
+def test_think_mode_is_checked_in_the_config():
+    from megaprorl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rewards.think_mode"):
+        load_config("examples/demo.yaml", ["rewards.think_mode=sometimes"])

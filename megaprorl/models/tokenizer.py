@@ -46,6 +46,14 @@ class _StopIds:
         """More tokens that end a response (after the EOS and those already known)."""
         self.stop_ids = _unique([*self.stop_ids, *ids])
 
+    def keeps_text(self, text: str) -> bool:
+        """Whether ``text`` comes back from decoding its ids (a special token is dropped by the decode; a
+        character outside the built-in alphabet cannot be written at all)."""
+        try:
+            return text in self.decode(self.encode(text))
+        except ValueError:
+            return False
+
     def _cut(self, ids: Sequence[int]) -> List[int]:
         ids = [int(i) for i in ids]
         stops = set(self.stop_ids)

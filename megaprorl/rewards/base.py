@@ -65,6 +65,13 @@ class RewardConfig:
     """Limit inside math-verify parsing/verification (signal based; main thread only)."""
     max_response_chars: int = 200_000
     """Responses longer than this are cut (from the front: the answer is usually at the end)."""
+    think_mode: str = "auto"
+    """Reasoning models (R1-Distill, Qwen3) think before they answer: 'auto' scores the text after the last
+    ``think_end`` when the response has one, else all of it; 'require' scores a response without it 0 (an
+    unfinished thought earns nothing); 'off' scores the whole response.  IFEval's constraints, a stray
+    \\boxed{} or code block in the thought, would otherwise be judged on the thinking."""
+    think_end: str = "</think>"
+    """The marker that ends the thought."""
 
 
 @dataclass
@@ -153,6 +160,21 @@ def _normalise(out: VerifierOutput) -> RewardResult:
     return RewardResult(reward=r, parts=dict(parts), error=None)
 
 
+THINK_MODES = ("auto", "require", "off")
+
+
+def split_thinking(response: str, cfg: RewardConfig) -> Tuple[str, Optional[int]]:
+    """(the text to score, the length of the thought before it or None when there is no ``think_end``)."""
+    if cfg.think_mode not in THINK_MODES:
+        raise ValueError(f"rewards.think_mode must be one of {list(THINK_MODES)}, got {cfg.think_mode!r}")
+    if cfg.think_mode == "off" or not cfg.think_end:
+        return response, None
+    cut = response.rfind(cfg.think_end)
+    if cut < 0:
+        return response, None
+    return response[cut + len(cfg.think_end):], cut
+
+
 def score_one(record: Dict[str, Any], response: str, cfg: Optional[RewardConfig] = None) -> RewardResult:
     """Score one response with the verifier of ``record["domain"]``. Never raises."""
     cfg = cfg or RewardConfig()
@@ -171,10 +193,15 @@ def score_one(record: Dict[str, Any], response: str, cfg: Optional[RewardConfig]
             response = ""
         if not isinstance(response, str):
             raise TypeError(f"response must be a string, got {type(response).__name__}")
+        response, thought_chars = split_thinking(response, cfg)
+        if thought_chars is None and cfg.think_mode == "require":
+            return RewardResult(reward=0.0, parts={"think_end_missing": True}, error=None)
         if cfg.max_response_chars and len(response) > cfg.max_response_chars:
             response = response[-cfg.max_response_chars :]
-        out = fn(record, response, cfg) if wants_cfg else fn(record, response)
-        return _normalise(out)
+        res = _normalise(fn(record, response, cfg) if wants_cfg else fn(record, response))
+        if thought_chars is not None:
+            res.parts.setdefault("thought_chars", thought_chars)
+        return res
     except Exception as e:  # noqa: BLE001 - a verifier never raises into the trainer
         msg = f"{type(e).__name__}: {e}"
         if len(msg) > 500:

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .base import RewardConfig
+from .base import THINK_MODES, RewardConfig
 from .pool import RewardPool
 
 
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seccomp", default=d.sandbox_seccomp, choices=["auto", "require", "off"],
                    help="seccomp filter of sandboxed code (auto: when libseccomp + pyseccomp are installed)")
     p.add_argument("--ifeval-mode", default=d.ifeval_mode, choices=["strict", "loose"])
+    p.add_argument("--think-mode", default=d.think_mode, choices=list(THINK_MODES),
+                   help="score the text after --think-end (auto: when present; require: else reward 0; off: all)")
+    p.add_argument("--think-end", default=d.think_end, help="the marker that ends a reasoning model's thought")
     p.add_argument("--verifier-module", action="append", default=[],
                    help="module to import that registers extra verifiers (repeatable)")
     p.add_argument("--batch", type=int, default=256, help="records submitted to the pool at a time")
@@ -55,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = RewardConfig(num_workers=args.workers, timeout_s=args.timeout, code_timeout_s=args.code_timeout,
                        code_memory_mb=args.code_memory_mb, sandbox=args.sandbox,
                        allow_unsandboxed=args.allow_unsandboxed, ifeval_mode=args.ifeval_mode,
-                       sandbox_seccomp=args.seccomp, extra_verifier_modules=list(args.verifier_module))
+                       sandbox_seccomp=args.seccomp, extra_verifier_modules=list(args.verifier_module),
+                       think_mode=args.think_mode, think_end=args.think_end)
     rows = []
     try:
         with open(args.input, "r", encoding="utf-8") as f:
