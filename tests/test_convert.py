@@ -471,6 +471,13 @@ def test_cli_round_trip_and_errors(setup, tmp_path, capsys):
             assert os.path.isfile(os.path.join(mdir, f"mp_rank_{t:02d}_{p:03d}", "model_optim_rng.pt"))
     meta = json.load(open(os.path.join(mdir, C.META_FILE)))
     assert meta["model"]["add_qkv_bias"] is True and meta["padded_vocab_size"] == 256
+    # the model.* section it wrote (and printed) is a run config that passes the trainer's check
+    from megaprorl.config import load_config
+
+    cfg = load_config(os.path.join(mdir, C.MODEL_YAML))
+    assert cfg.model.hf_path == cfg.model.tokenizer == os.path.abspath(hf_dir)
+    C.check_model_config(cfg.model, C.load_hf_config(hf_dir), hf_dir)
+    assert "model:\n  num_layers: 2\n" in capsys.readouterr().out
     assert C.main(["megatron-to-hf", "--megatron", mdir, "--out", back]) == 0
     orig, new = C.load_hf_state_dict(hf_dir), C.load_hf_state_dict(back)
     assert set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)

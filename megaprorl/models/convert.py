@@ -53,6 +53,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META_FILE = "megaprorl_convert.json"
+MODEL_YAML = "model.yaml"
 HF_META_DIR = "hf"
 # Files copied next to converted weights so that the result is a complete HF directory.
 _HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -859,8 +860,20 @@ def convert_hf_to_megatron_dir(hf_dir: str, out_dir: str, tp: int = 1, pp: int =
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     _copy_side_files(hf_dir, os.path.join(out_dir, HF_META_DIR))
-    log(f"model config for megaprorl (model.*): {json.dumps(mcfg)}; build with vocab_size={dims.vocab}")
+    snippet = model_yaml(mcfg, os.path.abspath(hf_dir))
+    with open(os.path.join(out_dir, MODEL_YAML), "w") as f:
+        f.write(snippet)
+    log(f"the model.* keys of a run config for this checkpoint (also in {os.path.join(out_dir, MODEL_YAML)}; "
+        f"the trainer checks them against config.json):\n{snippet}")
     return meta
+
+
+def model_yaml(fields: Dict, hf_dir: str) -> str:
+    """The ``model:`` section of a run config for an HF checkpoint: ``model_config_from_hf``'s fields, with
+    ``tokenizer`` and ``hf_path`` at the directory (a YAML file that ``load_config`` reads as it is)."""
+    import yaml
+
+    return yaml.safe_dump({"model": {**fields, "tokenizer": hf_dir, "hf_path": hf_dir}}, sort_keys=False)
 
 
 def convert_megatron_dir_to_hf(megatron_dir: str, out_dir: str, hf_config_dir: Optional[str] = None,
