@@ -29,13 +29,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class RopeScalingConfig:
-    """HF config.json's ``rope_scaling``, same names: none, ``linear`` (positions / factor) or Llama-3.x's
-    ``llama3`` (defaults: Llama-3.1's; Llama-3.2 has factor 32)."""
-    rope_type: str = ""  # "" (none) | linear | llama3
+    """HF config.json's ``rope_scaling``, same names: none, ``linear`` (positions / factor), Llama-3.x's
+    ``llama3`` (defaults: Llama-3.1's; Llama-3.2 has factor 32) or ``yarn`` (Qwen3 / Qwen2.5 beyond their
+    32K: factor 4, original_max_position_embeddings 32768)."""
+    rope_type: str = ""  # "" (none) | linear | llama3 | yarn
     factor: float = 8.0
-    low_freq_factor: float = 1.0  # llama3 only, as the next two
+    low_freq_factor: float = 1.0  # llama3 only, as the next one
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = 8192  # llama3 and yarn
+    beta_fast: float = 32.0  # yarn only, as the next four
+    beta_slow: float = 1.0
+    mscale: float = 0.0  # with mscale_all_dim (both non-zero): attention factor mscale(f, m) / mscale(f, m_all)
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # round the correction range to whole dimensions
 
 
 @dataclass

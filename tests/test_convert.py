@@ -31,6 +31,9 @@ B, S = 2, 12
 ATOL = 1e-4
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
+# YaRN as Qwen3 configures it past 32K (factor 4), here with an original context of 16 = 64 / 4
+YARN_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+YARN_SPEC = dict(YARN_SCALING, beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, truncate=True)
 
 
 # ------------------------------------------------------------------------------- tiny HF models
@@ -40,8 +43,9 @@ def _hf_config(family):
                   rms_norm_eps=1e-6)
     if family == "qwen2":
         return transformers.Qwen2Config(tie_word_embeddings=True, rope_theta=1000000.0, **common)
-    if family == "qwen3":  # Qwen3's shape: head_dim fixed (128 there), heads x head_dim = 2 x hidden here
-        return transformers.Qwen3Config(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32, **common)
+    if family == "qwen3":  # Qwen3's shape: head_dim fixed (128 there), heads x head_dim = 2 x hidden here; YaRN
+        return transformers.Qwen3Config(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32,
+                                        rope_scaling=dict(YARN_SCALING), **common)
     # Llama-3.x RoPE scaling, with a short original context so that, at head_dim 16, the 12 test positions
     # see all three bands (kept, interpolated, divided by the factor)
     return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING),
@@ -250,14 +254,17 @@ def test_model_config_from_hf():
         "rope_scaling"] == {}
     lin = C.model_config_from_hf(dict(raw, rope_scaling={"type": "linear", "factor": 2}))["rope_scaling"]
     assert lin == {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(C.ConversionError, match="RoPE scaling 'yarn' is not supported"):
+    with pytest.raises(C.ConversionError, match="RoPE scaling 'dynamic' is not supported"):
+        C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
+    with pytest.raises(C.ConversionError, match="original_max_position_embeddings"):  # yarn without it
         C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(C.ConversionError, match="low_freq_factor"):  # llama3 without its parameters
         C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
-    assert C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "yarn"}), strict=False)["rope_scaling"] == {}
+    assert C.model_config_from_hf(dict(raw, rope_scaling={"rope_type": "dynamic"}), strict=False)["rope_scaling"] == {}
     # Qwen3: head_dim from the config (not hidden / heads), q/k norms, no QKV bias
     q3 = C.model_config_from_hf(_hf_config("qwen3"))
     assert (q3["head_dim"], q3["qk_norm"], q3["add_qkv_bias"], q3["tie_embeddings"]) == (32, True, False, True)
+    assert q3["rope_scaling"] == YARN_SPEC
     assert (l["head_dim"], l["qk_norm"], q["head_dim"], q["qk_norm"]) == (16, False, 16, False)
     raw3 = dict(raw, model_type="qwen3", head_dim=128)
     assert C.model_config_from_hf(raw3)["head_dim"] == 128
@@ -290,18 +297,24 @@ def test_qwen3_config_is_checked_and_exported():
 
 
 @pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0},
-                                     dict(LLAMA3_SCALING, factor=32.0, original_max_position_embeddings=8192)])
+                                     dict(LLAMA3_SCALING, factor=32.0, original_max_position_embeddings=8192),
+                                     dict(YARN_SCALING, original_max_position_embeddings=32768),
+                                     dict(YARN_SCALING, beta_fast=8.0, mscale=1.0, mscale_all_dim=0.5, truncate=False)],
+                         ids=["llama3.1", "linear", "llama3.2", "yarn-qwen3", "yarn-mscales"])
 def test_rope_scaling_frequencies_equal_transformers(scaling):
-    """The policy's RoPE frequencies = transformers' for the same config (head_dim 16, base 500000)."""
+    """The policy's RoPE frequencies = transformers' for the same config (head_dim 16, base 500000), and so is
+    YaRN's attention factor (the scale of cos and sin) that Megatron's attention reads from the model config."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    from megaprorl.models.rope import attention_factor as megatron_factor
     from tiny_models import tiny_policy
 
     policy, _ = tiny_policy({"rotary_base": 500000.0, "rope_scaling": scaling})
     hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
                                       max_position_embeddings=131072, rope_scaling=dict(scaling))
     want, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, "cpu")
-    assert attention_factor == 1.0
+    assert (attention_factor > 1.05) == (scaling["rope_type"] == "yarn")
+    assert megatron_factor(policy.model.config) == pytest.approx(attention_factor, rel=1e-12)
     got = policy.model.rotary_pos_emb.inv_freq
     unscaled = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
     assert ((want.float() - unscaled).abs() / unscaled).max() > 0.5  # the scaling moves the table
@@ -322,15 +335,17 @@ def test_rope_scaling_is_checked_and_exported():
     assert C.model_config_from_hf(back)["rope_scaling"] == LLAMA3_SCALING
 
 
-def test_llama3_scaling_matters_to_the_logits(setup):
-    """The tiny Llama's HF logits move far outside the tolerance without its RoPE scaling, so the
-    TP / PP / round-trip tests on it check the scaled frequencies."""
-    plain_cfg = _hf_config("llama")
-    plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+@pytest.mark.parametrize("family,theta", [("llama", 10000.0), ("qwen3", 1000000.0)])
+def test_rope_scaling_matters_to_the_logits(setup, family, theta):
+    """The tiny Llama's (llama3) and Qwen3's (yarn) HF logits move far outside the tolerance without their
+    RoPE scaling, so the TP / PP / round-trip / engine tests on them check the scaled frequencies (and
+    YaRN's attention factor)."""
+    plain_cfg = _hf_config(family)
+    plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
     plain = transformers.AutoModelForCausalLM.from_config(plain_cfg, attn_implementation="eager").float().eval()
-    plain.load_state_dict(setup.hf["llama"].state_dict())
+    plain.load_state_dict(setup.hf[family].state_dict())
     with torch.no_grad():
-        a, b = setup.hf["llama"](input_ids=setup.tokens).logits, plain(input_ids=setup.tokens).logits
+        a, b = setup.hf[family](input_ids=setup.tokens).logits, plain(input_ids=setup.tokens).logits
     assert (a - b).abs().max() > 100 * ATOL
 
 

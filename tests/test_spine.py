@@ -44,19 +44,28 @@ def test_config_semantic_errors():
         load_config(DEMO, ["train.mini_batch_prompts=48"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
-    with pytest.raises(ConfigError, match="model.rope_scaling.*'yarn' is not supported"):
-        load_config(DEMO, ["model.rope_scaling.rope_type=yarn"])
+    with pytest.raises(ConfigError, match="model.rope_scaling.*'dynamic' is not supported"):
+        load_config(DEMO, ["model.rope_scaling.rope_type=dynamic"])
+    from megaprorl.models.rope import rope_scaling_spec
+
+    with pytest.raises(ValueError, match="HF config: yarn with attention_factor=2.0"):  # not the derived 1.139
+        rope_scaling_spec({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                           "attention_factor": 2.0}, "HF config")
     with pytest.raises(ConfigError, match="model.rope_scaling.*factor must be > 0"):
         load_config(DEMO, ["model.rope_scaling={rope_type: linear, factor: 0}"])
     with pytest.raises(ConfigError, match="model.rope_scaling.factr"):
         load_config(DEMO, ["model.rope_scaling.factr=2"])
-    from megaprorl.models.rope import rope_scaling_spec
 
     assert rope_scaling_spec(load_config(DEMO).model.rope_scaling) == {}  # none by default
     cfg = load_config(DEMO, ["model.rope_scaling.rope_type=llama3", "model.rope_scaling.factor=32"])  # Llama-3.2's
     assert rope_scaling_spec(cfg.model.rope_scaling) == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                          "high_freq_factor": 4.0,
                                                          "original_max_position_embeddings": 8192}
+    cfg = load_config(DEMO, ["model.rope_scaling.rope_type=yarn", "model.rope_scaling.factor=4",
+                             "model.rope_scaling.original_max_position_embeddings=32768"])  # Qwen3's 131K
+    assert rope_scaling_spec(cfg.model.rope_scaling) == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 0.0, "mscale_all_dim": 0.0, "truncate": True}
 
 
 def test_overrides_apply():

@@ -147,8 +147,8 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
     """``ModelConfig`` fields for an HF Qwen2 / Qwen3 / Llama config (a ``PretrainedConfig`` or the config.json dict).
 
     The Megatron model must be built with ``vocab_size=hf_vocab_size(hf_config)`` (the HF embedding
-    rows, which may exceed the tokenizer's length).  RoPE scaling ``linear`` and ``llama3`` (Llama-3.x)
-    come over as ``rope_scaling``; with ``strict`` another one (``yarn``, ``dynamic``...) or a sliding
+    rows, which may exceed the tokenizer's length).  RoPE scaling ``linear``, ``llama3`` (Llama-3.x) and
+    ``yarn`` come over as ``rope_scaling``; with ``strict`` another one (``dynamic``, ``longrope``...) or a sliding
     window is an error, since the built model would not reproduce the HF logits.
     """
     d = _Dims(hf_config)

@@ -152,7 +152,7 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
         position_embedding_type="rope",
         rotary_base=int(mcfg.rotary_base),
     )
-    rope.scale_rope(model, rope.rope_scaling_spec(getattr(mcfg, "rope_scaling", None)))
+    rope.scale_rope(model, rope.rope_scaling_spec(getattr(mcfg, "rope_scaling", None)), base=float(mcfg.rotary_base))
     # one dtype for every parameter (TorchNorm is created in params_dtype, as TE's norms are; this catches
     # any other module that is not) keeps Megatron's optimizer on a single grad buffer (its distributed
     # optimizer's checkpoint gather mis-sizes shards across mixed buffers)

@@ -20,22 +20,29 @@ the key rotation.  RoPE is elementwise per position, so the numbers are the same
 (tests/test_rope_packed.py).
 
 RoPE scaling (``rope_scaling_spec`` / ``scale_rope``): the frequency table of Llama-3.x checkpoints
-(``rope_type: llama3``) and of linear position interpolation (``rope_type: linear``), HF's formulas,
-set on the model's ``rotary_pos_emb`` once after it is built; every path above reads that table.
+(``rope_type: llama3``), of linear position interpolation (``rope_type: linear``) and of YaRN
+(``rope_type: yarn``, Qwen3 / Qwen2.5 past their pretraining context), HF's formulas, set on the model's
+``rotary_pos_emb`` once after it is built; every path above reads that table.  YaRN also scales cos and sin
+by its attention factor: set on the model's TransformerConfig as Megatron's own YaRN fields, so Megatron's
+attention passes it to every rotation (``attention_factor`` reads it back for the engine's lean step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Mapping
 
 import torch
 
-# rope_type -> the parameters it needs (HF's config.json names); attention is not rescaled by either
+# rope_type -> the parameters it needs (HF's config.json names)
 ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
 }
+# yarn's optional parameters and HF's defaults for them (mscale 0: not given)
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.0, "mscale_all_dim": 0.0, "truncate": True}
 
 _ORIGINAL = None
 _ORIGINAL_ADJUST = None
@@ -174,19 +181,89 @@ def rope_scaling_spec(raw, where: str = "model.rope_scaling") -> Dict:
             raise ValueError(f"{where}: rope_type {rt!r} needs a number for {k!r}, got {v!r}") from None
         if out[k] <= 0:
             raise ValueError(f"{where}: {k} must be > 0, got {v!r}")
+    if rt == "yarn":
+        for k, default in YARN_DEFAULTS.items():
+            v = raw.get(k)
+            if v is None:
+                v = default
+            if k == "truncate":
+                if not isinstance(v, bool):
+                    raise ValueError(f"{where}: yarn's truncate must be true or false, got {v!r}")
+                out[k] = v
+                continue
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: yarn's {k} must be a number, got {v!r}") from None
+        if raw.get("attention_factor") is not None:
+            derived = _yarn_attention_factor(out)
+            if abs(float(raw["attention_factor"]) - derived) > 1e-9 * derived:
+                raise ValueError(f"{where}: yarn with attention_factor={raw['attention_factor']} (other than the "
+                                 f"{derived:.6g} its factor and mscales give) is not supported")
     if rt == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
         raise ValueError(f"{where}: high_freq_factor ({out['high_freq_factor']}) must exceed low_freq_factor "
                          f"({out['low_freq_factor']})")
     return out
 
 
-def scale_rope(model, spec: Dict) -> None:
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def _yarn_attention_factor(spec: Dict) -> float:
+    """YaRN's scale of cos and sin, as HF derives it (both mscales non-zero: their ratio)."""
+    if spec["mscale"] and spec["mscale_all_dim"]:
+        return _yarn_mscale(spec["factor"], spec["mscale"]) / _yarn_mscale(spec["factor"], spec["mscale_all_dim"])
+    return _yarn_mscale(spec["factor"])
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, spec: Dict, base: float) -> torch.Tensor:
+    """YaRN's frequencies (HF's ``_compute_yarn_parameters``): the interpolated ones (/ factor) for the slow
+    dimensions, the original ones for the fast, a linear ramp between the correction range's ends."""
+    dim = 2 * inv_freq.numel()
+
+    def correction_dim(rotations):
+        return dim * math.log(spec["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(spec["beta_fast"]), correction_dim(spec["beta_slow"])
+    if spec["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(inv_freq.device)
+    extrapolation = 1 - ramp
+    return inv_freq / spec["factor"] * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def attention_factor(config) -> float:
+    """The scale of cos and sin that Megatron's attention applies (YaRN's; 1 otherwise)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    return _yarn_get_concentration_factor_from_config(config)
+
+
+def scale_rope(model, spec: Dict, base: float) -> None:
     """Rescale the frequencies of ``model.rotary_pos_emb`` (a fresh Megatron ``RotaryEmbedding``, before
-    its first forward: its table is cached) by ``spec`` from :func:`rope_scaling_spec`."""
+    its first forward: its table is cached, built with RoPE base ``base``) by ``spec`` from
+    :func:`rope_scaling_spec`; for YaRN also set its attention factor on ``model.config``."""
     if not spec:
         return
     rpe = model.rotary_pos_emb
     if spec["rope_type"] == "linear":
         rpe.inv_freq = rpe.inv_freq / spec["factor"]
+    elif spec["rope_type"] == "yarn":
+        rpe.inv_freq = yarn_inv_freq(rpe.inv_freq, spec, base)
+        # Megatron's attention scales every rotation by the concentration factor of these fields (its YaRN
+        # for multi-latent attention); None mscales: the factor alone, as HF does without both of them
+        cfg = model.config
+        cfg.yarn_rotary_scaling_factor = spec["factor"]
+        both = bool(spec["mscale"] and spec["mscale_all_dim"])
+        cfg.yarn_mscale = spec["mscale"] if both else None
+        cfg.yarn_mscale_all_dim = spec["mscale_all_dim"] if both else None
+        if abs(attention_factor(cfg) - _yarn_attention_factor(spec)) > 1e-12:
+            raise AssertionError("Megatron's YaRN concentration factor differs from HF's attention factor")
     else:  # Megatron's own Llama-3 scaling, which takes the four parameters (its constructor only the factor)
         rpe.inv_freq = rpe._apply_scaling(rpe.inv_freq, **{k: v for k, v in spec.items() if k != "rope_type"})

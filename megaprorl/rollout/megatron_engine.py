@@ -229,13 +229,14 @@ class MegatronEngine:
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
         from megatron.core.transformer.enums import AttnMaskType
 
-        from ..models.rope import rotate_bshd
+        from ..models.rope import attention_factor, rotate_bshd
 
         model = self.policy.model
         cfg = model.config
         x = model.embedding(input_ids=tokens, position_ids=pos) if first else hidden  # [1, b, h]
         b, cur = x.shape[1], ctx.sequence_len_offset
         freqs = model.rotary_pos_emb(ctx.max_sequence_length)[cur: cur + 1]  # the table Megatron's path uses
+        mscale = attention_factor(cfg)  # YaRN's scale of cos and sin (1 otherwise), as Megatron's attention applies
 
         def linear(layer, inp, reduce):
             out = torch.matmul(inp, layer.weight.t())
@@ -252,8 +253,8 @@ class MegatronEngine:
             q = q.reshape(1, b, -1, hn)
             if isinstance(att.q_layernorm, torch.nn.RMSNorm):  # Qwen3's per-head norms, before RoPE as Megatron's
                 q, k = att.q_layernorm(q), att.k_layernorm(k)
-            q = rotate_bshd(q, freqs, cfg)
-            k = rotate_bshd(k, freqs, cfg)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
+            q = rotate_bshd(q, freqs, cfg, mscale)
+            k = rotate_bshd(k, freqs, cfg, mscale)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
             key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
             key_mem[cur: cur + 1, :b] = k
             val_mem[cur: cur + 1, :b] = v
