@@ -47,6 +47,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .gpt import head_dim
 from .rope import rope_scaling_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -199,7 +200,7 @@ def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.")
         if k == "rope_scaling":
             have = rope_scaling_spec(have, f"{prefix}{k}")
         elif k == "head_dim":  # 0 means hidden_size / num_attention_heads
-            have = have or (model_cfg.hidden_size // max(model_cfg.num_attention_heads, 1))
+            have = head_dim(model_cfg)
         same = (math.isclose(float(have), float(need), rel_tol=1e-9, abs_tol=0.0) if isinstance(need, float)
                 else have == need)
         if not same:
@@ -221,7 +222,6 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         raise ConversionError("model.qk_norm with model.add_qkv_bias has no HF family: Qwen3 has no QKV bias")
     mt = "qwen3" if qwen3 else "qwen2" if qwen else "llama"
     dtype = str(_DTYPES[model_cfg.params_dtype]).replace("torch.", "")  # float32 | bfloat16 | float16
-    heads = int(model_cfg.num_attention_heads)
     cfg = {
         "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[mt]],
         "model_type": mt,
@@ -231,7 +231,7 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         "num_hidden_layers": int(model_cfg.num_layers),
         "num_attention_heads": int(model_cfg.num_attention_heads),
         "num_key_value_heads": int(model_cfg.num_query_groups or model_cfg.num_attention_heads),
-        "head_dim": int(getattr(model_cfg, "head_dim", 0) or int(model_cfg.hidden_size) // heads),
+        "head_dim": head_dim(model_cfg),
         "max_position_embeddings": int(model_cfg.max_position_embeddings),
         "rope_theta": float(model_cfg.rotary_base),
         "rms_norm_eps": float(model_cfg.norm_epsilon),

@@ -206,15 +206,18 @@ def rope_scaling_spec(raw, where: str = "model.rope_scaling") -> Dict:
     return out
 
 
-def _yarn_mscale(scale: float, m: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+def _megatron_yarn_mscales(spec: Dict):
+    """(mscale, mscale_all_dim) as Megatron's YaRN fields take them: HF uses the pair only when both are
+    non-zero (else the factor alone), Megatron only when neither is None."""
+    both = bool(spec["mscale"] and spec["mscale_all_dim"])
+    return (spec["mscale"], spec["mscale_all_dim"]) if both else (None, None)
 
 
 def _yarn_attention_factor(spec: Dict) -> float:
-    """YaRN's scale of cos and sin, as HF derives it (both mscales non-zero: their ratio)."""
-    if spec["mscale"] and spec["mscale_all_dim"]:
-        return _yarn_mscale(spec["factor"], spec["mscale"]) / _yarn_mscale(spec["factor"], spec["mscale_all_dim"])
-    return _yarn_mscale(spec["factor"])
+    """YaRN's scale of cos and sin (HF's attention_factor), by Megatron's concentration factor."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+    return _yarn_get_concentration_factor(spec["factor"], *_megatron_yarn_mscales(spec))
 
 
 def yarn_inv_freq(inv_freq: torch.Tensor, spec: Dict, base: float) -> torch.Tensor:
@@ -257,13 +260,9 @@ def scale_rope(model, spec: Dict, base: float) -> None:
     elif spec["rope_type"] == "yarn":
         rpe.inv_freq = yarn_inv_freq(rpe.inv_freq, spec, base)
         # Megatron's attention scales every rotation by the concentration factor of these fields (its YaRN
-        # for multi-latent attention); None mscales: the factor alone, as HF does without both of them
+        # for multi-latent attention)
         cfg = model.config
         cfg.yarn_rotary_scaling_factor = spec["factor"]
-        both = bool(spec["mscale"] and spec["mscale_all_dim"])
-        cfg.yarn_mscale = spec["mscale"] if both else None
-        cfg.yarn_mscale_all_dim = spec["mscale_all_dim"] if both else None
-        if abs(attention_factor(cfg) - _yarn_attention_factor(spec)) > 1e-12:
-            raise AssertionError("Megatron's YaRN concentration factor differs from HF's attention factor")
+        cfg.yarn_mscale, cfg.yarn_mscale_all_dim = _megatron_yarn_mscales(spec)
     else:  # Megatron's own Llama-3 scaling, which takes the four parameters (its constructor only the factor)
         rpe.inv_freq = rpe._apply_scaling(rpe.inv_freq, **{k: v for k, v in spec.items() if k != "rope_type"})
