@@ -106,7 +106,10 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 8192
     batch_size: int = 64  # sequences decoded together
-    compact_every: int = 8  # embedded engine: drop finished rows once they are >= 1/this of the cache (0: never)
+    # embedded engine: act on finished rows once they are >= 1/this of the KV cache's rows (0: never, lock-step
+    # batches): refill them with waiting rollouts (continuous_batching), or drop them from the cache
+    compact_every: int = 8
+    continuous_batching: bool = True  # embedded engine: rows decode at their own positions (needs lean_decode)
     lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path

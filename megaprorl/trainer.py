@@ -115,6 +115,13 @@ class Trainer:
                                     pad_id=self.tokenizer.pad_id, **head)
             self.reference.load_weights_from(self.policy)
         self.engine = build_engine(cfg, self.policy, self.tokenizer)
+        if cfg.rollout.continuous_batching and getattr(self.engine, "continuous", True) is False:
+            from .rollout.megatron_engine import lean_decode_unsupported
+
+            why = ("rollout.compact_every=0" if cfg.rollout.compact_every == 0 else "rollout.lean_decode=false"
+                   if not cfg.rollout.lean_decode else lean_decode_unsupported(self.policy.model))
+            self._say(f"rollout: continuous batching needs the engine's lean decode step and compact_every > 0 "
+                      f"({why}): decoding in lock-step batches")
         self.rewards = RewardPool(cfg.rewards)
         self.source = self._build_source()
         self.eval_records = self._build_eval_records()

@@ -1,10 +1,11 @@
-"""Time the embedded engine with and without dropping finished rows from the decode batch, and with its
-decode steps through the lean stage or Megatron's forward (CPU or GPU).
+"""Time the embedded engine with and without acting on finished rows (continuous batching refills them,
+lock-step batches drop them), and with its decode steps through the lean stage or Megatron's forward
+(CPU or GPU).
 
 A random policy over the built-in character tokenizer (about 1 % EOS per step, so response lengths
 spread over the budget as RL responses do), ``--rows`` rows decoded to at most ``--max-new-tokens``.
-Both runs draw the same tokens (checked); the table gives the decode rows summed over steps, the
-compactions and the wall time.  ``--no-eos`` decodes every row to the budget (a long-context decode
+All runs draw the same tokens (checked); the table gives the decode steps, the decode rows summed over
+steps, the admissions (prefills) and compactions, and the wall time.  ``--no-eos`` decodes every row to the budget (a long-context decode
 speed test of the engine as a whole).
 
     PYTHONPATH=.:tests python3 scripts/engine_compaction.py [--rows 64] [--max-new-tokens 256]
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compact-every", type=int, nargs="+", default=[0, 8])
     ap.add_argument("--lean-decode", type=int, nargs="+", default=[1], choices=[0, 1],
                     help="decode steps through the engine's lean stage (1) or Megatron's forward (0)")
+    ap.add_argument("--continuous", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                    help="continuous batching (1: finished rows refilled) or lock-step batches (0)")
+    ap.add_argument("--batch-size", type=int, default=0, help="rows in the decode batch (0: --rows, all at once)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-eos", action="store_true", help="every row decodes to --max-new-tokens (long-context decode)")
     ap.add_argument("--out", default="")
@@ -50,9 +54,11 @@ def main(argv=None) -> int:
     prompts = [tok.encode(f"{i}+{2 * i}=") for i in range(args.rows)]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, n=1, seed=7, temperature=1.0)
     rows, want = [], None
-    for every, lean in [(e, bool(x)) for e in args.compact_every for x in args.lean_decode]:
-        eng = MegatronEngine(pol, -1 if args.no_eos else tok.eos_id, tok.pad_id, batch_size=args.rows,
-                             compact_every=every, lean_decode=lean)
+    runs = [(e, bool(x), bool(c)) for e in args.compact_every for x in args.lean_decode for c in args.continuous]
+    runs = [r for r in runs if not r[2] or (r[0] > 0 and r[1])]  # continuous needs the lean step and refills
+    for every, lean, cont in runs:
+        eng = MegatronEngine(pol, -1 if args.no_eos else tok.eos_id, tok.pad_id, batch_size=args.batch_size or args.rows,
+                             compact_every=every, lean_decode=lean, continuous=cont)
         eng.generate(prompts[:2], SamplingParams(max_new_tokens=4, n=1, seed=0))  # warm-up
         t0 = time.perf_counter()
         out = eng.generate(prompts, params)
@@ -62,15 +68,16 @@ def main(argv=None) -> int:
             want = ids
         assert ids == want, "the runs drew different tokens"
         lens = [len(x) for x in ids]
-        rows.append(dict(compact_every=every, lean_decode=lean, seconds=secs, ms_per_step=1000 * secs / max(lens),
+        rows.append(dict(compact_every=every, lean_decode=lean, continuous=cont, seconds=secs,
+                         ms_per_step=1000 * secs / max(1, eng.stats["decode_steps"]),
                          **eng.stats, finished=sum(r.finished for r in out), mean_len=sum(lens) / len(lens),
                          max_len=max(lens)))
-    print(f"{'compact_every':>13} {'lean':>5} {'seconds':>8} {'ms/step':>8} {'decode rows':>11} {'dense rows':>10} "
-          f"{'compactions':>11} {'finished':>8} {'mean len':>8}")
+    print(f"{'compact_every':>13} {'lean':>5} {'cont':>5} {'seconds':>8} {'steps':>6} {'ms/step':>8} {'decode rows':>11} "
+          f"{'dense rows':>10} {'admits':>6} {'compactions':>11} {'finished':>8} {'mean len':>8}")
     for r in rows:
-        print(f"{r['compact_every']:>13} {int(r['lean_decode']):>5} {r['seconds']:>8.2f} {r['ms_per_step']:>8.2f} "
-              f"{r['decode_row_steps']:>11} {r['dense_row_steps']:>10} {r['compactions']:>11} {r['finished']:>8} "
-              f"{r['mean_len']:>8.1f}")
+        print(f"{r['compact_every']:>13} {int(r['lean_decode']):>5} {int(r['continuous']):>5} {r['seconds']:>8.2f} "
+              f"{r['decode_steps']:>6} {r['ms_per_step']:>8.2f} {r['decode_row_steps']:>11} {r['dense_row_steps']:>10} "
+              f"{r['admissions']:>6} {r['compactions']:>11} {r['finished']:>8} {r['mean_len']:>8.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
-                                   ["--preset", "tiny-qwen3"]], ids=["tiny", "tiny-packed", "tiny-qwen3"])
+                                   ["--preset", "tiny-qwen3", "--rollout-batch-size", "8"]],
+                         ids=["tiny", "tiny-packed", "tiny-qwen3"])
 def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
 
@@ -25,6 +26,7 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert t["rollout"] > 0  # the embedded engine decoded the responses
         assert rep["rollout_tokens_per_s"] > 0
         assert 0 < rep["engine"]["decode_row_steps"] <= rep["engine"]["dense_row_steps"]
+        assert rep["continuous_batching"] and rep["rollout_batch_size"] == (8 if "tiny-qwen3" in extra else 32)
     else:
         assert rep["rollout_tokens_per_s"] is None and rep["engine"] is None
 

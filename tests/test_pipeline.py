@@ -109,13 +109,15 @@ PROMPTS = ["1+2=", "13+45=", "7+88=", "99+1=", "5+5="]
 SAMPLING = [dict(max_new_tokens=6, n=2, temperature=1.0, top_p=0.9, seed=5), dict(max_new_tokens=5, greedy=True)]
 
 
-def _generate(pol, tok, lean=True):
+def _generate(pol, tok, lean=True, continuous=True):
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
-    # 10 rows: batches of 4, 4 and 2; finished rows leave the KV cache at every finish (on every stage alike)
-    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4, compact_every=100, lean_decode=lean)
-    assert eng.lean_decode == lean
+    # 10 rows through 4: continuous, finished rows are refilled at every finish and leave the KV cache once
+    # none wait; lock-step, batches of 4, 4 and 2 whose finished rows leave the cache (every stage alike)
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4, compact_every=100, lean_decode=lean,
+                         continuous=continuous)
+    assert eng.lean_decode == lean and eng.continuous == (lean and continuous)
     prompts = [tok.encode(s) for s in PROMPTS]
     return [[(r.response_ids, r.logprobs, r.finished) for r in eng.generate(prompts, SamplingParams(**sp))]
             for sp in SAMPLING]

@@ -58,7 +58,7 @@ def _job(rank, world, pp, pack, fused, engine, model):
         out[sp] = dict(lp=lp, ent=ent, stats=stats, grads=grads, mask=batch.loss_mask > 0,
                        rollouts=_generate(pol, tok) if engine else None)
         if engine and not sp:  # the lean decode stage (TP reductions, PP stages) = Megatron's forward, exactly
-            assert _generate(pol, tok, lean=False) == out[sp]["rollouts"]
+            assert _generate(pol, tok, lean=False) == _generate(pol, tok, continuous=False)
         assert pol.model.config.sequence_parallel == sp  # restored after generating
     return out
 

@@ -291,9 +291,9 @@ def test_engine_samples_without_fp8(policy, monkeypatch):
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_finished_rows_leave_the_decode_batch(policy, greedy):
-    """Dropping finished rows from the KV cache changes no token, no log-prob and no finish flag (sampling
-    still draws for every row), while later steps decode fewer rows; compact_every=100 drops them at every
-    finish, 4 once they are a quarter of the cache."""
+    """Lock-step batches: dropping finished rows from the KV cache changes no token, no log-prob and no
+    finish flag, while later steps decode fewer rows; compact_every=100 drops them at every finish, 4 once
+    they are a quarter of the cache."""
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
@@ -307,7 +307,7 @@ def test_finished_rows_leave_the_decode_batch(policy, greedy):
     lengths = sorted({len(r.response_ids) for r in want if r.finished})
     assert len(lengths) >= 2, lengths  # rows finish at different steps
     for every in (100, 4):
-        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=30, compact_every=every)
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=30, compact_every=every, continuous=False)
         got = eng.generate(prompts, params)
         assert [r.response_ids for r in got] == [r.response_ids for r in want]
         assert [r.finished for r in got] == [r.finished for r in want]
@@ -315,6 +315,68 @@ def test_finished_rows_leave_the_decode_batch(policy, greedy):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
         assert eng.stats["compactions"] >= 1, eng.stats
         assert eng.stats["decode_row_steps"] < eng.stats["dense_row_steps"] == dense.stats["dense_row_steps"]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_continuous_batching_refills_finished_rows(policy, greedy):
+    """Continuous batching (waiting rollouts prefilled into the rows that finished, each row decoding at its
+    own position) draws the tokens lock-step batching draws, at any batch size: every token is drawn from
+    a uniform of (seed, rollout, token index).  It takes fewer decode steps than lock-step batches, and
+    the n samples of a prompt share one prefill row."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    params = SamplingParams(max_new_tokens=40, n=6, seed=21, temperature=1.5, greedy=greedy)
+    prompts = _prompts(tok) + [tok.encode(s) for s in ["2+2=", "40+2=", "123+456="]]  # 48 rollouts, 3 lengths
+    lock = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=12, compact_every=0)
+    assert not lock.continuous
+    want = lock.generate(prompts, params)
+    lengths = sorted({len(r.response_ids) for r in want})
+    assert len(lengths) >= 3 and any(r.finished for r in want), lengths  # rows finish at different steps
+    assert lock.stats["decode_row_steps"] == lock.stats["dense_row_steps"]
+    assert lock.stats["prefill_rows"] == 8 and lock.stats["admissions"] == 4  # 2 prompts per batch of 12
+    for batch, every in ((12, 4), (12, 100), (5, 8), (48, 2)):
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=batch, compact_every=every)
+        assert eng.continuous
+        got = eng.generate(prompts, params)
+        assert [r.response_ids for r in got] == [r.response_ids for r in want], (batch, every)
+        assert [r.finished for r in got] == [r.finished for r in want]
+        assert [r.prompt_index for r in got] == [r.prompt_index for r in want]
+        for g, w in zip(got, want):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+        st = eng.stats
+        assert st["tokens"] == sum(len(r.response_ids) for r in want)
+        lens = [len(r.response_ids) for r in want]
+        lock_steps = sum(max(lens[s: s + batch]) - 1 for s in range(0, 48, batch))  # lock-step batches of `batch`
+        if batch < 48:
+            assert st["admissions"] > -(-48 // batch), st  # rows were refilled while others decoded
+            assert st["decode_steps"] < lock_steps, (st, lock_steps)
+        assert st["decode_row_steps"] < st["dense_row_steps"], st
+        assert st["prefill_rows"] < 48
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    """Inverting the CDF at the counter-based uniforms draws each token with its probability (top-p
+    filtered), never a token of probability 0, and the uniforms of different rollouts and steps differ."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine, _top_p_filter, draw_uniform
+
+    z = torch.tensor([[2.0, 1.0, 0.5, -1.0, -30.0, 0.0, 3.0]])
+    n = 40000
+    u = torch.tensor([draw_uniform(5, k, 3) for k in range(n)], dtype=torch.float64)
+    assert len(set(u.tolist())) == n and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert draw_uniform(5, 0, 3) != draw_uniform(5, 0, 4) != draw_uniform(6, 0, 4)
+    for top_p in (1.0, 0.8):
+        params = SamplingParams(temperature=1.3, top_p=top_p)
+        nxt, lp = MegatronEngine._sample(z.expand(n, -1), params, u)
+        want = _top_p_filter(torch.softmax(z / 1.3, -1), top_p)[0].double()
+        freq = torch.bincount(nxt, minlength=z.shape[1]).double() / n
+        sigma = (want * (1 - want) / n).sqrt()
+        assert ((freq - want).abs() <= 5 * sigma + 1e-12).all(), (freq, want)
+        assert (freq[want == 0] == 0).all()
+        torch.testing.assert_close(lp, torch.log_softmax(z / 1.3, -1)[0, nxt])
+    assert float(u.mean()) == pytest.approx(0.5, abs=5 * (1 / 12 / n) ** 0.5)
 
 
 @pytest.mark.parametrize("greedy", [False, True])
@@ -329,7 +391,7 @@ def test_lean_decode_equals_megatrons_forward(policy, greedy):
     params = SamplingParams(max_new_tokens=24, n=4, seed=9, temperature=1.0, greedy=greedy)
     runs = []
     for lean in (False, True):
-        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=12, lean_decode=lean)
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=12, lean_decode=lean, continuous=False)
         assert eng.lean_decode == lean
         runs.append(eng.generate(_prompts(tok), params))
     assert sum(len(r.response_ids) for r in runs[0]) > 100

@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
                     help="model.fp8 (needs TransformerEngine); the delayed-scaling recipe")
     ap.add_argument("--skip-rollout", action="store_true", help="time only log-prob passes and the update")
+    ap.add_argument("--rollout-batch-size", type=int, default=0,
+                    help="rows the engine decodes together (rollout.batch_size; 0: every rollout of the step at once)")
+    ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                                                        trainable=False, **packing)
     eos = 1
-    engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.prompts * args.n_samples)
+    engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
+                            continuous=not args.lock_step)
     gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
 
@@ -226,6 +230,7 @@ def main(argv=None) -> int:
         "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
+        "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
@@ -250,8 +255,9 @@ def main(argv=None) -> int:
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
         if res["rollout_tokens_per_s"] is not None:
             e = res["engine"]
-            print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; decode rows {e['decode_row_steps']} "
-                  f"of {e['dense_row_steps']} in lock-step, {e['compactions']} compactions")
+            print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; {e['decode_steps']} decode steps, "
+                  f"decode rows {e['decode_row_steps']} of {e['dense_row_steps']} in lock-step, {e['admissions']} "
+                  f"admissions, {e['compactions']} compactions")
         if mfu_update is not None:
             print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "
                   f"(peak {peak:.0f} TFLOP/s)")

@@ -50,7 +50,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
 
         return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
-                              lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids)
+                              lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
+                              continuous=cfg.rollout.continuous_batching)
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

@@ -1,10 +1,10 @@
 """The embedded rollout engine: KV-cached sampling with the policy's own Megatron weights.
 
-Prompts are left-padded so that every row decodes in lock-step; padded key positions are masked.
-RoPE makes attention depend only on position differences, so left padding changes nothing but
-rounding.  The KV cache is Megatron's ``StaticInferenceContext``.  Under tensor parallelism every TP
-rank runs the same forward on the same prompts, gathers the logits, and draws with a generator
-seeded identically on all ranks, so all ranks produce identical tokens.
+Prompts prefilled together are left-padded; padded key positions are masked.  RoPE makes attention
+depend only on position differences, so left padding changes nothing but rounding.  The KV cache is
+the buffers of a Megatron ``StaticInferenceContext`` (keys stored rotated).  Under tensor parallelism
+every TP rank runs the same forward on the same prompts, gathers the logits, and draws with the same
+uniforms, so all ranks produce identical tokens.
 
 Under pipeline parallelism each stage runs its own layers with its own KV cache: the first stage
 embeds the tokens, every stage but the last sends its hidden states [s, b, h] to the next one (prefill,
@@ -15,12 +15,22 @@ Under ``parallel.sequence_parallel`` the engine samples with sequence parallelis
 step has one token per row, which cannot be split over the TP ranks, so every TP rank runs the whole
 (short) sequence as plain tensor parallelism does; the trainer's passes keep it.
 
-Rows that have finished leave the decode batch: once at least ``1/compact_every`` of the rows still in
-the KV cache have drawn a stop token (EOS or another end token), the cache keeps only the running rows
-(a copy of their filled positions), so the forward of every later step runs on those rows alone.  In RL the response lengths
-are spread over the whole budget, and without this every row would be decoded until the longest
-finishes.  Sampling still draws for all rows (finished ones from placeholder logits), so the random
-stream, and with it every row's tokens, does not depend on when rows leave.
+The decode batch is a KV cache of ``batch_size`` rows.  Continuous batching (the default): rows decode at
+their own positions, and once at least ``1/compact_every`` of them have drawn a stop token (EOS or another
+end token) or reached the budget, the next waiting rollouts are prefilled into those rows (one forward
+for the new rows, on a cache of their own whose keys and values are then copied in) while the others go
+on decoding; the n samples of a prompt share one prefill row.  When no rollout waits, finished rows
+leave the cache instead (a copy of the running rows' filled positions), so later steps run on the
+running rows alone.  In RL the response lengths spread over the whole budget: lock-step batches decode
+every row until the longest finishes and then start the tail again with every new batch.  Rows at
+different positions need the lean decode step below (Megatron's own decode writes every row at one
+offset); without it (or with ``compact_every=0``) the engine decodes lock-step batches, dropping their
+finished rows the same way.
+
+Every token is drawn by inverting its (temperature-scaled, top-p filtered) distribution's CDF at a
+uniform that is a hash of (seed, rollout index, token index), so a rollout's tokens are a function of
+the seed, its index and the weights: the same whatever the batch size, schedule or pipeline layout
+(up to the rounding of batched matmuls).
 
 Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
 (``lean_decode``, the local layer spec of the Qwen2 / Qwen3 / Llama shape): each layer is its norms, four
@@ -29,7 +39,7 @@ same TP reductions; the embedding, norms, attention module and output layer are 
 modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
 every layer's kernels launched from Python), so the host time per layer is the decode rate: with
 compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less time this way
-(docs/benchmarks.md).  The prefill stays on Megatron's forward (one call per batch).  Same tokens
+(docs/benchmarks.md).  The prefill stays on Megatron's forward (one call per admission).  Same tokens
 and log-probs as Megatron's path, bit for bit (tests/test_spine.py, tests/test_sequence_parallel.py
 at TP=2 and TP=2 x PP=2).
 
@@ -142,21 +152,75 @@ def _sequence_parallel_off(model):
             setattr(obj, name, True)
 
 
+_STATS = ("tokens", "decode_steps", "decode_row_steps", "dense_row_steps", "prefill_rows", "prefill_tokens",
+          "admissions", "compactions")
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers whose every output bit depends on every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def draw_uniform(seed: int, rollout: int, t: int) -> float:
+    """The uniform in [0, 1) (53 bits) that draws token ``t`` of rollout ``rollout`` of a ``generate`` call under
+    ``seed``: a counter-based stream, so a rollout's tokens are a function of the seed, its index and the
+    weights alone, not of which rows it shared a decode batch with or when they left or joined."""
+    h = _mix64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _M64)
+    h = _mix64((h ^ (rollout * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7)) & _M64)
+    h = _mix64((h ^ (t * 0xAEF17502108EF2D9 + 0x9E6C63D0676A9A99)) & _M64)
+    return (h >> 11) * 2.0 ** -53
+
+
+class _Cache:
+    """The decode batch: a KV cache of ``rows`` rows and ``seq`` positions per layer ([seq, rows, groups,
+    head dim], keys rotated), and per row the rollout in it (-1: free), its first valid key position
+    (``start``: left padding before it) and the position of its next token (``pos``)."""
+
+    def __init__(self, rows: int, seq: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.ctx = StaticInferenceContext(rows, seq)  # Megatron's forward reads its buffers and offset
+        self.item = [-1] * rows
+        self.start = [0] * rows
+        self.pos = [0] * rows
+
+    @property
+    def rows(self) -> int:
+        return len(self.item)
+
+    def free(self) -> List[int]:
+        return [r for r, i in enumerate(self.item) if i < 0]
+
+    def live(self) -> List[int]:
+        return [r for r, i in enumerate(self.item) if i >= 0]
+
+
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
-                 lean_decode: bool = True, stop_ids: Sequence[int] = ()):
+                 lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True):
         """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
-        ``compact_every``: drop finished rows from the KV cache once they are at least 1/compact_every
-        of the rows in it (each drop copies the running rows' cache once); 0 never drops them.
-        ``lean_decode``: decode steps through ``_lean_stage`` where ``lean_decode_unsupported`` finds
-        nothing against it (else, and with False, through Megatron's forward)."""
+        ``batch_size``: rows decoded together.  ``compact_every``: act on finished rows once they are at
+        least 1/compact_every of the rows in the KV cache: with ``continuous`` batching and rollouts still
+        waiting, prefill waiting rollouts into their rows; otherwise drop them from the cache (each drop
+        copies the running rows' cache once); 0 never acts (every batch decodes in lock-step to its
+        longest row).  ``lean_decode``: decode steps through ``_lean_stage`` where
+        ``lean_decode_unsupported`` finds nothing against it (else, and with False, through Megatron's
+        forward, which decodes every row at one position, so continuous batching needs the lean step)."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"rollout batch_size must be >= 1, got {batch_size}")
         self.compact_every = int(compact_every)
         self.lean_decode = bool(lean_decode) and lean_decode_unsupported(policy.model) is None
-        self.stats = {"decode_row_steps": 0, "dense_row_steps": 0, "compactions": 0}  # of the last generate()
+        self.continuous = bool(continuous) and self.lean_decode and self.compact_every > 0
+        self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
         self.weights_version = 0
         self._awake = True
         self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
@@ -177,21 +241,27 @@ class MegatronEngine:
             raise RuntimeError("engine is asleep; call wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
-        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
-        gen = torch.Generator(device=self.policy.device)
-        gen.manual_seed(int(params.seed))
-        self.stats = dict.fromkeys(self.stats, 0)
-        out: List[Rollout] = []
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        items = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
+        self.stats = dict.fromkeys(_STATS, 0)
+        if not items:
+            return []
         model = self.policy.model
         was_training = model.training
         model.eval()
         try:
             with _fp8_off(model.config), _sequence_parallel_off(model):
-                for s in range(0, len(expanded), self.batch_size):
-                    out.extend(self._generate_batch(expanded[s: s + self.batch_size], params, gen))
+                resp, lps, finished = self._decode(items, params)
         finally:
             model.train(was_training)
-        return out
+            if self.pp > 1:
+                model.set_input_tensor(None)
+        lens = [len(r) for r in resp]
+        self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in
+                                            (lens[s: s + self.batch_size] for s in range(0, len(lens), self.batch_size)))
+        return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[k], logprobs=lps[k], finished=finished[k])
+                for k, (i, p) in enumerate(items)]
 
     def _forward(self, tokens, pos, mask, ctx, lean: bool = False):
         """This stage's forward (Megatron's, or with ``lean`` a decode step through ``_lean_stage``); returns
@@ -225,7 +295,9 @@ class MegatronEngine:
         """One decode step of this stage's layers, as Megatron's forward computes it (same modules for the
         embedding, norms, core attention and output layer; the linear layers as their no-grad forward:
         matmul, bias, TP all-reduce of the row-parallel ones), without its plumbing.  ``hidden`` [1, b, h]
-        from the previous stage when not ``first``.  Returns logits [b, 1, V] when ``last``, else hidden."""
+        from the previous stage when not ``first``; ``pos`` [b, 1] each row's position (rows decode at their own
+        positions: the new keys are written there, ``mask`` [b, 1, 1, span] hides the keys a row does not
+        see).  Returns logits [b, 1, V] when ``last``, else hidden."""
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
         from megatron.core.transformer.enums import AttnMaskType
 
@@ -234,8 +306,10 @@ class MegatronEngine:
         model = self.policy.model
         cfg = model.config
         x = model.embedding(input_ids=tokens, position_ids=pos) if first else hidden  # [1, b, h]
-        b, cur = x.shape[1], ctx.sequence_len_offset
-        freqs = model.rotary_pos_emb(ctx.max_sequence_length)[cur: cur + 1]  # the table Megatron's path uses
+        b, p = x.shape[1], pos[:, 0]  # each row's position
+        rows = torch.arange(b, device=p.device)
+        table = model.rotary_pos_emb(ctx.max_sequence_length)  # [seq, 1, 1, d]: the table Megatron's path uses
+        freqs = table.index_select(0, p).view(1, b, 1, table.shape[-1])
         mscale = attention_factor(cfg)  # YaRN's scale of cos and sin (1 otherwise), as Megatron's attention applies
 
         def linear(layer, inp, reduce):
@@ -256,10 +330,10 @@ class MegatronEngine:
             q = rotate_bshd(q, freqs, cfg, mscale)
             k = rotate_bshd(k, freqs, cfg, mscale)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
             key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
-            key_mem[cur: cur + 1, :b] = k
-            val_mem[cur: cur + 1, :b] = v
-            o = att.core_attention(q, key_mem[: cur + 1, :b], val_mem[: cur + 1, :b], mask,
-                                   attn_mask_type=AttnMaskType.no_mask)
+            key_mem.index_put_((p, rows), k[0])
+            val_mem.index_put_((p, rows), v[0])
+            span = mask.shape[-1]  # the keys up to the furthest row's position; the mask hides the rest
+            o = att.core_attention(q, key_mem[:span], val_mem[:span], mask, attn_mask_type=AttnMaskType.no_mask)
             x = x + linear(att.linear_proj, o, True)
             gate, up = torch.chunk(linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), False), 2, dim=-1)
             x = x + linear(mlp.linear_fc2, cfg.activation_func(gate) * (up + cfg.glu_linear_offset), True)
@@ -282,105 +356,171 @@ class MegatronEngine:
                        group=mps.get_pipeline_model_parallel_group())
         return buf[0].long(), buf[1].float()
 
-    def _generate_batch(self, items, params: SamplingParams, gen: torch.Generator) -> List[Rollout]:
+    def _decode(self, items, params: SamplingParams):
+        """Every rollout of ``items`` ([(prompt index, prompt ids)], in order) decoded through one KV cache of
+        at most ``batch_size`` rows: rollouts enter it in order when rows are free (a prefill per
+        admission), leave it at a stop token or the token budget."""
+        device = self.policy.device
+        N = int(params.max_new_tokens)
+        resp = [[] for _ in items]
+        lps = [[] for _ in items]
+        finished = [False] * len(items)
+        stops = set(self.stop_ids)
+        longest = max(len(p) for _, p in items)
+        nxt_item = 0  # the next rollout to enter the cache
+        cache: Optional[_Cache] = None
+        z = None  # the last stage's logits [rows, V] for each row's next token
+        last = []  # each row's last token (the next decode step's input)
+        while True:
+            live = [] if cache is None else cache.live()
+            if nxt_item < len(items) and (not live or (self.continuous and self._acts(len(cache.free()), cache.rows))):
+                if not live:  # a new cache: the first batch (in lock-step batching, every batch)
+                    rows = min(self.batch_size, len(items) - nxt_item)
+                    seq = (longest if self.continuous else max(len(p) for _, p in items[nxt_item: nxt_item + rows])) + N
+                    cache, z, last = _Cache(rows, seq), None, [self.pad_id] * rows
+                slots = cache.free()[: len(items) - nxt_item]
+                z = self._admit(cache, slots, list(range(nxt_item, nxt_item + len(slots))), items, z)
+                nxt_item += len(slots)
+                live = cache.live()
+            if not live:
+                break
+            # draw each running row's next token (the last stage draws; its pipeline receives them)
+            nxt = lp = None
+            if z is not None:
+                u = [draw_uniform(params.seed, cache.item[r], len(resp[cache.item[r]])) for r in live]
+                idx = torch.tensor(live, device=device)
+                nxt, lp = self._sample(z.index_select(0, idx), params, torch.tensor(u, dtype=torch.float64, device=device))
+            nxt, lp = self._from_last_stage(nxt, lp, len(live))
+            nxt_l, lp_l = nxt.tolist(), lp.tolist()  # the step's device->host copy
+            self.stats["tokens"] += len(live)
+            for r, tok, l in zip(live, nxt_l, lp_l):
+                k = cache.item[r]
+                resp[k].append(tok)
+                lps[k].append(l)
+                last[r] = tok
+                if tok in stops or len(resp[k]) == N:
+                    finished[k] = tok in stops
+                    cache.item[r] = -1
+                    last[r] = self.pad_id
+                    if self.continuous:  # a free row attends to its position 0 only until it is refilled
+                        cache.start[r] = cache.pos[r] = 0
+            live = cache.live()
+            if not live:
+                continue  # the next batch, or the end
+            free = cache.rows - len(live)
+            if free and (nxt_item == len(items) or not self.continuous) and self._acts(free, cache.rows):
+                last, z = self._compact(cache, last), None
+            z = self._step(cache, last)
+        return resp, lps, finished
+
+    def _acts(self, free: int, rows: int) -> bool:
+        """Whether ``free`` finished rows of ``rows`` are enough to refill or drop them."""
+        return self.compact_every > 0 and free > 0 and free * self.compact_every >= rows
+
+    def _admit(self, cache: _Cache, slots: List[int], new: List[int], items, z):
+        """Prefill rollouts ``new`` into the free rows ``slots`` of ``cache``: each distinct prompt once (the
+        n samples of a prompt share its prefill), through Megatron's forward on a cache of their own, whose
+        keys and values are then copied into the rows.  Returns the logits with the new rows' filled in."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = self.policy.device
-        B = len(items)
-        P = max(len(p) for _, p in items)
-        N = params.max_new_tokens
-        total = P + N
-        tokens = torch.full((B, total), self.pad_id, dtype=torch.long, device=device)
-        valid = torch.zeros(B, total, dtype=torch.bool, device=device)
-        for b, (_, p) in enumerate(items):
-            tokens[b, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        first = {}  # prompt index -> its row in the prefill
+        for k in new:
+            first.setdefault(items[k][0], len(first))
+        prompts = [None] * len(first)
+        for k in new:
+            prompts[first[items[k][0]]] = items[k][1]
+        src = torch.tensor([first[items[k][0]] for k in new], device=device)
+        P = max(len(p) for p in prompts)
+        u = len(prompts)
+        tokens = torch.full((u, P), self.pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros(u, P, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, P - len(p):] = True
-        pos = torch.arange(total, device=device)[None].expand(B, -1)
-        # Megatron's masks: True = masked.  Prefill [B, 1, P, P]: causal within each row's prompt, the
-        # left padding hidden (a padded query position attends to itself only, so no row is all -inf).
-        # Decode [B, 1, 1, t]: only the left padding is hidden (one query sees every earlier key).  No
-        # [total, total] mask is ever built: at 1K + 8K tokens and 512 rows that alone is 43 GB.
-        causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
-        allowed = causal[None] & valid[:, None, :P]
-        allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :P, None]
-        prefill_mask = ~allowed[:, None]
-        del causal, allowed
-        pad_mask = ~valid[:, None, None, :]
+        # Megatron's masks: True = masked.  Causal within each row's prompt, the left padding hidden (a
+        # padded query position attends to itself only, so no row is all -inf).
+        allowed = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))[None] & valid[:, None, :]
+        allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]
+        pos = torch.arange(P, device=device)[None].expand(u, -1)
+        ctx = StaticInferenceContext(u, P)
+        logits = self._forward(tokens, pos, ~allowed[:, None], ctx)
+        del allowed
+        kv = cache.ctx.key_value_memory_dict
+        slot_t = torch.tensor(slots, device=device)
+        for layer, mems in ctx.key_value_memory_dict.items():
+            if layer not in kv:  # zeros: rows attend over positions other rows filled, masked but finite
+                kv[layer] = tuple(m.new_zeros(cache.ctx.max_sequence_length, cache.rows, *m.shape[2:]) for m in mems)
+            for dst, m in zip(kv[layer], mems):
+                dst[:P].index_copy_(1, slot_t, m.index_select(1, src))
+        for r, k in zip(slots, new):
+            cache.item[r] = k
+            cache.start[r], cache.pos[r] = P - len(items[k][1]), P
+        self.stats["admissions"] += 1
+        self.stats["prefill_rows"] += u
+        self.stats["prefill_tokens"] += u * P
+        if logits is None:  # not the last pipeline stage
+            return None
+        new_z = logits[:, -1, : self.policy.vocab_size].float().index_select(0, src)
+        if z is None:
+            z = new_z.new_zeros(cache.rows, new_z.shape[1])
+        return z.index_copy_(0, slot_t, new_z)
 
-        ctx = StaticInferenceContext(B, total)
-        logits = self._forward(tokens[:, :P], pos[:, :P], prefill_mask, ctx)
-        del prefill_mask
-        ctx.sequence_len_offset += P
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        resp = [[] for _ in range(B)]
-        lps = [[] for _ in range(B)]
-        finished = [False] * B
-        rows = None  # the batch rows in the KV cache, in cache order (None: all B, unpermuted)
-        pending = n_finished = 0  # finished rows still in the KV cache; all finished rows
-        stops, stop_t = set(self.stop_ids), torch.tensor(self.stop_ids, dtype=torch.long, device=device)
-        for t in range(N):
-            nxt = lp = None
-            if logits is not None:  # this rank holds the last pipeline stage
-                z = logits[:, -1, : self.policy.vocab_size].float()
-                if rows is not None:  # finished rows draw from placeholder logits: the same random stream
-                    z = z.new_zeros(B, z.shape[1]).index_copy_(0, rows, z)
-                nxt, lp = self._sample(z, params, gen)
-            nxt, lp = self._from_last_stage(nxt, lp, B)
-            nxt_l, lp_l = nxt.tolist(), lp.tolist()  # the step's device->host copies (``done`` = ``finished``)
-            for b in range(B):
-                if not finished[b]:
-                    resp[b].append(nxt_l[b])
-                    lps[b].append(lp_l[b])
-                    if nxt_l[b] in stops:
-                        finished[b] = True
-                        pending += 1
-                        n_finished += 1
-            if n_finished == B or t == N - 1:  # counted on the host: no device sync
-                break
-            done |= torch.isin(nxt, stop_t)
-            cur = P + t
-            tokens[:, cur] = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            if self._should_compact(pending, B if rows is None else len(rows)):
-                rows, pending = self._compact(ctx, rows, done, cur), 0
-            step = (slice(None) if rows is None else rows, slice(cur, cur + 1))
-            logits = self._forward(tokens[step], pos[step], pad_mask[step[0], ..., : cur + 1], ctx, self.lean_decode)
-            ctx.sequence_len_offset += 1
-            self.stats["decode_row_steps"] += B if rows is None else len(rows)
-            self.stats["dense_row_steps"] += B
-        if self.pp > 1:
-            self.policy.model.set_input_tensor(None)
-        return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[b], logprobs=lps[b], finished=finished[b])
-                for b, (i, p) in enumerate(items)]
+    def _step(self, cache: _Cache, last: List[int]):
+        """One decode step of every row of the cache (each at its own position: through the lean stage;
+        all at one: through Megatron's forward, which writes the cache at ``sequence_len_offset``)."""
+        device = self.policy.device
+        R = cache.rows
+        tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
+        pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
+        start = torch.tensor(cache.start, dtype=torch.long, device=device)
+        span = torch.arange(max(cache.pos) + 1, device=device)[None]
+        mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
+        if not self.lean_decode:
+            assert len(set(cache.pos)) == 1, "Megatron's forward decodes every row at one position"
+            cache.ctx.sequence_len_offset = cache.pos[0]
+        logits = self._forward(tokens, pos[:, None], mask, cache.ctx, self.lean_decode)
+        for r in range(R):
+            if cache.item[r] >= 0 or not self.continuous:
+                cache.pos[r] += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_row_steps"] += R
+        return None if logits is None else logits[:, -1, : self.policy.vocab_size].float()
 
-    def _should_compact(self, pending: int, in_cache: int) -> bool:
-        return self.compact_every > 0 and pending > 0 and pending * self.compact_every >= in_cache
-
-    def _compact(self, ctx, rows, done, cur: int):
-        """Drop the finished rows from the KV cache; returns the batch rows left in it (cache order).
-        Every rank and stage holds the same ``done``, so all compact alike."""
-        base = torch.arange(len(done), device=done.device) if rows is None else rows
-        keep_pos = (~done[base]).nonzero().squeeze(1)
-        for layer, kv in ctx.key_value_memory_dict.items():
-            ctx.key_value_memory_dict[layer] = tuple(self._cache_rows(m, keep_pos, cur) for m in kv)
+    def _compact(self, cache: _Cache, last: List[int]) -> List[int]:
+        """Drop the free rows from the KV cache (a copy of the running rows' filled positions).  Every rank
+        and stage holds the same rows, so all compact alike.  Returns the running rows' last tokens."""
+        keep = cache.live()
+        keep_t = torch.tensor(keep, device=self.policy.device)
+        filled = max(cache.pos[r] for r in keep)
+        kv = cache.ctx.key_value_memory_dict
+        for layer, mems in kv.items():
+            kv[layer] = tuple(self._cache_rows(m, keep_t, filled) for m in mems)
+        cache.item, cache.start, cache.pos = ([v[r] for r in keep] for v in (cache.item, cache.start, cache.pos))
+        cache.ctx.max_batch_size = len(keep)
         self.stats["compactions"] += 1
-        return base[keep_pos]
+        return [last[r] for r in keep]
 
     @staticmethod
     def _cache_rows(mem: torch.Tensor, keep: torch.Tensor, filled: int) -> torch.Tensor:
         """A KV cache buffer [max_seq, rows, ...] with only the ``keep`` rows, their first ``filled``
-        positions copied (the later ones are written by the coming steps)."""
-        out = mem.new_empty(mem.shape[0], len(keep), *mem.shape[2:])
+        positions copied (the later ones, zeros, are written by the coming steps)."""
+        out = mem.new_zeros(mem.shape[0], len(keep), *mem.shape[2:])
         out[:filled] = mem[:filled].index_select(1, keep)
         return out
 
     @staticmethod
-    def _sample(z: torch.Tensor, params: SamplingParams, gen: torch.Generator):
-        """Next tokens and their log-probs from fp32 logits [B, V] (padded vocabulary columns removed)."""
+    def _sample(z: torch.Tensor, params: SamplingParams, u: torch.Tensor):
+        """Next tokens and their log-probs from fp32 logits [B, V] (padded vocabulary columns removed), each row
+        drawn by inverting its (top-p filtered) distribution's CDF at its uniform ``u`` (float64 [B])."""
         if params.greedy or params.temperature == 0.0:
             logp_all = torch.log_softmax(z, -1)
             nxt = z.argmax(-1)
         else:
             logp_all = torch.log_softmax(z / params.temperature, -1)
-            probs = _top_p_filter(logp_all.exp(), params.top_p)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            cdf = torch.cumsum(_top_p_filter(logp_all.exp(), params.top_p).double(), -1)
+            total = cdf[:, -1:]
+            x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+            # the first token whose CDF exceeds x: x < the total, so one does, and its probability is > 0
+            nxt = torch.searchsorted(cdf, x, right=True).squeeze(-1)
         return nxt, logp_all.gather(-1, nxt[:, None]).squeeze(-1)
