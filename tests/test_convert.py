@@ -23,7 +23,7 @@ pytest.importorskip("megatron.core")
 from megaprorl.models import convert as C  # noqa: E402
 
 VOCAB = 100
-FAMILIES = ("qwen2", "llama", "qwen3")
+FAMILIES = ("qwen2", "llama", "qwen3", "mistral")
 # Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
 # embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
 PP_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -46,6 +46,9 @@ def _hf_config(family):
     if family == "qwen3":  # Qwen3's shape: head_dim fixed (128 there), heads x head_dim = 2 x hidden here; YaRN
         return transformers.Qwen3Config(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32,
                                         rope_scaling=dict(YARN_SCALING), **common)
+    if family == "mistral":  # Mistral-Nemo's shape: the Llama layout, head_dim given (128 for hidden 5120 / 32 there)
+        return transformers.MistralConfig(tie_word_embeddings=False, rope_theta=1000000.0, head_dim=32,
+                                          sliding_window=None, **common)
     # Llama-3.x RoPE scaling, with a short original context so that, at head_dim 16, the 12 test positions
     # see all three bands (kept, interpolated, divided by the factor)
     return transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING),
@@ -274,6 +277,17 @@ def test_model_config_from_hf():
         C.model_config_from_hf(dict(raw3, layer_types=["full_attention", "sliding_attention"]))
     with pytest.raises(C.ConversionError, match="gives no head_dim"):
         C.model_config_from_hf(dict(raw, hidden_size=66))
+    # Mistral: Llama's fields, head_dim given; a window shorter than the context is refused (v0.1's 4096)
+    m = C.model_config_from_hf(_hf_config("mistral"))
+    assert (m["head_dim"], m["add_qkv_bias"], m["qk_norm"], m["tie_embeddings"], m["rope_scaling"]) == (
+        32, False, False, False, {})
+    rawm = dict(raw, model_type="mistral", max_position_embeddings=32768)
+    for window in (None, 32768):
+        assert C.model_config_from_hf(dict(rawm, sliding_window=window))["max_position_embeddings"] == 32768
+    with pytest.raises(C.ConversionError, match="sliding_window=4096 < max_position_embeddings=32768"):
+        C.model_config_from_hf(dict(rawm, sliding_window=4096))
+    with pytest.raises(C.ConversionError, match="mistral with attention_bias=True"):
+        C.model_config_from_hf(dict(rawm, attention_bias=True))
 
 
 def test_qwen3_config_is_checked_and_exported():

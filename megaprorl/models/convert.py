@@ -1,4 +1,4 @@
-"""HF <-> Megatron-core weights for the Qwen2, Qwen3 and Llama families (TP-sharded, PP-stage sliced).
+"""HF <-> Megatron-core weights for the Qwen2, Qwen3, Llama and Mistral (dense) families (TP-sharded, PP-stage sliced).
 
 The mapping (see docs/convert.md), per decoder layer ``N`` (HF prefix ``model.layers.N.``):
 
@@ -50,7 +50,7 @@ import torch
 from .gpt import head_dim
 from .rope import rope_scaling_spec
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")  # Mistral dense: the Llama layout
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META_FILE = "megaprorl_convert.json"
@@ -127,7 +127,7 @@ class _Dims:
                                   f"num_key_value_heads ({self.groups})")
         self.q_per_group = self.heads // self.groups
         self.qkv_bias = mt == "qwen2" or bool(_cfg_get(cfg, "attention_bias", False))
-        if mt in ("llama", "qwen3") and _cfg_get(cfg, "attention_bias", False):
+        if mt in ("llama", "qwen3", "mistral") and _cfg_get(cfg, "attention_bias", False):
             raise ConversionError(f"{mt} with attention_bias=True (bias on o_proj too) is not supported")
         if _cfg_get(cfg, "mlp_bias", False):
             raise ConversionError("mlp_bias=True is not supported (Megatron model is built without linear biases)")
@@ -145,7 +145,8 @@ class _Dims:
 
 
 def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
-    """``ModelConfig`` fields for an HF Qwen2 / Qwen3 / Llama config (a ``PretrainedConfig`` or the config.json dict).
+    """``ModelConfig`` fields for an HF Qwen2 / Qwen3 / Llama / Mistral config (a ``PretrainedConfig`` or the
+    config.json dict).
 
     The Megatron model must be built with ``vocab_size=hf_vocab_size(hf_config)`` (the HF embedding
     rows, which may exceed the tokenizer's length).  RoPE scaling ``linear``, ``llama3`` (Llama-3.x) and
@@ -156,6 +157,11 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
     rope_scaling = _rope_scaling(hf_config, strict)
     if strict and _cfg_get(hf_config, "use_sliding_window", False):
         raise ConversionError("sliding-window attention (use_sliding_window=True) is not supported")
+    window = _cfg_get(hf_config, "sliding_window", None) if _model_type(hf_config) == "mistral" else None
+    if strict and window and int(window) < int(_cfg_get(hf_config, "max_position_embeddings", 0) or 0):
+        # Mistral applies its window whenever it is set (Mistral-7B-v0.1: 4096 of 32768); v0.2/v0.3, Nemo: null
+        raise ConversionError(f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+                              f"{_cfg_get(hf_config, 'max_position_embeddings')}) is not supported")
     kinds = sorted(set(_cfg_get(hf_config, "layer_types", None) or ()) - {"full_attention"})
     if strict and kinds:
         raise ConversionError(f"layer_types {kinds} are not supported: every layer must be full_attention")
@@ -916,7 +922,7 @@ megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR
 megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
                   [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
-Qwen2 / Qwen3 / Llama families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
+Qwen2 / Qwen3 / Llama / Mistral families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
 (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
 (config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
 megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model
