@@ -276,6 +276,7 @@ class Trainer:
         b_local = cfg.train.prompts_per_step // dp_world()
         sampler: DynamicSampler[Dict] = DynamicSampler(b_local, cfg.algo.dynamic_sampling)
         timings = {"rollout": 0.0, "reward": 0.0}
+        engine_stats: Dict[str, float] = {}  # the embedded engine's counters, summed over the draws
         raw_rewards: List[float] = []
         lengths: List[int] = []
         truncated_count = 0
@@ -291,6 +292,8 @@ class Trainer:
             self.engine.wake()
             rollouts = self.engine.generate(prompts, params)
             timings["rollout"] += time.time() - t
+            for k, v in (getattr(self.engine, "stats", None) or {}).items():
+                engine_stats[k] = engine_stats.get(k, 0) + v
             t = time.time()
             texts = [self.tokenizer.decode(r.response_ids) for r in rollouts]
             scored = self.rewards.score([records[r.prompt_index] for r in rollouts], texts)
@@ -325,6 +328,13 @@ class Trainer:
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],
         }
+        if engine_stats.get("decode_row_steps"):
+            # generated tokens per second of rollout time; the share of decoded rows that were running (the rest:
+            # finished rows kept in the cache until enough are free to refill or drop); decode steps (forwards)
+            stats["rollout/tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
+            stats["rollout/row_utilisation"] = ((engine_stats["tokens"] - engine_stats["rollouts"])
+                                                / engine_stats["decode_row_steps"])
+            stats["rollout/decode_steps"] = engine_stats["decode_steps"]
         for dom, (tot, cnt, err) in sorted(by_domain.items()):
             stats[f"reward/{dom}"] = tot / max(cnt, 1)
             stats[f"samples/{dom}"] = cnt

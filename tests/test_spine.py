@@ -199,6 +199,8 @@ def test_full_rl_steps_end_to_end(tmp_path):
                 "response_length", "dynamic_sampling/discarded_frac", "time/rollout_s", "time/update_s"):
         assert key in steps[0], key
     assert steps[0]["rollout/logprob_mismatch"] < 1e-4
+    assert steps[0]["rollout/tokens_per_s"] > 0 and steps[0]["rollout/decode_steps"] >= 1
+    assert 0 < steps[0]["rollout/row_utilisation"] <= 1
     assert steps[0]["optimizer_steps"] == 2.0
     assert (run / "config.yaml").exists() and (run / "curves.png").stat().st_size > 1000
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
@@ -346,7 +348,8 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
         for g, w in zip(got, want):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
         st = eng.stats
-        assert st["tokens"] == sum(len(r.response_ids) for r in want)
+        assert st["tokens"] == sum(len(r.response_ids) for r in want) and st["rollouts"] == 48
+        assert st["tokens"] - st["rollouts"] <= st["decode_row_steps"]  # every decoded row gave at most one token
         lens = [len(r.response_ids) for r in want]
         lock_steps = sum(max(lens[s: s + batch]) - 1 for s in range(0, 48, batch))  # lock-step batches of `batch`
         if batch < 48:

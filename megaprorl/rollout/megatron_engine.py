@@ -152,7 +152,11 @@ def _sequence_parallel_off(model):
             setattr(obj, name, True)
 
 
-_STATS = ("tokens", "decode_steps", "decode_row_steps", "dense_row_steps", "prefill_rows", "prefill_tokens",
+# of the last generate(): rollouts, generated tokens (a rollout's first comes from its prefill, each later one
+# from a decode step that ran its row), decode steps (forwards), the rows they ran (running or finished, until
+# refilled or dropped), what lock-step batches without dropping would run, prefill rows (distinct prompts per
+# admission) and their padded tokens, admissions (prefill forwards), compactions
+_STATS = ("rollouts", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps", "prefill_rows", "prefill_tokens",
           "admissions", "compactions")
 
 
@@ -247,6 +251,7 @@ class MegatronEngine:
         self.stats = dict.fromkeys(_STATS, 0)
         if not items:
             return []
+        self.stats["rollouts"] = len(items)
         model = self.policy.model
         was_training = model.training
         model.eval()
