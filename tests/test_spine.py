@@ -188,7 +188,8 @@ TINY = ["warmstart.steps=20", "train.steps=2", "train.prompts_per_step=8", "trai
 
 
 def test_full_rl_steps_end_to_end(tmp_path):
-    """Two RL steps from the CLI: warm-start, evaluation, rollouts, rewards, updates, run directory."""
+    """Two RL steps from the CLI: warm-start, evaluation, rollouts, rewards, updates, run directory; then a
+    second stage resuming the checkpoint under another config."""
     r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"
@@ -209,6 +210,16 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert "held-out greedy accuracy before RL" in r.stdout
     ck = run / "checkpoints" / "step_00000002"
     assert (ck / "COMPLETE").exists() and (ck / "rank_00000.pt").exists()
+    # a later stage as a run of its own (ProRL v1's last steps at a longer context): another config resumes
+    # this checkpoint in its own run directory and goes on from step 3 with its own response budget
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=stage2", *TINY, "train.steps=3",
+                  "rollout.max_new_tokens=9", f"checkpoint.resume={ck}"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ck} at step 2" in r.stdout
+    later = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in later if "reward" in x] == [3]
+    assert max(x.get("response_length", 0) for x in later) > 5  # past the first stage's budget of 5
+    assert (tmp_path / "stage2" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
 
 
 def test_cli_reports_config_errors(tmp_path):
