@@ -414,6 +414,34 @@ def test_lean_decode_equals_megatrons_forward(policy, greedy):
     assert [r.logprobs for r in runs[1]] == [r.logprobs for r in runs[0]]
 
 
+def test_engine_contexts_have_their_masks_applied_as_given(policy, monkeypatch):
+    """TransformerEngine's attention applies a mask only under the padding / arbitrary mask types, and
+    Megatron asks for causal in a prefill and no_mask in a decode step: through the engine's contexts every
+    attention call gets its mask with the type arbitrary (the local spec's attentions apply any mask)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megaprorl.models.attention import SDPAttention
+    from megaprorl.policy import build_seq_batch
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    seen, forward = [], SDPAttention.forward
+
+    def spy(self, query, key, value, attention_mask, attn_mask_type=None, **kw):
+        seen.append((query.shape[0], attn_mask_type, attention_mask is not None))
+        return forward(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kw)
+
+    monkeypatch.setattr(SDPAttention, "forward", spy)
+    MegatronEngine(pol, tok.eos_id, tok.pad_id, lean_decode=False).generate(
+        _prompts(tok), SamplingParams(max_new_tokens=3, n=2, seed=1))
+    assert {s > 1 for s, _, _ in seen} == {True, False}  # prefills and decode steps
+    assert all(t == AttnMaskType.arbitrary and masked for _, t, masked in seen), seen
+    seen.clear()
+    pol.logprobs(build_seq_batch([[3, 4, 5]], [[6, 7]], tok.pad_id), 1)  # no inference context: Megatron's types
+    assert seen and all(t != AttnMaskType.arbitrary for _, t, _ in seen)
+
+
 def test_lean_decode_declines_what_it_does_not_cover():
     from megaprorl.rollout.megatron_engine import MegatronEngine, lean_decode_unsupported
     from tiny_models import tiny_policy

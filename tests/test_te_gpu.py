@@ -3,7 +3,8 @@
 The local spec (SDPA core attention) is checked against HF on CPU elsewhere; here the TE spec, loaded
 from the same tiny HF Qwen2 (and Qwen3: TE's norms as its q/k norms), must give the local spec's log-probs, packed THD sequences must equal
 right-padded rows under TE's fused attention, and an FP8 (delayed scaling) policy must train on token
-counts that are not multiples of 16 (the micro-batches are padded) with log-probs close to bf16.
+counts that are not multiples of 16 (the micro-batches are padded) with log-probs close to bf16; the
+embedded engine on the TE spec must give its teacher-forced log-probs with left-padded prompts.
 """
 
 from types import SimpleNamespace
@@ -119,3 +120,27 @@ def test_fp8_policy_trains_close_to_bf16(hf_dir, pack_tokens):
         assert all(torch.isfinite(torch.tensor(float(stats[k]))) for k in ("loss", "grad_norm")), stats
     moved = sum(int(not torch.equal(b, p.detach())) for b, p in zip(before, fp8.model.parameters()))
     assert moved > 0
+
+
+def test_te_spec_engine_logprobs_equal_teacher_forced(hf_dir):
+    """The embedded engine on the TE spec (Megatron's forward for prefill and decode: the lean step is
+    local-spec only): prompts of different lengths are left-padded, and TE's attention must apply the
+    engine's masks (mask type arbitrary, see megaprorl.models.rope) or the short prompts attend to the
+    padding; the sampling log-probs then equal the policy's teacher-forced ones as on the local spec."""
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.policy import build_seq_batch
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    tok = CharTokenizer()
+    te = _policy(hf_dir, "transformer_engine", "fp32")
+    eng = MegatronEngine(te, tok.eos_id, tok.pad_id, batch_size=8)
+    assert not eng.lean_decode and not eng.continuous
+    prompts = [tok.encode(s) for s in ["1+2=", "13+45+678=", "7="]]  # 4, 10 and 2 tokens: left padding
+    rolls = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=3))
+    batch = build_seq_batch([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], tok.pad_id)
+    lp = te.logprobs(batch, 3).float().cpu()
+    for i, r in enumerate(rolls):
+        s = len(r.prompt_ids) - 1
+        # fp32 weights; TE's GEMMs and attention may use TF32 internally
+        torch.testing.assert_close(torch.tensor(r.logprobs), lp[i, s: s + len(r.response_ids)], rtol=0, atol=2e-2)

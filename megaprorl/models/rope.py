@@ -121,12 +121,18 @@ def adjust_key_value_rotating_once(self, inference_context, query, key, value, r
     """Wraps ``Attention._adjust_key_value_for_inference``: under a static inference context the new keys
     are rotated before the cache stores them, and the returned embeddings carry no key part, so the
     attention rotates only the query.  Anything else (no context, dynamic batching, flash decode, fused
-    RoPE, multi-latent attention) goes to Megatron unchanged."""
+    RoPE, multi-latent attention) goes to Megatron unchanged.
+
+    A context marked ``explicit_masks`` (the embedded engine's: left-padded prompts, rows at their own
+    positions) gets the attention mask type ``arbitrary``: Megatron asks for ``causal`` in a prefill and
+    ``no_mask`` in a decode step, under which TransformerEngine's attention ignores the mask it is given
+    and would attend to the padding (the local spec's attentions apply any mask they are given)."""
     ctx = inference_context if inference_context is not None else kwargs.get("inference_params")
     if (ctx is None or not ctx.is_static_batching() or not isinstance(rotary_pos_emb, tuple)
             or rotary_pos_emb[1] is None or self.config.flash_decode or self.config.apply_rope_fusion
             or self.config.multi_latent_attention):
-        return _ORIGINAL_ADJUST(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        out = _ORIGINAL_ADJUST(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        return _explicit_masks(ctx, out)
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
         _yarn_get_concentration_factor_from_config,
     )
@@ -137,7 +143,15 @@ def adjust_key_value_rotating_once(self, inference_context, query, key, value, r
                                mscale=_yarn_get_concentration_factor_from_config(self.config))
     q, k, v, rope, mask_type, block_table = _ORIGINAL_ADJUST(self, inference_context, query, key, value,
                                                              rotary_pos_emb, *args, **kwargs)
-    return q, k, v, (rope[0], None), mask_type, block_table
+    return _explicit_masks(ctx, (q, k, v, (rope[0], None), mask_type, block_table))
+
+
+def _explicit_masks(ctx, adjusted):
+    if not getattr(ctx, "explicit_masks", False):
+        return adjusted
+    from megatron.core.transformer.enums import AttnMaskType
+
+    return (*adjusted[:4], AttnMaskType.arbitrary, *adjusted[5:])
 
 
 def install() -> None:

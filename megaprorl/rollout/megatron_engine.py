@@ -180,15 +180,23 @@ def draw_uniform(seed: int, rollout: int, t: int) -> float:
     return (h >> 11) * 2.0 ** -53
 
 
+def _engine_context(rows: int, seq: int):
+    """A Megatron static inference context whose masks the attention must apply as given (see
+    ``megaprorl.models.rope.adjust_key_value_rotating_once``)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    ctx = StaticInferenceContext(rows, seq)
+    ctx.explicit_masks = True
+    return ctx
+
+
 class _Cache:
     """The decode batch: a KV cache of ``rows`` rows and ``seq`` positions per layer ([seq, rows, groups,
     head dim], keys rotated), and per row the rollout in it (-1: free), its first valid key position
     (``start``: left padding before it) and the position of its next token (``pos``)."""
 
     def __init__(self, rows: int, seq: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        self.ctx = StaticInferenceContext(rows, seq)  # Megatron's forward reads its buffers and offset
+        self.ctx = _engine_context(rows, seq)  # Megatron's forward reads its buffers and offset
         self.item = [-1] * rows
         self.start = [0] * rows
         self.pos = [0] * rows
@@ -426,8 +434,6 @@ class MegatronEngine:
         """Prefill rollouts ``new`` into the free rows ``slots`` of ``cache``: each distinct prompt once (the
         n samples of a prompt share its prefill), through Megatron's forward on a cache of their own, whose
         keys and values are then copied into the rows.  Returns the logits with the new rows' filled in."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         device = self.policy.device
         first = {}  # prompt index -> its row in the prefill
         for k in new:
@@ -448,7 +454,7 @@ class MegatronEngine:
         allowed = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))[None] & valid[:, None, :]
         allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]
         pos = torch.arange(P, device=device)[None].expand(u, -1)
-        ctx = StaticInferenceContext(u, P)
+        ctx = _engine_context(u, P)
         logits = self._forward(tokens, pos, ~allowed[:, None], ctx)
         del allowed
         kv = cache.ctx.key_value_memory_dict
