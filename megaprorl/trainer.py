@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -290,13 +290,20 @@ class Trainer:
                                     seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
             t = time.time()
             self.engine.wake()
-            rollouts = self.engine.generate(prompts, params)
+            futures: Dict[int, Any] = {}
+
+            def score_when_finished(k: int, r) -> None:  # verifiers run while the other rollouts decode
+                futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+
+            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
             timings["rollout"] += time.time() - t
             for k, v in (getattr(self.engine, "stats", None) or {}).items():
                 engine_stats[k] = engine_stats.get(k, 0) + v
-            t = time.time()
-            texts = [self.tokenizer.decode(r.response_ids) for r in rollouts]
-            scored = self.rewards.score([records[r.prompt_index] for r in rollouts], texts)
+            t = time.time()  # the wait for the verifiers after the last rollout finished
+            for k, r in enumerate(rollouts):
+                if k not in futures:  # an engine that does not report rollouts as they finish
+                    futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+            scored = [futures[k].result()[0] for k in range(len(rollouts))]
             timings["reward"] += time.time() - t
             rew = torch.tensor([s.reward for s in scored], dtype=torch.float32)
             lens = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
@@ -326,12 +333,12 @@ class Trainer:
             **sampler.stats(),
             "length_penalty/on": float(penalty_on),
             "time/rollout_s": timings["rollout"],
-            "time/reward_s": timings["reward"],
+            "time/reward_s": timings["reward"],  # the wait for the verifiers once generation ended (they start earlier)
         }
         if engine_stats.get("decode_row_steps"):
             # generated tokens per second of rollout time; the share of decoded rows that were running (the rest:
             # finished rows kept in the cache until enough are free to refill or drop); decode steps (forwards)
-            stats["rollout/tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
+            stats["time/rollout_tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
             stats["rollout/row_utilisation"] = ((engine_stats["tokens"] - engine_stats["rollouts"])
                                                 / engine_stats["decode_row_steps"])
             stats["rollout/decode_steps"] = engine_stats["decode_steps"]

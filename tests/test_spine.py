@@ -200,7 +200,7 @@ def test_full_rl_steps_end_to_end(tmp_path):
                 "response_length", "dynamic_sampling/discarded_frac", "time/rollout_s", "time/update_s"):
         assert key in steps[0], key
     assert steps[0]["rollout/logprob_mismatch"] < 1e-4
-    assert steps[0]["rollout/tokens_per_s"] > 0 and steps[0]["rollout/decode_steps"] >= 1
+    assert steps[0]["time/rollout_tokens_per_s"] > 0 and steps[0]["rollout/decode_steps"] >= 1
     assert 0 < steps[0]["rollout/row_utilisation"] <= 1
     assert steps[0]["optimizer_steps"] == 2.0
     assert (run / "config.yaml").exists() and (run / "curves.png").stat().st_size > 1000
@@ -368,6 +368,23 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
             assert st["decode_steps"] < lock_steps, (st, lock_steps)
         assert st["decode_row_steps"] < st["dense_row_steps"], st
         assert st["prefill_rows"] < 48
+
+
+def test_engine_reports_rollouts_as_they_finish(policy):
+    """on_finish gets every rollout once, the very object generate returns, while the others still decode
+    (the trainer starts their scoring then)."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=6)
+    calls = []
+    out = eng.generate(_prompts(tok), SamplingParams(max_new_tokens=30, n=4, seed=21, temperature=1.5),
+                       on_finish=lambda k, r: calls.append((k, r, eng.stats["tokens"])))
+    assert sorted(k for k, _, _ in calls) == list(range(len(out))) == list(range(20))
+    assert all(r is out[k] for k, r, _ in calls)
+    assert calls[0][2] < calls[-1][2] == eng.stats["tokens"]  # the first came before generation ended
+    assert [k for k, _, _ in calls] != sorted(k for k, _, _ in calls)  # in finishing order
 
 
 def test_sampler_draws_from_the_filtered_distribution():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, runtime_checkable
+from typing import Callable, List, Optional, Protocol, runtime_checkable
 
 
 @dataclass
@@ -30,8 +30,10 @@ class Rollout:
 
 @runtime_checkable
 class Engine(Protocol):
-    def generate(self, prompts: List[List[int]], params: SamplingParams) -> List[Rollout]:
-        """``params.n`` rollouts per prompt, ordered prompt-major (prompt 0's n samples first)."""
+    def generate(self, prompts: List[List[int]], params: SamplingParams,
+                 on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
+        """``params.n`` rollouts per prompt, ordered prompt-major (prompt 0's n samples first);
+        ``on_finish(index, rollout)``, when given, for each rollout as soon as it has finished."""
 
     def update_weights(self, step: Optional[int] = None) -> None:
         """Make the engine sample from the trainer's current weights."""

@@ -51,7 +51,7 @@ recomputes the old-policy log-probs that the loss uses.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -248,7 +248,11 @@ class MegatronEngine:
         self._awake = True
 
     @torch.no_grad()
-    def generate(self, prompts: List[List[int]], params: SamplingParams) -> List[Rollout]:
+    def generate(self, prompts: List[List[int]], params: SamplingParams,
+                 on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
+        """``params.n`` rollouts per prompt, prompt-major; ``on_finish(index, rollout)`` is called for each as
+        soon as it has finished (a stop token or the budget), in the order they finish, so that its scoring
+        can start while the others decode."""
         if not self._awake:
             raise RuntimeError("engine is asleep; call wake() before generate()")
         if any(len(p) == 0 for p in prompts):
@@ -265,16 +269,15 @@ class MegatronEngine:
         model.eval()
         try:
             with _fp8_off(model.config), _sequence_parallel_off(model):
-                resp, lps, finished = self._decode(items, params)
+                out = self._decode(items, params, on_finish)
         finally:
             model.train(was_training)
             if self.pp > 1:
                 model.set_input_tensor(None)
-        lens = [len(r) for r in resp]
+        lens = [len(r.response_ids) for r in out]
         self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in
                                             (lens[s: s + self.batch_size] for s in range(0, len(lens), self.batch_size)))
-        return [Rollout(prompt_index=i, prompt_ids=list(p), response_ids=resp[k], logprobs=lps[k], finished=finished[k])
-                for k, (i, p) in enumerate(items)]
+        return out
 
     def _forward(self, tokens, pos, mask, ctx, lean: bool = False):
         """This stage's forward (Megatron's, or with ``lean`` a decode step through ``_lean_stage``); returns
@@ -369,7 +372,7 @@ class MegatronEngine:
                        group=mps.get_pipeline_model_parallel_group())
         return buf[0].long(), buf[1].float()
 
-    def _decode(self, items, params: SamplingParams):
+    def _decode(self, items, params: SamplingParams, on_finish=None) -> List[Rollout]:
         """Every rollout of ``items`` ([(prompt index, prompt ids)], in order) decoded through one KV cache of
         at most ``batch_size`` rows: rollouts enter it in order when rows are free (a prefill per
         admission), leave it at a stop token or the token budget."""
@@ -377,7 +380,7 @@ class MegatronEngine:
         N = int(params.max_new_tokens)
         resp = [[] for _ in items]
         lps = [[] for _ in items]
-        finished = [False] * len(items)
+        out: List[Optional[Rollout]] = [None] * len(items)
         stops = set(self.stop_ids)
         longest = max(len(p) for _, p in items)
         nxt_item = 0  # the next rollout to enter the cache
@@ -412,7 +415,10 @@ class MegatronEngine:
                 lps[k].append(l)
                 last[r] = tok
                 if tok in stops or len(resp[k]) == N:
-                    finished[k] = tok in stops
+                    out[k] = Rollout(prompt_index=items[k][0], prompt_ids=list(items[k][1]), response_ids=resp[k],
+                                     logprobs=lps[k], finished=tok in stops)
+                    if on_finish is not None:
+                        on_finish(k, out[k])
                     cache.item[r] = -1
                     last[r] = self.pad_id
                     if self.continuous:  # a free row attends to its position 0 only until it is refilled
@@ -424,7 +430,7 @@ class MegatronEngine:
             if free and (nxt_item == len(items) or not self.continuous) and self._acts(free, cache.rows):
                 last, z = self._compact(cache, last), None
             z = self._step(cache, last)
-        return resp, lps, finished
+        return out
 
     def _acts(self, free: int, rows: int) -> bool:
         """Whether ``free`` finished rows of ``rows`` are enough to refill or drop them."""
