@@ -110,6 +110,9 @@ class RolloutConfig:
     # batches): refill them with waiting rollouts (continuous_batching), or drop them from the cache
     compact_every: int = 8
     continuous_batching: bool = True  # embedded engine: rows decode at their own positions (needs lean_decode)
+    # embedded engine on a GPU: at most the rows whose KV cache fits in this fraction of the device memory free
+    # when generation starts (never more than batch_size; the same on every rank of a model-parallel group); 0: off
+    kv_cache_fraction: float = 0.0
     lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
@@ -352,6 +355,7 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(all(i >= 0 for i in cfg.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0")
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
+    need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",

@@ -230,3 +230,35 @@ def test_pipeline_parallel_with_the_embedded_engine_is_a_valid_config():
 
     cfg = load_config("examples/demo.yaml", ["parallel.pipeline_parallel=2"])
     assert cfg.parallel.pipeline_parallel == 2 and cfg.rollout.engine == "megatron"
+
+
+def _kv_fit_job(rank, world, tp):
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    info = init_distributed(tp, world // tp)
+    m, p, o = tiny_policy_cfgs()
+    p.tensor_parallel, p.pipeline_parallel = tp, world // tp
+    tok = CharTokenizer()
+    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id)
+    prompts = [tok.encode(s) for s in PROMPTS]
+    seq = max(len(x) for x in prompts) + 6
+    per_row = MegatronEngine(pol, tok.eos_id, tok.pad_id).kv_bytes_per_row(seq)
+    fits = 2 + rank  # rank 0 holds 2 rows, rank 1 holds 3
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=8, kv_cache_fraction=0.5,
+                         free_memory=lambda: int((fits + 0.5) * per_row / 0.5))
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=6, n=2, seed=5, temperature=1.0))
+    return eng.stats["rows"], per_row, [r.response_ids for r in out]
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "pp2"])
+def test_kv_cache_fit_agrees_over_the_model_parallel_group(tp):
+    """Ranks with different free memory (2 and 3 rows' worth) decode with the smaller count, TP=2 (each rank
+    half the query groups) or PP=2 (each stage half the layers), and return the same rollouts."""
+    (rows0, per0, out0), (rows1, per1, out1) = run_distributed(_kv_fit_job, 2, (tp,))
+    assert rows0 == rows1 == 2
+    assert per0 == per1  # half the groups of 2 layers, or all groups of 1 layer
+    assert out0 == out1

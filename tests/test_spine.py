@@ -370,6 +370,38 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
         assert st["prefill_rows"] < 48
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_kv_cache_fraction_fits_the_rows_to_free_memory(policy, monkeypatch, continuous):
+    """kv_cache_fraction: as many rows as fit in that fraction of the free memory (kv_bytes_per_row is
+    the bytes the cache then holds), the same tokens as with all rows; no row fitting is a clear error."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    params = SamplingParams(max_new_tokens=12, n=3, seed=8, temperature=1.0)
+    every = 8 if continuous else 0
+    want = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=15, compact_every=every).generate(_prompts(tok), params)
+    probe = MegatronEngine(pol, tok.eos_id, tok.pad_id)
+    seq = max(len(p) for p in _prompts(tok)) + 12
+    per_row = probe.kv_bytes_per_row(seq)
+    assert per_row == 2 * 2 * 2 * 16 * seq * 4  # 2 layers x (K, V) x 2 query groups x head dim 16, fp32
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=15, compact_every=every, kv_cache_fraction=0.5,
+                         free_memory=lambda: int(3.7 * per_row / 0.5))
+    held = []
+    step = MegatronEngine._step
+    monkeypatch.setattr(MegatronEngine, "_step", lambda self, cache, last: (
+        held.append(sum(m.numel() * m.element_size() for kv in cache.ctx.key_value_memory_dict.values() for m in kv)),
+        step(self, cache, last))[1])
+    got = eng.generate(_prompts(tok), params)
+    assert eng.stats["rows"] == 3
+    if continuous:
+        assert eng.stats["kv_cache_bytes"] == held[0] == 3 * per_row
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    small = MegatronEngine(pol, tok.eos_id, tok.pad_id, kv_cache_fraction=0.5, free_memory=lambda: per_row)
+    with pytest.raises(RuntimeError, match="rollout.kv_cache_fraction=0.5 .* holds no row"):
+        small.generate(_prompts(tok), params)
+
+
 def test_engine_reports_rollouts_as_they_finish(policy):
     """on_finish gets every rollout once, the very object generate returns, while the others still decode
     (the trainer starts their scoring then)."""

@@ -53,7 +53,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
         return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
                               lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
-                              continuous=cfg.rollout.continuous_batching)
+                              continuous=cfg.rollout.continuous_batching,
+                              kv_cache_fraction=cfg.rollout.kv_cache_fraction)
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

@@ -152,12 +152,12 @@ def _sequence_parallel_off(model):
             setattr(obj, name, True)
 
 
-# of the last generate(): rollouts, generated tokens (a rollout's first comes from its prefill, each later one
+# of the last generate(): rollouts, rows of the (first) KV cache and its bytes on this rank, generated tokens (a rollout's first comes from its prefill, each later one
 # from a decode step that ran its row), decode steps (forwards), the rows they ran (running or finished, until
 # refilled or dropped), what lock-step batches without dropping would run, prefill rows (distinct prompts per
 # admission) and their padded tokens, admissions (prefill forwards), compactions
-_STATS = ("rollouts", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps", "prefill_rows", "prefill_tokens",
-          "admissions", "compactions")
+_STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
+          "prefill_rows", "prefill_tokens", "admissions", "compactions")
 
 
 _M64 = (1 << 64) - 1
@@ -178,6 +178,14 @@ def draw_uniform(seed: int, rollout: int, t: int) -> float:
     h = _mix64((h ^ (rollout * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7)) & _M64)
     h = _mix64((h ^ (t * 0xAEF17502108EF2D9 + 0x9E6C63D0676A9A99)) & _M64)
     return (h >> 11) * 2.0 ** -53
+
+
+def _cuda_free_memory() -> Optional[int]:
+    """Bytes free on the current CUDA device, counting what torch's caching allocator holds unused (None
+    without CUDA: no limit)."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
 
 
 def _engine_context(rows: int, seq: int):
@@ -214,7 +222,8 @@ class _Cache:
 
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
-                 lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True):
+                 lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True,
+                 kv_cache_fraction: float = 0.0, free_memory: Optional[Callable[[], Optional[int]]] = None):
         """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
         ``batch_size``: rows decoded together.  ``compact_every``: act on finished rows once they are at
         least 1/compact_every of the rows in the KV cache: with ``continuous`` batching and rollouts still
@@ -222,7 +231,10 @@ class MegatronEngine:
         copies the running rows' cache once); 0 never acts (every batch decodes in lock-step to its
         longest row).  ``lean_decode``: decode steps through ``_lean_stage`` where
         ``lean_decode_unsupported`` finds nothing against it (else, and with False, through Megatron's
-        forward, which decodes every row at one position, so continuous batching needs the lean step)."""
+        forward, which decodes every row at one position, so continuous batching needs the lean step).
+        ``kv_cache_fraction`` > 0: at most the rows whose KV cache fits in that fraction of ``free_memory()``
+        (bytes free on the device when a cache is made; default: CUDA's free memory, None on a CPU: no
+        limit), the smallest count over the model-parallel group so that every stage and TP rank agrees."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
@@ -232,6 +244,8 @@ class MegatronEngine:
         self.compact_every = int(compact_every)
         self.lean_decode = bool(lean_decode) and lean_decode_unsupported(policy.model) is None
         self.continuous = bool(continuous) and self.lean_decode and self.compact_every > 0
+        self.kv_cache_fraction = float(kv_cache_fraction)
+        self.free_memory = free_memory if free_memory is not None else _cuda_free_memory
         self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
         self.weights_version = 0
         self._awake = True
@@ -274,9 +288,8 @@ class MegatronEngine:
             model.train(was_training)
             if self.pp > 1:
                 model.set_input_tensor(None)
-        lens = [len(r.response_ids) for r in out]
-        self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in
-                                            (lens[s: s + self.batch_size] for s in range(0, len(lens), self.batch_size)))
+        lens, rows = [len(r.response_ids) for r in out], self.stats["rows"]
+        self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in (lens[s: s + rows] for s in range(0, len(lens), rows)))
         return out
 
     def _forward(self, tokens, pos, mask, ctx, lean: bool = False):
@@ -393,6 +406,10 @@ class MegatronEngine:
                 if not live:  # a new cache: the first batch (in lock-step batching, every batch)
                     rows = min(self.batch_size, len(items) - nxt_item)
                     seq = (longest if self.continuous else max(len(p) for _, p in items[nxt_item: nxt_item + rows])) + N
+                    rows = self._rows_that_fit(rows, seq)
+                    if not self.continuous:  # the batch's own longest prompt
+                        seq = max(len(p) for _, p in items[nxt_item: nxt_item + rows]) + N
+                    self.stats["rows"] = self.stats["rows"] or rows
                     cache, z, last = _Cache(rows, seq), None, [self.pad_id] * rows
                 slots = cache.free()[: len(items) - nxt_item]
                 z = self._admit(cache, slots, list(range(nxt_item, nxt_item + len(slots))), items, z)
@@ -431,6 +448,35 @@ class MegatronEngine:
                 last, z = self._compact(cache, last), None
             z = self._step(cache, last)
         return out
+
+    def kv_bytes_per_row(self, seq: int) -> int:
+        """Bytes of one row's KV cache of ``seq`` positions on this rank (its stage's layers, its query groups)."""
+        model = self.policy.model
+        dtype = model.config.params_dtype
+        per_position = sum(2 * layer.self_attention.num_query_groups_per_partition
+                           * layer.self_attention.hidden_size_per_attention_head for layer in model.decoder.layers)
+        return per_position * seq * torch.empty((), dtype=dtype).element_size()
+
+    def _rows_that_fit(self, rows: int, seq: int) -> int:
+        """``rows``, or fewer under ``kv_cache_fraction`` (the minimum over the model-parallel group)."""
+        free = self.free_memory() if self.kv_cache_fraction > 0 else None
+        per_row = self.kv_bytes_per_row(seq)
+        fit = rows if free is None else min(rows, int(self.kv_cache_fraction * free) // max(per_row, 1))
+        if self.kv_cache_fraction > 0 and dist.is_initialized():  # the same config on every rank
+            from megatron.core import parallel_state as mps
+
+            t = torch.tensor([fit], dtype=torch.long, device=self.policy.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mps.get_model_parallel_group())
+            fit = int(t)
+        if fit < 1:
+            raise RuntimeError(
+                f"rollout.kv_cache_fraction={self.kv_cache_fraction} of the "
+                f"{'?' if free is None else f'{free / 2**30:.2f}'} GiB free holds no "
+                f"row of the embedded engine's KV cache ({per_row / 2**20:.1f} MiB per row of {seq} positions on this "
+                "rank, or on another rank of its model-parallel group): raise rollout.kv_cache_fraction, lower "
+                "rollout.max_new_tokens, or spread the layers over more ranks")
+        self.stats["kv_cache_bytes"] = max(self.stats["kv_cache_bytes"], fit * per_row)
+        return fit
 
     def _acts(self, free: int, rows: int) -> bool:
         """Whether ``free`` finished rows of ``rows`` are enough to refill or drop them."""
