@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
-                                   ["--preset", "tiny-qwen3", "--rollout-batch-size", "8"]],
+                                   ["--preset", "tiny-qwen3", "--rollout-batch-size", "8", "--stop-rate", "0.1"]],
                          ids=["tiny", "tiny-packed", "tiny-qwen3"])
 def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
@@ -27,6 +27,8 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert rep["rollout_tokens_per_s"] > 0
         assert 0 < rep["engine"]["decode_row_steps"] <= rep["engine"]["dense_row_steps"]
         assert rep["continuous_batching"] and rep["rollout_batch_size"] == (8 if "tiny-qwen3" in extra else 32)
+        if "--stop-rate" in extra:  # responses end early and unevenly: rows were refilled
+            assert rep["engine"]["admissions"] > rep["engine"]["rollouts"] / 8 and t["response_tokens"] < 32 * 16
     else:
         assert rep["rollout_tokens_per_s"] is None and rep["engine"] is None
 

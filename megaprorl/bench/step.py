@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-batch-size", type=int, default=0,
                     help="rows the engine decodes together (rollout.batch_size; 0: every rollout of the step at once)")
     ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
+    ap.add_argument("--stop-rate", type=float, default=0.0,
+                    help="make that share of the vocabulary stop tokens, so that the random policy's responses end "
+                         "at about that rate per token and spread over the budget as RL responses do (0: only "
+                         "token 1, which a random policy of a large vocabulary almost never draws)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
@@ -148,8 +152,11 @@ def main(argv=None) -> int:
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                                                        trainable=False, **packing)
     eos = 1
+    if not 0.0 <= args.stop_rate < 1.0:
+        raise SystemExit(f"--stop-rate must be in [0, 1), got {args.stop_rate}")
+    stops = range(2, 2 + int(args.stop_rate * p["vocab"]))
     engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
-                            continuous=not args.lock_step)
+                            continuous=not args.lock_step, stop_ids=stops)
     gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
 
@@ -230,7 +237,7 @@ def main(argv=None) -> int:
         "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
-        "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous,
+        "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous, "stop_rate": args.stop_rate,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
