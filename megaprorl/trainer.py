@@ -302,7 +302,7 @@ class Trainer:
             t = time.time()  # the wait for the verifiers after the last rollout finished
             for k, r in enumerate(rollouts):
                 if k not in futures:  # an engine that does not report rollouts as they finish
-                    futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+                    score_when_finished(k, r)
             scored = [futures[k].result()[0] for k in range(len(rollouts))]
             timings["reward"] += time.time() - t
             rew = torch.tensor([s.reward for s in scored], dtype=torch.float32)
