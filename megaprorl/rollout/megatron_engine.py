@@ -152,7 +152,7 @@ def _sequence_parallel_off(model):
             setattr(obj, name, True)
 
 
-# of the last generate(): rollouts, rows of the (first) KV cache and its bytes on this rank, generated tokens (a rollout's first comes from its prefill, each later one
+# of the last generate(): rollouts, rows of the first KV cache, the bytes of the largest on this rank, generated tokens (a rollout's first comes from its prefill, each later one
 # from a decode step that ran its row), decode steps (forwards), the rows they ran (running or finished, until
 # refilled or dropped), what lock-step batches without dropping would run, prefill rows (distinct prompts per
 # admission) and their padded tokens, admissions (prefill forwards), compactions
@@ -410,6 +410,7 @@ class MegatronEngine:
                     if not self.continuous:  # the batch's own longest prompt
                         seq = max(len(p) for _, p in items[nxt_item: nxt_item + rows]) + N
                     self.stats["rows"] = self.stats["rows"] or rows
+                    self.stats["kv_cache_bytes"] = max(self.stats["kv_cache_bytes"], rows * self.kv_bytes_per_row(seq))
                     cache, z, last = _Cache(rows, seq), None, [self.pad_id] * rows
                 slots = cache.free()[: len(items) - nxt_item]
                 z = self._admit(cache, slots, list(range(nxt_item, nxt_item + len(slots))), items, z)
@@ -475,7 +476,6 @@ class MegatronEngine:
                 f"row of the embedded engine's KV cache ({per_row / 2**20:.1f} MiB per row of {seq} positions on this "
                 "rank, or on another rank of its model-parallel group): raise rollout.kv_cache_fraction, lower "
                 "rollout.max_new_tokens, or spread the layers over more ranks")
-        self.stats["kv_cache_bytes"] = max(self.stats["kv_cache_bytes"], fit * per_row)
         return fit
 
     def _acts(self, free: int, rows: int) -> bool:
