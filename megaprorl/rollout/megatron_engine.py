@@ -152,10 +152,11 @@ def _sequence_parallel_off(model):
             setattr(obj, name, True)
 
 
-# of the last generate(): rollouts, rows of the first KV cache, the bytes of the largest on this rank, generated
-# tokens (a rollout's first comes from its prefill, each later one from a decode step that ran its row), decode steps (forwards), the rows they ran (running or finished, until
-# refilled or dropped), what lock-step batches without dropping would run, prefill rows (distinct prompts per
-# admission) and their padded tokens, admissions (prefill forwards), compactions
+# of the last generate(): rollouts, rows of the first KV cache, the bytes of the largest on this rank,
+# generated tokens (a rollout's first comes from its prefill, each later one from a decode step that ran its
+# row), decode steps (forwards), the rows they ran (running or finished, until refilled or dropped), what
+# lock-step batches without dropping would run, prefill rows (distinct prompts per admission) and their padded
+# tokens, admissions (prefill forwards), compactions
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
           "prefill_rows", "prefill_tokens", "admissions", "compactions")
 
