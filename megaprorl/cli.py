@@ -12,7 +12,7 @@ USAGE = """megaprorl COMMAND ...
   train CONFIG [key=value ...]          run ProRL (torchrun for several processes)
   eval CONFIG [key=value ...]           evaluate a policy (checkpoint.resume=PATH|auto) at eval settings
   score --input IN.jsonl --output OUT.jsonl   score responses offline with the verifiers
-  bench kernels|rewards|step [...]      benchmarks (table on screen, JSON on disk)
+  bench kernels|decode-attention|rewards|step [...]  benchmarks (table on screen, JSON on disk)
   launch slurm CONFIG --nodes N --gpus-per-node G [--dry-run]
   convert ...                           HF <-> Megatron weights
   plot RUN_DIR                          draw the run's curves to RUN_DIR/curves.png
@@ -105,12 +105,14 @@ def cmd_plot(argv: List[str]) -> int:
 
 
 def cmd_bench(argv: List[str]) -> int:
-    if not argv or argv[0] not in ("kernels", "rewards", "step"):
-        print("usage: megaprorl bench kernels|rewards|step [...]", file=sys.stderr)
+    if not argv or argv[0] not in ("kernels", "decode-attention", "rewards", "step"):
+        print("usage: megaprorl bench kernels|decode-attention|rewards|step [...]", file=sys.stderr)
         return 2
     which, rest = argv[0], argv[1:]
     if which == "kernels":
         from .bench.kernels import main
+    elif which == "decode-attention":
+        from .bench.decode_attention import main
     elif which == "rewards":
         from .bench.rewards import main
     else:

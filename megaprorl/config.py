@@ -114,6 +114,9 @@ class RolloutConfig:
     # when generation starts (never more than batch_size; the same on every rank of a model-parallel group); 0: off
     kv_cache_fraction: float = 0.0
     lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
+    # embedded engine, lean decode steps: attention over the KV cache through "sdpa" (masked, every row over the
+    # furthest row's span) or "triton" (triton_kernels.decode_attention: each row its own keys; CUDA)
+    decode_attention: str = "sdpa"
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
     stop_token_ids: List[int] = field(default_factory=list)
@@ -356,6 +359,7 @@ def validate(cfg: Config) -> None:
     need(all(i >= 0 for i in cfg.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0")
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
+    need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",

@@ -122,6 +122,9 @@ class Trainer:
                    if not cfg.rollout.lean_decode else lean_decode_unsupported(self.policy.model))
             self._say(f"rollout: continuous batching needs the engine's lean decode step and compact_every > 0 "
                       f"({why}): decoding in lock-step batches")
+        if cfg.rollout.decode_attention == "triton" and getattr(self.engine, "decode_attention", "triton") != "triton":
+            self._say("rollout: decode_attention=triton applies to the engine's lean decode steps, which this model "
+                      "does not take: decode steps attend through Megatron's forward")
         self.rewards = RewardPool(cfg.rewards)
         self.source = self._build_source()
         self.eval_records = self._build_eval_records()
@@ -342,6 +345,10 @@ class Trainer:
             stats["rollout/row_utilisation"] = ((engine_stats["tokens"] - engine_stats["rollouts"])
                                                 / engine_stats["decode_row_steps"])
             stats["rollout/decode_steps"] = engine_stats["decode_steps"]
+        if engine_stats.get("keys_span"):
+            # the share of the key positions a masked SDPA decode step reads that rows attend to (each row's own
+            # extent, what rollout.decode_attention=triton reads instead of the furthest row's span)
+            stats["rollout/own_key_share"] = engine_stats["keys_own"] / engine_stats["keys_span"]
         for dom, (tot, cnt, err) in sorted(by_domain.items()):
             stats[f"reward/{dom}"] = tot / max(cnt, 1)
             stats[f"samples/{dom}"] = cnt

@@ -5,7 +5,9 @@ lock-step batches drop them), and with its decode steps through the lean stage o
 A random policy over the built-in character tokenizer (about 1 % EOS per step, so response lengths
 spread over the budget as RL responses do), ``--rows`` rows decoded to at most ``--max-new-tokens``.
 All runs draw the same tokens (checked); the table gives the decode steps, the decode rows summed over
-steps, the admissions (prefills) and compactions, and the wall time.  ``--no-eos`` decodes every row to the budget (a long-context decode
+steps, the admissions (prefills) and compactions, the wall time, and "own keys": the share of the key
+positions a masked SDPA decode step reads (every row over the furthest row's span) that rows attend to
+(their own extents, what rollout.decode_attention=triton reads).  ``--no-eos`` decodes every row to the budget (a long-context decode
 speed test of the engine as a whole).
 
     PYTHONPATH=.:tests python3 scripts/engine_compaction.py [--rows 64] [--max-new-tokens 256]
@@ -73,11 +75,12 @@ def main(argv=None) -> int:
                          **eng.stats, finished=sum(r.finished for r in out), mean_len=sum(lens) / len(lens),
                          max_len=max(lens)))
     print(f"{'compact_every':>13} {'lean':>5} {'cont':>5} {'seconds':>8} {'steps':>6} {'ms/step':>8} {'decode rows':>11} "
-          f"{'dense rows':>10} {'admits':>6} {'compactions':>11} {'finished':>8} {'mean len':>8}")
+          f"{'dense rows':>10} {'admits':>6} {'compactions':>11} {'finished':>8} {'mean len':>8} {'own keys':>8}")
     for r in rows:
         print(f"{r['compact_every']:>13} {int(r['lean_decode']):>5} {int(r['continuous']):>5} {r['seconds']:>8.2f} "
               f"{r['decode_steps']:>6} {r['ms_per_step']:>8.2f} {r['decode_row_steps']:>11} {r['dense_row_steps']:>10} "
-              f"{r['admissions']:>6} {r['compactions']:>11} {r['finished']:>8} {r['mean_len']:>8.1f}")
+              f"{r['admissions']:>6} {r['compactions']:>11} {r['finished']:>8} {r['mean_len']:>8.1f} "
+              f"{r['keys_own'] / max(r['keys_span'], 1):>8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

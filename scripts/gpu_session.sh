@@ -2,8 +2,9 @@
 # The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
 # start included).  First `bash scripts/fetch_gpu_wheels.sh` here (fills .whl/), then
 #   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=590)
-# Steps in order of what only a GPU can show, each with its own time limit (total 625 s; the call's 590 s may cut step 6 short):
+# Steps in order of what only a GPU can show, each with its own time limit (total 665 s; the call's 590 s may cut step 6 short):
 #   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
+#   1b. `bench decode-attention`: the engine's masked SDPA decode attention against the Triton kernel
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
 #   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
 #   4. `bench step` at 16K with train.fused_lm_head (no [T, V] logits), one timed step
@@ -22,7 +23,11 @@ step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "[$name] rc=${PIPESTATUS[0]} ${limit}s limit, took $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"; }
 step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernels_cuda_gpu.py tests/test_kernels_triton.py tests/test_packing.py::test_packed_equals_padded_bf16_on_gpu \
-  tests/test_optimizer_gpu.py tests/test_fused_lm_head_policy.py::test_fused_lm_head_equals_logits_bf16_on_gpu
+  tests/test_optimizer_gpu.py tests/test_fused_lm_head_policy.py::test_fused_lm_head_equals_logits_bf16_on_gpu \
+  tests/test_decode_attention.py::test_equals_masked_sdpa_fp32 tests/test_decode_attention.py::test_bf16_within_rounding \
+  tests/test_decode_attention.py::test_engine_with_triton_attention_draws_sdpas_tokens tests/test_decode_attention.py::test_gpu_long_extents_bf16
+step bench_decode_attention 40 python3 -m megaprorl.bench.decode_attention --rows 64 --max-len 2048 17408 \
+  --out "$OUT/bench_decode_attention.json"
 step bench_kernels 110 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
   --only triton triton-inplace triton-inplace-defer cuda liger-grpo lmhead-triton liger-flce verl-linear-entropy
 step bench_step_8k_do 130 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 2 \

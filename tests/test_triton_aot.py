@@ -1,4 +1,4 @@
-"""Every Triton kernel variant compiles to a cubin for sm_90 (H100/H200) and sm_80 without a GPU, so
+"""Every Triton kernel variant (policy loss, decode attention) compiles to a cubin for sm_90 (H100/H200) and sm_80 without a GPU, so
 code that only the compiler rejects (the CPU interpreter runs it) fails here in CI."""
 
 import json
@@ -22,8 +22,11 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())
     kernels = {(row["arch"], row["kernel"]) for row in rows}
-    assert kernels == {(a, k) for a in ("sm_90", "sm_80") for k in ("_row_stats", "_token_loss", "_grad")}
-    assert len(rows) == 2 * (4 + 4 + 2)  # stats: prefetch x entropy; loss: 4 estimator/ref/dual sets; grad: 2
+    assert kernels == {(a, k) for a in ("sm_90", "sm_80")
+                       for k in ("_row_stats", "_token_loss", "_grad", "_partial", "_combine")}
+    # stats: prefetch x entropy; loss: 4 estimator/ref/dual sets; grad: 2; decode attention: 2 head shapes x
+    # (one split, several) and the combine
+    assert len(rows) == 2 * (4 + 4 + 2 + 4 + 1)
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         assert row["registers"] is None or 0 < row["registers"] <= 255, row

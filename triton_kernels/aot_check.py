@@ -49,6 +49,22 @@ def _variants(dtype: str):
                 "vocab_start": "i32", "skip_zero_rows": "i32", "BLOCK_V": "constexpr", "ACC_ENT": "constexpr"}
     for acc in (False, True):
         yield ("_grad", grad_sig, {"BLOCK_V": bv_g, "ACC_ENT": acc}, warps_g)
+    # decode attention at the head shapes of Qwen2-1.5B (12 heads / 2 groups) and Qwen3-1.7B (16 / 8), head dim 128
+    strides = ("sq_b", "sq_h", "sk_s", "sk_b", "sk_h", "sv_s", "sv_b", "sv_h", "so_b", "so_h", "so_s",
+               "sml_b", "sml_h", "sml_s", "sout_b", "sout_h")
+    for group, direct in itertools.product((6, 2), (True, False)):
+        part = "*fp32" if not direct else lp  # with one split the partial buffers are not used (the output is passed)
+        sig = {"q_ptr": lp, "k_ptr": lp, "v_ptr": lp, "start_ptr": "*i64", "end_ptr": "*i64", "o_ptr": part,
+               "ml_ptr": part, "out_ptr": lp, **{k: "i32" for k in strides}, "scale": "fp32", "split_len": "i32",
+               **{k: "constexpr" for k in ("GROUP", "D", "BLOCK_H", "BLOCK_N", "BLOCK_D", "PRECISION", "DIRECT", "WIDE",
+                                                 "DOT_F32")}}
+        yield ("_partial", sig, {"GROUP": group, "D": 128, "BLOCK_H": 16, "BLOCK_N": 32, "BLOCK_D": 128,
+                                 "PRECISION": "ieee" if dtype == "fp32" else "tf32", "DIRECT": direct, "WIDE": False,
+                                 "DOT_F32": False}, 4)
+    comb_sig = {"o_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": lp,
+                **{k: "i32" for k in ("so_b", "so_h", "so_s", "sml_b", "sml_h", "sml_s", "sout_b", "sout_h", "splits")},
+                "D": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+    yield ("_combine", comb_sig, {"D": 128, "BLOCK_S": 8, "BLOCK_D": 128}, 4)
 
 
 def compile_all(archs: List[int], dtypes: List[str]) -> List[Dict]:
@@ -59,9 +75,11 @@ def compile_all(archs: List[int], dtypes: List[str]) -> List[Dict]:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from . import decode_attention as da
     from . import policy_loss as pl
 
-    fns = {name: JITFunction(getattr(pl, name)) for name in ("_row_stats", "_token_loss", "_grad")}
+    fns = {name: JITFunction(getattr(mod, name)) for mod, names in ((pl, ("_row_stats", "_token_loss", "_grad")),
+                                                                     (da, ("_partial", "_combine"))) for name in names}
     rows = []
     for arch, dtype in itertools.product(archs, dtypes):
         for name, sig, consts, warps in _variants(dtype):

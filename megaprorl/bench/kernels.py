@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import statistics
@@ -40,6 +39,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from . import write_report
 
 NOMINAL_BW_GBS = {"H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0,
                   "H20": 4000.0, "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0,
@@ -477,9 +478,7 @@ def main(argv=None) -> int:
     report = run(args)
     report["args"] = {k: v for k, v in vars(args).items()}
     print_table(report)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -54,7 +54,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
                               batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
                               lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
                               continuous=cfg.rollout.continuous_batching,
-                              kv_cache_fraction=cfg.rollout.kv_cache_fraction)
+                              kv_cache_fraction=cfg.rollout.kv_cache_fraction,
+                              decode_attention=cfg.rollout.decode_attention)
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

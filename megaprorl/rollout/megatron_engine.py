@@ -43,6 +43,11 @@ compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less 
 and log-probs as Megatron's path, bit for bit (tests/test_spine.py, tests/test_sequence_parallel.py
 at TP=2 and TP=2 x PP=2).
 
+The lean step's attention over the cache (``decode_attention``): ``sdpa`` gives the core attention module
+the cache's first span positions (the furthest row's position + 1) and a mask, so every row reads the
+whole span; ``triton`` runs ``triton_kernels.decode_attention``, where each row reads only its own keys
+(``start`` to its position), once per query group.  The stats ``keys_span`` / ``keys_own`` count the two.
+
 Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
 token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
 recomputes the old-policy log-probs that the loss uses.
@@ -157,8 +162,19 @@ def _sequence_parallel_off(model):
 # row), decode steps (forwards), the rows they ran (running or finished, until refilled or dropped), what
 # lock-step batches without dropping would run, prefill rows (distinct prompts per admission) and their padded
 # tokens, admissions (prefill forwards), compactions
+# keys_span: key positions a masked SDPA decode step reads (every row over the furthest row's span), summed over
+# steps and rows; keys_own: those each row attends to (its own extent), what decode_attention='triton' reads
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
-          "prefill_rows", "prefill_tokens", "admissions", "compactions")
+          "prefill_rows", "prefill_tokens", "admissions", "compactions", "keys_span", "keys_own")
+DECODE_ATTENTION = ("sdpa", "triton")
+
+
+class _Extents:
+    """A decode step's attention extents for the Triton kernel, instead of a mask: row r attends to the cache
+    positions start[r] <= s < end[r]; ``longest`` = max(end - start) (host-side, saves the kernel a sync)."""
+
+    def __init__(self, start: torch.Tensor, end: torch.Tensor, longest: int):
+        self.start, self.end, self.longest = start, end, longest
 
 
 _M64 = (1 << 64) - 1
@@ -224,7 +240,8 @@ class _Cache:
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
                  lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True,
-                 kv_cache_fraction: float = 0.0, free_memory: Optional[Callable[[], Optional[int]]] = None):
+                 kv_cache_fraction: float = 0.0, free_memory: Optional[Callable[[], Optional[int]]] = None,
+                 decode_attention: str = "sdpa"):
         """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
         ``batch_size``: rows decoded together.  ``compact_every``: act on finished rows once they are at
         least 1/compact_every of the rows in the KV cache: with ``continuous`` batching and rollouts still
@@ -235,7 +252,10 @@ class MegatronEngine:
         forward, which decodes every row at one position, so continuous batching needs the lean step).
         ``kv_cache_fraction`` > 0: at most the rows whose KV cache fits in that fraction of ``free_memory()``
         (bytes free on the device when a cache is made; default: CUDA's free memory, None on a CPU: no
-        limit), the smallest count over the model-parallel group so that every stage and TP rank agrees."""
+        limit), the smallest count over the model-parallel group so that every stage and TP rank agrees.
+        ``decode_attention``: the lean decode step's attention over the cache: ``sdpa`` (the core attention
+        module with a mask over the furthest row's span) or ``triton`` (``triton_kernels.decode_attention``:
+        each row reads its own keys, once per query group; CUDA, or the CPU under TRITON_INTERPRET=1)."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
@@ -245,6 +265,13 @@ class MegatronEngine:
         self.compact_every = int(compact_every)
         self.lean_decode = bool(lean_decode) and lean_decode_unsupported(policy.model) is None
         self.continuous = bool(continuous) and self.lean_decode and self.compact_every > 0
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"rollout.decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+        self.decode_attention = decode_attention if self.lean_decode else "sdpa"  # Megatron's forward: its own
+        if self.decode_attention == "triton":
+            from triton_kernels.decode_attention import check_device
+
+            check_device(torch.empty(0, device=policy.device))
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.free_memory = free_memory if free_memory is not None else _cuda_free_memory
         self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
@@ -327,11 +354,14 @@ class MegatronEngine:
         matmul, bias, TP all-reduce of the row-parallel ones), without its plumbing.  ``hidden`` [1, b, h]
         from the previous stage when not ``first``; ``pos`` [b, 1] each row's position (rows decode at their own
         positions: the new keys are written there, ``mask`` [b, 1, 1, span] hides the keys a row does not
-        see).  Returns logits [b, 1, V] when ``last``, else hidden."""
+        see; or the rows' ``_Extents`` for the Triton kernel).  Returns logits [b, 1, V] when ``last``, else hidden."""
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
         from megatron.core.transformer.enums import AttnMaskType
 
         from ..models.rope import attention_factor, rotate_bshd
+
+        if isinstance(mask, _Extents):
+            from triton_kernels.decode_attention import decode_attention
 
         model = self.policy.model
         cfg = model.config
@@ -362,8 +392,12 @@ class MegatronEngine:
             key_mem, val_mem = ctx.key_value_memory_dict[att.layer_number]
             key_mem.index_put_((p, rows), k[0])
             val_mem.index_put_((p, rows), v[0])
-            span = mask.shape[-1]  # the keys up to the furthest row's position; the mask hides the rest
-            o = att.core_attention(q, key_mem[:span], val_mem[:span], mask, attn_mask_type=AttnMaskType.no_mask)
+            if isinstance(mask, _Extents):  # each row's own keys, through the Triton kernel
+                o = decode_attention(q[0], key_mem, val_mem, mask.start, mask.end, att.core_attention.softmax_scale,
+                                     max_len=mask.longest).view(1, b, -1)
+            else:
+                span = mask.shape[-1]  # the keys up to the furthest row's position; the mask hides the rest
+                o = att.core_attention(q, key_mem[:span], val_mem[:span], mask, attn_mask_type=AttnMaskType.no_mask)
             x = x + linear(att.linear_proj, o, True)
             gate, up = torch.chunk(linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), False), 2, dim=-1)
             x = x + linear(mlp.linear_fc2, cfg.activation_func(gate) * (up + cfg.glu_linear_offset), True)
@@ -538,8 +572,14 @@ class MegatronEngine:
         tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
         pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
         start = torch.tensor(cache.start, dtype=torch.long, device=device)
-        span = torch.arange(max(cache.pos) + 1, device=device)[None]
-        mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
+        longest = max(p - s for p, s in zip(cache.pos, cache.start)) + 1
+        if self.decode_attention == "triton":
+            mask = _Extents(start, pos + 1, longest)
+        else:
+            span = torch.arange(max(cache.pos) + 1, device=device)[None]
+            mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
+        self.stats["keys_span"] += R * (max(cache.pos) + 1)
+        self.stats["keys_own"] += sum(cache.pos) - sum(cache.start) + R
         if not self.lean_decode:
             assert len(set(cache.pos)) == 1, "Megatron's forward decodes every row at one position"
             cache.ctx.sequence_len_offset = cache.pos[0]

@@ -1,0 +1,222 @@
+"""The Triton decode attention (each row of the KV cache attends to its own extent) against SDPA with the
+equivalent mask, and the embedded engine with ``decode_attention='triton'`` against its SDPA path.
+
+Without CUDA the kernel runs on CPU tensors under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); with CUDA the same cases run compiled."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_kernels.decode_attention import check_device, decode_attention, reference  # noqa: E402
+from triton_kernels.policy_loss import interpreting  # noqa: E402
+
+from dist_utils import run_distributed  # noqa: E402
+from tiny_models import tiny_policy, tiny_policy_cfgs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not interpreting():
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 (run this file on its own)", allow_module_level=True)
+
+
+def _case(b, heads, groups, D, S, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, heads, D, generator=g)
+    k = torch.randn(S, b, groups, D, generator=g)
+    v = torch.randn(S, b, groups, D, generator=g)
+    start = torch.randint(0, S // 2, (b,), generator=g)
+    end = torch.minimum(start + 1 + torch.randint(0, S, (b,), generator=g), torch.tensor(S))
+    start[0], end[0] = S - 1, S  # one key only
+    if b > 1:
+        start[1], end[1] = 0, S  # the whole cache
+    return [t.to(DEVICE) for t in (q.to(dtype), k.to(dtype), v.to(dtype), start, end)]
+
+
+@pytest.mark.parametrize("b,heads,groups,D,S", [(5, 6, 2, 64, 100), (3, 4, 4, 80, 37), (4, 16, 2, 32, 70),
+                                                (2, 2, 1, 16, 5)],
+                         ids=["gqa6-d64", "mha-d80", "gqa8-d32", "tiny"])
+@pytest.mark.parametrize("splits", [1, 2, 5, 40])
+def test_equals_masked_sdpa_fp32(b, heads, groups, D, S, splits):
+    """fp32 within 1e-5 of SDPA over the whole cache with the extents as a mask: GQA (6 and 8 query heads per
+    group) and MHA, head dims not a power of two, extents of one key and of the whole cache, one split (the
+    output written directly) or several, more splits than blocks (empty splits weighted out)."""
+    q, k, v, start, end = _case(b, heads, groups, D, S)
+    out = decode_attention(q, k, v, start, end, scale=0.3, splits=splits, block_n=16)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, reference(q, k, v, start, end, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_query_and_default_scale():
+    """q as a view of the engine's [1, b, heads, d] rotated query, and the default scale 1/sqrt(d)."""
+    q, k, v, start, end = _case(3, 4, 2, 32, 50, seed=1)
+    q4 = torch.randn(1, 3, 8, 32, device=DEVICE)[:, :, 2:6]  # heads strided out of a larger tensor
+    out = decode_attention(q4[0], k, v, start, end, splits=3)
+    torch.testing.assert_close(out, reference(q4[0], k, v, start, end), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_within_rounding():
+    q, k, v, start, end = _case(4, 6, 2, 64, 90, seed=2, dtype=torch.bfloat16)
+    for splits in (1, 3):
+        out = decode_attention(q, k, v, start, end, splits=splits, block_n=16)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference(q, k, v, start, end), atol=2e-2, rtol=2e-2)
+
+
+def test_large_logits_are_stable():
+    """Scores of +-1e3 (after scale): the online softmax rescales, no inf or nan."""
+    q, k, v, start, end = _case(3, 4, 2, 16, 60, seed=3)
+    q = q * 40.0
+    out = decode_attention(q, k, v, start, end, splits=4, block_n=16)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference(q, k, v, start, end), atol=1e-4, rtol=1e-4)
+
+
+def test_refuses_what_does_not_fit(monkeypatch):
+    q, k, v, start, end = _case(2, 4, 2, 16, 10)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_attention(q[:, :3], k, v, start, end)  # 3 heads over 2 groups
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, start, end)
+    if DEVICE == "cpu":
+        import triton_kernels.decode_attention as da
+
+        monkeypatch.setattr(da, "interpreting", lambda: False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*use 'sdpa'"):
+            check_device(q)
+
+
+# ------------------------------------------------------------------------------------------ engine
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy()
+
+
+def _prompts(tok):
+    return [tok.encode(s) for s in ["1+2=", "13+45=", "7+88=", "99+1=", "5+5=", "2+2=", "123+456="]]
+
+
+def _generate(pol, tok, attention, continuous=True, greedy=False, batch=6):
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=batch, compact_every=3, continuous=continuous,
+                         decode_attention=attention)
+    assert eng.decode_attention == attention
+    params = SamplingParams(max_new_tokens=24, n=3, seed=5, temperature=1.5, greedy=greedy)
+    return eng.generate(_prompts(tok), params), dict(eng.stats)
+
+
+@pytest.mark.parametrize("continuous,greedy", [(True, False), (True, True), (False, False)],
+                         ids=["continuous-sampled", "continuous-greedy", "lock-step"])
+def test_engine_with_triton_attention_draws_sdpas_tokens(policy, continuous, greedy):
+    """The engine's lean decode steps through the Triton kernel draw the SDPA path's tokens, with log-probs
+    within 1e-5 (fp32), in continuous batching (rows at different positions, refilled rows short) and in
+    lock-step batches (left-padded prompts: extents that start past position 0)."""
+    pol, tok = policy
+    want, st_want = _generate(pol, tok, "sdpa", continuous, greedy)
+    got, st_got = _generate(pol, tok, "triton", continuous, greedy)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.finished for r in got] == [r.finished for r in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    assert st_got == st_want
+    assert 0 < st_got["keys_own"] < st_got["keys_span"]  # what the kernel reads, what a masked SDPA reads
+    assert len({len(r.response_ids) for r in want}) >= 3
+
+
+def test_engine_key_counts(policy):
+    """keys_span / keys_own: per decode step, rows x (the furthest row's position + 1) and the sum of the rows'
+    extents, summed over steps."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=2, compact_every=0)
+    prompts = [tok.encode("1+2="), tok.encode("13+45=")]  # lengths 4 and 6: left padding 2 on the first
+    eng.generate(prompts, SamplingParams(max_new_tokens=3, n=1, greedy=True, seed=0))
+    steps = eng.stats["decode_steps"]
+    assert steps >= 1
+    # lock-step, both rows at the same position p = 6 + i in step i; extents 4 + 1 + i and 6 + 1 + i
+    assert eng.stats["keys_span"] == sum(2 * (6 + i + 1) for i in range(steps))
+    assert eng.stats["keys_own"] == sum((4 + i + 1) + (6 + i + 1) for i in range(steps))
+
+
+def test_engine_config_refuses_unknown_attention(policy):
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    with pytest.raises(ValueError, match="rollout.decode_attention"):
+        MegatronEngine(pol, tok.eos_id, tok.pad_id, decode_attention="flash")
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    with pytest.raises(ConfigError, match="rollout.decode_attention"):
+        load_config(demo, ["rollout.decode_attention=flash"])
+    assert load_config(demo, ["rollout.decode_attention=triton"]).rollout.decode_attention == "triton"
+
+
+def test_engine_without_lean_decode_keeps_megatrons_attention(policy):
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, lean_decode=False, decode_attention="triton")
+    assert eng.decode_attention == "sdpa"
+
+
+def _tp_job(rank, world, pp):
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+
+    info = init_distributed(world // pp, pp)
+    torch.manual_seed(0)
+    m, p, o = tiny_policy_cfgs()
+    p.tensor_parallel, p.pipeline_parallel = world // pp, pp
+    tok = CharTokenizer()
+    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", pad_id=tok.pad_id)
+    out = {}
+    for attention in ("sdpa", "triton"):
+        rollouts, _ = _generate(pol, tok, attention)
+        out[attention] = [(r.response_ids, r.logprobs) for r in rollouts]
+    return out
+
+
+@pytest.mark.parametrize("pp", [1, 2], ids=["tp2", "pp2"])
+def test_engine_with_triton_attention_under_model_parallelism(pp):
+    """TP=2 (each rank its query groups: one group of two heads) and PP=2 (each stage its layers' caches):
+    the Triton path draws the SDPA path's tokens on every rank."""
+    for r in run_distributed(_tp_job, 2, (pp,)):
+        assert [t for t, _ in r["triton"]] == [t for t, _ in r["sdpa"]]
+        for (_, g), (_, w) in zip(r["triton"], r["sdpa"]):
+            assert g == pytest.approx(w, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_long_extents_bf16():
+    """Compiled on the GPU at Qwen2-1.5B's head shape (12 heads, 2 groups, d 128), 64 rows with extents up to
+    17K positions (the 16K recipe's cache), bf16, the device's own split plan."""
+    g = torch.Generator().manual_seed(0)
+    b, heads, groups, D, S = 64, 12, 2, 128, 17408
+    q = torch.randn(b, heads, D, generator=g).to("cuda", torch.bfloat16)
+    k = torch.randn(S, b, groups, D, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(S, b, groups, D, generator=g).to("cuda", torch.bfloat16)
+    start = torch.randint(0, 512, (b,), generator=g)
+    end = torch.clamp(start + torch.randint(1, S, (b,), generator=g), max=S)
+    start, end = start.cuda(), end.cuda()
+    out = decode_attention(q, k, v, start, end)
+    torch.testing.assert_close(out.float(), reference(q, k, v, start, end), atol=2e-2, rtol=2e-2)
+
+
+def test_bench_quick_writes_its_report(tmp_path):
+    """`megaprorl bench decode-attention --quick` (the CPU smoke case under the interpreter; on a GPU, compiled)."""
+    from megaprorl.bench.decode_attention import main
+
+    out = tmp_path / "da.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["own_positions"] <= rows[0]["span_positions"]
+    assert rows[0]["sdpa_ms"] > 0 and rows[0]["triton_ms"] > 0 and rows[0]["max_abs_diff"] < 2e-2
