@@ -113,7 +113,7 @@ class RolloutConfig:
     # embedded engine on a GPU: at most the rows whose KV cache fits in this fraction of the device memory free
     # when generation starts (never more than batch_size; the same on every rank of a model-parallel group); 0: off
     kv_cache_fraction: float = 0.0
-    lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local spec)
+    lean_decode: bool = True  # embedded engine: decode steps without Megatron's module plumbing (local or TE spec)
     # embedded engine, lean decode steps: attention over the KV cache through "sdpa" (masked, every row over the
     # furthest row's span) or "triton" (triton_kernels.decode_attention: each row its own keys; CUDA)
     decode_attention: str = "sdpa"

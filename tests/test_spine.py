@@ -464,6 +464,37 @@ def test_lean_decode_equals_megatrons_forward(policy, greedy):
     assert [r.logprobs for r in runs[1]] == [r.logprobs for r in runs[0]]
 
 
+@pytest.mark.parametrize("model", [{}, {"qk_norm": True, "head_dim": 32, "add_qkv_bias": False}], ids=["qwen2", "qwen3"])
+def test_lean_decode_with_linear_layers_called_as_modules(model, monkeypatch):
+    """The lean step's path for linear layers that are not Megatron's own (TransformerEngine's, norms fused
+    in): each is called as a module and its returned bias added.  Forced on the local spec, it gives
+    Megatron's forward's tokens, finish flags and log-probs bit for bit (with Qwen3's q/k norms too), and
+    every decode step does call the modules."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout import megatron_engine
+    from tiny_models import tiny_policy
+
+    pol, tok = tiny_policy(model, trainable=False)
+    params = SamplingParams(max_new_tokens=16, n=3, seed=4, temperature=1.0)
+    want = megatron_engine.MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=8, lean_decode=False,
+                                          continuous=False).generate(_prompts(tok), params)
+    calls = []
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=forward, **k: calls.append(1) or _f(self, *a, **k))
+    monkeypatch.setattr(megatron_engine, "_raw_linear_types", lambda: ())
+    eng = megatron_engine.MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=8, continuous=False)
+    assert eng.lean_decode
+    got = eng.generate(_prompts(tok), params)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.finished for r in got] == [r.finished for r in want]
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]
+    # 4 linear layers per layer, 2 layers, every decode step (and the prefills through Megatron's forward)
+    assert len(calls) >= 8 * eng.stats["decode_steps"] > 0
+
+
 def test_engine_contexts_have_their_masks_applied_as_given(policy, monkeypatch):
     """TransformerEngine's attention applies a mask only under the padding / arbitrary mask types, and
     Megatron asks for causal in a prefill and no_mask in a decode step: through the engine's contexts every
@@ -497,7 +528,7 @@ def test_lean_decode_declines_what_it_does_not_cover():
     from tiny_models import tiny_policy
 
     pol, tok = tiny_policy({"attention": "megatron"}, trainable=False)  # Megatron's DotProductAttention
-    assert "SDPAttention" in lean_decode_unsupported(pol.model)
+    assert "SDPAttention" in lean_decode_unsupported(pol.model)  # the user asked for Megatron's attention
     assert MegatronEngine(pol, tok.eos_id, tok.pad_id).lean_decode is False
 
 

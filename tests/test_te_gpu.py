@@ -122,20 +122,25 @@ def test_fp8_policy_trains_close_to_bf16(hf_dir, pack_tokens):
     assert moved > 0
 
 
-def test_te_spec_engine_logprobs_equal_teacher_forced(hf_dir):
-    """The embedded engine on the TE spec (Megatron's forward for prefill and decode: the lean step is
-    local-spec only): prompts of different lengths are left-padded, and TE's attention must apply the
-    engine's masks (mask type arbitrary, see megaprorl.models.rope) or the short prompts attend to the
-    padding; the sampling log-probs then equal the policy's teacher-forced ones as on the local spec."""
+@pytest.mark.parametrize("lean,attention", [(False, "sdpa"), (True, "sdpa"), (True, "triton")],
+                         ids=["megatron-forward", "lean-continuous", "lean-continuous-triton"])
+def test_te_spec_engine_logprobs_equal_teacher_forced(hf_dir, lean, attention):
+    """The embedded engine on the TE spec: prompts of different lengths are left-padded, and TE's attention
+    must apply the engine's masks in the prefill (mask type arbitrary, see megaprorl.models.rope) or the
+    short prompts attend to the padding.  Decode steps through Megatron's forward (lock-step), or through
+    the lean step (TE's linear layers called as modules, SDPA or the Triton kernel on the cache), which
+    makes continuous batching available on the TE spec.  Either way the sampling log-probs equal the
+    policy's teacher-forced ones, as on the local spec."""
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.policy import build_seq_batch
     from megaprorl.rollout import SamplingParams
-    from megaprorl.rollout.megatron_engine import MegatronEngine
+    from megaprorl.rollout.megatron_engine import MegatronEngine, lean_decode_unsupported
 
     tok = CharTokenizer()
     te = _policy(hf_dir, "transformer_engine", "fp32")
-    eng = MegatronEngine(te, tok.eos_id, tok.pad_id, batch_size=8)
-    assert not eng.lean_decode and not eng.continuous
+    assert lean_decode_unsupported(te.model) is None
+    eng = MegatronEngine(te, tok.eos_id, tok.pad_id, batch_size=4, lean_decode=lean, decode_attention=attention)
+    assert eng.lean_decode == lean and eng.continuous == lean and eng.decode_attention == attention
     prompts = [tok.encode(s) for s in ["1+2=", "13+45+678=", "7="]]  # 4, 10 and 2 tokens: left padding
     rolls = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=3))
     batch = build_seq_batch([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], tok.pad_id)

@@ -38,22 +38,9 @@ class SDPAttention(DotProductAttention):
             raise NotImplementedError("attention bias is not supported by SDPAttention")
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        kwargs = {}
-        if attention_mask is not None:
-            kwargs["attn_mask"] = _allowed(attention_mask)
-        elif mask_type == AttnMaskType.causal and q.shape[2] > 1:
-            if q.shape[2] != k.shape[2]:
-                raise ValueError("causal attention without a mask needs equal query and key lengths")
-            kwargs["is_causal"] = True
-        if k.shape[1] != q.shape[1]:
-            kwargs["enable_gqa"] = True
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=self.softmax_scale, **kwargs)
-        # [b, h, s, d] -> [s, b, h*d]
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        return sdpa_sbhd(query, key, value, attention_mask, self.softmax_scale, causal)
 
     def _packed(self, q, k, v, p):
         if p.qkv_format != "thd":
@@ -85,6 +72,27 @@ class SDPAttention(DotProductAttention):
             PACKED_CALLS["per_sequence"] += 1
             out = packed_per_sequence(q, k, v, bounds, self.softmax_scale)
         return out.reshape(q.shape[0], -1)
+
+
+def sdpa_sbhd(query, key, value, attention_mask=None, scale=None, causal: bool = False):
+    """SDPA on Megatron's layout: q/k/v [s, b, heads, d] (K/V may have fewer heads: GQA), ``attention_mask``
+    Megatron's boolean mask (True = masked; broadcastable to [b, heads, s_q, s_k]) or None with ``causal``.
+    Returns [s, b, heads * d]."""
+    # [s, b, h, d] -> [b, h, s, d]
+    q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attn_mask"] = _allowed(attention_mask)
+    elif causal and q.shape[2] > 1:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("causal attention without a mask needs equal query and key lengths")
+        kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=scale, **kwargs)
+    # [b, h, s, d] -> [s, b, h*d]
+    b, h, s, d = out.shape
+    return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
 def packed_per_sequence(q, k, v, bounds, scale=None):

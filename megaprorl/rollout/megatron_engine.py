@@ -41,7 +41,11 @@ every layer's kernels launched from Python), so the host time per layer is the d
 compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less time this way
 (docs/benchmarks.md).  The prefill stays on Megatron's forward (one call per admission).  Same tokens
 and log-probs as Megatron's path, bit for bit (tests/test_spine.py, tests/test_sequence_parallel.py
-at TP=2 and TP=2 x PP=2).
+at TP=2 and TP=2 x PP=2).  On TransformerEngine's layer spec the linear layers (their norms fused in)
+are TE's modules, called as modules, and the attention over the cache is the same SDPA call (or the
+Triton kernel) in place of TE's core attention, so TE models get continuous batching too.  Only the
+local spec has run here; tests/test_spine.py runs the lean step with every linear layer called as a
+module, and tests/test_te_gpu.py has the TE case for a GPU.
 
 The lean step's attention over the cache (``decode_attention``): ``sdpa`` gives the core attention module
 the cache's first span positions (the furthest row's position + 1) and a mask, so every row reads the
@@ -93,9 +97,10 @@ def _fp8_off(config):
 
 def lean_decode_unsupported(model) -> Optional[str]:
     """Why the engine's lean decode step cannot stand in for this model's forward (None: it can).  It covers
-    the local layer spec of the Qwen2 / Qwen3 / Llama shape: torch RMSNorm (q/k norms too, when present), SDPA
-    core attention, rotary positions, grouped-query attention with whole query groups per TP rank, a SwiGLU
-    MLP, no MoE."""
+    the Qwen2 / Qwen3 / Llama shape on the local layer spec (torch RMSNorm, q/k norms too when present, SDPA
+    core attention) and on TransformerEngine's (norms fused into the linear layers, TE's core attention,
+    which the lean step replaces by SDPA or the Triton kernel on the same cache): rotary positions,
+    grouped-query attention with whole query groups per TP rank, a SwiGLU MLP, no MoE, no sliding window."""
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -116,22 +121,41 @@ def lean_decode_unsupported(model) -> Optional[str]:
         (not cfg.num_moe_experts, "mixture of experts"),
         (cfg.num_query_groups % cfg.tensor_model_parallel_size == 0, "query groups split across TP ranks"),
         (not getattr(cfg, "attention_output_gate", False), "gated attention output"),
+        (getattr(cfg, "window_size", None) is None and getattr(cfg, "softmax_type", "vanilla") == "vanilla"
+         and not cfg.apply_query_key_layer_scaling, "sliding-window, off-by-one or layer-scaled softmax attention"),
     ]
     for layer in getattr(getattr(model, "decoder", None), "layers", []):
         att = layer.self_attention
         checks += [
             (type(layer) is TransformerLayer, f"layer type {type(layer).__name__}"),
-            (isinstance(att.core_attention, SDPAttention), "core attention is not SDPAttention (local spec)"),
-            (all(n is None or isinstance(n, (IdentityOp, torch.nn.RMSNorm)) for n in (att.q_layernorm, att.k_layernorm)),
-             "q/k norms are not torch RMSNorm"),
-            (isinstance(layer.input_layernorm, torch.nn.RMSNorm)
-             and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm), "norms are not torch RMSNorm"),
+            (isinstance(att.core_attention, SDPAttention) or type(att.core_attention).__name__ == "TEDotProductAttention",
+             "core attention is neither SDPAttention (local spec) nor TransformerEngine's"),
+            (all(n is None or isinstance(n, (IdentityOp, torch.nn.RMSNorm)) or type(n).__name__ == "RMSNorm"
+                 for n in (att.q_layernorm, att.k_layernorm)), "q/k norms are not RMSNorm"),
             (hasattr(layer.mlp, "linear_fc1") and hasattr(layer.mlp, "linear_fc2"), "the MLP is not Megatron's MLP"),
         ]
+        for norm, lin in ((layer.input_layernorm, att.linear_qkv), (layer.pre_mlp_layernorm, getattr(layer.mlp, "linear_fc1", None))):
+            # a torch RMSNorm before a linear layer, or TE's linear layer with its norm fused in
+            fused = hasattr(lin, "layer_norm_weight")
+            checks.append((isinstance(norm, torch.nn.RMSNorm) and not fused or isinstance(norm, IdentityOp) and fused,
+                           "norms are neither torch RMSNorm nor fused into TransformerEngine's linear layers"))
     for ok, why in checks:
         if not ok:
             return why
     return None
+
+
+def _raw_linear_types():
+    """Megatron's own (local-spec) linear layers, which the lean step runs as their no-grad forward (matmul,
+    bias, TP all-reduce) without the module call; any other linear layer (TE's) is called as a module."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    return (ColumnParallelLinear, RowParallelLinear)
+
+
+def _softmax_scale(core_attention, head_dim: int) -> float:
+    scale = getattr(core_attention, "softmax_scale", None)
+    return float(scale) if scale is not None else head_dim ** -0.5
 
 
 @contextlib.contextmanager
@@ -358,6 +382,9 @@ class MegatronEngine:
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
         from megatron.core.transformer.enums import AttnMaskType
 
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        from ..models.attention import SDPAttention, sdpa_sbhd
         from ..models.rope import attention_factor, rotate_bshd
 
         if isinstance(mask, _Extents):
@@ -372,11 +399,16 @@ class MegatronEngine:
         freqs = table.index_select(0, p).view(1, b, 1, table.shape[-1])
         mscale = attention_factor(cfg)  # YaRN's scale of cos and sin (1 otherwise), as Megatron's attention applies
 
+        raw = _raw_linear_types()
+
         def linear(layer, inp, reduce):
-            out = torch.matmul(inp, layer.weight.t())
-            if reduce:
-                out = reduce_from_tensor_model_parallel_region(out)
-            return out if layer.bias is None else out + layer.bias
+            if type(layer) in raw:
+                out = torch.matmul(inp, layer.weight.t())
+                if reduce:
+                    out = reduce_from_tensor_model_parallel_region(out)
+                return out if layer.bias is None else out + layer.bias
+            out, bias = layer(inp)  # TE's: the module (its fused norm, its TP communication)
+            return out if bias is None else out + bias
 
         for layer in model.decoder.layers:
             att, mlp = layer.self_attention, layer.mlp
@@ -385,7 +417,8 @@ class MegatronEngine:
             qkv = linear(att.linear_qkv, layer.input_layernorm(x), False).view(1, b, ng, (npg + 2) * hn)
             q, k, v = torch.split(qkv, [npg * hn, hn, hn], dim=3)
             q = q.reshape(1, b, -1, hn)
-            if isinstance(att.q_layernorm, torch.nn.RMSNorm):  # Qwen3's per-head norms, before RoPE as Megatron's
+            if att.q_layernorm is not None and not isinstance(att.q_layernorm, IdentityOp):  # Qwen3's per-head norms,
+                # before RoPE as Megatron's
                 q, k = att.q_layernorm(q), att.k_layernorm(k)
             q = rotate_bshd(q, freqs, cfg, mscale)
             k = rotate_bshd(k, freqs, cfg, mscale)  # stored rotated, as megaprorl.models.rope makes Megatron's path store it
@@ -393,11 +426,14 @@ class MegatronEngine:
             key_mem.index_put_((p, rows), k[0])
             val_mem.index_put_((p, rows), v[0])
             if isinstance(mask, _Extents):  # each row's own keys, through the Triton kernel
-                o = decode_attention(q[0], key_mem, val_mem, mask.start, mask.end, att.core_attention.softmax_scale,
+                o = decode_attention(q[0], key_mem, val_mem, mask.start, mask.end, _softmax_scale(att.core_attention, hn),
                                      max_len=mask.longest).view(1, b, -1)
             else:
                 span = mask.shape[-1]  # the keys up to the furthest row's position; the mask hides the rest
-                o = att.core_attention(q, key_mem[:span], val_mem[:span], mask, attn_mask_type=AttnMaskType.no_mask)
+                if isinstance(att.core_attention, SDPAttention):
+                    o = att.core_attention(q, key_mem[:span], val_mem[:span], mask, attn_mask_type=AttnMaskType.no_mask)
+                else:  # TE's core attention: the same SDPA call on the cache
+                    o = sdpa_sbhd(q, key_mem[:span], val_mem[:span], mask, _softmax_scale(att.core_attention, hn))
             x = x + linear(att.linear_proj, o, True)
             gate, up = torch.chunk(linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), False), 2, dim=-1)
             x = x + linear(mlp.linear_fc2, cfg.activation_func(gate) * (up + cfg.glu_linear_offset), True)
