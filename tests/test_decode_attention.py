@@ -98,26 +98,25 @@ def _prompts(tok):
     return [tok.encode(s) for s in ["1+2=", "13+45=", "7+88=", "99+1=", "5+5=", "2+2=", "123+456="]]
 
 
-def _generate(pol, tok, attention, continuous=True, greedy=False, batch=6):
+def _generate(pol, tok, attention, continuous=True, batch=4):
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
     eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=batch, compact_every=3, continuous=continuous,
                          decode_attention=attention)
     assert eng.decode_attention == attention
-    params = SamplingParams(max_new_tokens=24, n=3, seed=5, temperature=1.5, greedy=greedy)
+    params = SamplingParams(max_new_tokens=14, n=2, seed=5, temperature=1.5)
     return eng.generate(_prompts(tok), params), dict(eng.stats)
 
 
-@pytest.mark.parametrize("continuous,greedy", [(True, False), (True, True), (False, False)],
-                         ids=["continuous-sampled", "continuous-greedy", "lock-step"])
-def test_engine_with_triton_attention_draws_sdpas_tokens(policy, continuous, greedy):
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
+def test_engine_with_triton_attention_draws_sdpas_tokens(policy, continuous):
     """The engine's lean decode steps through the Triton kernel draw the SDPA path's tokens, with log-probs
     within 1e-5 (fp32), in continuous batching (rows at different positions, refilled rows short) and in
     lock-step batches (left-padded prompts: extents that start past position 0)."""
     pol, tok = policy
-    want, st_want = _generate(pol, tok, "sdpa", continuous, greedy)
-    got, st_got = _generate(pol, tok, "triton", continuous, greedy)
+    want, st_want = _generate(pol, tok, "sdpa", continuous)
+    got, st_got = _generate(pol, tok, "triton", continuous)
     assert [r.response_ids for r in got] == [r.response_ids for r in want]
     assert [r.finished for r in got] == [r.finished for r in want]
     for g, w in zip(got, want):

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-batch-size", type=int, default=0,
                     help="rows the engine decodes together (rollout.batch_size; 0: every rollout of the step at once)")
     ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
+    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton"),
+                    help="rollout.decode_attention: the lean decode step's attention over the KV cache")
     ap.add_argument("--stop-rate", type=float, default=0.0,
                     help="make that share of the vocabulary stop tokens, so that the random policy's responses end "
                          "at about that rate per token and spread over the budget as RL responses do (0: only "
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--stop-rate must be in [0, 1), got {args.stop_rate}")
     stops = range(2, 2 + int(args.stop_rate * p["vocab"]))
     engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
-                            continuous=not args.lock_step, stop_ids=stops)
+                            continuous=not args.lock_step, stop_ids=stops, decode_attention=args.decode_attention)
     gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
 
@@ -238,6 +240,7 @@ def main(argv=None) -> int:
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous, "stop_rate": args.stop_rate,
+        "decode_attention": engine.decode_attention,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
             e = res["engine"]
             print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; {e['decode_steps']} decode steps, "
                   f"decode rows {e['decode_row_steps']} of {e['dense_row_steps']} in lock-step, {e['admissions']} "
-                  f"admissions, {e['compactions']} compactions")
+                  f"admissions, {e['compactions']} compactions; attention {engine.decode_attention}, rows attended to "
+                  f"{e['keys_own'] / max(e['keys_span'], 1):.2f} of the keys in their span")
         if mfu_update is not None:
             print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "
                   f"(peak {peak:.0f} TFLOP/s)")
