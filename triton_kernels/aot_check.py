@@ -26,6 +26,7 @@ _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 def _variants(dtype: str):
     """(kernel name, signature, constexprs, num_warps) for each compiled variant."""
+    from . import decode_attention as da
     from . import policy_loss as pl
 
     lp = _PTR[dtype]
@@ -64,7 +65,7 @@ def _variants(dtype: str):
     comb_sig = {"o_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": lp,
                 **{k: "i32" for k in ("so_b", "so_h", "so_s", "sml_b", "sml_h", "sml_s", "sout_b", "sout_h", "splits")},
                 "D": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-    yield ("_combine", comb_sig, {"D": 128, "BLOCK_S": 8, "BLOCK_D": 128}, 4)
+    yield ("_combine", comb_sig, {"D": 128, "BLOCK_S": da.MAX_SPLITS, "BLOCK_D": 128}, 4)
 
 
 def compile_all(archs: List[int], dtypes: List[str]) -> List[Dict]:

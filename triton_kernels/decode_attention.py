@@ -21,6 +21,7 @@ the tests use against ``reference`` (SDPA with the equivalent boolean mask).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -127,15 +128,21 @@ def check_device(t: torch.Tensor) -> None:
 
 
 MIN_SPLIT = 256  # positions: a split shorter than this costs more in its combine than it gains in parallelism
+MAX_SPLITS = 32  # the combine's block: one compiled combine whatever the split count
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def plan(rows: int, groups: int, max_len: int, device: torch.device, block_n: int) -> int:
     """The number of splits: enough programs to fill the device (4 per SM), none shorter than MIN_SPLIT."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = -(-4 * sms // max(rows * groups, 1))
-    return max(1, min(want, -(-max_len // max(MIN_SPLIT, block_n)), 64))
+    return max(1, min(want, -(-max_len // max(MIN_SPLIT, block_n)), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
@@ -160,6 +167,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: t
     block_h = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(D))
     n_split = int(splits or plan(b, groups, max_len, q.device, block_n))
+    if not 1 <= n_split <= MAX_SPLITS:
+        raise ValueError(f"decode_attention: splits must be in [1, {MAX_SPLITS}], got {n_split}")
     split_len = -(-max_len // n_split)
     split_len = -(-split_len // block_n) * block_n  # whole blocks per split
     n_split = -(-max_len // split_len)
@@ -185,7 +194,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: t
         **warps)
     if not direct:
         kern["combine"][(b, heads)](o_part, ml, out, *so, *sml, out.stride(0), out.stride(1), n_split,
-                                    D=D, BLOCK_S=max(2, triton.next_power_of_2(n_split)), BLOCK_D=block_d,
+                                    D=D, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
                                     **({} if interpreting() else {"num_warps": 4}))
     return out
 
