@@ -159,6 +159,27 @@ def test_engine_config_refuses_unknown_attention(policy):
     assert load_config(demo, ["rollout.decode_attention=triton"]).rollout.decode_attention == "triton"
 
 
+def test_triton_where_it_cannot_run_is_a_config_error(policy, monkeypatch):
+    """rollout.decode_attention=triton with the model on a CPU and no interpreter: a ConfigError naming the
+    key (the CLI prints it as `error: ...`), not a traceback from the kernel module."""
+    from types import SimpleNamespace
+
+    import triton_kernels.decode_attention as da
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.rollout import build_engine
+
+    pol, tok = policy
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    cfg = load_config(demo, ["rollout.decode_attention=triton"])
+    tokenizer = SimpleNamespace(eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=[])
+    if DEVICE == "cpu":
+        monkeypatch.setattr(da, "interpreting", lambda: False)
+        with pytest.raises(ConfigError, match="rollout.decode_attention=triton runs on CUDA tensors"):
+            build_engine(cfg, pol, tokenizer)
+        monkeypatch.undo()
+    assert build_engine(cfg, pol, tokenizer).decode_attention == "triton"
+
+
 def test_engine_without_lean_decode_keeps_megatrons_attention(policy):
     from megaprorl.rollout.megatron_engine import MegatronEngine
 

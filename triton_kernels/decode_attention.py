@@ -118,12 +118,16 @@ def _kernels():
     return _KERNEL_CACHE[key]
 
 
+class Unavailable(RuntimeError):
+    """The kernel cannot run here (no triton, or neither CUDA nor the interpreter)."""
+
+
 def check_device(t: torch.Tensor) -> None:
-    """Raise a clear error when the kernel cannot run on ``t``'s device."""
+    """Raise ``Unavailable`` with a clear message when the kernel cannot run on ``t``'s device."""
     if not HAVE_TRITON:
-        raise RuntimeError("rollout.decode_attention=triton needs triton (pip install triton); use 'sdpa'")
+        raise Unavailable("rollout.decode_attention=triton needs triton (pip install triton); use 'sdpa'")
     if t.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"rollout.decode_attention=triton runs on CUDA tensors (or on the CPU under "
+        raise Unavailable(f"rollout.decode_attention=triton runs on CUDA tensors (or on the CPU under "
                            f"TRITON_INTERPRET=1, set before triton is imported); the model is on {t.device}: use 'sdpa'")
 
 

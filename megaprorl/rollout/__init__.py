@@ -48,14 +48,18 @@ class Engine(Protocol):
 def build_engine(cfg, policy, tokenizer) -> Engine:
     name = cfg.rollout.engine
     if name == "megatron":
-        from .megatron_engine import MegatronEngine
+        from ..config import ConfigError
+        from .megatron_engine import DecodeAttentionUnavailable, MegatronEngine
 
-        return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                              batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
-                              lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
-                              continuous=cfg.rollout.continuous_batching,
-                              kv_cache_fraction=cfg.rollout.kv_cache_fraction,
-                              decode_attention=cfg.rollout.decode_attention)
+        try:
+            return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                  batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
+                                  lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
+                                  continuous=cfg.rollout.continuous_batching,
+                                  kv_cache_fraction=cfg.rollout.kv_cache_fraction,
+                                  decode_attention=cfg.rollout.decode_attention)
+        except DecodeAttentionUnavailable as e:  # a config the machine cannot run: the CLI's clean error
+            raise ConfigError(str(e)) from None
     if name == "trtllm":
         try:
             import tensorrt_llm  # noqa: F401

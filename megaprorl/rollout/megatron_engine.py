@@ -193,6 +193,10 @@ _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decod
 DECODE_ATTENTION = ("sdpa", "triton")
 
 
+class DecodeAttentionUnavailable(RuntimeError):
+    """``decode_attention='triton'`` on a machine that cannot run the kernel."""
+
+
 class _Extents:
     """A decode step's attention extents for the Triton kernel, instead of a mask: row r attends to the cache
     positions start[r] <= s < end[r]; ``longest`` = max(end - start) (host-side, saves the kernel a sync)."""
@@ -293,9 +297,15 @@ class MegatronEngine:
             raise ValueError(f"rollout.decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         self.decode_attention = decode_attention if self.lean_decode else "sdpa"  # Megatron's forward: its own
         if self.decode_attention == "triton":
-            from triton_kernels.decode_attention import check_device
-
-            check_device(torch.empty(0, device=policy.device))
+            try:
+                from triton_kernels.decode_attention import Unavailable, check_device
+            except ImportError as e:
+                raise DecodeAttentionUnavailable(f"rollout.decode_attention=triton: the triton_kernels package does not "
+                                                 f"import ({e}); use 'sdpa'") from None
+            try:
+                check_device(torch.empty(0, device=policy.device))
+            except Unavailable as e:
+                raise DecodeAttentionUnavailable(str(e)) from None
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.free_memory = free_memory if free_memory is not None else _cuda_free_memory
         self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
