@@ -9,6 +9,7 @@ type names the key and the expected type.  One config object is passed down; the
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -360,6 +361,8 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
+    need(not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None, "logging.wandb_project",
+         "wandb is not installed (pip install wandb, or pip install -e .[wandb])")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",

@@ -1,22 +1,33 @@
-"""The run directory: metrics as JSONL and TensorBoard events, a progress bar, and PNG plots."""
+"""The run directory: metrics as JSONL and TensorBoard events (and Weights & Biases when asked), a progress bar,
+and PNG plots."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 from typing import Dict, List, Optional
 
 
 class RunLogger:
-    """Writes ``metrics.jsonl`` (one JSON object per RL step) and TensorBoard scalars; rank 0 only."""
+    """Writes ``metrics.jsonl`` (one JSON object per RL step), TensorBoard scalars and, with ``wandb_project``,
+    the same scalars to a Weights & Biases run; rank 0 only.
+
+    The W&B run's id is kept in ``RUN_DIR/wandb_run_id``, so a resumed run goes on logging into the same W&B
+    run (``resume="allow"``).  A run resumed from an older checkpoint logs the steps after it again, with the
+    same values (tests/test_resume_exact.py): ``metrics.jsonl`` and TensorBoard are cut back first, while W&B
+    takes only increasing steps and keeps what it has for those.  ``WANDB_MODE=offline`` on machines without
+    internet (``wandb sync`` later)."""
 
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, progress: bool = True,
-                 total_steps: int = 0, initial_step: int = 0, resume: bool = False):
+                 total_steps: int = 0, initial_step: int = 0, resume: bool = False, wandb_project: str = "",
+                 run_name: str = "", config: Optional[Dict] = None):
         self.run_dir = run_dir
         self.enabled = enabled
         self._tb = None
         self._bar = None
+        self._wb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -32,6 +43,8 @@ class RunLogger:
                 self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=initial_step + 1 if resume else None)
             except ImportError:  # tensorboard is a dependency; keep going without it if it is broken
                 self._tb = None
+        if wandb_project:
+            self._wb = _wandb_run(run_dir, wandb_project, run_name, config, resume)
         if progress and total_steps:
             from tqdm.auto import tqdm
 
@@ -45,11 +58,14 @@ class RunLogger:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        scalars = {k: v for k, v in rec.items()
+                   if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v))}
         if self._tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v)):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wb is not None:
+            self._wb.log(scalars, step=step)
         if self._bar is not None and step > 0:
             self._bar.update(1)
             post = {}
@@ -71,6 +87,29 @@ class RunLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wb is not None:
+            self._wb.finish()
+            self._wb = None
+
+
+def _wandb_run(run_dir: str, project: str, name: str, config: Optional[Dict], resume: bool):
+    try:
+        import wandb
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError("config key 'logging.wandb_project': wandb is not installed (pip install wandb, or "
+                          "pip install -e .[wandb])") from None
+    id_path = os.path.join(run_dir, "wandb_run_id")
+    run_id = None
+    if resume and os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip() or None
+    if run_id is None:
+        run_id = secrets.token_hex(8)  # W&B ids: letters and digits
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=project, name=name or None, id=run_id, resume="allow", dir=run_dir, config=config)
 
 
 def _plain(v):

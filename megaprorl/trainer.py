@@ -533,7 +533,8 @@ class Trainer:
                       f"on {before['eval/n_prompts']} prompts")
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.logging.progress, total_steps=cfg.train.steps, initial_step=self.step,
-                                resume=bool(resume))
+                                resume=bool(resume), wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
+                                config=asdict(cfg))
         if not resume:
             self.logger.log(0, self.eval_history[0])
         exit_code = 0
