@@ -61,7 +61,6 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt", "triton"],
-        "trtllm": ["tensorrt-llm"],
         # pyseccomp: ctypes binding of libseccomp (libseccomp2, on every Debian/Ubuntu) that compiles
         # the code sandbox's seccomp filter
         "rewards": ["math-verify>=0.7", "reasoning-gym>=0.1.20", "pyarrow", "langdetect>=1.0.9",

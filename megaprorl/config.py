@@ -101,7 +101,7 @@ class OptimConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "megatron"  # megatron | trtllm
+    engine: str = "megatron"  # the embedded Megatron engine (the TensorRT-LLM engine is not written yet)
     n_samples: int = 16  # the group size
     temperature: float = 1.2
     top_p: float = 1.0
@@ -121,8 +121,6 @@ class RolloutConfig:
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
     stop_token_ids: List[int] = field(default_factory=list)
-    trtllm_engine_dir: str = ""
-    trtllm_kv_cache_fraction: float = 0.5
 
 
 @dataclass
@@ -353,7 +351,9 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}': {msg}")
 
-    need(cfg.rollout.engine in ("megatron", "trtllm"), "rollout.engine", "must be 'megatron' or 'trtllm'")
+    need(cfg.rollout.engine != "trtllm", "rollout.engine",
+         "the TensorRT-LLM engine is not written yet; use 'megatron' (the embedded engine)")
+    need(cfg.rollout.engine == "megatron", "rollout.engine", "must be 'megatron'")
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")

@@ -144,3 +144,33 @@ def test_r1_examples_describe_the_checkpoint(path):
     cfg.model.rotary_base = 1e6
     with pytest.raises(ConversionError, match=r"model.rotary_base=1000000.0 \(config.json: 10000.0\)"):
         check_model_config(cfg.model, R1_DISTILL_1P5B, "/models/x")
+
+
+def test_readme_config_reference_lists_every_key_with_its_default_and_meaning():
+    """README's config reference has one row per config key (no row for a key that does not exist), each
+    with the dataclass default and a meaning."""
+    import dataclasses
+    import re
+
+    from megaprorl.config import Config
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from walk(v, prefix + f.name + ".")
+            else:
+                yield prefix + f.name, v
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = text[text.index("## Config reference"): text.index("## What is verified where")]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `([^`]+)` \| `([^`]*)` \| (.*) \|$", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3).strip())
+    want = dict(walk(Config()))
+    assert sorted(set(want) - set(rows)) == [], "keys missing from README's config reference"
+    assert sorted(set(rows) - set(want)) == [], "README's config reference lists keys that do not exist"
+    assert [k for k in want if rows[k][0] != repr(want[k])] == [], "defaults differ"
+    assert [k for k in want if not rows[k][1]] == [], "rows without a meaning"

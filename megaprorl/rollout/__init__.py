@@ -1,4 +1,4 @@
-"""Rollout engines behind one protocol: the embedded Megatron engine (default) and TensorRT-LLM."""
+"""Rollout engines behind one protocol: the embedded Megatron engine (a TensorRT-LLM engine is not written yet)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,4 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
                                   decode_attention=cfg.rollout.decode_attention)
         except DecodeAttentionUnavailable as e:  # a config the machine cannot run: the CLI's clean error
             raise ConfigError(str(e)) from None
-    if name == "trtllm":
-        try:
-            import tensorrt_llm  # noqa: F401
-        except ImportError:
-            raise RuntimeError("rollout.engine=trtllm needs TensorRT-LLM (`pip install -e .[trtllm]` on a CUDA "
-                               "machine with Python 3.10/3.12 and MPI); use rollout.engine=megatron") from None
-        raise NotImplementedError("the TensorRT-LLM engine (in-place refit from Megatron shards) is not implemented "
-                                  "yet; use rollout.engine=megatron")
-    raise ValueError(f"rollout.engine must be 'megatron' or 'trtllm', got {name!r}")
+    raise ValueError(f"rollout.engine must be 'megatron', got {name!r}")
