@@ -118,6 +118,9 @@ class RolloutConfig:
     # embedded engine, lean decode steps: attention over the KV cache through "sdpa" (masked, every row over the
     # furthest row's span) or "triton" (triton_kernels.decode_attention: each row its own keys; CUDA)
     decode_attention: str = "sdpa"
+    # embedded engine: an admission's prefill runs in forwards of at most this many padded tokens (distinct
+    # prompts x the admission's longest prompt), bounding its activations and mask; 0: one forward per admission
+    prefill_tokens: int = 0
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
     stop_token_ids: List[int] = field(default_factory=list)
@@ -361,6 +364,7 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
+    need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
     need(not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None, "logging.wandb_project",
          "wandb is not installed (pip install wandb, or pip install -e .[wandb])")
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",

@@ -109,14 +109,14 @@ PROMPTS = ["1+2=", "13+45=", "7+88=", "99+1=", "5+5="]
 SAMPLING = [dict(max_new_tokens=6, n=2, temperature=1.0, top_p=0.9, seed=5), dict(max_new_tokens=5, greedy=True)]
 
 
-def _generate(pol, tok, lean=True, continuous=True):
+def _generate(pol, tok, lean=True, continuous=True, prefill_tokens=0):
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
     # 10 rows through 4: continuous, finished rows are refilled at every finish and leave the KV cache once
     # none wait; lock-step, batches of 4, 4 and 2 whose finished rows leave the cache (every stage alike)
     eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4, compact_every=100, lean_decode=lean,
-                         continuous=continuous)
+                         continuous=continuous, prefill_tokens=prefill_tokens)
     assert eng.lean_decode == lean and eng.continuous == (lean and continuous)
     prompts = [tok.encode(s) for s in PROMPTS]
     return [[(r.response_ids, r.logprobs, r.finished) for r in eng.generate(prompts, SamplingParams(**sp))]
@@ -136,16 +136,17 @@ def _pp_engine_job(rank, world, state):
     tok = CharTokenizer()
     pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id)
     pol.model.load_state_dict(_stage_state(state, mps.get_pipeline_model_parallel_rank()), strict=False)
-    return _generate(pol, tok)
+    return [_generate(pol, tok), _generate(pol, tok, prefill_tokens=1)]  # prefills of one prompt each too
 
 
 def test_embedded_engine_pipeline_parallel_equals_single_stage():
-    """PP=2: each stage decodes its own layers with its own KV cache; every rank returns PP=1's rollouts."""
+    """PP=2: each stage decodes its own layers with its own KV cache; every rank returns PP=1's rollouts, also
+    with the prefills in forwards of one prompt each (every stage runs the same chunks)."""
     ref_pol, tok = tiny_policy()
     state = {k: v.clone() for k, v in ref_pol.state_dict().items()}
     want = _generate(ref_pol, tok)
     assert any(len(r[0]) > 1 for r in want[0])
-    for got in run_distributed(_pp_engine_job, 2, (state,)):
+    for got in (g for pair in run_distributed(_pp_engine_job, 2, (state,)) for g in pair):
         for g_runs, w_runs in zip(got, want):
             assert [r[0] for r in g_runs] == [r[0] for r in w_runs]  # identical tokens (same seeded draws)
             assert [r[2] for r in g_runs] == [r[2] for r in w_runs]

@@ -374,6 +374,31 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
         assert st["prefill_rows"] < 48
 
 
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
+def test_prefill_in_chunks_draws_the_same_tokens(policy, continuous):
+    """rollout.prefill_tokens: an admission's distinct prompts prefilled in several forwards (each padded to
+    the admission's longest prompt) give one forward's tokens and log-probs, in more prefill forwards."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    params = SamplingParams(max_new_tokens=12, n=2, seed=8, temperature=1.3)
+    runs = []
+    for budget in (0, 15, 1):  # one forward; 2 prompts of <= 7 tokens per forward; one prompt per forward
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=6, compact_every=3, continuous=continuous,
+                             prefill_tokens=budget)
+        runs.append((eng.generate(_prompts(tok), params), dict(eng.stats)))
+    (want, st0), (got2, st2), (got1, st1) = runs
+    for got in (got2, got1):
+        assert [r.response_ids for r in got] == [r.response_ids for r in want]
+        for g, w in zip(got, want):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    assert st0["prefills"] == st0["admissions"] < st2["prefills"] < st1["prefills"] == st1["prefill_rows"]
+    assert st1["admissions"] == st0["admissions"] and st1["prefill_tokens"] == st0["prefill_tokens"]
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        MegatronEngine(pol, tok.eos_id, tok.pad_id, prefill_tokens=-1)
+
+
 @pytest.mark.parametrize("continuous", [True, False])
 def test_kv_cache_fraction_fits_the_rows_to_free_memory(policy, monkeypatch, continuous):
     """kv_cache_fraction: as many rows as fit in that fraction of the free memory (kv_bytes_per_row is

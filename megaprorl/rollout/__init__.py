@@ -57,7 +57,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
                                   lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
                                   continuous=cfg.rollout.continuous_batching,
                                   kv_cache_fraction=cfg.rollout.kv_cache_fraction,
-                                  decode_attention=cfg.rollout.decode_attention)
+                                  decode_attention=cfg.rollout.decode_attention,
+                                  prefill_tokens=cfg.rollout.prefill_tokens)
         except DecodeAttentionUnavailable as e:  # a config the machine cannot run: the CLI's clean error
             raise ConfigError(str(e)) from None
     raise ValueError(f"rollout.engine must be 'megatron', got {name!r}")

@@ -185,11 +185,12 @@ def _sequence_parallel_off(model):
 # generated tokens (a rollout's first comes from its prefill, each later one from a decode step that ran its
 # row), decode steps (forwards), the rows they ran (running or finished, until refilled or dropped), what
 # lock-step batches without dropping would run, prefill rows (distinct prompts per admission) and their padded
-# tokens, admissions (prefill forwards), compactions
+# tokens, admissions (rows refilled together), prefills (their forwards: more than admissions under
+# prefill_tokens), compactions
 # keys_span: key positions a masked SDPA decode step reads (every row over the furthest row's span), summed over
 # steps and rows; keys_own: those each row attends to (its own extent), what decode_attention='triton' reads
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
-          "prefill_rows", "prefill_tokens", "admissions", "compactions", "keys_span", "keys_own")
+          "prefill_rows", "prefill_tokens", "admissions", "prefills", "compactions", "keys_span", "keys_own")
 DECODE_ATTENTION = ("sdpa", "triton")
 
 
@@ -269,7 +270,7 @@ class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
                  lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True,
                  kv_cache_fraction: float = 0.0, free_memory: Optional[Callable[[], Optional[int]]] = None,
-                 decode_attention: str = "sdpa"):
+                 decode_attention: str = "sdpa", prefill_tokens: int = 0):
         """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
         ``batch_size``: rows decoded together.  ``compact_every``: act on finished rows once they are at
         least 1/compact_every of the rows in the KV cache: with ``continuous`` batching and rollouts still
@@ -283,7 +284,9 @@ class MegatronEngine:
         limit), the smallest count over the model-parallel group so that every stage and TP rank agrees.
         ``decode_attention``: the lean decode step's attention over the cache: ``sdpa`` (the core attention
         module with a mask over the furthest row's span) or ``triton`` (``triton_kernels.decode_attention``:
-        each row reads its own keys, once per query group; CUDA, or the CPU under TRITON_INTERPRET=1)."""
+        each row reads its own keys, once per query group; CUDA, or the CPU under TRITON_INTERPRET=1).
+        ``prefill_tokens`` > 0: an admission's prefill runs in forwards of at most that many padded tokens
+        (distinct prompts x the admission's longest), which bounds its activations and mask; 0: one forward."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
@@ -307,6 +310,9 @@ class MegatronEngine:
             except Unavailable as e:
                 raise DecodeAttentionUnavailable(str(e)) from None
         self.kv_cache_fraction = float(kv_cache_fraction)
+        self.prefill_tokens = int(prefill_tokens)
+        if self.prefill_tokens < 0:
+            raise ValueError(f"rollout.prefill_tokens must be >= 0, got {prefill_tokens}")
         self.free_memory = free_memory if free_memory is not None else _cuda_free_memory
         self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
         self.weights_version = 0
@@ -566,7 +572,9 @@ class MegatronEngine:
     def _admit(self, cache: _Cache, slots: List[int], new: List[int], items, z):
         """Prefill rollouts ``new`` into the free rows ``slots`` of ``cache``: each distinct prompt once (the
         n samples of a prompt share its prefill), through Megatron's forward on a cache of their own, whose
-        keys and values are then copied into the rows.  Returns the logits with the new rows' filled in."""
+        keys and values are then copied into the rows; with ``prefill_tokens``, in chunks of at most that many
+        padded tokens (every chunk padded to the admission's longest prompt, so the rows' positions do not
+        depend on the chunking).  Returns the logits with the new rows' filled in."""
         device = self.policy.device
         first = {}  # prompt index -> its row in the prefill
         for k in new:
@@ -574,8 +582,40 @@ class MegatronEngine:
         prompts = [None] * len(first)
         for k in new:
             prompts[first[items[k][0]]] = items[k][1]
-        src = torch.tensor([first[items[k][0]] for k in new], device=device)
         P = max(len(p) for p in prompts)
+        u = len(prompts)
+        per = max(1, self.prefill_tokens // P) if self.prefill_tokens > 0 else u  # distinct prompts per forward
+        kv = cache.ctx.key_value_memory_dict
+        for c0 in range(0, u, per):
+            chunk = prompts[c0: c0 + per]
+            rows = [i for i, k in enumerate(new) if c0 <= first[items[k][0]] < c0 + per]
+            src = torch.tensor([first[items[new[i]][0]] - c0 for i in rows], device=device)
+            slot_t = torch.tensor([slots[i] for i in rows], device=device)
+            logits, ctx = self._prefill(chunk, P)
+            for layer, mems in ctx.key_value_memory_dict.items():
+                if layer not in kv:  # zeros: rows attend over positions other rows filled, masked but finite
+                    kv[layer] = tuple(m.new_zeros(cache.ctx.max_sequence_length, cache.rows, *m.shape[2:]) for m in mems)
+                for dst, m in zip(kv[layer], mems):
+                    dst[:P].index_copy_(1, slot_t, m.index_select(1, src))
+            del ctx
+            self.stats["prefills"] += 1
+            if logits is not None:  # the last pipeline stage
+                new_z = logits[:, -1, : self.policy.vocab_size].float().index_select(0, src)
+                if z is None:
+                    z = new_z.new_zeros(cache.rows, new_z.shape[1])
+                z.index_copy_(0, slot_t, new_z)
+        for r, k in zip(slots, new):
+            cache.item[r] = k
+            cache.start[r], cache.pos[r] = P - len(items[k][1]), P
+        self.stats["admissions"] += 1
+        self.stats["prefill_rows"] += u
+        self.stats["prefill_tokens"] += u * P
+        return z
+
+    def _prefill(self, prompts: List[List[int]], P: int):
+        """One Megatron forward over ``prompts`` left-padded to ``P`` on an inference context of their own:
+        (logits [b, P, V] on the last stage, else None; the context, whose cache holds their keys and values)."""
+        device = self.policy.device
         u = len(prompts)
         tokens = torch.full((u, P), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros(u, P, dtype=torch.bool, device=device)
@@ -588,27 +628,7 @@ class MegatronEngine:
         allowed |= torch.eye(P, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]
         pos = torch.arange(P, device=device)[None].expand(u, -1)
         ctx = _engine_context(u, P)
-        logits = self._forward(tokens, pos, ~allowed[:, None], ctx)
-        del allowed
-        kv = cache.ctx.key_value_memory_dict
-        slot_t = torch.tensor(slots, device=device)
-        for layer, mems in ctx.key_value_memory_dict.items():
-            if layer not in kv:  # zeros: rows attend over positions other rows filled, masked but finite
-                kv[layer] = tuple(m.new_zeros(cache.ctx.max_sequence_length, cache.rows, *m.shape[2:]) for m in mems)
-            for dst, m in zip(kv[layer], mems):
-                dst[:P].index_copy_(1, slot_t, m.index_select(1, src))
-        for r, k in zip(slots, new):
-            cache.item[r] = k
-            cache.start[r], cache.pos[r] = P - len(items[k][1]), P
-        self.stats["admissions"] += 1
-        self.stats["prefill_rows"] += u
-        self.stats["prefill_tokens"] += u * P
-        if logits is None:  # not the last pipeline stage
-            return None
-        new_z = logits[:, -1, : self.policy.vocab_size].float().index_select(0, src)
-        if z is None:
-            z = new_z.new_zeros(cache.rows, new_z.shape[1])
-        return z.index_copy_(0, slot_t, new_z)
+        return self._forward(tokens, pos, ~allowed[:, None], ctx), ctx
 
     def _step(self, cache: _Cache, last: List[int]):
         """One decode step of every row of the cache (each at its own position: through the lean stage;
