@@ -6,9 +6,9 @@ import pytest
 
 
 @pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
-                                   ["--preset", "tiny-qwen3", "--rollout-batch-size", "8", "--stop-rate", "0.1",
-                                    "--decode-attention", "triton"]],
-                         ids=["tiny", "tiny-packed", "tiny-qwen3"])
+                                   ["--preset", "tiny-qwen3", "--rollout-batch-size", "8", "--stop-rate", "0.1"],
+                                   ["--prompts", "2", "--n-samples", "2", "--decode-attention", "triton"]],
+                         ids=["tiny", "tiny-packed", "tiny-qwen3", "tiny-triton"])
 def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
 
@@ -27,7 +27,8 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert t["rollout"] > 0  # the embedded engine decoded the responses
         assert rep["rollout_tokens_per_s"] > 0
         assert 0 < rep["engine"]["decode_row_steps"] <= rep["engine"]["dense_row_steps"]
-        assert rep["continuous_batching"] and rep["rollout_batch_size"] == (8 if "tiny-qwen3" in extra else 32)
+        rows = 8 if "tiny-qwen3" in extra else 4 if "--prompts" in extra else 32
+        assert rep["continuous_batching"] and rep["rollout_batch_size"] == rows
         assert rep["decode_attention"] == ("triton" if "triton" in extra else "sdpa")  # the interpreter on a CPU
         assert 0 < rep["engine"]["keys_own"] <= rep["engine"]["keys_span"]
         if "--stop-rate" in extra:  # responses end early and unevenly: rows were refilled

@@ -188,32 +188,34 @@ def test_engine_without_lean_decode_keeps_megatrons_attention(policy):
     assert eng.decode_attention == "sdpa"
 
 
-def _tp_job(rank, world, pp):
+def _mp_job(rank, world):
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
 
-    info = init_distributed(world // pp, pp)
-    torch.manual_seed(0)
-    m, p, o = tiny_policy_cfgs()
-    p.tensor_parallel, p.pipeline_parallel = world // pp, pp
-    tok = CharTokenizer()
-    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", pad_id=tok.pad_id)
     out = {}
-    for attention in ("sdpa", "triton"):
-        rollouts, _ = _generate(pol, tok, attention)
-        out[attention] = [(r.response_ids, r.logprobs) for r in rollouts]
+    for pp in (1, 2):  # TP=2, then PP=2, in the same two processes
+        info = init_distributed(world // pp, pp)
+        torch.manual_seed(0)
+        m, p, o = tiny_policy_cfgs()
+        p.tensor_parallel, p.pipeline_parallel = world // pp, pp
+        tok = CharTokenizer()
+        pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id)
+        for attention in ("sdpa", "triton"):
+            rollouts, _ = _generate(pol, tok, attention)
+            out[pp, attention] = [(r.response_ids, r.logprobs) for r in rollouts]
     return out
 
 
-@pytest.mark.parametrize("pp", [1, 2], ids=["tp2", "pp2"])
-def test_engine_with_triton_attention_under_model_parallelism(pp):
+def test_engine_with_triton_attention_under_model_parallelism():
     """TP=2 (each rank its query groups: one group of two heads) and PP=2 (each stage its layers' caches):
     the Triton path draws the SDPA path's tokens on every rank."""
-    for r in run_distributed(_tp_job, 2, (pp,)):
-        assert [t for t, _ in r["triton"]] == [t for t, _ in r["sdpa"]]
-        for (_, g), (_, w) in zip(r["triton"], r["sdpa"]):
-            assert g == pytest.approx(w, abs=1e-5)
+    for r in run_distributed(_mp_job, 2):
+        for pp in (1, 2):
+            got, want = r[pp, "triton"], r[pp, "sdpa"]
+            assert [t for t, _ in got] == [t for t, _ in want], pp
+            for (_, g), (_, w) in zip(got, want):
+                assert g == pytest.approx(w, abs=1e-5)
 
 
 @pytest.mark.gpu
