@@ -638,9 +638,8 @@ class MegatronEngine:
         tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
         pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
         start = torch.tensor(cache.start, dtype=torch.long, device=device)
-        longest = max(p - s for p, s in zip(cache.pos, cache.start)) + 1
         if self.decode_attention == "triton":
-            mask = _Extents(start, pos + 1, longest)
+            mask = _Extents(start, pos + 1, max(p - s for p, s in zip(cache.pos, cache.start)) + 1)
         else:
             span = torch.arange(max(cache.pos) + 1, device=device)[None]
             mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
