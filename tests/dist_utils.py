@@ -14,10 +14,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, environ):
     import torch
     import torch.distributed as dist
 
+    os.environ.clear()  # the caller's environment now, not the fork server's from when it started
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -33,15 +35,34 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+# Imported once by the fork server, so each rank starts with them loaded (Megatron-core's import alone
+# is ~10 s of CPU; a test of 4 ranks on 2 cores paid ~20 s of it before doing anything).  The server
+# imports them and nothing else: every rank is still a fresh process with no state from other tests.
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
+           "megatron.core.pipeline_parallel", "megaprorl.trainer", "megaprorl.models.gpt",
+           "megaprorl.rollout.megatron_engine", "megaprorl.policy"]
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
+
+
 def run_distributed(fn, world_size=2, args=(), timeout=300):
-    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return [result per rank].
+    """Start ``world_size`` processes running ``fn(rank, world_size, *args)``; return [result per rank].
 
     ``fn`` must be importable (module level) and return picklable values (CPU tensors are fine).
+    The processes are forked from a server that has imported ``PRELOAD`` (nothing runs there) and
+    run with this process's environment as it is at the call.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, dict(os.environ))) for r in range(world_size)]
     for p in procs:
         p.start()
     results = {}
