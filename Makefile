@@ -11,7 +11,7 @@ STAMP_DEV := $(VENV)/.installed-dev
 # (0.17+ needs Python 3.12).
 CPU_PINS := torch==2.13.0 megatron-core==0.16.1
 
-.PHONY: demo test install install-dev clean lint
+.PHONY: demo test install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

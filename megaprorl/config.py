@@ -28,6 +28,14 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key (and file) at fault."""
 
 
+def require_wandb() -> None:
+    """``logging.wandb_project`` needs wandb: a ConfigError naming the key and the install when it is missing
+    (checked when a config is loaded, and by ``RunLogger`` for callers that build one directly)."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("config key 'logging.wandb_project': wandb is not installed (pip install wandb, or "
+                          "pip install -e .[wandb])")
+
+
 @dataclass
 class RopeScalingConfig:
     """HF config.json's ``rope_scaling``, same names: none, ``linear`` (positions / factor), Llama-3.x's
@@ -365,8 +373,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
     need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
-    need(not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None, "logging.wandb_project",
-         "wandb is not installed (pip install wandb, or pip install -e .[wandb])")
+    if cfg.logging.wandb_project:
+        require_wandb()
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",

@@ -93,13 +93,11 @@ class RunLogger:
 
 
 def _wandb_run(run_dir: str, project: str, name: str, config: Optional[Dict], resume: bool):
-    try:
-        import wandb
-    except ImportError:
-        from .config import ConfigError
+    from .config import require_wandb
 
-        raise ConfigError("config key 'logging.wandb_project': wandb is not installed (pip install wandb, or "
-                          "pip install -e .[wandb])") from None
+    require_wandb()
+    import wandb
+
     id_path = os.path.join(run_dir, "wandb_run_id")
     run_id = None
     if resume and os.path.exists(id_path):

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_kernels.decode_attention import check_device, decode_attention, reference  # noqa: E402
+from triton_kernels.decode_attention import decode_attention, reference  # noqa: E402
 from triton_kernels.policy_loss import interpreting  # noqa: E402
 
 from dist_utils import run_distributed  # noqa: E402
@@ -84,11 +84,11 @@ def test_refuses_what_does_not_fit(monkeypatch):
     with pytest.raises(ValueError, match="contiguous"):
         decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, start, end)
     if DEVICE == "cpu":
-        import triton_kernels.decode_attention as da
+        import triton_kernels.policy_loss as pl
 
-        monkeypatch.setattr(da, "interpreting", lambda: False)
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*use 'sdpa'"):
-            check_device(q)
+        monkeypatch.setattr(pl, "interpreting", lambda: False)  # check_device's, shared with the loss kernels
+        with pytest.raises(pl.TritonUnavailable, match="=triton runs on CUDA.*TRITON_INTERPRET=1.*use 'sdpa'"):
+            decode_attention(q, k, v, start, end)
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -164,7 +164,7 @@ def test_triton_where_it_cannot_run_is_a_config_error(policy, monkeypatch):
     key (the CLI prints it as `error: ...`), not a traceback from the kernel module."""
     from types import SimpleNamespace
 
-    import triton_kernels.decode_attention as da
+    import triton_kernels.policy_loss as pl
     from megaprorl.config import ConfigError, load_config
     from megaprorl.rollout import build_engine
 
@@ -173,8 +173,8 @@ def test_triton_where_it_cannot_run_is_a_config_error(policy, monkeypatch):
     cfg = load_config(demo, ["rollout.decode_attention=triton"])
     tokenizer = SimpleNamespace(eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=[])
     if DEVICE == "cpu":
-        monkeypatch.setattr(da, "interpreting", lambda: False)
-        with pytest.raises(ConfigError, match="rollout.decode_attention=triton runs on CUDA tensors"):
+        monkeypatch.setattr(pl, "interpreting", lambda: False)
+        with pytest.raises(ConfigError, match="'rollout.decode_attention': rollout.decode_attention=triton runs on CUDA"):
             build_engine(cfg, pol, tokenizer)
         monkeypatch.undo()
     assert build_engine(cfg, pol, tokenizer).decode_attention == "triton"

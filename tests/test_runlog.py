@@ -41,7 +41,7 @@ def test_wandb_logs_the_scalars_and_a_resume_continues_the_run(tmp_path, monkeyp
     assert len(runs) == 2 and b"0.5625" in runs[1]
 
 
-def test_wandb_project_without_wandb_is_a_config_error(monkeypatch):
+def test_wandb_project_without_wandb_is_a_config_error(monkeypatch, tmp_path):
     import importlib.util
 
     from megaprorl.config import ConfigError, load_config
@@ -52,3 +52,5 @@ def test_wandb_project_without_wandb_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="logging.wandb_project.*wandb is not installed"):
         load_config(demo, ["logging.wandb_project=p"])
     assert load_config(demo, []).logging.wandb_project == ""
+    with pytest.raises(ConfigError, match="logging.wandb_project.*wandb is not installed"):  # built directly
+        RunLogger(str(tmp_path / "run"), tensorboard=False, progress=False, wandb_project="p")

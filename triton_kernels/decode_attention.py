@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .policy_loss import HAVE_TRITON, interpreting
+from .policy_loss import HAVE_TRITON, check_device, interpreting
 
 if HAVE_TRITON:
     import triton
@@ -118,19 +118,7 @@ def _kernels():
     return _KERNEL_CACHE[key]
 
 
-class Unavailable(RuntimeError):
-    """The kernel cannot run here (no triton, or neither CUDA nor the interpreter)."""
-
-
-def check_device(t: torch.Tensor) -> None:
-    """Raise ``Unavailable`` with a clear message when the kernel cannot run on ``t``'s device."""
-    if not HAVE_TRITON:
-        raise Unavailable("rollout.decode_attention=triton needs triton (pip install triton); use 'sdpa'")
-    if t.device.type != "cuda" and not interpreting():
-        raise Unavailable(f"rollout.decode_attention=triton runs on CUDA tensors (or on the CPU under "
-                           f"TRITON_INTERPRET=1, set before triton is imported); the model is on {t.device}: use 'sdpa'")
-
-
+FEATURE, INSTEAD = "rollout.decode_attention=triton", "'sdpa'"  # for check_device's message
 MIN_SPLIT = 256  # positions: a split shorter than this costs more in its combine than it gains in parallelism
 MAX_SPLITS = 32  # the combine's block: one compiled combine whatever the split count
 
@@ -156,7 +144,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: t
     [seq, b, groups, d] at positions ``start[r] <= s < end[r]``.  Returns [b, heads, d] in q's dtype.
     ``max_len``: the longest extent (end - start) when the caller knows it (saves a device sync);
     ``splits``/``block_n`` override the launch plan (tests)."""
-    check_device(q)
+    check_device(q, FEATURE, INSTEAD)
     b, heads, D = q.shape
     S, bk, groups, Dk = k.shape
     if (bk, Dk) != (b, D) or v.shape != k.shape or heads % groups:

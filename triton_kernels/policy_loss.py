@@ -236,16 +236,22 @@ def _kernels():
     return _KERNEL_CACHE[key]
 
 
-def check_device(t: torch.Tensor) -> None:
-    """Raise a clear error when the Triton kernels cannot run on ``t``'s device."""
+class TritonUnavailable(RuntimeError):
+    """A Triton kernel cannot run here: no triton, or a tensor on neither CUDA nor the interpreter."""
+
+
+def check_device(t: torch.Tensor, feature: str = "backend 'triton'", instead: str = "backend='torch'") -> None:
+    """Raise ``TritonUnavailable`` naming ``feature`` (what was asked for) and ``instead`` (what runs here)
+    when the Triton kernels cannot run on ``t``'s device."""
     if not HAVE_TRITON:
-        raise RuntimeError("backend 'triton' needs triton (pip install triton)")
-    if t.device.type == "cpu" and not interpreting():
+        raise TritonUnavailable(f"{feature} needs triton (pip install triton); use {instead}")
+    if t.device.type != "cuda" and not interpreting():
         late = os.environ.get("TRITON_INTERPRET") == "1" and not _lang_interpreted()
-        raise RuntimeError("backend 'triton' on CPU tensors runs only under the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 in the environment before triton is first imported in the process"
-                           + (" (it was set after triton had been imported)" if late else "")
-                           + ", or use backend='torch'")
+        raise TritonUnavailable(f"{feature} runs on CUDA tensors, or on {t.device.type} tensors only under the Triton "
+                                "interpreter: set TRITON_INTERPRET=1 in the environment before triton is first "
+                                "imported in the process"
+                                + (" (it was set after triton had been imported)" if late else "")
+                                + f", or use {instead}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,5 +490,5 @@ def policy_loss_triton(logits, tokens, old_logp, ref_logp, adv, weight, spec, *,
 
 
 __all__ = ["policy_loss_triton", "row_statistics", "token_loss", "logits_grad", "combine_tp_stats",
-           "loss_and_grad", "entropy_deferred", "DEFER_ENTROPY", "interpreting", "check_device", "HAVE_TRITON",
-           "GRAD_MODES"]
+           "loss_and_grad", "entropy_deferred", "DEFER_ENTROPY", "interpreting", "check_device", "TritonUnavailable",
+           "HAVE_TRITON", "GRAD_MODES"]

@@ -48,17 +48,13 @@ class Engine(Protocol):
 def build_engine(cfg, policy, tokenizer) -> Engine:
     name = cfg.rollout.engine
     if name == "megatron":
-        from ..config import ConfigError
-        from .megatron_engine import DecodeAttentionUnavailable, MegatronEngine
+        from .megatron_engine import MegatronEngine
 
-        try:
-            return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                  batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
-                                  lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
-                                  continuous=cfg.rollout.continuous_batching,
-                                  kv_cache_fraction=cfg.rollout.kv_cache_fraction,
-                                  decode_attention=cfg.rollout.decode_attention,
-                                  prefill_tokens=cfg.rollout.prefill_tokens)
-        except DecodeAttentionUnavailable as e:  # a config the machine cannot run: the CLI's clean error
-            raise ConfigError(str(e)) from None
+        return MegatronEngine(policy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              batch_size=cfg.rollout.batch_size, compact_every=cfg.rollout.compact_every,
+                              lean_decode=cfg.rollout.lean_decode, stop_ids=tokenizer.stop_ids,
+                              continuous=cfg.rollout.continuous_batching,
+                              kv_cache_fraction=cfg.rollout.kv_cache_fraction,
+                              decode_attention=cfg.rollout.decode_attention,
+                              prefill_tokens=cfg.rollout.prefill_tokens)
     raise ValueError(f"rollout.engine must be 'megatron', got {name!r}")

@@ -194,10 +194,6 @@ _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decod
 DECODE_ATTENTION = ("sdpa", "triton")
 
 
-class DecodeAttentionUnavailable(RuntimeError):
-    """``decode_attention='triton'`` on a machine that cannot run the kernel."""
-
-
 class _Extents:
     """A decode step's attention extents for the Triton kernel, instead of a mask: row r attends to the cache
     positions start[r] <= s < end[r]; ``longest`` = max(end - start) (host-side, saves the kernel a sync)."""
@@ -300,15 +296,19 @@ class MegatronEngine:
             raise ValueError(f"rollout.decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         self.decode_attention = decode_attention if self.lean_decode else "sdpa"  # Megatron's forward: its own
         if self.decode_attention == "triton":
+            # a config this machine cannot run: ConfigError, the CLI's clean error naming the key
+            from ..config import ConfigError
+
             try:
-                from triton_kernels.decode_attention import Unavailable, check_device
+                from triton_kernels.decode_attention import FEATURE, INSTEAD
+                from triton_kernels.policy_loss import TritonUnavailable, check_device
             except ImportError as e:
-                raise DecodeAttentionUnavailable(f"rollout.decode_attention=triton: the triton_kernels package does not "
-                                                 f"import ({e}); use 'sdpa'") from None
+                raise ConfigError(f"config key 'rollout.decode_attention': triton: the triton_kernels package does "
+                                  f"not import ({e}); use 'sdpa'") from None
             try:
-                check_device(torch.empty(0, device=policy.device))
-            except Unavailable as e:
-                raise DecodeAttentionUnavailable(str(e)) from None
+                check_device(torch.empty(0, device=policy.device), FEATURE, INSTEAD)
+            except TritonUnavailable as e:
+                raise ConfigError(f"config key 'rollout.decode_attention': {e}") from None
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.prefill_tokens = int(prefill_tokens)
         if self.prefill_tokens < 0:
