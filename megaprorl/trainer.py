@@ -30,6 +30,7 @@ from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
+from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import dp_group, dp_rank, dp_world, init_distributed, tp_rank
 from .policy import Policy, SeqBatch, build_seq_batch
@@ -96,6 +97,7 @@ class Trainer:
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
                              loss_grad_mode=cfg.train.loss_grad_mode, **head)
+        self._say(describe_policy(cfg.model, cfg.parallel, self.policy.model))
         if load_src is not None:
             from .dist_ckpt import load_policy
 

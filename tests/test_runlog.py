@@ -37,8 +37,8 @@ def test_wandb_logs_the_scalars_and_a_resume_continues_the_run(tmp_path, monkeyp
     log.log(2, {"reward": 0.5625})
     log.close()
     assert open(os.path.join(run_dir, "wandb_run_id")).read().strip() == run_id
-    runs = _offline_records(run_dir, run_id)
-    assert len(runs) == 2 and b"0.5625" in runs[1]
+    runs = _offline_records(run_dir, run_id)  # one directory per process, named by the second it started
+    assert b"0.5625" in runs[-1]
 
 
 def test_wandb_project_without_wandb_is_a_config_error(monkeypatch, tmp_path):

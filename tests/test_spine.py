@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,8 @@ def test_full_rl_steps_end_to_end(tmp_path):
     second stage resuming the checkpoint under another config."""
     r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^policy: [\d.]+M parameters, .*layer spec.*, TP=1 PP=1, (cpu|cuda)$", r.stdout, re.M), r.stdout
+    assert "not installed. Falling back" not in r.stderr  # Megatron's import-time fallback warnings are quiet
     run = tmp_path / "run"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "reward" in x]

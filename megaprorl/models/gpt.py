@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..parallel import compat
@@ -60,6 +62,10 @@ def transformer_config(mcfg, pcfg):
         kwargs.update(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe)
     if not on_gpu:
         kwargs.update(attention_backend=_local_attention_backend())
+    if "cuda_graph_scope" in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        # Megatron 0.16's default, "full", is deprecated by Megatron itself (a warning per config) for its
+        # equivalent, the empty list: the whole layer when CUDA graphs are on (they are not here)
+        kwargs.update(cuda_graph_scope=[])
     return TransformerConfig(**kwargs)
 
 
@@ -98,6 +104,21 @@ def use_transformer_engine(mcfg) -> bool:
         except ImportError:
             return False
     raise ValueError(f"model.transformer_impl must be local, transformer_engine or auto, got {impl!r}")
+
+
+def describe(mcfg, pcfg, model) -> str:
+    """One line on what a policy runs: parameters, layer spec and why, attention, dtype, layout, device."""
+    n = sum(p.numel() for p in model.parameters())
+    where = "" if pcfg.tensor_parallel * pcfg.pipeline_parallel == 1 else " on this rank's shard"
+    if use_transformer_engine(mcfg):
+        spec = "TransformerEngine layer spec" + (f", FP8 {mcfg.fp8} ({mcfg.fp8_recipe})" if mcfg.fp8 else "")
+    else:
+        why = {"local": "model.transformer_impl=local"}.get(
+            mcfg.transformer_impl, "no CUDA" if not torch.cuda.is_available() else "TransformerEngine is not installed")
+        spec = f"local layer spec ({why}), attention {getattr(mcfg, 'attention', 'sdpa')}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (f"policy: {n / 1e6:.2f}M parameters{where}, {spec}, {mcfg.params_dtype}, "
+            f"TP={pcfg.tensor_parallel} PP={pcfg.pipeline_parallel}, {device}")
 
 
 def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
