@@ -126,6 +126,9 @@ class RolloutConfig:
     # embedded engine, lean decode steps: attention over the KV cache through "sdpa" (masked, every row over the
     # furthest row's span) or "triton" (triton_kernels.decode_attention: each row its own keys; CUDA)
     decode_attention: str = "sdpa"
+    # embedded engine, lean decode steps: replay each KV cache's decode step as a CUDA graph (one capture per
+    # cache; needs decode_attention=triton, a CUDA device and parallel.pipeline_parallel=1)
+    cuda_graphs: bool = False
     # embedded engine: an admission's prefill runs in forwards of at most this many padded tokens (distinct
     # prompts x the admission's longest prompt), bounding its activations and mask; 0: one forward per admission
     prefill_tokens: int = 0
@@ -372,6 +375,12 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
+    need(not cfg.rollout.cuda_graphs or cfg.rollout.decode_attention == "triton", "rollout.cuda_graphs",
+         "needs rollout.decode_attention=triton (a step of fixed shapes; the SDPA path's span grows with the rows' "
+         "positions)")
+    need(not cfg.rollout.cuda_graphs or cfg.parallel.pipeline_parallel == 1, "rollout.cuda_graphs",
+         "the pipeline-parallel decode step is not captured; set parallel.pipeline_parallel=1 or "
+         "rollout.cuda_graphs=false")
     need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
     if cfg.logging.wandb_project:
         require_wandb()

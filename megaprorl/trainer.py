@@ -125,8 +125,8 @@ class Trainer:
             self._say(f"rollout: continuous batching needs the engine's lean decode step and compact_every > 0 "
                       f"({why}): decoding in lock-step batches")
         if cfg.rollout.decode_attention == "triton" and getattr(self.engine, "decode_attention", "triton") != "triton":
-            self._say("rollout: decode_attention=triton applies to the engine's lean decode steps, which this model "
-                      "does not take: decode steps attend through Megatron's forward")
+            self._say("rollout: decode_attention=triton and cuda_graphs apply to the engine's lean decode steps, "
+                      "which this model does not take: decode steps run Megatron's forward")
         self.rewards = RewardPool(cfg.rewards)
         self.source = self._build_source()
         self.eval_records = self._build_eval_records()

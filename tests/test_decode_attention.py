@@ -129,6 +129,57 @@ def test_engine_with_triton_attention_draws_sdpas_tokens(policy, continuous):
     assert len({len(r.response_ids) for r in want}) >= 3
 
 
+def _generate_graphed(pol, tok, continuous, batch=4):
+    """The engine with its decode steps through ``_StepGraph``.  Without CUDA the engine refuses
+    ``cuda_graphs=True``, so it is switched on after construction: the step graphs then run their captured
+    function eagerly on their static buffers (the fixed split plan, the device-side extents, a graph per cache)."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=batch, compact_every=3, continuous=continuous,
+                         decode_attention="triton", cuda_graphs=DEVICE == "cuda")
+    eng.cuda_graphs = True
+    params = SamplingParams(max_new_tokens=14, n=2, seed=5, temperature=1.5)
+    return eng.generate(_prompts(tok), params), dict(eng.stats)
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
+def test_engine_step_graphs_draw_the_eager_steps_tokens(policy, continuous):
+    """rollout.cuda_graphs: the decode steps through one step graph per KV cache (static buffers, the split plan
+    of the cache's length) draw the eager Triton path's tokens, log-probs within 1e-5, with a new graph after
+    every compaction and for every lock-step batch.  On a GPU the graphs are captured and replayed."""
+    pol, tok = policy
+    want, st_want = _generate(pol, tok, "triton", continuous)
+    got, st_got = _generate_graphed(pol, tok, continuous)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    caches = 1 + st_got["compactions"] if continuous else -(-len(want) // st_got["rows"]) + st_got["compactions"]
+    assert st_got["graphs"] == caches and st_got["compactions"] >= 1
+    assert st_want["graphs"] == 0
+    assert {k: v for k, v in st_got.items() if k != "graphs"} == {k: v for k, v in st_want.items() if k != "graphs"}
+
+
+def test_engine_step_graphs_refuse_what_they_cannot_capture(policy):
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    with pytest.raises(ConfigError, match="'rollout.cuda_graphs': needs rollout.decode_attention=triton"):
+        MegatronEngine(pol, tok.eos_id, tok.pad_id, decode_attention="sdpa", cuda_graphs=True)
+    if DEVICE == "cpu":
+        with pytest.raises(ConfigError, match="'rollout.cuda_graphs': CUDA graphs need a CUDA device"):
+            MegatronEngine(pol, tok.eos_id, tok.pad_id, decode_attention="triton", cuda_graphs=True)
+    assert not MegatronEngine(pol, tok.eos_id, tok.pad_id, lean_decode=False, cuda_graphs=True).cuda_graphs
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    with pytest.raises(ConfigError, match="rollout.cuda_graphs.*decode_attention=triton"):
+        load_config(demo, ["rollout.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="rollout.cuda_graphs.*pipeline_parallel=1"):
+        load_config(demo, ["rollout.cuda_graphs=true", "rollout.decode_attention=triton",
+                           "parallel.pipeline_parallel=2"])
+    assert load_config(demo, ["rollout.cuda_graphs=true", "rollout.decode_attention=triton"]).rollout.cuda_graphs
+
+
 def test_engine_key_counts(policy):
     """keys_span / keys_own: per decode step, rows x (the furthest row's position + 1) and the sum of the rows'
     extents, summed over steps."""

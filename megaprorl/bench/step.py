@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
     ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton"),
                     help="rollout.decode_attention: the lean decode step's attention over the KV cache")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="rollout.cuda_graphs: replay each KV cache's decode step as a CUDA graph (needs "
+                         "--decode-attention triton and a GPU)")
     ap.add_argument("--stop-rate", type=float, default=0.0,
                     help="make that share of the vocabulary stop tokens, so that the random policy's responses end "
                          "at about that rate per token and spread over the budget as RL responses do (0: only "
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ..algo.loss import LossSpec, aggregation_weights
+    from ..config import ConfigError
     from ..models.gpt import use_transformer_engine
     from ..parallel import dp_rank, init_distributed
     from ..policy import Policy, build_seq_batch
@@ -157,8 +161,13 @@ def main(argv=None) -> int:
     if not 0.0 <= args.stop_rate < 1.0:
         raise SystemExit(f"--stop-rate must be in [0, 1), got {args.stop_rate}")
     stops = range(2, 2 + int(args.stop_rate * p["vocab"]))
-    engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
-                            continuous=not args.lock_step, stop_ids=stops, decode_attention=args.decode_attention)
+    try:
+        engine = MegatronEngine(policy, eos_id=eos, pad_id=0,
+                                batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
+                                continuous=not args.lock_step, stop_ids=stops, decode_attention=args.decode_attention,
+                                cuda_graphs=args.cuda_graphs)
+    except ConfigError as e:  # e.g. --cuda-graphs without --decode-attention triton, or on a CPU
+        raise SystemExit(f"error: {e}") from None
     gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
 
@@ -240,7 +249,7 @@ def main(argv=None) -> int:
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
         "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous, "stop_rate": args.stop_rate,
-        "decode_attention": engine.decode_attention,
+        "decode_attention": engine.decode_attention, "cuda_graphs": engine.cuda_graphs,
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
@@ -265,9 +274,11 @@ def main(argv=None) -> int:
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
         if res["rollout_tokens_per_s"] is not None:
             e = res["engine"]
+            graphs = f", {e['graphs']} step graphs" if engine.cuda_graphs else ""
             print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; {e['decode_steps']} decode steps, "
                   f"decode rows {e['decode_row_steps']} of {e['dense_row_steps']} in lock-step, {e['admissions']} "
-                  f"admissions, {e['compactions']} compactions; attention {engine.decode_attention}, rows attended to "
+                  f"admissions, {e['compactions']} compactions; attention {engine.decode_attention}{graphs}, "
+                  f"rows attended to "
                   f"{e['keys_own'] / max(e['keys_span'], 1):.2f} of the keys in their span")
         if mfu_update is not None:
             print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "

@@ -56,5 +56,5 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
                               continuous=cfg.rollout.continuous_batching,
                               kv_cache_fraction=cfg.rollout.kv_cache_fraction,
                               decode_attention=cfg.rollout.decode_attention,
-                              prefill_tokens=cfg.rollout.prefill_tokens)
+                              prefill_tokens=cfg.rollout.prefill_tokens, cuda_graphs=cfg.rollout.cuda_graphs)
     raise ValueError(f"rollout.engine must be 'megatron', got {name!r}")

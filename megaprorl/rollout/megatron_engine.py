@@ -52,6 +52,12 @@ the cache's first span positions (the furthest row's position + 1) and a mask, s
 whole span; ``triton`` runs ``triton_kernels.decode_attention``, where each row reads only its own keys
 (``start`` to its position), once per query group.  The stats ``keys_span`` / ``keys_own`` count the two.
 
+With ``cuda_graphs`` (and the Triton attention) each KV cache's decode step is captured once as a CUDA graph
+and replayed for every later step of that cache (``_StepGraph``): the rows' tokens, positions and first key
+positions are copied into the graph's input buffers, and the kernel reads each row's extent on the device, with
+its split plan fixed for the cache's length.  A compaction (new tensors, fewer rows) or a new cache captures
+anew; the stat ``graphs`` counts the captures.  Sampling stays outside the graph.
+
 Under ``model.fp8`` the engine samples with FP8 switched off (the parameters' own dtype): FP8 GEMMs need
 token counts divisible by 16 and a decode step has one token per row; the trainer's FP8 forward
 recomputes the old-policy log-probs that the loss uses.
@@ -187,10 +193,12 @@ def _sequence_parallel_off(model):
 # lock-step batches without dropping would run, prefill rows (distinct prompts per admission) and their padded
 # tokens, admissions (rows refilled together), prefills (their forwards: more than admissions under
 # prefill_tokens), compactions
+# graphs: decode-step graphs built (rollout.cuda_graphs: one per cache, a new one after each compaction)
 # keys_span: key positions a masked SDPA decode step reads (every row over the furthest row's span), summed over
 # steps and rows; keys_own: those each row attends to (its own extent), what decode_attention='triton' reads
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
-          "prefill_rows", "prefill_tokens", "admissions", "prefills", "compactions", "keys_span", "keys_own")
+          "prefill_rows", "prefill_tokens", "admissions", "prefills", "compactions", "keys_span", "keys_own",
+          "graphs")
 DECODE_ATTENTION = ("sdpa", "triton")
 
 
@@ -247,6 +255,7 @@ class _Cache:
 
     def __init__(self, rows: int, seq: int):
         self.ctx = _engine_context(rows, seq)  # Megatron's forward reads its buffers and offset
+        self.graph: Optional[_StepGraph] = None  # its decode step, captured (rollout.cuda_graphs)
         self.item = [-1] * rows
         self.start = [0] * rows
         self.pos = [0] * rows
@@ -262,11 +271,56 @@ class _Cache:
         return [r for r, i in enumerate(self.item) if i >= 0]
 
 
+class _StepGraph:
+    """One cache's decode step as a CUDA graph (``cuda_graphs``): the lean stage with the Triton attention, on
+    static input buffers (each row's last token, its position and its first key position), with the kernel's
+    split plan fixed for the cache's length, so one capture serves every step of the cache's life (its rows,
+    tensors and shapes stay until a compaction makes new ones).  A GPU decodes a small model host-bound, every
+    layer's kernels launched from Python; a replay launches them all at once.  Each row's extent is read on the
+    device, so nothing of a step's host state is baked into the graph.  The logits come back in the graph's
+    output buffer, valid until the next replay.  Without CUDA (tests) the same function runs eagerly on the
+    same buffers."""
+
+    def __init__(self, engine: "MegatronEngine", cache: _Cache, pool):
+        dev = engine.policy.device
+        self.tokens = torch.zeros(cache.rows, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(cache.rows, 1, dtype=torch.long, device=dev)
+        self.start = torch.zeros(cache.rows, dtype=torch.long, device=dev)
+        self._engine, self._cache, self._pool = engine, cache, pool
+        self._graph = None
+        self._out = None
+
+    def _run(self) -> torch.Tensor:
+        e, ctx = self._engine, self._cache.ctx
+        extents = _Extents(self.start, self.pos[:, 0] + 1, ctx.max_sequence_length)  # plan: the cache's length
+        logits = e._lean_stage(self.tokens, self.pos, extents, ctx, None, True, True)
+        return logits[:, -1, : e.policy.vocab_size].float()
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.start.copy_(start)
+        if self.tokens.device.type != "cuda":
+            return self._run()
+        if self._graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, the GEMM libraries choose their kernels
+                self._run()  # (it writes this step's keys and values, which the replay writes again alike)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (NCCL's watchdog) may touch CUDA while this one captures
+            with torch.cuda.graph(self._graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._out = self._run()
+        self._graph.replay()
+        return self._out
+
+
 class MegatronEngine:
     def __init__(self, policy, eos_id: int, pad_id: int, batch_size: int = 64, compact_every: int = 8,
                  lean_decode: bool = True, stop_ids: Sequence[int] = (), continuous: bool = True,
                  kv_cache_fraction: float = 0.0, free_memory: Optional[Callable[[], Optional[int]]] = None,
-                 decode_attention: str = "sdpa", prefill_tokens: int = 0):
+                 decode_attention: str = "sdpa", prefill_tokens: int = 0, cuda_graphs: bool = False):
         """A response ends at ``eos_id`` or any of ``stop_ids`` (the token is kept in the response).
         ``batch_size``: rows decoded together.  ``compact_every``: act on finished rows once they are at
         least 1/compact_every of the rows in the KV cache: with ``continuous`` batching and rollouts still
@@ -282,7 +336,10 @@ class MegatronEngine:
         module with a mask over the furthest row's span) or ``triton`` (``triton_kernels.decode_attention``:
         each row reads its own keys, once per query group; CUDA, or the CPU under TRITON_INTERPRET=1).
         ``prefill_tokens`` > 0: an admission's prefill runs in forwards of at most that many padded tokens
-        (distinct prompts x the admission's longest), which bounds its activations and mask; 0: one forward."""
+        (distinct prompts x the admission's longest), which bounds its activations and mask; 0: one forward.
+        ``cuda_graphs``: the lean decode steps replay a CUDA graph, one per cache (``_StepGraph``); needs
+        ``decode_attention='triton'``, a CUDA device and one pipeline stage; off where the model does not take
+        the lean step."""
         self.policy = policy
         self.eos_id, self.pad_id = eos_id, pad_id
         self.stop_ids = sorted({int(eos_id), *(int(i) for i in stop_ids)})
@@ -309,6 +366,21 @@ class MegatronEngine:
                 check_device(torch.empty(0, device=policy.device), FEATURE, INSTEAD)
             except TritonUnavailable as e:
                 raise ConfigError(f"config key 'rollout.decode_attention': {e}") from None
+        self.cuda_graphs = bool(cuda_graphs) and self.lean_decode
+        self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
+        if self.cuda_graphs:
+            from ..config import ConfigError
+
+            if self.decode_attention != "triton":
+                raise ConfigError("config key 'rollout.cuda_graphs': needs rollout.decode_attention=triton (a step of "
+                                  "fixed shapes; the SDPA path's span grows with the rows' positions)")
+            if self.pp > 1:
+                raise ConfigError("config key 'rollout.cuda_graphs': the pipeline-parallel decode step is not "
+                                  "captured; set parallel.pipeline_parallel=1 or rollout.cuda_graphs=false")
+            if policy.device.type != "cuda":
+                raise ConfigError(f"config key 'rollout.cuda_graphs': CUDA graphs need a CUDA device; the model is "
+                                  f"on {policy.device}")
+        self._graph_pool = None  # the memory pool that a generate() call's step graphs share
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.prefill_tokens = int(prefill_tokens)
         if self.prefill_tokens < 0:
@@ -317,7 +389,6 @@ class MegatronEngine:
         self.stats = dict.fromkeys(_STATS, 0)  # of the last generate()
         self.weights_version = 0
         self._awake = True
-        self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
 
     # The engine shares the policy's parameters, so new weights are visible at once.
     def update_weights(self, step: Optional[int] = None) -> None:
@@ -354,6 +425,7 @@ class MegatronEngine:
                 out = self._decode(items, params, on_finish)
         finally:
             model.train(was_training)
+            self._graph_pool = None  # the call's graphs went with its caches
             if self.pp > 1:
                 model.set_input_tensor(None)
         lens, rows = [len(r.response_ids) for r in out], self.stats["rows"]
@@ -631,30 +703,39 @@ class MegatronEngine:
         return self._forward(tokens, pos, ~allowed[:, None], ctx), ctx
 
     def _step(self, cache: _Cache, last: List[int]):
-        """One decode step of every row of the cache (each at its own position: through the lean stage;
-        all at one: through Megatron's forward, which writes the cache at ``sequence_len_offset``)."""
+        """One decode step of every row of the cache (each at its own position: through the lean stage, or its
+        CUDA graph; all at one: through Megatron's forward, which writes the cache at ``sequence_len_offset``)."""
         device = self.policy.device
         R = cache.rows
         tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
         pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
         start = torch.tensor(cache.start, dtype=torch.long, device=device)
-        if self.decode_attention == "triton":
-            mask = _Extents(start, pos + 1, max(p - s for p, s in zip(cache.pos, cache.start)) + 1)
-        else:
-            span = torch.arange(max(cache.pos) + 1, device=device)[None]
-            mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
         self.stats["keys_span"] += R * (max(cache.pos) + 1)
         self.stats["keys_own"] += sum(cache.pos) - sum(cache.start) + R
-        if not self.lean_decode:
-            assert len(set(cache.pos)) == 1, "Megatron's forward decodes every row at one position"
-            cache.ctx.sequence_len_offset = cache.pos[0]
-        logits = self._forward(tokens, pos[:, None], mask, cache.ctx, self.lean_decode)
+        if self.cuda_graphs:
+            if cache.graph is None:
+                if self._graph_pool is None and device.type == "cuda":
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                cache.graph = _StepGraph(self, cache, self._graph_pool)
+                self.stats["graphs"] += 1
+            z = cache.graph(tokens, pos[:, None], start)
+        else:
+            if self.decode_attention == "triton":
+                mask = _Extents(start, pos + 1, max(p - s for p, s in zip(cache.pos, cache.start)) + 1)
+            else:
+                span = torch.arange(max(cache.pos) + 1, device=device)[None]
+                mask = ~((span >= start[:, None]) & (span <= pos[:, None]))[:, None, None, :]  # True = masked
+            if not self.lean_decode:
+                assert len(set(cache.pos)) == 1, "Megatron's forward decodes every row at one position"
+                cache.ctx.sequence_len_offset = cache.pos[0]
+            logits = self._forward(tokens, pos[:, None], mask, cache.ctx, self.lean_decode)
+            z = None if logits is None else logits[:, -1, : self.policy.vocab_size].float()
         for r in range(R):
             if cache.item[r] >= 0 or not self.continuous:
                 cache.pos[r] += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_row_steps"] += R
-        return None if logits is None else logits[:, -1, : self.policy.vocab_size].float()
+        return z
 
     def _compact(self, cache: _Cache, last: List[int]) -> List[int]:
         """Drop the free rows from the KV cache (a copy of the running rows' filled positions).  Every rank
@@ -667,6 +748,7 @@ class MegatronEngine:
             kv[layer] = tuple(self._cache_rows(m, keep_t, filled) for m in mems)
         cache.item, cache.start, cache.pos = ([v[r] for r in keep] for v in (cache.item, cache.start, cache.pos))
         cache.ctx.max_batch_size = len(keep)
+        cache.graph = None  # new tensors and fewer rows: the next step builds its graph anew
         self.stats["compactions"] += 1
         return [last[r] for r in keep]
 
