@@ -160,6 +160,10 @@ class KLConfig:
 class AlgoConfig:
     advantage: str = "reinforce_pp_baseline"  # reinforce_pp_baseline | grpo | rloo
     whiten_advantages: bool = True
+    # the old policy's log-probs in the clipped ratio: "recompute" (a forward pass of the trainer over the batch;
+    # logs rollout/logprob_mismatch against the engine's) or "engine" (the log-probs the rollout engine drew the
+    # tokens with: the same weights, so one forward pass fewer per RL step)
+    old_logprobs: str = "recompute"
     loss: LossConfig = field(default_factory=LossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
@@ -386,6 +390,7 @@ def validate(cfg: Config) -> None:
         require_wandb()
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
+    need(cfg.algo.old_logprobs in ("recompute", "engine"), "algo.old_logprobs", "must be recompute or engine")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
          "must be token-mean or sequence-mean")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")

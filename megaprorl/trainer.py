@@ -373,11 +373,16 @@ class Trainer:
         t = time.time()
         mbs = cfg.train.logprob_micro_batch_size
         temp = cfg.rollout.temperature
-        batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp)
+        engine_logp = engine_logprobs(rollouts, batch)
+        if cfg.algo.old_logprobs == "engine":  # what the tokens were drawn with: the same weights
+            batch.old_logp = engine_logp
+        else:
+            batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp)
+            stats["rollout/logprob_mismatch"] = float(((batch.old_logp - engine_logp).abs() * batch.loss_mask).sum()
+                                                      / batch.loss_mask.sum().clamp(min=1))
         if self.reference is not None:
             batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
         stats["time/logprob_s"] = time.time() - t
-        stats["rollout/logprob_mismatch"] = _engine_mismatch(rollouts, batch)
 
         mask = batch.loss_mask
         group_ids = torch.arange(len(groups)).repeat_interleave(n)
@@ -616,18 +621,15 @@ class Trainer:
             print(msg, flush=True)
 
 
-def _engine_mismatch(rollouts, batch: SeqBatch) -> float:
-    """Mean |engine log-prob - trainer log-prob| over response tokens (a refit / numerics check)."""
-    tot, cnt = 0.0, 0
+def engine_logprobs(rollouts, batch: SeqBatch) -> torch.Tensor:
+    """The rollout engine's log-probs of the response tokens laid out as the trainer's log-prob passes give them
+    ([B, L - 1], entry t: token t + 1; 0 outside the responses)."""
+    out = torch.zeros_like(batch.loss_mask)
     for i, r in enumerate(rollouts):
-        if not r.response_ids:
-            continue
-        start = len(r.prompt_ids) - 1
-        tl = batch.old_logp[i, start: start + len(r.response_ids)]
-        el = torch.tensor(r.logprobs[: len(tl)])
-        tot += float((tl - el).abs().sum())
-        cnt += len(tl)
-    return tot / max(cnt, 1)
+        if r.response_ids:
+            start = len(r.prompt_ids) - 1
+            out[i, start: start + len(r.response_ids)] = torch.tensor(r.logprobs, dtype=out.dtype)
+    return out
 
 
 def _reduce_stats(stats: Dict) -> Dict:

@@ -105,31 +105,25 @@ def test_sampling_is_deterministic_under_a_seed(policy):
 
 
 def test_engine_logprobs_equal_teacher_forced(policy):
-    """fp32, temperature 1: the engine's sampling log-probs (KV cache, left padding) equal the policy's
-    teacher-forced log-probs (one full forward, right padding) within 1e-4."""
+    """fp32, temperature 1: the engine's sampling log-probs (KV cache, left padding), laid out as the trainer's
+    log-prob passes give them (``engine_logprobs``, what algo.old_logprobs=engine trains with), equal the policy's
+    teacher-forced log-probs (one full forward, right padding) within 1e-4, and are 0 outside the responses."""
     from megaprorl.policy import build_seq_batch
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
+    from megaprorl.trainer import engine_logprobs
 
     pol, tok = policy
     eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=7)
-    rolls = eng.generate(_prompts(tok), SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=3))
-    batch = build_seq_batch([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], tok.pad_id)
-    lp = pol.logprobs(batch, micro_batch_size=5)
-    checked = 0
-    for i, r in enumerate(rolls):
-        s = len(r.prompt_ids) - 1
-        tf = lp[i, s: s + len(r.response_ids)]
-        assert torch.allclose(tf, torch.tensor(r.logprobs), atol=1e-4, rtol=0), (i, tf, r.logprobs)
-        checked += len(r.response_ids)
-    assert checked > 40
-    # temperature is applied identically on both sides
-    rolls = eng.generate(_prompts(tok)[:2], SamplingParams(temperature=0.7, max_new_tokens=5, n=2, seed=4))
-    batch = build_seq_batch([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], tok.pad_id)
-    lp = pol.logprobs(batch, micro_batch_size=4, temperature=0.7)
-    for i, r in enumerate(rolls):
-        s = len(r.prompt_ids) - 1
-        assert torch.allclose(lp[i, s: s + len(r.response_ids)], torch.tensor(r.logprobs), atol=1e-4)
+    for temperature, n, budget, seed in ((1.0, 4, 8, 3), (0.7, 2, 5, 4)):  # temperature applied alike on both sides
+        rolls = eng.generate(_prompts(tok), SamplingParams(temperature=temperature, max_new_tokens=budget, n=n,
+                                                           seed=seed))
+        batch = build_seq_batch([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], tok.pad_id)
+        lp = pol.logprobs(batch, micro_batch_size=5, temperature=temperature)
+        got, m = engine_logprobs(rolls, batch), batch.loss_mask.bool()
+        assert int(m.sum()) == sum(len(r.response_ids) for r in rolls) > 40
+        assert not got[~m].any()
+        torch.testing.assert_close(got[m], lp[m], atol=1e-4, rtol=0)
 
 
 def test_greedy_stops_at_eos_and_top_p_restricts(policy):
@@ -219,12 +213,14 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert (ck / "COMPLETE").exists() and (ck / "rank_00000.pt").exists()
     # a later stage as a run of its own (ProRL v1's last steps at a longer context): another config resumes
     # this checkpoint in its own run directory and goes on from step 3 with its own response budget
+    # (and it trains with the engine's log-probs as the old policy's: no recompute, so no mismatch to log)
     r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=stage2", *TINY, "train.steps=3",
-                  "rollout.max_new_tokens=9", f"checkpoint.resume={ck}"], tmp_path)
+                  "rollout.max_new_tokens=9", f"checkpoint.resume={ck}", "algo.old_logprobs=engine"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {ck} at step 2" in r.stdout
     later = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in later if "reward" in x] == [3]
+    assert all("rollout/logprob_mismatch" not in x and "approx_kl_old" in x for x in later if "reward" in x)
     assert max(x.get("response_length", 0) for x in later) > 5  # past the first stage's budget of 5
     assert (tmp_path / "stage2" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
 
