@@ -112,23 +112,6 @@ def _generate(pol, tok, attention, continuous=True, batch=4):
     return eng.generate(_prompts(tok), params), dict(eng.stats)
 
 
-@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
-def test_engine_with_triton_attention_draws_sdpas_tokens(policy, continuous):
-    """The engine's lean decode steps through the Triton kernel draw the SDPA path's tokens, with log-probs
-    within 1e-5 (fp32), in continuous batching (rows at different positions, refilled rows short) and in
-    lock-step batches (left-padded prompts: extents that start past position 0)."""
-    pol, tok = policy
-    want, st_want = _generate(pol, tok, "sdpa", continuous)
-    got, st_got = _generate(pol, tok, "triton", continuous)
-    assert [r.response_ids for r in got] == [r.response_ids for r in want]
-    assert [r.finished for r in got] == [r.finished for r in want]
-    for g, w in zip(got, want):
-        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
-    assert st_got == st_want
-    assert 0 < st_got["keys_own"] < st_got["keys_span"]  # what the kernel reads, what a masked SDPA reads
-    assert len({len(r.response_ids) for r in want}) >= 3
-
-
 def _generate_graphed(pol, tok, continuous, batch=4):
     """The engine with its decode steps through ``_StepGraph``.  Without CUDA the engine refuses
     ``cuda_graphs=True``, so it is switched on after construction: the step graphs then run their captured
@@ -144,20 +127,28 @@ def _generate_graphed(pol, tok, continuous, batch=4):
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
-def test_engine_step_graphs_draw_the_eager_steps_tokens(policy, continuous):
-    """rollout.cuda_graphs: the decode steps through one step graph per KV cache (static buffers, the split plan
-    of the cache's length) draw the eager Triton path's tokens, log-probs within 1e-5, with a new graph after
-    every compaction and for every lock-step batch.  On a GPU the graphs are captured and replayed."""
+def test_engine_with_triton_attention_and_step_graphs_draw_sdpas_tokens(policy, continuous):
+    """The engine's lean decode steps through the Triton kernel draw the SDPA path's tokens, with log-probs
+    within 1e-5 (fp32), in continuous batching (rows at different positions, refilled rows short) and in
+    lock-step batches (left-padded prompts: extents that start past position 0).  rollout.cuda_graphs: the same
+    steps through one step graph per KV cache (static buffers, the split plan of the cache's length) draw the
+    same tokens, with a new graph after every compaction and for every lock-step batch; on a GPU the graphs are
+    captured and replayed."""
     pol, tok = policy
-    want, st_want = _generate(pol, tok, "triton", continuous)
-    got, st_got = _generate_graphed(pol, tok, continuous)
-    assert [r.response_ids for r in got] == [r.response_ids for r in want]
-    for g, w in zip(got, want):
-        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
-    caches = 1 + st_got["compactions"] if continuous else -(-len(want) // st_got["rows"]) + st_got["compactions"]
-    assert st_got["graphs"] == caches and st_got["compactions"] >= 1
-    assert st_want["graphs"] == 0
-    assert {k: v for k, v in st_got.items() if k != "graphs"} == {k: v for k, v in st_want.items() if k != "graphs"}
+    want, st_want = _generate(pol, tok, "sdpa", continuous)
+    got, st_got = _generate(pol, tok, "triton", continuous)
+    graphed, st_graphed = _generate_graphed(pol, tok, continuous)
+    for run in (got, graphed):
+        assert [r.response_ids for r in run] == [r.response_ids for r in want]
+        assert [r.finished for r in run] == [r.finished for r in want]
+        for g, w in zip(run, want):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    assert st_got == st_want and st_want["graphs"] == 0
+    assert 0 < st_got["keys_own"] < st_got["keys_span"]  # what the kernel reads, what a masked SDPA reads
+    assert len({len(r.response_ids) for r in want}) >= 3
+    batches = 1 if continuous else -(-len(want) // st_graphed["rows"])  # lock-step: a cache per batch
+    assert st_graphed["graphs"] == batches + st_graphed["compactions"] and st_graphed["compactions"] >= 1
+    assert {k: v for k, v in st_graphed.items() if k != "graphs"} == {k: v for k, v in st_want.items() if k != "graphs"}
 
 
 def test_engine_step_graphs_refuse_what_they_cannot_capture(policy):
