@@ -296,10 +296,11 @@ class _StepGraph:
         logits = e._lean_stage(self.tokens, self.pos, extents, ctx, None, True, True)
         return logits[:, -1, : e.policy.vocab_size].float()
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.pos.copy_(pos)
-        self.start.copy_(start)
+    def __call__(self, tokens: List[int], pos: List[int], start: List[int]) -> torch.Tensor:
+        """One step: the rows' last tokens, positions and first key positions copied from the host into the
+        input buffers, then the graph (or, without CUDA, its function) run; returns the logits [rows, V]."""
+        for buf, values in ((self.tokens, tokens), (self.pos, pos), (self.start, start)):
+            buf.copy_(torch.tensor(values, dtype=torch.long).view(buf.shape))
         if self.tokens.device.type != "cuda":
             return self._run()
         if self._graph is None:
@@ -707,9 +708,6 @@ class MegatronEngine:
         CUDA graph; all at one: through Megatron's forward, which writes the cache at ``sequence_len_offset``)."""
         device = self.policy.device
         R = cache.rows
-        tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
-        pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
-        start = torch.tensor(cache.start, dtype=torch.long, device=device)
         self.stats["keys_span"] += R * (max(cache.pos) + 1)
         self.stats["keys_own"] += sum(cache.pos) - sum(cache.start) + R
         if self.cuda_graphs:
@@ -718,8 +716,11 @@ class MegatronEngine:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 cache.graph = _StepGraph(self, cache, self._graph_pool)
                 self.stats["graphs"] += 1
-            z = cache.graph(tokens, pos[:, None], start)
+            z = cache.graph(last, cache.pos, cache.start)
         else:
+            tokens = torch.tensor(last, dtype=torch.long, device=device)[:, None]
+            pos = torch.tensor(cache.pos, dtype=torch.long, device=device)
+            start = torch.tensor(cache.start, dtype=torch.long, device=device)
             if self.decode_attention == "triton":
                 mask = _Extents(start, pos + 1, max(p - s for p, s in zip(cache.pos, cache.start)) + 1)
             else:
