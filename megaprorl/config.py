@@ -28,6 +28,18 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key (and file) at fault."""
 
 
+def cuda_graphs_problem(decode_attention: str, pipeline_parallel: int):
+    """Why ``rollout.cuda_graphs`` cannot run with these settings (None: it can), for the config check at load
+    time and the engine's, which guards callers that build one directly."""
+    if decode_attention != "triton":
+        return ("needs rollout.decode_attention=triton (a step of fixed shapes; the SDPA path's span grows with the "
+                "rows' positions)")
+    if pipeline_parallel > 1:
+        return ("the pipeline-parallel decode step is not captured; set parallel.pipeline_parallel=1 or "
+                "rollout.cuda_graphs=false")
+    return None
+
+
 def require_wandb() -> None:
     """``logging.wandb_project`` needs wandb: a ConfigError naming the key and the install when it is missing
     (checked when a config is loaded, and by ``RunLogger`` for callers that build one directly)."""
@@ -379,12 +391,9 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
     need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
-    need(not cfg.rollout.cuda_graphs or cfg.rollout.decode_attention == "triton", "rollout.cuda_graphs",
-         "needs rollout.decode_attention=triton (a step of fixed shapes; the SDPA path's span grows with the rows' "
-         "positions)")
-    need(not cfg.rollout.cuda_graphs or cfg.parallel.pipeline_parallel == 1, "rollout.cuda_graphs",
-         "the pipeline-parallel decode step is not captured; set parallel.pipeline_parallel=1 or "
-         "rollout.cuda_graphs=false")
+    if cfg.rollout.cuda_graphs:
+        why = cuda_graphs_problem(cfg.rollout.decode_attention, cfg.parallel.pipeline_parallel)
+        need(why is None, "rollout.cuda_graphs", why or "")
     need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
     if cfg.logging.wandb_project:
         require_wandb()

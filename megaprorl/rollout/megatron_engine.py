@@ -370,14 +370,11 @@ class MegatronEngine:
         self.cuda_graphs = bool(cuda_graphs) and self.lean_decode
         self.pp = int(getattr(policy.pcfg, "pipeline_parallel", 1))
         if self.cuda_graphs:
-            from ..config import ConfigError
+            from ..config import ConfigError, cuda_graphs_problem
 
-            if self.decode_attention != "triton":
-                raise ConfigError("config key 'rollout.cuda_graphs': needs rollout.decode_attention=triton (a step of "
-                                  "fixed shapes; the SDPA path's span grows with the rows' positions)")
-            if self.pp > 1:
-                raise ConfigError("config key 'rollout.cuda_graphs': the pipeline-parallel decode step is not "
-                                  "captured; set parallel.pipeline_parallel=1 or rollout.cuda_graphs=false")
+            why = cuda_graphs_problem(self.decode_attention, self.pp)
+            if why is not None:
+                raise ConfigError(f"config key 'rollout.cuda_graphs': {why}")
             if policy.device.type != "cuda":
                 raise ConfigError(f"config key 'rollout.cuda_graphs': CUDA graphs need a CUDA device; the model is "
                                   f"on {policy.device}")
