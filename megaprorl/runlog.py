@@ -88,7 +88,13 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
         if self._wb is not None:
+            import wandb
+
             self._wb.finish()
+            # finish() returns before W&B's service process has written the run's record file (offline, 1 close
+            # in 10 here left only its 7-byte header on disk); teardown waits for the service, so the record is
+            # complete when close() returns, for `wandb sync` or a requeued job that starts right away
+            wandb.teardown()
             self._wb = None
 
 
