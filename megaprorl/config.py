@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key (and file) at fault."""
 
 
+DECODE_ATTENTION = ("sdpa", "triton")  # rollout.decode_attention's choices, for the config check and the engine's
+
+
 def cuda_graphs_problem(decode_attention: str, pipeline_parallel: int):
     """Why ``rollout.cuda_graphs`` cannot run with these settings (None: it can), for the config check at load
     time and the engine's, which guards callers that build one directly."""
@@ -390,7 +393,8 @@ def validate(cfg: Config) -> None:
     need(all(i >= 0 for i in cfg.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0")
     need(cfg.rollout.compact_every >= 0, "rollout.compact_every", "must be >= 0 (0 = keep finished rows)")
     need(0.0 <= cfg.rollout.kv_cache_fraction < 1.0, "rollout.kv_cache_fraction", "must be in [0, 1) (0 = off)")
-    need(cfg.rollout.decode_attention in ("sdpa", "triton"), "rollout.decode_attention", "must be 'sdpa' or 'triton'")
+    need(cfg.rollout.decode_attention in DECODE_ATTENTION, "rollout.decode_attention",
+         f"must be one of {list(DECODE_ATTENTION)}")
     if cfg.rollout.cuda_graphs:
         why = cuda_graphs_problem(cfg.rollout.decode_attention, cfg.parallel.pipeline_parallel)
         need(why is None, "rollout.cuda_graphs", why or "")

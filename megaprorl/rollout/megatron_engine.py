@@ -72,6 +72,7 @@ import torch
 
 import torch.distributed as dist
 
+from ..config import DECODE_ATTENTION
 from . import Rollout, SamplingParams
 
 
@@ -199,7 +200,6 @@ def _sequence_parallel_off(model):
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
           "prefill_rows", "prefill_tokens", "admissions", "prefills", "compactions", "keys_span", "keys_own",
           "graphs")
-DECODE_ATTENTION = ("sdpa", "triton")
 
 
 class _Extents:
