@@ -43,7 +43,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -799,6 +799,119 @@ def save_megatron_as_hf(model, hf_config, out_dir: str, hf_dir: Optional[str] = 
     if distributed:
         dist.barrier()
     return result
+
+
+def _stage_plan(chunks, hf_config, tp: int):
+    """One pipeline stage's HF tensors, grouped as ``HFWeightStream`` sends them: ``[[(name, shape, dtype), ...],
+    ...]``, one group per Megatron layer and one per other key (the embedding, the final norm, the output layer),
+    worked out on meta tensors of the local shards' shapes, so no data moves."""
+    plan = []
+    for sd, layers in chunks:
+        for keys in _key_groups(sd):
+            meta = [{k: torch.empty(sd[k].shape, dtype=sd[k].dtype, device="meta") for k in keys}] * tp
+            merged = megatron_to_hf(meta, hf_config, layer_numbers=layers)
+            plan.append([(name, tuple(t.shape), t.dtype) for name, t in merged.items()])
+    return plan
+
+
+def _key_groups(sd: Dict[str, torch.Tensor]) -> List[List[str]]:
+    """A chunk's weight keys, one group per layer, in the state dict's order (non-layer keys: one group each)."""
+    groups: Dict[object, List[str]] = {}
+    for k, v in sd.items():
+        if not _is_weight_key(k) or not isinstance(v, torch.Tensor):
+            continue
+        m = _LAYER_RE.match(k)
+        groups.setdefault(int(m.group(1)) if m else k, []).append(k)
+    return list(groups.values())
+
+
+class HFWeightStream:
+    """The model's weights as full HF tensors, in buckets, for a rollout engine that refits by HF name.
+
+    ``buckets()`` is collective over the model-parallel group and yields, on every rank, the same
+    ``[(hf_name, tensor), ...]`` lists, of about ``bucket_bytes`` each (a tensor larger than that is a bucket
+    alone), until every tensor of the HF checkpoint has been sent once.  One Megatron layer at a time, the
+    tensor-parallel shards are all-gathered on their device and merged into HF tensors (as ``megatron_to_hf``),
+    and a pipeline stage's tensors are broadcast to the other stages; so an engine beside any rank refits
+    without the whole model ever sitting on one rank.  ``dtype`` casts (to the engine's dtype); the tensors are
+    on the model's device and are the caller's to keep.  The names and shapes, which do not change between
+    steps, are exchanged over the pipeline group once.  Each data-parallel replica streams its own copy."""
+
+    def __init__(self, model, hf_config):
+        self.model = model
+        self.hf_config = hf_config
+        self.plan: Optional[List[List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]]] = None  # [stage][group]
+
+    def _chunks(self):
+        chunks = []
+        for gpt in _unwrap(self.model):
+            sd = {k: v.detach() for k, v in gpt.state_dict().items()
+                  if _is_weight_key(k) and isinstance(v, torch.Tensor)}
+            chunks.append((sd, _layer_numbers(gpt)))
+        return chunks
+
+    @torch.no_grad()
+    def buckets(self, bucket_bytes: int = 1 << 29, dtype: Optional[torch.dtype] = None):
+        import torch.distributed as dist
+
+        from megatron.core import parallel_state as mps
+
+        distributed = dist.is_initialized() and mps.model_parallel_is_initialized()
+        tp_group = mps.get_tensor_model_parallel_group() if distributed else None
+        pp_group = mps.get_pipeline_model_parallel_group() if distributed else None
+        tp = dist.get_world_size(tp_group) if distributed else 1
+        pp = dist.get_world_size(pp_group) if distributed else 1
+        pp_rank = dist.get_rank(pp_group) if distributed else 0
+        chunks = self._chunks()
+        device = next(t for sd, _ in chunks for t in sd.values()).device
+        if self.plan is None:
+            own = _stage_plan(chunks, self.hf_config, tp)
+            plans = [own]
+            if pp > 1:
+                plans = [None] * pp
+                dist.all_gather_object(plans, own, group=pp_group)
+            self.plan = plans
+        bucket: List[Tuple[str, torch.Tensor]] = []
+        size = 0
+        for stage, groups in enumerate(self.plan):
+            mine = _key_groups_of(chunks) if stage == pp_rank else None
+            for entries in groups:
+                if mine is not None:
+                    keys, layers, sd = next(mine)
+                    if not entries:  # the output layer of a tied model: the embedding is sent already
+                        continue
+                    gathered = []
+                    for k in keys:
+                        t = sd[k].contiguous()
+                        parts = [t]
+                        if tp > 1:
+                            parts = [torch.empty_like(t) for _ in range(tp)]
+                            dist.all_gather(parts, t, group=tp_group)
+                        gathered.append(parts)
+                    merged = megatron_to_hf([{k: gathered[i][r] for i, k in enumerate(keys)} for r in range(tp)],
+                                            self.hf_config, layer_numbers=layers)
+                    tensors = [merged[name].to(dtype or merged[name].dtype) for name, _, _ in entries]
+                else:
+                    tensors = [torch.empty(shape, dtype=dtype or dt, device=device) for _, shape, dt in entries]
+                if pp > 1:
+                    src = dist.get_global_rank(pp_group, stage)
+                    for t in tensors:
+                        dist.broadcast(t, src=src, group=pp_group)
+                for (name, _, _), t in zip(entries, tensors):
+                    nbytes = t.numel() * t.element_size()
+                    if bucket and size + nbytes > bucket_bytes:
+                        yield bucket
+                        bucket, size = [], 0
+                    bucket.append((name, t))
+                    size += nbytes
+        if bucket:
+            yield bucket
+
+
+def _key_groups_of(chunks):
+    for sd, layers in chunks:
+        for keys in _key_groups(sd):
+            yield keys, layers, sd
 
 
 def hf_keys(hf_config) -> List[str]:
