@@ -124,7 +124,7 @@ class OptimConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "megatron"  # the embedded Megatron engine (the TensorRT-LLM engine is not written yet)
+    engine: str = "megatron"  # megatron (the embedded engine) | trtllm (TensorRT-LLM, refit in place; not run yet)
     n_samples: int = 16  # the group size
     temperature: float = 1.2
     top_p: float = 1.0
@@ -150,6 +150,10 @@ class RolloutConfig:
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
     stop_token_ids: List[int] = field(default_factory=list)
+    # engine=trtllm: the refit's bucket (full HF tensors shared with the engine's workers per call), and the share
+    # of the GPU memory free after the engine loaded that its KV cache takes (the trainer shares the GPUs)
+    trtllm_bucket_mb: int = 1024
+    trtllm_kv_cache_fraction: float = 0.3
 
 
 @dataclass
@@ -384,9 +388,18 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}': {msg}")
 
-    need(cfg.rollout.engine != "trtllm", "rollout.engine",
-         "the TensorRT-LLM engine is not written yet; use 'megatron' (the embedded engine)")
-    need(cfg.rollout.engine == "megatron", "rollout.engine", "must be 'megatron'")
+    need(cfg.rollout.engine in ("megatron", "trtllm"), "rollout.engine", "must be 'megatron' or 'trtllm'")
+    if cfg.rollout.engine == "trtllm":
+        import importlib.util
+
+        from .rollout.trtllm_engine import INSTALL
+
+        need(importlib.util.find_spec("tensorrt_llm") is not None, "rollout.engine",
+             f"'trtllm' needs TensorRT-LLM, which is not installed: {INSTALL}")
+        need(not cfg.rollout.cuda_graphs, "rollout.cuda_graphs",
+             "graphs the embedded engine's decode step; TensorRT-LLM has its own (rollout.engine=trtllm)")
+    need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
+    need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")

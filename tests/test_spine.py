@@ -45,8 +45,10 @@ def test_config_semantic_errors():
         load_config(DEMO, ["train.mini_batch_prompts=48"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
-    with pytest.raises(ConfigError, match="rollout.engine.*TensorRT-LLM engine is not written yet"):
-        load_config(DEMO, ["rollout.engine=trtllm"])
+    with pytest.raises(ConfigError, match="'rollout.engine': 'trtllm' needs TensorRT-LLM, which is not installed: pip"):
+        load_config(DEMO, ["rollout.engine=trtllm"])  # not installable on these machines
+    with pytest.raises(ConfigError, match="'rollout.engine': must be 'megatron' or 'trtllm'"):
+        load_config(DEMO, ["rollout.engine=vllm"])
     with pytest.raises(ConfigError, match="rollout.trtllm_engine_dir"):  # no key that nothing reads
         load_config(DEMO, ["rollout.trtllm_engine_dir=/x"])
     with pytest.raises(ConfigError, match="model.rope_scaling.*'dynamic' is not supported"):

@@ -834,7 +834,8 @@ class HFWeightStream:
     tensor-parallel shards are all-gathered on their device and merged into HF tensors (as ``megatron_to_hf``),
     and a pipeline stage's tensors are broadcast to the other stages; so an engine beside any rank refits
     without the whole model ever sitting on one rank.  ``dtype`` casts (to the engine's dtype); the tensors are
-    on the model's device and are the caller's to keep.  The names and shapes, which do not change between
+    new ones (never views of the parameters, which the optimizer goes on changing) on the model's device, the
+    caller's to keep or share.  The names and shapes, which do not change between
     steps, are exchanged over the pipeline group once.  Each data-parallel replica streams its own copy."""
 
     def __init__(self, model, hf_config):
@@ -883,7 +884,7 @@ class HFWeightStream:
                     gathered = []
                     for k in keys:
                         t = sd[k].contiguous()
-                        parts = [t]
+                        parts = [t.clone()]  # never a view of a parameter: the caller may keep and share it
                         if tp > 1:
                             parts = [torch.empty_like(t) for _ in range(tp)]
                             dist.all_gather(parts, t, group=tp_group)

@@ -1,4 +1,4 @@
-"""Rollout engines behind one protocol: the embedded Megatron engine (a TensorRT-LLM engine is not written yet)."""
+"""Rollout engines behind one protocol: the embedded Megatron engine and a TensorRT-LLM engine refit in place."""
 
 from __future__ import annotations
 
@@ -57,4 +57,8 @@ def build_engine(cfg, policy, tokenizer) -> Engine:
                               kv_cache_fraction=cfg.rollout.kv_cache_fraction,
                               decode_attention=cfg.rollout.decode_attention,
                               prefill_tokens=cfg.rollout.prefill_tokens, cuda_graphs=cfg.rollout.cuda_graphs)
-    raise ValueError(f"rollout.engine must be 'megatron', got {name!r}")
+    if name == "trtllm":
+        from .trtllm_engine import build_trtllm_engine
+
+        return build_trtllm_engine(cfg, policy, tokenizer)
+    raise ValueError(f"rollout.engine must be 'megatron' or 'trtllm', got {name!r}")

@@ -1,0 +1,276 @@
+"""Rollouts on a TensorRT-LLM engine (its PyTorch-backend LLM API), refit in place from the trainer's weights.
+
+Layout.  Each model-parallel group of the trainer (its TP x PP ranks, one data-parallel replica; on one node)
+owns one ``tensorrt_llm.LLM`` of ``tensor_parallel_size`` = the group's size, built by the group's first rank
+(the leader) with ``orchestrator_type="ray"`` on a private Ray instance that sees just the group's GPUs, so that
+the engine's workers share the GPUs of the ranks that feed them.  The engine starts from ``load_format="dummy"``
+weights (the HF directory gives only its config) and samples nothing before the first refit.
+
+Refit (``update_weights``, after each optimizer step and at resume).  ``convert.HFWeightStream`` puts the
+policy's weights on every rank of the group as full HF tensors, a bucket of ``rollout.trtllm_bucket_mb`` at a
+time; each rank shares its bucket's tensors with CUDA IPC (``torch.multiprocessing.reductions.reduce_tensor``)
+under its GPU's UUID, the leader hands the group's handles to the workers' ``update_weights`` (TensorRT-LLM's
+``rlhf_utils.WorkerExtension``: each worker opens the handles of its own GPU and shards the full tensors itself),
+and one last ``update_weights(None)`` runs TensorRT-LLM's post-load processing and drops its prefix cache.  A
+rank keeps its bucket alive until the leader's call has returned.
+
+Generation.  The leader submits the group's prompts (``n`` requests per prompt, each with its own seed; the
+responses keep their stop token, ``include_stop_str_in_output``) and broadcasts the rollouts to the group.
+The log-probs are TensorRT-LLM's ``LogprobMode.PROCESSED`` ones (after temperature), the convention of
+``Rollout.logprobs``; with ``rollout.top_p`` < 1 they are also renormalised over the kept tokens.
+
+What has run (docs/trtllm.md): on the CPU, the weight stream at TP=2 x PP=2, and this engine at TP=2 with an HF
+model standing in for TensorRT-LLM's workers behind the same calls.  It has not run against TensorRT-LLM: no
+wheel installs on these machines.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import Rollout, SamplingParams
+
+INSTALL = ("pip install tensorrt-llm (NVIDIA's wheel for your CUDA; a 1.x release whose SamplingParams has "
+           "logprobs_mode and whose llmapi has rlhf_utils.WorkerExtension) and ray")
+WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
+
+
+class TrtllmUnavailable(RuntimeError):
+    pass
+
+
+def _import_trtllm():
+    try:
+        os.environ.setdefault("TLLM_DISABLE_MPI", "1")  # the Ray executor, not MPI under torchrun's env
+        import tensorrt_llm
+        from tensorrt_llm.sampling_params import LogprobMode  # noqa: F401  (its absence: too old a release)
+    except ImportError as e:
+        raise TrtllmUnavailable(f"rollout.engine=trtllm needs TensorRT-LLM: {INSTALL} ({e})") from None
+    return tensorrt_llm
+
+
+def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int]) -> Dict:
+    """The keyword arguments of ``tensorrt_llm.SamplingParams`` for sample ``sample`` of a prompt: one response
+    per request (its own seed), stop tokens kept in the output, and the sampled token's log-prob (the engine's
+    ``make_sampling`` adds ``logprobs_mode=PROCESSED``)."""
+    kw = dict(max_tokens=int(params.max_new_tokens), n=1, seed=int(params.seed) + sample,
+              end_id=-1,  # stops come from stop_token_ids, whose token is kept (the end id's would be dropped)
+              stop_token_ids=[int(i) for i in stop_ids], include_stop_str_in_output=True, detokenize=False,
+              logprobs=1)
+    if params.greedy:
+        kw.update(temperature=1.0, top_k=1, top_p=1.0)
+    else:
+        kw.update(temperature=float(params.temperature), top_k=0, top_p=float(params.top_p))
+    return kw
+
+
+def to_rollout(prompt_index: int, prompt: List[int], completion, stop_ids: Sequence[int]) -> Rollout:
+    """A ``Rollout`` from one ``CompletionOutput`` (``token_ids``; ``logprobs``: per token a {token id: Logprob}
+    dict holding the sampled token, or a plain float; ``finish_reason`` 'stop' | 'length' | ...)."""
+    ids = [int(t) for t in completion.token_ids]
+    lps = []
+    for tok, entry in zip(ids, completion.logprobs or []):
+        if isinstance(entry, dict):
+            if tok not in entry:
+                raise RuntimeError(f"TensorRT-LLM returned no log-prob for the sampled token {tok} "
+                                   f"(got {sorted(entry)[:4]})")
+            entry = entry[tok]
+        lps.append(float(getattr(entry, "logprob", entry)))
+    if len(lps) != len(ids):
+        raise RuntimeError(f"TensorRT-LLM returned {len(lps)} log-probs for {len(ids)} tokens (logprobs=1 asked)")
+    finished = bool(ids) and ids[-1] in set(stop_ids)
+    return Rollout(prompt_index=prompt_index, prompt_ids=list(prompt), response_ids=ids, logprobs=lps,
+                   finished=finished, extra={"finish_reason": str(getattr(completion, "finish_reason", ""))})
+
+
+class TrtllmEngine:
+    """``rollout.engine: trtllm`` (see the module docstring).  Every rank of a model-parallel group calls
+    ``generate`` with the same prompts and ``update_weights`` together, as with the embedded engine.
+
+    What is TensorRT-LLM's comes in from ``build_trtllm_engine``: ``start_llm(gpus)`` (on the leader: the
+    ``LLM`` on those node GPU ids), ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID
+    (``device_uuid``, the key its workers look their handles up by) and node GPU id (``gpu``)."""
+
+    def __init__(self, policy, hf_config, stop_ids: Sequence[int], bucket_mb: float, dtype: torch.dtype,
+                 start_llm: Callable[[List[str]], object], make_sampling: Callable[..., object],
+                 device_uuid: str, gpu: str):
+        from megatron.core import parallel_state as mps
+
+        from ..models.convert import HFWeightStream
+
+        self.stop_ids = list(dict.fromkeys(int(i) for i in stop_ids))
+        self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
+        self.dtype = dtype
+        self.stream = HFWeightStream(policy.model, hf_config)
+        self.make_sampling = make_sampling
+        self.uuid = device_uuid
+        self.group = mps.get_model_parallel_group() if dist.is_initialized() else None
+        self.leader = dist.get_process_group_ranks(self.group)[0] if self.group is not None else 0
+        self.is_leader = not dist.is_initialized() or dist.get_rank() == self.leader
+        where = self._gather((os.uname().nodename, gpu))
+        self.llm = None
+        self.weights_version: Optional[int] = None
+        self.stats: Dict[str, float] = {}
+        if self.is_leader:
+            hosts = sorted({h for h, _ in where})
+            if len(hosts) > 1:
+                raise TrtllmUnavailable(f"rollout.engine=trtllm: a model-parallel group spans nodes {hosts}; its "
+                                        "GPUs share weights over CUDA IPC, so keep TP x PP within a node")
+            self.llm = start_llm(list(dict.fromkeys(g for _, g in where)))
+
+    # --------------------------------------------------------------------------------------- group plumbing
+    def _gather(self, obj) -> Optional[list]:
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return [obj]
+        out = [None] * dist.get_world_size(self.group) if self.is_leader else None
+        dist.gather_object(obj, out, dst=self.leader, group=self.group)
+        return out
+
+    def _broadcast(self, obj):
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------------------------------------- protocol
+    @torch.no_grad()
+    def update_weights(self, step: Optional[int] = None) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        buckets = 0
+        for bucket in self.stream.buckets(self.bucket_bytes, dtype=self.dtype):
+            handles = self._gather((self.uuid, [(name, reduce_tensor(t)) for name, t in bucket]))
+            if self.is_leader:
+                by_gpu: Dict[str, list] = {}
+                for uuid, items in handles:
+                    by_gpu.setdefault(uuid, items)  # one copy per GPU (the ranks of a GPU hold the same tensors)
+                self.llm._collective_rpc("update_weights", args=(by_gpu,))
+            self._barrier()  # the workers have copied this bucket: its tensors may go
+            buckets += 1
+        if self.is_leader:
+            self.llm._collective_rpc("update_weights", args=(None,))  # post-load processing, prefix cache reset
+        self._barrier()
+        self.weights_version = step if step is not None else (self.weights_version or 0) + 1
+        self.refit_buckets = buckets
+
+    def sleep(self) -> None:
+        """Nothing is released: the engine keeps its weights and KV cache (``rollout.trtllm_kv_cache_fraction``
+        of the memory free after it loaded) while the trainer runs."""
+
+    def wake(self) -> None:
+        pass
+
+    def generate(self, prompts: List[List[int]], params: SamplingParams,
+                 on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
+        if self.weights_version is None:
+            raise RuntimeError("the TensorRT-LLM engine holds dummy weights until update_weights() is called")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt given to the rollout engine")
+        rollouts = None
+        if self.is_leader:
+            inputs, sp = [], []
+            for p in prompts:
+                for s in range(params.n):
+                    inputs.append({"prompt_token_ids": [int(t) for t in p]})
+                    sp.append(self.make_sampling(**request_params(params, s, self.stop_ids)))
+            outs = self.llm.generate(inputs, sampling_params=sp, use_tqdm=False)
+            rollouts = [to_rollout(k // params.n, prompts[k // params.n], o.outputs[0], self.stop_ids)
+                        for k, o in enumerate(outs)]
+        rollouts = self._broadcast(rollouts)
+        self.stats = {"rollouts": float(len(rollouts)), "tokens": float(sum(len(r.response_ids) for r in rollouts))}
+        if on_finish is not None:
+            for k, r in enumerate(rollouts):
+                on_finish(k, r)
+        return rollouts
+
+
+def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
+               kv_cache_fraction: float):
+    try:
+        import ray
+    except ImportError:
+        raise TrtllmUnavailable(f"rollout.engine=trtllm needs Ray for TensorRT-LLM's workers: {INSTALL}") from None
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    tp = len(gpus)
+    # a private Ray instance that sees only this group's GPUs (read by its raylet when it starts; this process's
+    # CUDA context is made already), so the engine's workers land on the GPUs whose ranks feed them
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    try:
+        if not ray.is_initialized():
+            ray.init(address="local", num_gpus=tp, include_dashboard=False, log_to_driver=False)
+        return trtllm.LLM(model=hf_dir, skip_tokenizer_init=True, tensor_parallel_size=tp, dtype=_DTYPE[dtype],
+                          load_format="dummy", orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION,
+                          max_batch_size=int(max_batch_size), max_seq_len=int(max_seq_len),
+                          kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=float(kv_cache_fraction),
+                                                        enable_block_reuse=False))
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+def _physical_gpu(index: int) -> str:
+    """The node's id of this process's CUDA device ``index``: its entry of CUDA_VISIBLE_DEVICES, when set."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def build_trtllm_engine(cfg, policy, tokenizer) -> TrtllmEngine:
+    """The engine, refit once from the policy's weights as they are now.  The HF directory TensorRT-LLM reads
+    its config from: ``model.hf_path``, else one written into the run directory from the model config (its
+    weights are never read: the engine starts from dummy weights)."""
+    import json
+
+    from ..models.convert import _DTYPES, hf_config_from_model_config, load_hf_config
+
+    if not torch.cuda.is_available():
+        raise TrtllmUnavailable("rollout.engine=trtllm runs on CUDA GPUs; this process sees none")
+    mcfg = cfg.model
+    hf_dir = mcfg.hf_path
+    if hf_dir:
+        hf_config = load_hf_config(hf_dir)
+    else:
+        hf_config = hf_config_from_model_config(mcfg, policy.vocab_size, eos_token_id=tokenizer.eos_id,
+                                                pad_token_id=tokenizer.pad_id)
+        hf_dir = os.path.join(cfg.output_dir, cfg.name, "trtllm_hf")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            os.makedirs(hf_dir, exist_ok=True)
+            with open(os.path.join(hf_dir, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+        if dist.is_initialized():
+            dist.barrier()
+    trtllm = _import_trtllm()
+    from tensorrt_llm._torch.utils import get_device_uuid
+
+    dtype = _DTYPES[mcfg.params_dtype]
+    r = cfg.rollout
+
+    def start(gpus):
+        return _start_llm(trtllm, hf_dir, gpus, dtype, r.batch_size, mcfg.max_position_embeddings,
+                          r.trtllm_kv_cache_fraction)
+
+    from tensorrt_llm.sampling_params import LogprobMode
+
+    def sampling(**kw):  # the log-probs after temperature (RAW, the default, would be of the unscaled logits)
+        return trtllm.SamplingParams(logprobs_mode=LogprobMode.PROCESSED, **kw)
+
+    index = torch.cuda.current_device()
+    engine = TrtllmEngine(policy, hf_config, tokenizer.stop_ids, r.trtllm_bucket_mb, dtype, start, sampling,
+                          str(get_device_uuid(index)), _physical_gpu(index))
+    engine.update_weights(0)
+    return engine

@@ -1,0 +1,193 @@
+"""The TensorRT-LLM engine's side of the protocol, on the CPU, without TensorRT-LLM (no wheel installs here).
+
+TensorRT-LLM's part is played by ``HFWorkers``: an HF ``transformers`` model that starts from random ("dummy")
+weights, takes ``update_weights`` calls shaped as ``rlhf_utils.WorkerExtension`` takes them (a dict of GPU UUID
+-> [(HF name, reduce_tensor handle)], each worker opening its own GPU's entry; ``None`` to finish) and answers
+``generate`` with ``RequestOutput``-shaped objects.  What is shown: at TP=2 the refit gives the engine the
+policy's weights exactly, after the first refit and after the policy changed; the leader's rollouts reach
+both ranks; the log-probs are the sampled tokens' (temperature-scaled) ones; and the request mapping."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from tiny_models import randomize_hf_params
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("megatron.core")
+
+from megaprorl.models import convert as C  # noqa: E402
+from megaprorl.rollout import SamplingParams  # noqa: E402
+from megaprorl.rollout.trtllm_engine import TrtllmEngine, request_params, to_rollout  # noqa: E402
+
+VOCAB, EOS = 100, 7
+
+
+def _config():
+    return transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=EOS)
+
+
+class HFWorkers:
+    """Stands in for ``tensorrt_llm.LLM`` with the RLHF worker extension, on the GPUs (here: ids) it was given."""
+
+    def __init__(self, gpus, uuids):
+        torch.manual_seed(123)
+        self.model = transformers.AutoModelForCausalLM.from_config(_config(), attn_implementation="eager").float()
+        self.uuids = [uuids[g] for g in gpus]
+        self.calls = []
+
+    def _collective_rpc(self, method, args=()):
+        assert method == "update_weights", method
+        (handles,) = args
+        self.calls.append(None if handles is None else sorted(handles))
+        if handles is None:
+            return [None] * len(self.uuids)
+        params = dict(self.model.named_parameters())
+        for uuid in self.uuids:  # every worker loads the full tensors of its own GPU's entry
+            for name, (rebuild, rebuild_args) in handles[uuid]:
+                with torch.no_grad():
+                    params[name].copy_(rebuild(*rebuild_args))
+        return [None] * len(self.uuids)
+
+    @torch.no_grad()
+    def generate(self, inputs, sampling_params, use_tqdm=True):
+        outs = []
+        for inp, sp in zip(inputs, sampling_params):
+            g = torch.Generator().manual_seed(sp.seed)
+            ids, lps, reason = list(inp["prompt_token_ids"]), [], "length"
+            for _ in range(sp.max_tokens):
+                logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                logp = torch.log_softmax(logits / sp.temperature, -1)
+                tok = int(logp.argmax()) if sp.top_k == 1 else int(torch.multinomial(logp.exp(), 1, generator=g))
+                top = int(logp.argmax())
+                lps.append({top: SimpleNamespace(logprob=float(logp[top]), rank=1),
+                            tok: SimpleNamespace(logprob=float(logp[tok]), rank=2)})
+                ids.append(tok)
+                if tok in sp.stop_token_ids:
+                    reason = "stop"
+                    break
+            gen = ids[len(inp["prompt_token_ids"]):]
+            outs.append(SimpleNamespace(prompt_token_ids=inp["prompt_token_ids"], outputs=[
+                SimpleNamespace(token_ids=gen, logprobs=lps, finish_reason=reason)]))
+        return outs
+
+
+def _job(rank, world, hf_dir):
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.gpt import build_gpt
+    from megaprorl.parallel import init_distributed
+
+    init_distributed(2, 1)
+    hf_config = C.load_hf_config(hf_dir)
+    mcfg = SimpleNamespace(**dict(dict(init_std=0.02, params_dtype="fp32", make_vocab_divisible_by=128,
+                                       transformer_impl="local", attention="sdpa", fp8="", fp8_recipe="delayed",
+                                       recompute_granularity=""), **C.model_config_from_hf(hf_config)))
+    model = build_gpt(mcfg, SimpleNamespace(tensor_parallel=2, pipeline_parallel=1, sequence_parallel=False),
+                      VOCAB)
+    C.load_hf_into_model(model, hf_dir, hf_config)
+    uuids = {"0": "GPU-aaaa", "1": "GPU-bbbb"}
+    started = []
+
+    def start(gpus):
+        started.append(gpus)
+        return HFWorkers(gpus, uuids)
+
+    eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], bucket_mb=0.02, dtype=torch.float32,
+                       start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank))
+    prompts = [[1, 2, 3], [4, 5]]
+    params = SamplingParams(temperature=0.7, max_new_tokens=6, n=2, seed=11)
+    with pytest.raises(RuntimeError, match="dummy weights until update_weights"):
+        eng.generate(prompts, params)
+    out = {"leader": eng.is_leader, "started": started}
+    eng.update_weights(0)
+    if eng.is_leader:
+        out["after_first"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
+    with torch.no_grad():  # the policy moves (the same change of a replicated tensor on both ranks)
+        for name, p in model.named_parameters():
+            g = torch.Generator().manual_seed(sum(map(ord, name)))
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    eng.update_weights(1)
+    out["buckets"] = eng.refit_buckets
+    out["streamed"] = {n: t.clone() for b in eng.stream.buckets(1 << 30) for n, t in b}
+    finished = []
+    rollouts = eng.generate(prompts, params, on_finish=lambda k, r: finished.append(k))
+    out["rollouts"] = rollouts
+    out["finished"] = finished
+    if eng.is_leader:
+        out["after_second"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
+        out["calls"] = eng.llm.calls
+    mps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(_config()).float()
+    randomize_hf_params(hf)
+    hf_dir = str(tmp_path_factory.mktemp("trtllm") / "hf")
+    hf.save_pretrained(hf_dir)
+    return hf_dir, run_distributed(_job, world_size=2, args=(hf_dir,), timeout=600)
+
+
+def test_refit_gives_the_engine_the_policys_weights(ran):
+    hf_dir, (r0, r1) = ran
+    assert r0["leader"] and not r1["leader"] and r0["started"] == [["0", "1"]] and r1["started"] == []
+    want = C.load_hf_state_dict(hf_dir)
+    assert set(r0["after_first"]) == set(want)
+    for k in want:
+        assert torch.equal(r0["after_first"][k], want[k]), k
+    moved = r0["streamed"]  # the policy after its change, as HF tensors
+    assert any(not torch.equal(moved[k], want[k]) for k in want)
+    for k in want:
+        assert torch.equal(r0["after_second"][k], moved[k]), k
+    # each refit: several 20 KB buckets, each with both GPUs' handles, then one call that finishes it
+    calls = r0["calls"]
+    assert calls.count(None) == 2 and calls[-1] is None and r0["buckets"] == r1["buckets"] > 1
+    assert all(c == ["GPU-aaaa", "GPU-bbbb"] for c in calls if c is not None)
+    assert len(calls) == 2 * (r0["buckets"] + 1)
+
+
+def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran):
+    hf_dir, (r0, r1) = ran
+    rs = r0["rollouts"]
+    assert [(r.prompt_index, r.response_ids, r.logprobs) for r in rs] == \
+        [(r.prompt_index, r.response_ids, r.logprobs) for r in r1["rollouts"]]
+    assert [r.prompt_index for r in rs] == [0, 0, 1, 1] and r0["finished"] == [0, 1, 2, 3]
+    model = transformers.AutoModelForCausalLM.from_config(_config(), attn_implementation="eager").float()
+    model.load_state_dict(r0["streamed"], strict=False)
+    if "lm_head.weight" not in r0["streamed"]:
+        model.tie_weights()
+    for r in rs:
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0] / 0.7, -1)
+        n = len(r.prompt_ids)
+        want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.response_ids)]
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(want), atol=1e-5, rtol=0)
+        assert r.finished == (r.response_ids[-1] in (EOS, 9)) and len(r.response_ids) <= 6
+    assert rs[0].response_ids != rs[1].response_ids  # each sample its own seed
+
+
+def test_request_params_and_outputs():
+    kw = request_params(SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=5, seed=3), 2, [7, 9])
+    assert kw["seed"] == 5 and kw["temperature"] == 1.2 and kw["top_p"] == 0.9 and kw["top_k"] == 0
+    assert kw["stop_token_ids"] == [7, 9] and kw["include_stop_str_in_output"] and kw["end_id"] == -1
+    assert kw["max_tokens"] == 5 and kw["n"] == 1 and kw["logprobs"] == 1
+    greedy = request_params(SamplingParams(greedy=True), 0, [7])
+    assert greedy["top_k"] == 1
+    # the simple format (one float per token) and the dict format (top-1 and the sampled token)
+    done = to_rollout(0, [1], SimpleNamespace(token_ids=[4, 7], logprobs=[-0.5, -0.25], finish_reason="stop"), [7])
+    assert done.finished and done.logprobs == [-0.5, -0.25] and done.extra["finish_reason"] == "stop"
+    cut = to_rollout(0, [1], SimpleNamespace(token_ids=[4], logprobs=[{4: SimpleNamespace(logprob=-1.5)}],
+                                             finish_reason="length"), [7])
+    assert not cut.finished and cut.logprobs == [-1.5]
+    with pytest.raises(RuntimeError, match="no log-prob for the sampled token 4"):
+        to_rollout(0, [1], SimpleNamespace(token_ids=[4], logprobs=[{5: SimpleNamespace(logprob=-1.0)}]), [7])
+    with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
+        to_rollout(0, [1], SimpleNamespace(token_ids=[4, 5], logprobs=[-1.0]), [7])
