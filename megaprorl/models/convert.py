@@ -744,47 +744,27 @@ def load_hf_into_model(model, hf_dir: str, hf_config=None) -> Dict[str, int]:
     return {"tensors": n_tensors, "params": n_params}
 
 
-def _gather_to_first(obj, group):
-    import torch.distributed as dist
-
-    if group is None or dist.get_world_size(group) == 1:
-        return [obj]
-    ranks = dist.get_process_group_ranks(group)
-    out = [None] * len(ranks) if dist.get_rank() == ranks[0] else None
-    dist.gather_object(obj, out, dst=ranks[0], group=group)
-    return out
-
-
 @torch.no_grad()
 def save_megatron_as_hf(model, hf_config, out_dir: str, hf_dir: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None) -> Optional[Dict[str, torch.Tensor]]:
     """Collective over all ranks: write the model as an HF directory at ``out_dir`` (rank 0 writes
     safetensors, config.json and, from ``hf_dir``, the tokenizer files).  Returns the HF state dict
-    on global rank 0, None elsewhere.  Only the first data-parallel replica's weights are used."""
+    on global rank 0, None elsewhere.  Only the first data-parallel replica's weights are used: its ranks stream
+    them (``HFWeightStream``) and rank 0 keeps them on the CPU."""
     import torch.distributed as dist
 
     from megatron.core import parallel_state as mps
 
     distributed = dist.is_initialized() and mps.model_parallel_is_initialized()
-    chunks = []
-    for gpt in _unwrap(model):
-        sd = {k: v.detach().to("cpu") for k, v in gpt.state_dict().items()
-              if _is_weight_key(k) and isinstance(v, torch.Tensor)}
-        chunks.append((sd, _layer_numbers(gpt)))
-    tp_group = mps.get_tensor_model_parallel_group() if distributed else None
-    pp_group = mps.get_pipeline_model_parallel_group() if distributed else None
-    gathered = _gather_to_first(chunks, tp_group)
-    partial: Dict[str, torch.Tensor] = {}
-    if gathered is not None:  # first TP rank of this stage
-        for c in range(len(chunks)):
-            partial.update(megatron_to_hf([g[c][0] for g in gathered], hf_config, layer_numbers=chunks[c][1]))
-    stages = _gather_to_first(partial, pp_group) if gathered is not None else None
     is_root = not dist.is_initialized() or dist.get_rank() == 0
+    gathered: Dict[str, torch.Tensor] = {}
+    if not distributed or mps.get_data_parallel_rank() == 0:
+        for bucket in HFWeightStream(model, hf_config).buckets(1 << 28):
+            if is_root:
+                gathered.update((name, t.to("cpu")) for name, t in bucket)
     result = None
     if is_root:
-        result = {}
-        for s in stages:
-            result.update(s)
+        result = gathered
         dims = _Dims(hf_config)
         _check_complete(result, dims)
         if dtype is not None:
