@@ -174,35 +174,71 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
         pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device,
                      "torch", trainable=False, pad_id=tok.pad_id)
         C.load_hf_into_model(pol.model, hf_dir, hf_config)
-        out[family] = _generate(pol, tok)
+        stream = C.HFWeightStream(pol.model, hf_config)  # what a refit by HF name receives; the second run
+        streamed = [[[(n, t.clone()) for n, t in b] for b in stream.buckets(STREAM_BUCKET, dtype=dtype)]
+                    for dtype in (None, torch.bfloat16)]  # reuses the first one's names and shapes
+        out[family] = (_generate(pol, tok), streamed)
         del pol
         mps.destroy_model_parallel()
     return out
 
 
-def test_embedded_engine_at_tp2_pp2_equals_one_rank(tmp_path):
+STREAM_BUCKET = 40_000  # bytes: a few tensors of the tiny models per bucket, and some tensors larger than one
+
+
+@pytest.fixture(scope="module")
+def tp_pp_runs(tmp_path_factory):
+    """The job of the tests below, at one rank and at TP=2 x PP=2 (4 ranks)."""
+    pytest.importorskip("transformers")
+    from test_convert import FAMILIES, _make_hf
+
+    root = tmp_path_factory.mktemp("tp_pp")
+    hf_dirs = {family: str(root / family) for family in FAMILIES}
+    hf = {family: _make_hf(family, d) for family, d in hf_dirs.items()}
+    want = run_distributed(_tp_pp_engine_job, 1, (hf_dirs, 1, 1))[0]
+    got_all = run_distributed(_tp_pp_engine_job, 4, (hf_dirs, 2, 2))
+    return hf_dirs, hf, want, got_all
+
+
+def test_embedded_engine_at_tp2_pp2_equals_one_rank(tp_pp_runs):
     """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied, Llama-3.x RoPE scaling), Qwen2
     (tied embeddings: the last stage samples with its copy of the embedding) and Qwen3 (head_dim 32 for
     hidden 64 / 4 heads, per-head q/k norms) loaded and sharded by the converter: every rank returns the
     single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage of
     each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
-    decode stage) are transformers' for the same tokens.  One job per layout for the three models."""
-    pytest.importorskip("transformers")
-    from test_convert import FAMILIES, _make_hf
-
-    hf_dirs = {family: str(tmp_path / family) for family in FAMILIES}
-    hf = {family: _make_hf(family, d) for family, d in hf_dirs.items()}
-    want = run_distributed(_tp_pp_engine_job, 1, (hf_dirs, 1, 1))[0]
+    decode stage) are transformers' for the same tokens.  One job per layout for the models."""
+    hf_dirs, hf, want, got_all = tp_pp_runs
+    want = {family: w[0] for family, w in want.items()}
     _check_against_hf(want, hf)
-    got_all = run_distributed(_tp_pp_engine_job, 4, (hf_dirs, 2, 2))
     for family in hf_dirs:
         assert any(len(r[0]) > 1 for r in want[family][0]), family
         for got in got_all:
-            for g_runs, w_runs in zip(got[family], want[family]):
+            for g_runs, w_runs in zip(got[family][0], want[family]):
                 assert [r[0] for r in g_runs] == [r[0] for r in w_runs], family
                 assert [r[2] for r in g_runs] == [r[2] for r in w_runs], family
                 for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
                     assert g_lp == pytest.approx(w_lp, abs=1e-4), family
+
+
+def test_weight_stream_gives_every_rank_the_hf_checkpoint(tp_pp_runs):
+    """``convert.HFWeightStream`` (the refit of an engine that loads by HF name) of the models at TP=2 x PP=2 and
+    at one rank: every rank receives the HF checkpoint the model was loaded from, bit for bit (fp32, and cast to
+    bf16), each tensor once (a tied model's output layer is not sent again), in buckets within the limit."""
+    from megaprorl.models import convert as C
+
+    hf_dirs, _, want_one, got_all = tp_pp_runs
+    for family, hf_dir in hf_dirs.items():
+        want = C.load_hf_state_dict(hf_dir)
+        for rank, res in enumerate([want_one] + got_all):
+            for buckets, dtype in zip(res[family][1], (torch.float32, torch.bfloat16)):
+                names = [n for b in buckets for n, _ in b]
+                assert len(names) == len(set(names)) and set(names) == set(want), (family, rank, set(want) ^ set(names))
+                for b in buckets:
+                    for n, t in b:
+                        assert t.dtype == dtype and torch.equal(t, want[n].to(dtype)), (family, rank, n)
+                    nbytes = sum(t.numel() * t.element_size() for _, t in b)
+                    assert nbytes <= STREAM_BUCKET or len(b) == 1, (family, rank, [n for n, _ in b], nbytes)
+                assert len(buckets) > 3, family
 
 
 def _check_against_hf(rollouts, hf_models):
