@@ -398,6 +398,9 @@ def validate(cfg: Config) -> None:
              f"'trtllm' needs TensorRT-LLM, which is not installed: {INSTALL}")
         need(not cfg.rollout.cuda_graphs, "rollout.cuda_graphs",
              "graphs the embedded engine's decode step; TensorRT-LLM has its own (rollout.engine=trtllm)")
+        need(cfg.algo.old_logprobs != "engine" or cfg.rollout.top_p == 1.0, "algo.old_logprobs",
+             "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
+             "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
     need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")

@@ -191,3 +191,25 @@ def test_request_params_and_outputs():
         to_rollout(0, [1], SimpleNamespace(token_ids=[4], logprobs=[{5: SimpleNamespace(logprob=-1.0)}]), [7])
     with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
         to_rollout(0, [1], SimpleNamespace(token_ids=[4, 5], logprobs=[-1.0]), [7])
+
+
+def test_config_checks(monkeypatch):
+    """With TensorRT-LLM present (its import spec faked), engine=trtllm loads, and what it cannot do is named."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    from megaprorl.config import ConfigError, load_config
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "tensorrt_llm" else find_spec(name, *a))
+    cfg = load_config(demo, ["rollout.engine=trtllm", "algo.old_logprobs=engine", "rollout.top_p=1.0"])
+    assert cfg.rollout.engine == "trtllm" and cfg.rollout.trtllm_bucket_mb == 1024
+    with pytest.raises(ConfigError, match="'algo.old_logprobs': 'engine' with rollout.engine=trtllm needs rollout.top_p=1"):
+        load_config(demo, ["rollout.engine=trtllm", "algo.old_logprobs=engine", "rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="'rollout.cuda_graphs': graphs the embedded engine's decode step"):
+        load_config(demo, ["rollout.engine=trtllm", "rollout.cuda_graphs=true", "rollout.decode_attention=triton"])
+    with pytest.raises(ConfigError, match="'rollout.trtllm_kv_cache_fraction': must be in \\(0, 1\\)"):
+        load_config(demo, ["rollout.engine=trtllm", "rollout.trtllm_kv_cache_fraction=0"])
