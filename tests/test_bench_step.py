@@ -28,13 +28,20 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert rep["rollout_tokens_per_s"] > 0
         assert 0 < rep["engine"]["decode_row_steps"] <= rep["engine"]["dense_row_steps"]
         rows = 8 if "tiny-qwen3" in extra else 4 if "--prompts" in extra else 32
-        assert rep["continuous_batching"] and rep["rollout_batch_size"] == rows
+        assert rep["continuous_batching"] and rep["rollout_batch_size"] == rows and rep["engine_name"] == "megatron"
         assert rep["decode_attention"] == ("triton" if "triton" in extra else "sdpa")  # the interpreter on a CPU
         assert 0 < rep["engine"]["keys_own"] <= rep["engine"]["keys_span"]
         if "--stop-rate" in extra:  # responses end early and unevenly: rows were refilled
             assert rep["engine"]["admissions"] > rep["engine"]["rollouts"] / 8 and t["response_tokens"] < 32 * 16
     else:
         assert rep["rollout_tokens_per_s"] is None and rep["engine"] is None
+
+
+def test_bench_step_trtllm_needs_a_gpu(tmp_path):
+    from megaprorl.bench.step import main
+
+    with pytest.raises(SystemExit, match="error: rollout.engine=trtllm runs on CUDA GPUs; this process sees none"):
+        main(["--preset", "tiny", "--repeats", "1", "--out", str(tmp_path / "b.json"), "--engine", "trtllm"])
 
 
 @pytest.mark.parametrize("preset", ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b"])

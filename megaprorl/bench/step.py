@@ -2,7 +2,7 @@
 
 Builds a random policy of a named shape (``--preset tiny`` for CPU, ``qwen2-1.5b`` for the
 DeepSeek-R1-Distill-Qwen-1.5B shape), draws random prompts, and times, on whatever machine it runs:
-rollout (the embedded engine), reward (a trivial verifier, so the number is the pool's overhead),
+rollout (the embedded engine, or ``--engine trtllm``), reward (a trivial verifier, so the number is the pool's overhead),
 the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
 ``--skip-rollout`` times only the trainer side on sequences of ``--prompt-len + --response-len``
 random tokens (the 8K training throughput without an 8K decode).  Prints a table and writes JSON.
@@ -109,6 +109,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
                     help="model.fp8 (needs TransformerEngine); the delayed-scaling recipe")
     ap.add_argument("--skip-rollout", action="store_true", help="time only log-prob passes and the update")
+    ap.add_argument("--engine", default="megatron", choices=("megatron", "trtllm"),
+                    help="rollout.engine: the embedded engine, or TensorRT-LLM refit in place (needs tensorrt-llm, "
+                         "ray and a GPU; weight_sync is then the refit)")
+    ap.add_argument("--trtllm-bucket-mb", type=float, default=1024, help="rollout.trtllm_bucket_mb")
+    ap.add_argument("--trtllm-kv-cache-fraction", type=float, default=0.3, help="rollout.trtllm_kv_cache_fraction")
     ap.add_argument("--rollout-batch-size", type=int, default=0,
                     help="rows the engine decodes together (rollout.batch_size; 0: every rollout of the step at once)")
     ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     from ..policy import Policy, build_seq_batch
     from ..rollout import SamplingParams
     from ..rollout.megatron_engine import MegatronEngine
+    from ..rollout.trtllm_engine import TrtllmUnavailable
 
     info = init_distributed(args.tp, args.pp)
     on_gpu = torch.cuda.is_available()
@@ -161,12 +167,18 @@ def main(argv=None) -> int:
     if not 0.0 <= args.stop_rate < 1.0:
         raise SystemExit(f"--stop-rate must be in [0, 1), got {args.stop_rate}")
     stops = range(2, 2 + int(args.stop_rate * p["vocab"]))
+    rows = args.rollout_batch_size or args.prompts * args.n_samples
     try:
-        engine = MegatronEngine(policy, eos_id=eos, pad_id=0,
-                                batch_size=args.rollout_batch_size or args.prompts * args.n_samples,
-                                continuous=not args.lock_step, stop_ids=stops, decode_attention=args.decode_attention,
-                                cuda_graphs=args.cuda_graphs)
-    except ConfigError as e:  # e.g. --cuda-graphs without --decode-attention triton, or on a CPU
+        if args.engine == "trtllm":
+            from ..rollout.trtllm_engine import start_trtllm_engine
+
+            engine = start_trtllm_engine(policy, mcfg, os.path.abspath(args.out) + ".trtllm_hf", [eos, *stops], eos,
+                                         0, rows, args.trtllm_kv_cache_fraction, args.trtllm_bucket_mb)
+        else:
+            engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=rows, continuous=not args.lock_step,
+                                    stop_ids=stops, decode_attention=args.decode_attention,
+                                    cuda_graphs=args.cuda_graphs)
+    except (ConfigError, TrtllmUnavailable) as e:  # e.g. --cuda-graphs without --decode-attention triton, on a CPU
         raise SystemExit(f"error: {e}") from None
     gen = torch.Generator().manual_seed(dp_rank())  # each data-parallel rank its own prompts
     spec = LossSpec(kl_coef=1e-4 if reference is not None else 0.0)
@@ -248,8 +260,9 @@ def main(argv=None) -> int:
         "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
-        "rollout_batch_size": engine.batch_size, "continuous_batching": engine.continuous, "stop_rate": args.stop_rate,
-        "decode_attention": engine.decode_attention, "cuda_graphs": engine.cuda_graphs,
+        "engine_name": args.engine, "rollout_batch_size": getattr(engine, "batch_size", rows), "stop_rate": args.stop_rate,
+        "continuous_batching": getattr(engine, "continuous", None),
+        "decode_attention": getattr(engine, "decode_attention", None), "cuda_graphs": getattr(engine, "cuda_graphs", None),
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
@@ -272,7 +285,10 @@ def main(argv=None) -> int:
         for k in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
             print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
-        if res["rollout_tokens_per_s"] is not None:
+        if res["rollout_tokens_per_s"] is not None and args.engine == "trtllm":
+            print(f"  rollout (TensorRT-LLM): {res['rollout_tokens_per_s']:.0f} generated tokens/s; weight_sync is the "
+                  f"refit in {engine.refit_buckets} buckets of {args.trtllm_bucket_mb:g} MB")
+        elif res["rollout_tokens_per_s"] is not None:
             e = res["engine"]
             graphs = f", {e['graphs']} step graphs" if engine.cuda_graphs else ""
             print(f"  rollout: {res['rollout_tokens_per_s']:.0f} generated tokens/s; {e['decode_steps']} decode steps, "

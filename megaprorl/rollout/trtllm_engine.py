@@ -231,46 +231,52 @@ _DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "
 
 
 def build_trtllm_engine(cfg, policy, tokenizer) -> TrtllmEngine:
-    """The engine, refit once from the policy's weights as they are now.  The HF directory TensorRT-LLM reads
-    its config from: ``model.hf_path``, else one written into the run directory from the model config (its
-    weights are never read: the engine starts from dummy weights)."""
+    """The trainer's engine (``rollout.engine: trtllm``), refit once from the policy's weights as they are now.
+    The HF directory TensorRT-LLM reads its config from is ``model.hf_path``, else one written into the run
+    directory from the model config (its weights are never read: the engine starts from dummy weights)."""
+    r = cfg.rollout
+    return start_trtllm_engine(policy, cfg.model, os.path.join(cfg.output_dir, cfg.name, "trtllm_hf"),
+                               tokenizer.stop_ids, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               batch_size=r.batch_size, kv_cache_fraction=r.trtllm_kv_cache_fraction,
+                               bucket_mb=r.trtllm_bucket_mb)
+
+
+def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], eos_id: int, pad_id: int,
+                        batch_size: int, kv_cache_fraction: float, bucket_mb: float) -> TrtllmEngine:
+    """A TensorRT-LLM engine for ``policy`` (model config ``mcfg``; an HF ``config.json`` written to
+    ``config_dir`` when ``mcfg.hf_path`` is empty), refit once from the policy's weights."""
     import json
 
     from ..models.convert import _DTYPES, hf_config_from_model_config, load_hf_config
 
     if not torch.cuda.is_available():
         raise TrtllmUnavailable("rollout.engine=trtllm runs on CUDA GPUs; this process sees none")
-    mcfg = cfg.model
-    hf_dir = mcfg.hf_path
+    trtllm = _import_trtllm()
+    from tensorrt_llm._torch.utils import get_device_uuid
+    from tensorrt_llm.sampling_params import LogprobMode
+
+    hf_dir = getattr(mcfg, "hf_path", "")
     if hf_dir:
         hf_config = load_hf_config(hf_dir)
     else:
-        hf_config = hf_config_from_model_config(mcfg, policy.vocab_size, eos_token_id=tokenizer.eos_id,
-                                                pad_token_id=tokenizer.pad_id)
-        hf_dir = os.path.join(cfg.output_dir, cfg.name, "trtllm_hf")
+        hf_config = hf_config_from_model_config(mcfg, policy.vocab_size, eos_token_id=eos_id, pad_token_id=pad_id)
+        hf_dir = config_dir
         if not dist.is_initialized() or dist.get_rank() == 0:
             os.makedirs(hf_dir, exist_ok=True)
             with open(os.path.join(hf_dir, "config.json"), "w") as f:
                 json.dump(hf_config, f, indent=2)
         if dist.is_initialized():
             dist.barrier()
-    trtllm = _import_trtllm()
-    from tensorrt_llm._torch.utils import get_device_uuid
-
     dtype = _DTYPES[mcfg.params_dtype]
-    r = cfg.rollout
 
     def start(gpus):
-        return _start_llm(trtllm, hf_dir, gpus, dtype, r.batch_size, mcfg.max_position_embeddings,
-                          r.trtllm_kv_cache_fraction)
-
-    from tensorrt_llm.sampling_params import LogprobMode
+        return _start_llm(trtllm, hf_dir, gpus, dtype, batch_size, mcfg.max_position_embeddings, kv_cache_fraction)
 
     def sampling(**kw):  # the log-probs after temperature (RAW, the default, would be of the unscaled logits)
         return trtllm.SamplingParams(logprobs_mode=LogprobMode.PROCESSED, **kw)
 
     index = torch.cuda.current_device()
-    engine = TrtllmEngine(policy, hf_config, tokenizer.stop_ids, r.trtllm_bucket_mb, dtype, start, sampling,
+    engine = TrtllmEngine(policy, hf_config, stop_ids, bucket_mb, dtype, start, sampling,
                           str(get_device_uuid(index)), _physical_gpu(index))
     engine.update_weights(0)
     return engine
