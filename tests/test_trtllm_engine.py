@@ -3,9 +3,9 @@
 TensorRT-LLM's part is played by ``HFWorkers``: an HF ``transformers`` model that starts from random ("dummy")
 weights, takes ``update_weights`` calls shaped as ``rlhf_utils.WorkerExtension`` takes them (a dict of GPU UUID
 -> [(HF name, reduce_tensor handle)], each worker opening its own GPU's entry; ``None`` to finish) and answers
-``generate`` with ``RequestOutput``-shaped objects.  What is shown: at TP=2 the refit gives the engine the
+``generate`` with ``RequestOutput``-shaped objects.  What is shown: at TP=2 and at PP=2 the refit gives the engine the
 policy's weights exactly, after the first refit and after the policy changed; the leader's rollouts reach
-both ranks; the log-probs are the sampled tokens' (temperature-scaled) ones; and the request mapping."""
+both ranks (the group of two: TP=2, or PP=2); the log-probs are the sampled tokens' (temperature-scaled) ones; and the request mapping."""
 
 from types import SimpleNamespace
 
@@ -76,18 +76,25 @@ class HFWorkers:
         return outs
 
 
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+
+
 def _job(rank, world, hf_dir):
+    return {name: _one(rank, hf_dir, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+
+
+def _one(rank, hf_dir, tp, pp):
     from megatron.core import parallel_state as mps
 
     from megaprorl.models.gpt import build_gpt
     from megaprorl.parallel import init_distributed
 
-    init_distributed(2, 1)
+    init_distributed(tp, pp)
     hf_config = C.load_hf_config(hf_dir)
     mcfg = SimpleNamespace(**dict(dict(init_std=0.02, params_dtype="fp32", make_vocab_divisible_by=128,
                                        transformer_impl="local", attention="sdpa", fp8="", fp8_recipe="delayed",
                                        recompute_granularity=""), **C.model_config_from_hf(hf_config)))
-    model = build_gpt(mcfg, SimpleNamespace(tensor_parallel=2, pipeline_parallel=1, sequence_parallel=False),
+    model = build_gpt(mcfg, SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=False),
                       VOCAB)
     C.load_hf_into_model(model, hf_dir, hf_config)
     uuids = {"0": "GPU-aaaa", "1": "GPU-bbbb"}
@@ -135,8 +142,10 @@ def ran(tmp_path_factory):
     return hf_dir, run_distributed(_job, world_size=2, args=(hf_dir,), timeout=600)
 
 
-def test_refit_gives_the_engine_the_policys_weights(ran):
-    hf_dir, (r0, r1) = ran
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_refit_gives_the_engine_the_policys_weights(ran, layout):
+    hf_dir, ranks = ran
+    r0, r1 = (r[layout] for r in ranks)
     assert r0["leader"] and not r1["leader"] and r0["started"] == [["0", "1"]] and r1["started"] == []
     want = C.load_hf_state_dict(hf_dir)
     assert set(r0["after_first"]) == set(want)
@@ -153,8 +162,10 @@ def test_refit_gives_the_engine_the_policys_weights(ran):
     assert len(calls) == 2 * (r0["buckets"] + 1)
 
 
-def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran):
-    hf_dir, (r0, r1) = ran
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran, layout):
+    hf_dir, ranks = ran
+    r0, r1 = (r[layout] for r in ranks)
     rs = r0["rollouts"]
     assert [(r.prompt_index, r.response_ids, r.logprobs) for r in rs] == \
         [(r.prompt_index, r.response_ids, r.logprobs) for r in r1["rollouts"]]
