@@ -104,7 +104,7 @@ def _one(rank, hf_dir, tp, pp):
         started.append(gpus)
         return HFWorkers(gpus, uuids)
 
-    eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], bucket_mb=0.02, dtype=torch.float32,
+    eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], pad_id=0, bucket_mb=0.02, dtype=torch.float32,
                        start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank))
     prompts = [[1, 2, 3], [4, 5]]
     params = SamplingParams(temperature=0.7, max_new_tokens=6, n=2, seed=11)
@@ -186,11 +186,11 @@ def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran, layout)
 
 
 def test_request_params_and_outputs():
-    kw = request_params(SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=5, seed=3), 2, [7, 9])
+    kw = request_params(SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=5, seed=3), 2, [7, 9], 0)
     assert kw["seed"] == 5 and kw["temperature"] == 1.2 and kw["top_p"] == 0.9 and kw["top_k"] == 0
     assert kw["stop_token_ids"] == [7, 9] and kw["include_stop_str_in_output"] and kw["end_id"] == -1
-    assert kw["max_tokens"] == 5 and kw["n"] == 1 and kw["logprobs"] == 1
-    greedy = request_params(SamplingParams(greedy=True), 0, [7])
+    assert kw["max_tokens"] == 5 and kw["n"] == 1 and kw["logprobs"] == 1 and kw["pad_id"] == 0
+    greedy = request_params(SamplingParams(greedy=True), 0, [7], 0)
     assert greedy["top_k"] == 1
     # the simple format (one float per token) and the dict format (top-1 and the sampled token)
     done = to_rollout(0, [1], SimpleNamespace(token_ids=[4, 7], logprobs=[-0.5, -0.25], finish_reason="stop"), [7])
@@ -200,6 +200,8 @@ def test_request_params_and_outputs():
     assert not cut.finished and cut.logprobs == [-1.5]
     with pytest.raises(RuntimeError, match="no log-prob for the sampled token 4"):
         to_rollout(0, [1], SimpleNamespace(token_ids=[4], logprobs=[{5: SimpleNamespace(logprob=-1.0)}]), [7])
+    with pytest.raises(RuntimeError, match="left its stop token out of token_ids"):
+        to_rollout(0, [1], SimpleNamespace(token_ids=[4], logprobs=[-1.0], finish_reason="stop", stop_reason=7), [7])
     with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
         to_rollout(0, [1], SimpleNamespace(token_ids=[4, 5], logprobs=[-1.0]), [7])
 

@@ -53,12 +53,13 @@ def _import_trtllm():
     return tensorrt_llm
 
 
-def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int]) -> Dict:
+def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int], pad_id: int) -> Dict:
     """The keyword arguments of ``tensorrt_llm.SamplingParams`` for sample ``sample`` of a prompt: one response
     per request (its own seed), stop tokens kept in the output, and the sampled token's log-prob (the engine's
     ``make_sampling`` adds ``logprobs_mode=PROCESSED``)."""
     kw = dict(max_tokens=int(params.max_new_tokens), n=1, seed=int(params.seed) + sample,
               end_id=-1,  # stops come from stop_token_ids, whose token is kept (the end id's would be dropped)
+              pad_id=int(pad_id),  # else it would be the end id, -1
               stop_token_ids=[int(i) for i in stop_ids], include_stop_str_in_output=True, detokenize=False,
               logprobs=1)
     if params.greedy:
@@ -83,6 +84,11 @@ def to_rollout(prompt_index: int, prompt: List[int], completion, stop_ids: Seque
     if len(lps) != len(ids):
         raise RuntimeError(f"TensorRT-LLM returned {len(lps)} log-probs for {len(ids)} tokens (logprobs=1 asked)")
     finished = bool(ids) and ids[-1] in set(stop_ids)
+    if getattr(completion, "finish_reason", None) == "stop" and not finished:
+        # the policy has to learn its stop token: a response without it would train as a truncated one
+        raise RuntimeError(f"TensorRT-LLM stopped a response (stop reason {getattr(completion, 'stop_reason', None)!r})"
+                           f" but left its stop token out of token_ids (ends {ids[-3:]}); this release does not keep "
+                           "stop tokens with include_stop_str_in_output=True")
     return Rollout(prompt_index=prompt_index, prompt_ids=list(prompt), response_ids=ids, logprobs=lps,
                    finished=finished, extra={"finish_reason": str(getattr(completion, "finish_reason", ""))})
 
@@ -95,7 +101,7 @@ class TrtllmEngine:
     ``LLM`` on those node GPU ids), ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID
     (``device_uuid``, the key its workers look their handles up by) and node GPU id (``gpu``)."""
 
-    def __init__(self, policy, hf_config, stop_ids: Sequence[int], bucket_mb: float, dtype: torch.dtype,
+    def __init__(self, policy, hf_config, stop_ids: Sequence[int], pad_id: int, bucket_mb: float, dtype: torch.dtype,
                  start_llm: Callable[[List[str]], object], make_sampling: Callable[..., object],
                  device_uuid: str, gpu: str):
         from megatron.core import parallel_state as mps
@@ -103,6 +109,7 @@ class TrtllmEngine:
         from ..models.convert import HFWeightStream
 
         self.stop_ids = list(dict.fromkeys(int(i) for i in stop_ids))
+        self.pad_id = int(pad_id)
         self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
         self.dtype = dtype
         self.stream = HFWeightStream(policy.model, hf_config)
@@ -181,7 +188,7 @@ class TrtllmEngine:
             for p in prompts:
                 for s in range(params.n):
                     inputs.append({"prompt_token_ids": [int(t) for t in p]})
-                    sp.append(self.make_sampling(**request_params(params, s, self.stop_ids)))
+                    sp.append(self.make_sampling(**request_params(params, s, self.stop_ids, self.pad_id)))
             outs = self.llm.generate(inputs, sampling_params=sp, use_tqdm=False)
             rollouts = [to_rollout(k // params.n, prompts[k // params.n], o.outputs[0], self.stop_ids)
                         for k, o in enumerate(outs)]
@@ -276,7 +283,7 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
         return trtllm.SamplingParams(logprobs_mode=LogprobMode.PROCESSED, **kw)
 
     index = torch.cuda.current_device()
-    engine = TrtllmEngine(policy, hf_config, stop_ids, bucket_mb, dtype, start, sampling,
+    engine = TrtllmEngine(policy, hf_config, stop_ids, pad_id, bucket_mb, dtype, start, sampling,
                           str(get_device_uuid(index)), _physical_gpu(index))
     engine.update_weights(0)
     return engine
