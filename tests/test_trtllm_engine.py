@@ -226,3 +226,30 @@ def test_config_checks(monkeypatch):
         load_config(demo, ["rollout.engine=trtllm", "rollout.cuda_graphs=true", "rollout.decode_attention=triton"])
     with pytest.raises(ConfigError, match="'rollout.trtllm_kv_cache_fraction': must be in \\(0, 1\\)"):
         load_config(demo, ["rollout.engine=trtllm", "rollout.trtllm_kv_cache_fraction=0"])
+
+
+def test_processed_logprobs_mode_across_releases(monkeypatch):
+    """The enum of releases that have ``LogprobMode``, vLLM's string where ``logprobs_mode`` is a plain field,
+    and a clear error where there is none."""
+    import dataclasses
+    import sys
+    import types
+
+    from megaprorl.rollout.trtllm_engine import TrtllmUnavailable, processed_logprobs_mode
+
+    @dataclasses.dataclass
+    class WithField:
+        logprobs_mode: str = "raw_logprobs"
+
+    @dataclasses.dataclass
+    class Without:
+        temperature: float = 1.0
+
+    sp_module = types.ModuleType("tensorrt_llm.sampling_params")
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", types.ModuleType("tensorrt_llm"))
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.sampling_params", sp_module)
+    assert processed_logprobs_mode(SimpleNamespace(SamplingParams=WithField)) == "processed_logprobs"
+    with pytest.raises(TrtllmUnavailable, match="has no SamplingParams.logprobs_mode"):
+        processed_logprobs_mode(SimpleNamespace(SamplingParams=Without, __version__="1.0"))
+    sp_module.LogprobMode = SimpleNamespace(PROCESSED="enum-processed")
+    assert processed_logprobs_mode(SimpleNamespace(SamplingParams=Without)) == "enum-processed"

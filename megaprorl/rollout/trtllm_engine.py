@@ -47,10 +47,24 @@ def _import_trtllm():
     try:
         os.environ.setdefault("TLLM_DISABLE_MPI", "1")  # the Ray executor, not MPI under torchrun's env
         import tensorrt_llm
-        from tensorrt_llm.sampling_params import LogprobMode  # noqa: F401  (its absence: too old a release)
     except ImportError as e:
         raise TrtllmUnavailable(f"rollout.engine=trtllm needs TensorRT-LLM: {INSTALL} ({e})") from None
     return tensorrt_llm
+
+
+def processed_logprobs_mode(trtllm):
+    """``SamplingParams.logprobs_mode`` for log-probs after temperature: the ``LogprobMode.PROCESSED`` enum of
+    some 1.x releases, the string ``"processed_logprobs"`` of others (vLLM's names)."""
+    try:
+        from tensorrt_llm.sampling_params import LogprobMode
+
+        return LogprobMode.PROCESSED
+    except (ImportError, AttributeError):
+        pass
+    if "logprobs_mode" in getattr(trtllm.SamplingParams, "__dataclass_fields__", {}):
+        return "processed_logprobs"
+    raise TrtllmUnavailable(f"this TensorRT-LLM ({getattr(trtllm, '__version__', '?')}) has no "
+                            f"SamplingParams.logprobs_mode, so its log-probs would be of the unscaled logits: {INSTALL}")
 
 
 def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int], pad_id: int) -> Dict:
@@ -260,7 +274,6 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
         raise TrtllmUnavailable("rollout.engine=trtllm runs on CUDA GPUs; this process sees none")
     trtllm = _import_trtllm()
     from tensorrt_llm._torch.utils import get_device_uuid
-    from tensorrt_llm.sampling_params import LogprobMode
 
     hf_dir = getattr(mcfg, "hf_path", "")
     if hf_dir:
@@ -279,8 +292,10 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
     def start(gpus):
         return _start_llm(trtllm, hf_dir, gpus, dtype, batch_size, mcfg.max_position_embeddings, kv_cache_fraction)
 
-    def sampling(**kw):  # the log-probs after temperature (RAW, the default, would be of the unscaled logits)
-        return trtllm.SamplingParams(logprobs_mode=LogprobMode.PROCESSED, **kw)
+    mode = processed_logprobs_mode(trtllm)
+
+    def sampling(**kw):  # the log-probs after temperature (the default, raw, would be of the unscaled logits)
+        return trtllm.SamplingParams(logprobs_mode=mode, **kw)
 
     index = torch.cuda.current_device()
     engine = TrtllmEngine(policy, hf_config, stop_ids, pad_id, bucket_mb, dtype, start, sampling,
