@@ -236,6 +236,7 @@ class Trainer:
         if self.reference is not None:
             self.reference.load_weights_from(self.policy)
         self.policy.reset_optimizer()
+        self.engine.update_weights(self.step)  # an engine with its own copy of the weights samples the SFT'd policy
         return {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
                 "warmstart/time_s": time.time() - t0}
 

@@ -398,3 +398,31 @@ def test_collective_with_a_dead_or_hung_rank_raises_within_the_timeout(mode):
         assert waited < timeout_s + 10, f"rank 0 waited {waited:.1f} s on the {name} group ({what})"
         if mode == "hang":
             assert waited >= timeout_s - 0.5 and "Timed out" in what, (name, waited, what)
+
+
+def test_every_generate_samples_the_policys_latest_weights(tmp_path):
+    """The contract an engine with its own copy of the weights (``rollout.engine=trtllm``) relies on: the trainer
+    calls ``update_weights`` after every change to the policy (the warm-start's SFT steps, each RL update) and
+    before the next ``generate`` (training draws and evaluations alike)."""
+    t = _trainer(tmp_path, "train.steps=2", "eval.interval=1")
+    eng = t.engine
+    seen = {"synced": None, "generates": 0}
+
+    def checksum():
+        return sum(float(p.detach().double().sum()) for p in t.policy.model.parameters())
+
+    real_update, real_generate = eng.update_weights, eng.generate
+
+    def update_weights(step=None):
+        seen["synced"] = checksum()
+        return real_update(step)
+
+    def generate(*a, **k):
+        assert seen["synced"] == checksum(), "generate() after a policy change that update_weights() did not follow"
+        seen["generates"] += 1
+        return real_generate(*a, **k)
+
+    eng.update_weights, eng.generate = update_weights, generate
+    update_weights(0)  # what building the engine does (the TensorRT-LLM engine refits once there)
+    t.run()
+    assert seen["generates"] >= 4  # the evaluation before RL, two steps' draws, the evaluations after them
