@@ -595,6 +595,7 @@ class Trainer:
 
     def close(self) -> None:
         self.rewards.close()
+        self.engine.close()
 
     def _check_think_end(self) -> None:
         """rewards.think_end must survive the decode that turns responses into the text the verifiers see."""

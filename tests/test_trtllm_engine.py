@@ -39,6 +39,10 @@ class HFWorkers:
         self.model = transformers.AutoModelForCausalLM.from_config(_config(), attn_implementation="eager").float()
         self.uuids = [uuids[g] for g in gpus]
         self.calls = []
+        self.shut = False
+
+    def shutdown(self):
+        self.shut = True
 
     def _collective_rpc(self, method, args=()):
         assert method == "update_weights", method
@@ -102,7 +106,7 @@ def _one(rank, hf_dir, tp, pp):
 
     def start(gpus):
         started.append(gpus)
-        return HFWorkers(gpus, uuids)
+        return HFWorkers(gpus, uuids), False
 
     eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], pad_id=0, bucket_mb=0.02, dtype=torch.float32,
                        start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank))
@@ -128,6 +132,10 @@ def _one(rank, hf_dir, tp, pp):
     if eng.is_leader:
         out["after_second"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
         out["calls"] = eng.llm.calls
+        workers = eng.llm
+    eng.close()
+    out["shut"] = workers.shut if eng.is_leader else None
+    assert eng.llm is None
     mps.destroy_model_parallel()
     return out
 
@@ -147,6 +155,7 @@ def test_refit_gives_the_engine_the_policys_weights(ran, layout):
     hf_dir, ranks = ran
     r0, r1 = (r[layout] for r in ranks)
     assert r0["leader"] and not r1["leader"] and r0["started"] == [["0", "1"]] and r1["started"] == []
+    assert r0["shut"]  # close() shut the leader's LLM down
     want = C.load_hf_state_dict(hf_dir)
     assert set(r0["after_first"]) == set(want)
     for k in want:

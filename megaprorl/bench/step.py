@@ -231,10 +231,13 @@ def main(argv=None) -> int:
         t["tokens"] = float(sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts))
         return t
 
-    one_step()  # warm-up
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    runs = [one_step() for _ in range(args.repeats)]
+    try:
+        one_step()  # warm-up
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        runs = [one_step() for _ in range(args.repeats)]
+    finally:
+        engine.close()
     med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     med["response_tokens"] *= info.dp  # every data-parallel rank ran a batch of the same size
     med["tokens"] *= info.dp

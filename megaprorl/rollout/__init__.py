@@ -44,6 +44,9 @@ class Engine(Protocol):
     def wake(self) -> None:
         """Re-acquire what sleep released."""
 
+    def close(self) -> None:
+        """Stop what the engine started (worker processes); the engine is not used after."""
+
 
 def build_engine(cfg, policy, tokenizer) -> Engine:
     name = cfg.rollout.engine

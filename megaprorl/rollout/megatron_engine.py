@@ -398,6 +398,9 @@ class MegatronEngine:
     def wake(self) -> None:
         self._awake = True
 
+    def close(self) -> None:
+        """Nothing to stop: the engine runs in the trainer's processes, on the policy's own weights."""
+
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], params: SamplingParams,
                  on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:

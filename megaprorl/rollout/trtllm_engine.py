@@ -112,7 +112,7 @@ class TrtllmEngine:
     ``generate`` with the same prompts and ``update_weights`` together, as with the embedded engine.
 
     What is TensorRT-LLM's comes in from ``build_trtllm_engine``: ``start_llm(gpus)`` (on the leader: the
-    ``LLM`` on those node GPU ids), ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID
+    ``LLM`` on those node GPU ids, and whether it started a Ray instance for it that ``close`` stops), ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID
     (``device_uuid``, the key its workers look their handles up by) and node GPU id (``gpu``)."""
 
     def __init__(self, policy, hf_config, stop_ids: Sequence[int], pad_id: int, bucket_mb: float, dtype: torch.dtype,
@@ -134,6 +134,7 @@ class TrtllmEngine:
         self.is_leader = not dist.is_initialized() or dist.get_rank() == self.leader
         where = self._gather((os.uname().nodename, gpu))
         self.llm = None
+        self._own_ray = False
         self.weights_version: Optional[int] = None
         self.stats: Dict[str, float] = {}
         if self.is_leader:
@@ -141,7 +142,7 @@ class TrtllmEngine:
             if len(hosts) > 1:
                 raise TrtllmUnavailable(f"rollout.engine=trtllm: a model-parallel group spans nodes {hosts}; its "
                                         "GPUs share weights over CUDA IPC, so keep TP x PP within a node")
-            self.llm = start_llm(list(dict.fromkeys(g for _, g in where)))
+            self.llm, self._own_ray = start_llm(list(dict.fromkeys(g for _, g in where)))
 
     # --------------------------------------------------------------------------------------- group plumbing
     def _gather(self, obj) -> Optional[list]:
@@ -190,6 +191,17 @@ class TrtllmEngine:
     def wake(self) -> None:
         pass
 
+    def close(self) -> None:
+        """The leader shuts the LLM down (its Ray workers; TensorRT-LLM stops a Ray it started itself), then the
+        private Ray instance it started for them."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+            if self._own_ray:
+                import ray
+
+                ray.shutdown()
+
     def generate(self, prompts: List[List[int]], params: SamplingParams,
                  on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
         if self.weights_version is None:
@@ -227,14 +239,15 @@ def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_bat
     # CUDA context is made already), so the engine's workers land on the GPUs whose ranks feed them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    own_ray = not ray.is_initialized()
     try:
-        if not ray.is_initialized():
+        if own_ray:
             ray.init(address="local", num_gpus=tp, include_dashboard=False, log_to_driver=False)
         return trtllm.LLM(model=hf_dir, skip_tokenizer_init=True, tensor_parallel_size=tp, dtype=_DTYPE[dtype],
                           load_format="dummy", orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION,
                           max_batch_size=int(max_batch_size), max_seq_len=int(max_seq_len),
                           kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=float(kv_cache_fraction),
-                                                        enable_block_reuse=False))
+                                                        enable_block_reuse=False)), own_ray
     finally:
         if visible is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
