@@ -67,7 +67,10 @@ setup(
                     "pyseccomp>=0.1.2; sys_platform == 'linux'"],
         "hf": ["transformers>=4.45", "tokenizers", "safetensors"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "hypothesis", "triton", "transformers>=4.45", "tokenizers", "safetensors", "wandb"],
+        # rollout.engine=trtllm: Ray runs TensorRT-LLM's workers; tensorrt-llm itself comes from NVIDIA's index
+        # (PyPI holds a stub), for the machine's CUDA
+        "trtllm": ["ray"],
+        "dev": ["pytest", "hypothesis", "triton", "transformers>=4.45", "tokenizers", "safetensors", "wandb", "ray"],
     },
     entry_points={"console_scripts": ["megaprorl=megaprorl.cli:main"]},
     ext_modules=ext_modules,

@@ -7,6 +7,7 @@ weights, takes ``update_weights`` calls shaped as ``rlhf_utils.WorkerExtension``
 policy's weights exactly, after the first refit and after the policy changed; the leader's rollouts reach
 both ranks (the group of two: TP=2, or PP=2); the log-probs are the sampled tokens' (temperature-scaled) ones; and the request mapping."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -262,3 +263,60 @@ def test_processed_logprobs_mode_across_releases(monkeypatch):
         processed_logprobs_mode(SimpleNamespace(SamplingParams=Without, __version__="1.0"))
     sp_module.LogprobMode = SimpleNamespace(PROCESSED="enum-processed")
     assert processed_logprobs_mode(SimpleNamespace(SamplingParams=Without)) == "enum-processed"
+
+
+def _leader(rank, world, groups):
+    """One group's leader: ``_start_llm`` with TensorRT-LLM's Ray executor played by what it does with Ray (attach
+    to the initialised Ray, no CUDA_VISIBLE_DEVICES set by Ray, the driver's environment copied to each worker)."""
+    import sys
+    import types
+
+    import ray
+
+    from megaprorl.rollout import trtllm_engine as TE
+
+    class Probe:  # defined here, so that Ray ships it to its workers by value
+        """What TensorRT-LLM's Ray GPU worker does to find its GPU (``ray_gpu_worker.RayWorkerWrapper``, as its
+        source reads): the physical id Ray gave it, mapped to a local index through the CUDA_VISIBLE_DEVICES it
+        inherited."""
+
+        def place(self):
+            gpu = int(ray.get_gpu_ids()[0])
+            visible = [int(v) for v in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
+            return gpu, visible.index(gpu)
+
+    class LLM:
+        def __init__(self, tensor_parallel_size, **kw):
+            ray.init(address="auto", ignore_reinit_error=True, include_dashboard=False)
+            os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+            env = {"env_vars": os.environ.copy()}
+            probe = ray.remote(Probe)
+            workers = [probe.options(num_gpus=1, runtime_env=env).remote() for _ in range(tensor_parallel_size)]
+            self.placed = sorted(ray.get([w.place.remote() for w in workers]))
+            self.kw = kw
+
+        def shutdown(self):
+            pass
+
+    llmapi = types.ModuleType("tensorrt_llm.llmapi")
+    llmapi.KvCacheConfig = dict
+    sys.modules["tensorrt_llm"] = types.ModuleType("tensorrt_llm")
+    sys.modules["tensorrt_llm.llmapi"] = llmapi
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0,1,2,3"  # the node's GPUs, as torchrun's ranks see them
+    llm, own_ray = TE._start_llm(SimpleNamespace(LLM=LLM), "/hf", groups[rank], torch.bfloat16, 8, 64, 0.3)
+    out = dict(placed=llm.placed, own_ray=own_ray, visible_after=os.environ["CUDA_VISIBLE_DEVICES"],
+               dtype=llm.kw["dtype"], load_format=llm.kw["load_format"])
+    ray.shutdown()
+    return out
+
+
+def test_each_groups_workers_land_on_its_gpus():
+    """Two groups' leaders on one node at once, each with a private Ray instance (real Ray, GPUs as Ray resources):
+    the workers of each land on that group's GPUs, at the local index TensorRT-LLM's worker derives, and the
+    leader's CUDA_VISIBLE_DEVICES is back as it was."""
+    pytest.importorskip("ray", reason="pip install ray (the trtllm and dev extras)")
+    groups = [["0", "1"], ["2", "3"]]
+    r = run_distributed(_leader, world_size=2, args=(groups,), timeout=300)
+    assert r[0]["placed"] == [(0, 0), (1, 1)] and r[1]["placed"] == [(2, 0), (3, 1)]
+    assert all(x["own_ray"] and x["visible_after"] == "0,1,2,3" for x in r)
+    assert r[0]["dtype"] == "bfloat16" and r[0]["load_format"] == "dummy"
