@@ -239,6 +239,7 @@ def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_bat
     # CUDA context is made already), so the engine's workers land on the GPUs whose ranks feed them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    # block reuse (prefix caching): a prompt's n samples share its prefill; the refit's last call resets the cache
     own_ray = not ray.is_initialized()
     try:
         if own_ray:
@@ -247,7 +248,7 @@ def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_bat
                           load_format="dummy", orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION,
                           max_batch_size=int(max_batch_size), max_seq_len=int(max_seq_len),
                           kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=float(kv_cache_fraction),
-                                                        enable_block_reuse=False)), own_ray
+                                                        enable_block_reuse=True)), own_ray
     finally:
         if visible is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
