@@ -27,7 +27,7 @@ step gpu_tests 180 python3 -m pytest -q -rs --durations=6 -p no:cacheprovider te
   tests/test_optimizer_gpu.py tests/test_fused_lm_head_policy.py::test_fused_lm_head_equals_logits_bf16_on_gpu \
   tests/test_decode_attention.py::test_equals_masked_sdpa_fp32 tests/test_decode_attention.py::test_bf16_within_rounding \
   tests/test_decode_attention.py::test_engine_with_triton_attention_and_step_graphs_draw_sdpas_tokens \
-  tests/test_decode_attention.py::test_gpu_long_extents_bf16
+  tests/test_decode_attention.py::test_gpu_long_extents_bf16 tests/test_trtllm_refit_gpu.py
 step bench_decode_attention 40 python3 -m megaprorl.bench.decode_attention --rows 64 --max-len 2048 17408 \
   --out "$OUT/bench_decode_attention.json"
 step bench_kernels 110 python3 -m megaprorl.bench.kernels --tokens 16384 --out "$OUT/bench_kernels.json" \
