@@ -5,7 +5,8 @@ weights, takes ``update_weights`` calls shaped as ``rlhf_utils.WorkerExtension``
 -> [(HF name, reduce_tensor handle)], each worker opening its own GPU's entry; ``None`` to finish) and answers
 ``generate`` with ``RequestOutput``-shaped objects.  What is shown: at TP=2 and at PP=2 the refit gives the engine the
 policy's weights exactly, after the first refit and after the policy changed; the leader's rollouts reach
-both ranks (the group of two: TP=2, or PP=2); the log-probs are the sampled tokens' (temperature-scaled) ones; and the request mapping."""
+both ranks (the group of two: TP=2, or PP=2); the log-probs are the sampled tokens' (temperature-scaled) ones;
+and the request mapping."""
 
 import os
 from types import SimpleNamespace
@@ -230,7 +231,8 @@ def test_config_checks(monkeypatch):
                         if name == "tensorrt_llm" else find_spec(name, *a))
     cfg = load_config(demo, ["rollout.engine=trtllm", "algo.old_logprobs=engine", "rollout.top_p=1.0"])
     assert cfg.rollout.engine == "trtllm" and cfg.rollout.trtllm_bucket_mb == 1024
-    with pytest.raises(ConfigError, match="'algo.old_logprobs': 'engine' with rollout.engine=trtllm needs rollout.top_p=1"):
+    with pytest.raises(ConfigError, match="'algo.old_logprobs': 'engine' with rollout.engine=trtllm needs "
+                                          "rollout.top_p=1"):
         load_config(demo, ["rollout.engine=trtllm", "algo.old_logprobs=engine", "rollout.top_p=0.9"])
     with pytest.raises(ConfigError, match="'rollout.cuda_graphs': graphs the embedded engine's decode step"):
         load_config(demo, ["rollout.engine=trtllm", "rollout.cuda_graphs=true", "rollout.decode_attention=triton"])

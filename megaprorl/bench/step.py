@@ -2,8 +2,8 @@
 
 Builds a random policy of a named shape (``--preset tiny`` for CPU, ``qwen2-1.5b`` for the
 DeepSeek-R1-Distill-Qwen-1.5B shape), draws random prompts, and times, on whatever machine it runs:
-rollout (the embedded engine, or ``--engine trtllm``), reward (a trivial verifier, so the number is the pool's overhead),
-the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
+rollout (the embedded engine, or ``--engine trtllm``), reward (a trivial verifier, so the number is the
+pool's overhead), the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
 ``--skip-rollout`` times only the trainer side on sequences of ``--prompt-len + --response-len``
 random tokens (the 8K training throughput without an 8K decode).  Prints a table and writes JSON.
 
@@ -263,7 +263,8 @@ def main(argv=None) -> int:
         "kernel_backend": args.kernel_backend, "loss_grad_mode": args.loss_grad_mode,
         "fused_lm_head": args.fused_lm_head,
         "skip_rollout": args.skip_rollout, "recompute": args.recompute,
-        "engine_name": args.engine, "rollout_batch_size": getattr(engine, "batch_size", rows), "stop_rate": args.stop_rate,
+        "engine_name": args.engine, "rollout_batch_size": getattr(engine, "batch_size", rows),
+        "stop_rate": args.stop_rate,
         "continuous_batching": getattr(engine, "continuous", None),
         "decode_attention": getattr(engine, "decode_attention", None), "cuda_graphs": getattr(engine, "cuda_graphs", None),
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,

@@ -64,7 +64,8 @@ def processed_logprobs_mode(trtllm):
     if "logprobs_mode" in getattr(trtllm.SamplingParams, "__dataclass_fields__", {}):
         return "processed_logprobs"
     raise TrtllmUnavailable(f"this TensorRT-LLM ({getattr(trtllm, '__version__', '?')}) has no "
-                            f"SamplingParams.logprobs_mode, so its log-probs would be of the unscaled logits: {INSTALL}")
+                            "SamplingParams.logprobs_mode, so its log-probs would be of the unscaled logits: "
+                            f"{INSTALL}")
 
 
 def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int], pad_id: int) -> Dict:
@@ -111,9 +112,10 @@ class TrtllmEngine:
     """``rollout.engine: trtllm`` (see the module docstring).  Every rank of a model-parallel group calls
     ``generate`` with the same prompts and ``update_weights`` together, as with the embedded engine.
 
-    What is TensorRT-LLM's comes in from ``build_trtllm_engine``: ``start_llm(gpus)`` (on the leader: the
-    ``LLM`` on those node GPU ids, and whether it started a Ray instance for it that ``close`` stops), ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID
-    (``device_uuid``, the key its workers look their handles up by) and node GPU id (``gpu``)."""
+    What is TensorRT-LLM's comes in from ``start_trtllm_engine``: ``start_llm(gpus)`` (on the leader: the
+    ``LLM`` on those node GPU ids, and whether it started a Ray instance for it, which ``close`` stops),
+    ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID (``device_uuid``, the key its workers
+    look their handles up by) and node GPU id (``gpu``)."""
 
     def __init__(self, policy, hf_config, stop_ids: Sequence[int], pad_id: int, bucket_mb: float, dtype: torch.dtype,
                  start_llm: Callable[[List[str]], object], make_sampling: Callable[..., object],
