@@ -21,6 +21,11 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert t[phase] >= 0.0, phase
     assert t["logprob"] > 0 and t["update"] > 0 and t["tokens"] > 0
     assert rep["tokens_per_s_trainer"] > 0
+    from megaprorl.bench.step import PRESETS, param_count
+
+    # the refit stream sends every parameter of the HF checkpoint once (no vocab padding), in bf16
+    assert round(rep["refit_stream"]["gb"] * 1e9) == 2 * param_count(PRESETS[rep["preset"]])
+    assert rep["refit_stream"]["seconds"] > 0 and rep["refit_stream"]["buckets"] >= 1
     assert rep["distributed_optimizer"] == ("--distributed-optimizer" in extra)
     assert rep["pack_tokens"] == (64 if "--pack-tokens" in extra else 0)
     if "--skip-rollout" not in extra:

@@ -236,6 +236,7 @@ def main(argv=None) -> int:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         runs = [one_step() for _ in range(args.repeats)]
+        refit = refit_stream_time(policy, mcfg, p["vocab"], args.trtllm_bucket_mb, sync)
     finally:
         engine.close()
     med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
@@ -279,6 +280,9 @@ def main(argv=None) -> int:
         "engine": None if args.skip_rollout else dict(engine.stats),
         "mfu_update": mfu_update, "mfu_trainer": mfu_trainer, "peak_tflops": peak,
         "peak_memory_gb": peak_mem,
+        # one pass of convert.HFWeightStream in bf16 (what a refit by HF name costs on the trainer's side, before
+        # the engine loads it; with --engine trtllm, weight_sync includes it)
+        "refit_stream": refit,
     }
     if info.rank == 0:
         spec_name = ("TE" + (f" fp8={args.fp8}" if args.fp8 else "")) if res["transformer_engine"] else "local spec"
@@ -300,6 +304,8 @@ def main(argv=None) -> int:
                   f"admissions, {e['compactions']} compactions; attention {engine.decode_attention}{graphs}, "
                   f"rows attended to "
                   f"{e['keys_own'] / max(e['keys_span'], 1):.2f} of the keys in their span")
+        print(f"  refit stream (HF tensors, bf16, {args.trtllm_bucket_mb:g} MB buckets): {refit['gb'] * 1e3:.1f} MB in "
+              f"{refit['seconds']:.3f} s, {refit['gb_per_s']:.1f} GB/s, {refit['buckets']} buckets")
         if mfu_update is not None:
             print(f"  MFU: update {100 * mfu_update:.1f}%, log-prob passes + update {100 * mfu_trainer:.1f}% "
                   f"(peak {peak:.0f} TFLOP/s)")
@@ -307,6 +313,25 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=2)
         print(f"  wrote {os.path.abspath(args.out)}")
     return 0
+
+
+def refit_stream_time(policy, mcfg, vocab: int, bucket_mb: float, sync) -> dict:
+    """Seconds, GB and buckets of one ``HFWeightStream`` pass over the policy in bf16 (collective over its
+    model-parallel group; every rank receives every bucket)."""
+    from ..models.convert import HFWeightStream, hf_config_from_model_config
+
+    stream = HFWeightStream(policy.model, hf_config_from_model_config(mcfg, vocab))
+    for _ in stream.buckets(int(bucket_mb * (1 << 20)), dtype=torch.bfloat16):  # plans the names once
+        pass
+    sync()
+    t0 = time.perf_counter()
+    nbytes = buckets = 0
+    for bucket in stream.buckets(int(bucket_mb * (1 << 20)), dtype=torch.bfloat16):
+        nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        buckets += 1
+    sync()
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "gb": nbytes / 1e9, "gb_per_s": nbytes / 1e9 / max(secs, 1e-9), "buckets": buckets}
 
 
 if __name__ == "__main__":
