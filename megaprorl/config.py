@@ -398,6 +398,9 @@ def validate(cfg: Config) -> None:
              f"'trtllm' needs TensorRT-LLM, which is not installed: {INSTALL}")
         need(not cfg.rollout.cuda_graphs, "rollout.cuda_graphs",
              "graphs the embedded engine's decode step; TensorRT-LLM has its own (rollout.engine=trtllm)")
+        need(cfg.rollout.max_new_tokens < cfg.model.max_position_embeddings, "rollout.max_new_tokens",
+             f"{cfg.rollout.max_new_tokens} leaves no room for a prompt in TensorRT-LLM's max_seq_len, "
+             f"model.max_position_embeddings={cfg.model.max_position_embeddings} (rollout.engine=trtllm)")
         need(cfg.algo.old_logprobs != "engine" or cfg.rollout.top_p == 1.0, "algo.old_logprobs",
              "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
              "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")

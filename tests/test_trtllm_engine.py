@@ -111,7 +111,8 @@ def _one(rank, hf_dir, tp, pp):
         return HFWorkers(gpus, uuids), False
 
     eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], pad_id=0, bucket_mb=0.02, dtype=torch.float32,
-                       start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank))
+                       start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank),
+                       max_seq_len=64)
     prompts = [[1, 2, 3], [4, 5]]
     params = SamplingParams(temperature=0.7, max_new_tokens=6, n=2, seed=11)
     with pytest.raises(RuntimeError, match="dummy weights until update_weights"):
@@ -125,6 +126,8 @@ def _one(rank, hf_dir, tp, pp):
             g = torch.Generator().manual_seed(sum(map(ord, name)))
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     eng.update_weights(1)
+    with pytest.raises(ValueError, match="a prompt of 3 tokens \\+ 62 new tokens exceeds the TensorRT-LLM engine's"):
+        eng.generate(prompts, SamplingParams(max_new_tokens=62))
     out["buckets"] = eng.refit_buckets
     out["streamed"] = {n: t.clone() for b in eng.stream.buckets(1 << 30) for n, t in b}
     finished = []
@@ -236,6 +239,8 @@ def test_config_checks(monkeypatch):
         load_config(demo, ["rollout.engine=trtllm", "algo.old_logprobs=engine", "rollout.top_p=0.9"])
     with pytest.raises(ConfigError, match="'rollout.cuda_graphs': graphs the embedded engine's decode step"):
         load_config(demo, ["rollout.engine=trtllm", "rollout.cuda_graphs=true", "rollout.decode_attention=triton"])
+    with pytest.raises(ConfigError, match="'rollout.max_new_tokens': 4096 leaves no room for a prompt"):
+        load_config(demo, ["rollout.engine=trtllm", "rollout.max_new_tokens=4096", "model.max_position_embeddings=4096"])
     with pytest.raises(ConfigError, match="'rollout.trtllm_kv_cache_fraction': must be in \\(0, 1\\)"):
         load_config(demo, ["rollout.engine=trtllm", "rollout.trtllm_kv_cache_fraction=0"])
 

@@ -119,13 +119,14 @@ class TrtllmEngine:
 
     def __init__(self, policy, hf_config, stop_ids: Sequence[int], pad_id: int, bucket_mb: float, dtype: torch.dtype,
                  start_llm: Callable[[List[str]], object], make_sampling: Callable[..., object],
-                 device_uuid: str, gpu: str):
+                 device_uuid: str, gpu: str, max_seq_len: int = 0):
         from megatron.core import parallel_state as mps
 
         from ..models.convert import HFWeightStream
 
         self.stop_ids = list(dict.fromkeys(int(i) for i in stop_ids))
         self.pad_id = int(pad_id)
+        self.max_seq_len = int(max_seq_len)  # the LLM's; 0: not checked here
         self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
         self.dtype = dtype
         self.stream = HFWeightStream(policy.model, hf_config)
@@ -210,6 +211,10 @@ class TrtllmEngine:
             raise RuntimeError("the TensorRT-LLM engine holds dummy weights until update_weights() is called")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
+        longest = max((len(p) for p in prompts), default=0)
+        if self.max_seq_len and longest + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
+                             f"TensorRT-LLM engine's max_seq_len {self.max_seq_len} (model.max_position_embeddings)")
         rollouts = None
         if self.is_leader:
             inputs, sp = [], []
@@ -315,6 +320,6 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
 
     index = torch.cuda.current_device()
     engine = TrtllmEngine(policy, hf_config, stop_ids, pad_id, bucket_mb, dtype, start, sampling,
-                          str(get_device_uuid(index)), _physical_gpu(index))
+                          str(get_device_uuid(index)), _physical_gpu(index), max_seq_len=mcfg.max_position_embeddings)
     engine.update_weights(0)
     return engine
