@@ -241,6 +241,9 @@ class DataConfig:
     builtin_min_digits: int = 1
     builtin_max_digits: int = 2
     seed: int = 0
+    # training prompts longer than this many tokens (as the policy sees them, chat template included) are skipped,
+    # counted (data/skipped_long_prompts) and replaced by others from the sources; 0: no limit
+    max_prompt_tokens: int = 0
 
 
 @dataclass
@@ -404,6 +407,7 @@ def validate(cfg: Config) -> None:
         need(cfg.algo.old_logprobs != "engine" or cfg.rollout.top_p == 1.0, "algo.old_logprobs",
              "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
              "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")
+    need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
     need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")

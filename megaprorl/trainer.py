@@ -288,9 +288,10 @@ class Trainer:
         truncated_count = 0
         by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
+        skipped_long = 0
         while sampler.can_draw():
-            records = self.source.sample(sampler.wanted())
-            prompts = [self.encode_prompt(r) for r in records]
+            records, prompts, skipped = self._sample_prompts(sampler.wanted())
+            skipped_long += skipped
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, n=n,
                                     seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
@@ -338,6 +339,7 @@ class Trainer:
             "truncated_frac": truncated_count / n_tok,
             **sampler.stats(),
             "length_penalty/on": float(penalty_on),
+            "data/skipped_long_prompts": skipped_long,
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],  # the wait for the verifiers once generation ended (they start earlier)
         }
@@ -357,6 +359,26 @@ class Trainer:
             stats[f"samples/{dom}"] = cnt
             stats[f"reward_errors/{dom}"] = err
         return kept, stats
+
+    def _sample_prompts(self, k: int) -> Tuple[List[Dict], List[List[int]], int]:
+        """``k`` training records from the sources and their encoded prompts, leaving out (and counting) those
+        longer than ``data.max_prompt_tokens``, with others drawn in their place."""
+        limit = self.cfg.data.max_prompt_tokens
+        records: List[Dict] = []
+        prompts: List[List[int]] = []
+        skipped = 0
+        while len(records) < k:
+            for r in self.source.sample(k - len(records)):
+                p = self.encode_prompt(r)
+                if limit and len(p) > limit:
+                    skipped += 1
+                    continue
+                records.append(r)
+                prompts.append(p)
+            if skipped > 100 * k + 1000:
+                raise ConfigError(f"config key 'data.max_prompt_tokens': {skipped} of the prompts drawn for "
+                                  f"{k} groups were longer than {limit} tokens; raise it (or 0: no limit)")
+        return records, prompts, skipped
 
     def rl_step(self) -> Dict:
         cfg = self.cfg

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megaprorl import checkpoint as ckpt
-from megaprorl.config import load_config
+from megaprorl.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "demo.yaml")
@@ -426,3 +426,18 @@ def test_every_generate_samples_the_policys_latest_weights(tmp_path):
     update_weights(0)  # what building the engine does (the TensorRT-LLM engine refits once there)
     t.run()
     assert seen["generates"] >= 4  # the evaluation before RL, two steps' draws, the evaluations after them
+
+
+def test_overlong_prompts_are_skipped_counted_and_replaced(tmp_path):
+    """``data.max_prompt_tokens``: no rollout has a longer prompt, the skipped ones are counted in the step's
+    metrics, the batch still has all its groups; a limit no prompt meets is a config error, not a hang."""
+    t = _trainer(tmp_path, "train.steps=1", "data.max_prompt_tokens=5")  # the built-in prompts: 4 to 6 tokens
+    groups, stats = t._draw_groups()
+    assert len(groups) == t.cfg.train.prompts_per_step
+    assert all(len(r.prompt_ids) <= 5 for g in groups for r in g["rollouts"])
+    assert stats["data/skipped_long_prompts"] > 0
+    t.close()
+    t = _trainer(tmp_path / "b", "train.steps=1", "data.max_prompt_tokens=2")
+    with pytest.raises(ConfigError, match="'data.max_prompt_tokens': .* longer than 2 tokens"):
+        t._draw_groups()
+    t.close()
