@@ -214,7 +214,8 @@ class TrtllmEngine:
         longest = max((len(p) for p in prompts), default=0)
         if self.max_seq_len and longest + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
-                             f"TensorRT-LLM engine's max_seq_len {self.max_seq_len} (model.max_position_embeddings)")
+                             f"TensorRT-LLM engine's max_seq_len {self.max_seq_len} (model.max_position_embeddings); "
+                             f"data.max_prompt_tokens={self.max_seq_len - params.max_new_tokens} skips such prompts")
         rollouts = None
         if self.is_leader:
             inputs, sp = [], []
