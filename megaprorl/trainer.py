@@ -343,10 +343,11 @@ class Trainer:
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],  # the wait for the verifiers once generation ended (they start earlier)
         }
-        if engine_stats.get("decode_row_steps"):
-            # generated tokens per second of rollout time; the share of decoded rows that were running (the rest:
-            # finished rows kept in the cache until enough are free to refill or drop); decode steps (forwards)
+        if engine_stats.get("tokens"):  # generated tokens per second of rollout time (either engine)
             stats["time/rollout_tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
+        if engine_stats.get("decode_row_steps"):
+            # the embedded engine: the share of decoded rows that were running (the rest: finished rows kept in the
+            # cache until enough are free to refill or drop); decode steps (forwards)
             stats["rollout/row_utilisation"] = ((engine_stats["tokens"] - engine_stats["rollouts"])
                                                 / engine_stats["decode_row_steps"])
             stats["rollout/decode_steps"] = engine_stats["decode_steps"]
