@@ -786,11 +786,10 @@ def _stage_plan(chunks, hf_config, tp: int):
     ...]``, one group per Megatron layer and one per other key (the embedding, the final norm, the output layer),
     worked out on meta tensors of the local shards' shapes, so no data moves."""
     plan = []
-    for sd, layers in chunks:
-        for keys in _key_groups(sd):
-            meta = [{k: torch.empty(sd[k].shape, dtype=sd[k].dtype, device="meta") for k in keys}] * tp
-            merged = megatron_to_hf(meta, hf_config, layer_numbers=layers)
-            plan.append([(name, tuple(t.shape), t.dtype) for name, t in merged.items()])
+    for keys, layers, sd in _key_groups_of(chunks):
+        meta = [{k: torch.empty(sd[k].shape, dtype=sd[k].dtype, device="meta") for k in keys}] * tp
+        merged = megatron_to_hf(meta, hf_config, layer_numbers=layers)
+        plan.append([(name, tuple(t.shape), t.dtype) for name, t in merged.items()])
     return plan
 
 
@@ -864,8 +863,9 @@ class HFWeightStream:
                     gathered = []
                     for k in keys:
                         t = sd[k].contiguous()
-                        parts = [t.clone()]  # never a view of a parameter: the caller may keep and share it
-                        if tp > 1:
+                        if tp == 1:
+                            parts = [t.clone()]  # never a view of a parameter: the caller may keep and share it
+                        else:
                             parts = [torch.empty_like(t) for _ in range(tp)]
                             dist.all_gather(parts, t, group=tp_group)
                         gathered.append(parts)

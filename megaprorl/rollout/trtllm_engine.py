@@ -19,9 +19,9 @@ responses keep their stop token, ``include_stop_str_in_output``) and broadcasts 
 The log-probs are TensorRT-LLM's ``LogprobMode.PROCESSED`` ones (after temperature), the convention of
 ``Rollout.logprobs``; with ``rollout.top_p`` < 1 they are also renormalised over the kept tokens.
 
-What has run (docs/trtllm.md): on the CPU, the weight stream at TP=2 x PP=2, and this engine at TP=2 and PP=2 with an HF
-model standing in for TensorRT-LLM's workers behind the same calls.  It has not run against TensorRT-LLM: no
-wheel installs on these machines.
+What has run (docs/trtllm.md): on the CPU, the weight stream at TP=2 x PP=2, this engine at TP=2 and PP=2 with
+an HF model standing in for TensorRT-LLM's workers behind the same calls, and its Ray placement with real Ray.
+It has not run against TensorRT-LLM: no wheel installs on these machines.
 """
 
 from __future__ import annotations
