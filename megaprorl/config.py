@@ -154,6 +154,8 @@ class RolloutConfig:
     # of the GPU memory free after the engine loaded that its KV cache takes (the trainer shares the GPUs)
     trtllm_bucket_mb: int = 1024
     trtllm_kv_cache_fraction: float = 0.3
+    # engine=trtllm: release the engine's KV cache and weights while the trainer runs (TensorRT-LLM's sleep tags)
+    trtllm_sleep: bool = True
 
 
 @dataclass

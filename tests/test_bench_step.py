@@ -17,7 +17,7 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
     rep = json.loads(out.read_text())
     assert rep["preset"] == ("tiny-qwen3" if "tiny-qwen3" in extra else "tiny")
     t = rep["times_s"]
-    for phase in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
+    for phase in ("rollout", "sleep", "reward", "logprob", "update", "weight_sync", "total"):
         assert t[phase] >= 0.0, phase
     assert t["logprob"] > 0 and t["update"] > 0 and t["tokens"] > 0
     assert rep["tokens_per_s_trainer"] > 0

@@ -22,9 +22,13 @@ pytest.importorskip("megatron.core")
 
 from megaprorl.models import convert as C  # noqa: E402
 from megaprorl.rollout import SamplingParams  # noqa: E402
-from megaprorl.rollout.trtllm_engine import TrtllmEngine, request_params, to_rollout  # noqa: E402
+from megaprorl.rollout.trtllm_engine import TrtllmEngine, memory_tags, request_params, to_rollout  # noqa: E402
 
 VOCAB, EOS = 100, 7
+# the values of ExecutorMemoryType in the newer releases' llmapi.llm_args (the older ones lack the *_weights two)
+MEMORY_TAGS = ["sampler", "drafter", "guided_decoder", "spec_resource_manager", "_no_capture_init_kv_cache",
+               "_no_capture_init_extra_resources", "model_extra", "executor_extra", "kv_cache", "model", "draft_model",
+               "model_weights", "draft_model_weights"]
 
 
 def _config():
@@ -42,12 +46,40 @@ class HFWorkers:
         self.uuids = [uuids[g] for g in gpus]
         self.calls = []
         self.shut = False
+        self.released = set()  # the memory tags released by sleep; the weights' contents wait in self.backup
+        self.backup = None
 
     def shutdown(self):
         self.shut = True
 
+    def _memory(self, method, tags):
+        """``sleep`` / ``wakeup`` as TensorRT-LLM's workers take them (tag strings, checked against its
+        ExecutorMemoryType); released weights hold garbage until woken, as unmapped memory would."""
+        assert all(t in MEMORY_TAGS for t in tags), tags
+        self.calls.append((method, list(tags)))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            if method == "sleep":
+                assert not self.released & set(tags), f"{sorted(self.released & set(tags))} released twice"
+                if "model" in tags:
+                    self.backup = {k: p.clone() for k, p in params.items()}
+                    for p in params.values():
+                        p.fill_(float("nan"))
+                self.released |= set(tags)
+            else:
+                assert set(tags) <= self.released, f"{sorted(set(tags) - self.released)} woken but not released"
+                if "model" in tags:
+                    for k, p in params.items():
+                        p.copy_(self.backup[k])
+                self.released -= set(tags)
+        return [None] * len(self.uuids)
+
     def _collective_rpc(self, method, args=()):
+        if method in ("sleep", "wakeup"):
+            return self._memory(method, *args)
         assert method == "update_weights", method
+        if "model" in self.released or "model_weights" in self.released:
+            raise RuntimeError("an illegal memory access: update_weights into released weights")
         (handles,) = args
         self.calls.append(None if handles is None else sorted(handles))
         if handles is None:
@@ -61,6 +93,8 @@ class HFWorkers:
 
     @torch.no_grad()
     def generate(self, inputs, sampling_params, use_tqdm=True):
+        if self.released:
+            raise RuntimeError(f"an illegal memory access: generate with {sorted(self.released)} released")
         outs = []
         for inp, sp in zip(inputs, sampling_params):
             g = torch.Generator().manual_seed(sp.seed)
@@ -112,7 +146,7 @@ def _one(rank, hf_dir, tp, pp):
 
     eng = TrtllmEngine(SimpleNamespace(model=model), hf_config, [EOS, 9], pad_id=0, bucket_mb=0.02, dtype=torch.float32,
                        start_llm=start, make_sampling=SimpleNamespace, device_uuid=uuids[str(rank)], gpu=str(rank),
-                       max_seq_len=64)
+                       max_seq_len=64, sleep_tags=memory_tags(MEMORY_TAGS))
     prompts = [[1, 2, 3], [4, 5]]
     params = SamplingParams(temperature=0.7, max_new_tokens=6, n=2, seed=11)
     with pytest.raises(RuntimeError, match="dummy weights until update_weights"):
@@ -121,11 +155,17 @@ def _one(rank, hf_dir, tp, pp):
     eng.update_weights(0)
     if eng.is_leader:
         out["after_first"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
+    eng.sleep()  # the trainer's turn: weights and KV cache released
+    with pytest.raises(RuntimeError, match="engine is asleep \\(sampler, .*kv_cache released\\); call wake"):
+        eng.generate(prompts, params)
     with torch.no_grad():  # the policy moves (the same change of a replicated tensor on both ranks)
         for name, p in model.named_parameters():
             g = torch.Generator().manual_seed(sum(map(ord, name)))
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    eng.update_weights(1)
+    eng.update_weights(1)  # wakes the weights alone, then writes into them
+    with pytest.raises(RuntimeError, match="engine is asleep \\(kv_cache released\\)"):
+        eng.generate(prompts, params)
+    eng.wake()
     with pytest.raises(ValueError, match="a prompt of 3 tokens \\+ 62 new tokens exceeds the TensorRT-LLM engine's"):
         eng.generate(prompts, SamplingParams(max_new_tokens=62))
     out["buckets"] = eng.refit_buckets
@@ -136,6 +176,10 @@ def _one(rank, hf_dir, tp, pp):
     out["finished"] = finished
     if eng.is_leader:
         out["after_second"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
+    eng.sleep()  # and awake again with no refit between (an evaluation after a checkpoint): the weights are back
+    eng.wake()
+    out["after_nap"] = eng.generate(prompts, params)
+    if eng.is_leader:
         out["calls"] = eng.llm.calls
         workers = eng.llm
     eng.close()
@@ -170,10 +214,55 @@ def test_refit_gives_the_engine_the_policys_weights(ran, layout):
     for k in want:
         assert torch.equal(r0["after_second"][k], moved[k]), k
     # each refit: several 20 KB buckets, each with both GPUs' handles, then one call that finishes it
-    calls = r0["calls"]
+    memory = [k for k, c in enumerate(r0["calls"]) if isinstance(c, tuple)]
+    calls = [c for c in r0["calls"] if not isinstance(c, tuple)]
     assert calls.count(None) == 2 and calls[-1] is None and r0["buckets"] == r1["buckets"] > 1
     assert all(c == ["GPU-aaaa", "GPU-bbbb"] for c in calls if c is not None)
     assert len(calls) == 2 * (r0["buckets"] + 1)
+    # sleep: everything released after the first refit; the second refit woke the weights first, and wake()
+    # the KV cache before the rollouts; then a sleep and a wake with no refit between
+    weights, kv = memory_tags(MEMORY_TAGS)
+    n = r0["buckets"] + 1
+    assert [r0["calls"][k] for k in memory] == [("sleep", weights + kv), ("wakeup", weights), ("wakeup", kv),
+                                                ("sleep", weights + kv), ("wakeup", weights), ("wakeup", kv)]
+    assert memory[:3] == [n, n + 1, 2 * n + 2]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_an_engine_woken_without_a_refit_samples_as_before(ran, layout):
+    _, ranks = ran
+    for r in ranks:
+        r = r[layout]
+        assert [(x.response_ids, x.logprobs) for x in r["after_nap"]] == \
+            [(x.response_ids, x.logprobs) for x in r["rollouts"]]
+
+
+def test_memory_tags_and_the_sleep_argument_across_releases():
+    """The tags asked for are those the release has; the LLM gets ``sleep_config`` (KV cache released without a
+    backup) where the release has it, else ``enable_sleep``; a release with neither is named as such."""
+    from megaprorl.rollout.trtllm_engine import TrtllmUnavailable, sleep_llm_kwargs
+
+    weights, kv = memory_tags(MEMORY_TAGS)
+    assert kv == ["kv_cache"] and "model" in weights and "model_weights" in weights
+    assert not {"kv_cache", "_no_capture_init_kv_cache"} & set(weights)
+    older = [t for t in MEMORY_TAGS if not t.endswith("_weights")]
+    assert memory_tags(older)[0] == [t for t in weights if not t.endswith("_weights")]
+    with pytest.raises(TrtllmUnavailable, match="lack 'kv_cache' or 'model': set rollout.trtllm_sleep=false"):
+        memory_tags(["model", "sampler"])
+
+    class SleepConfig:
+        model_fields = {"restore_modes": None}
+
+        def __init__(self, **kw):
+            self.kw = kw
+
+    newer = SimpleNamespace(TorchLlmArgs=SimpleNamespace(model_fields={"sleep_config": 0, "enable_sleep": 0}),
+                            SleepConfig=SleepConfig, ExecutorMemoryType=SimpleNamespace(KV_CACHE="kv-enum"))
+    assert sleep_llm_kwargs(newer)["sleep_config"].kw == {"restore_modes": {"kv-enum": "NONE"}}
+    old = SimpleNamespace(TorchLlmArgs=SimpleNamespace(model_fields={"enable_sleep": 0, "backend": 0}))
+    assert sleep_llm_kwargs(old) == {"enable_sleep": True}
+    with pytest.raises(TrtllmUnavailable, match="takes neither sleep_config nor enable_sleep"):
+        sleep_llm_kwargs(SimpleNamespace(LlmArgs=SimpleNamespace(model_fields={"backend": 0})))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

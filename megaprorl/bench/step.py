@@ -114,6 +114,8 @@ def main(argv=None) -> int:
                          "ray and a GPU; weight_sync is then the refit)")
     ap.add_argument("--trtllm-bucket-mb", type=float, default=1024, help="rollout.trtllm_bucket_mb")
     ap.add_argument("--trtllm-kv-cache-fraction", type=float, default=0.3, help="rollout.trtllm_kv_cache_fraction")
+    ap.add_argument("--trtllm-sleep", action=argparse.BooleanOptionalAction, default=True,
+                    help="rollout.trtllm_sleep: the engine releases its memory while the trainer runs")
     ap.add_argument("--rollout-batch-size", type=int, default=0,
                     help="rows the engine decodes together (rollout.batch_size; 0: every rollout of the step at once)")
     ap.add_argument("--lock-step", action="store_true", help="rollout.continuous_batching=false")
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
             from ..rollout.trtllm_engine import start_trtllm_engine
 
             engine = start_trtllm_engine(policy, mcfg, os.path.abspath(args.out) + ".trtllm_hf", [eos, *stops], eos,
-                                         0, rows, args.trtllm_kv_cache_fraction, args.trtllm_bucket_mb)
+                                         0, rows, args.trtllm_kv_cache_fraction, args.trtllm_bucket_mb,
+                                         sleep=args.trtllm_sleep)
         else:
             engine = MegatronEngine(policy, eos_id=eos, pad_id=0, batch_size=rows, continuous=not args.lock_step,
                                     stop_ids=stops, decode_attention=args.decode_attention,
@@ -201,10 +204,15 @@ def main(argv=None) -> int:
             rollouts = [SimpleNamespace(prompt_ids=prompts[i // args.n_samples], response_ids=resp[i, :n_resp[i]].tolist())
                         for i in range(len(resp))]
         else:
+            engine.wake()  # as the trainer does, inside the rollout's time
             rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=args.response_len, n=args.n_samples,
                                                               temperature=1.0, seed=1))
         sync()
         t["rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.sleep()  # the engine's memory released for the trainer (TensorRT-LLM; the embedded engine: nothing)
+        sync()
+        t["sleep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         rewards = torch.tensor([float(len(r.response_ids) % 2) for r in rollouts])
         t["reward"] = time.perf_counter() - t0
@@ -290,7 +298,7 @@ def main(argv=None) -> int:
         print(f"  {args.prompts} prompts x {args.n_samples} samples per data-parallel rank, prompt {args.prompt_len} "
               f"+ response {args.response_len} tokens; {info.world_size} ranks: TP={args.tp} PP={args.pp} DP={info.dp}")
         print(f"  {'phase':<14}{'seconds':>10}{'share':>9}")
-        for k in ("rollout", "reward", "logprob", "update", "weight_sync", "total"):
+        for k in ("rollout", "sleep", "reward", "logprob", "update", "weight_sync", "total"):
             print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
         if res["rollout_tokens_per_s"] is not None and args.engine == "trtllm":

@@ -14,6 +14,13 @@ under its GPU's UUID, the leader hands the group's handles to the workers' ``upd
 and one last ``update_weights(None)`` runs TensorRT-LLM's post-load processing and drops its prefix cache.  A
 rank keeps its bucket alive until the leader's call has returned.
 
+Sleep (``rollout.trtllm_sleep``, on by default).  While the trainer computes log-probs and updates, the engine
+releases its GPU memory through TensorRT-LLM's virtual-memory tags (``sleep`` / ``wakeup`` on its workers): the
+KV cache, and the weights with the model's other allocations.  The next refit first wakes the weights alone (it
+writes into them), and ``wake()`` before generation brings back the KV cache and whatever is still released.
+The LLM is built with the sleep argument its release has (``sleep_config`` or the older ``enable_sleep``), and
+the tags asked for are those its ``ExecutorMemoryType`` has.
+
 Generation.  The leader submits the group's prompts (``n`` requests per prompt, each with its own seed; the
 responses keep their stop token, ``include_stop_str_in_output``) and broadcasts the rollouts to the group.
 The log-probs are TensorRT-LLM's ``LogprobMode.PROCESSED`` ones (after temperature), the convention of
@@ -68,6 +75,59 @@ def processed_logprobs_mode(trtllm):
                             f"{INSTALL}")
 
 
+# TensorRT-LLM's virtual-memory tags (``ExecutorMemoryType`` values) released while the trainer runs: the weights
+# and the model's other allocations, woken first for a refit; then the KV cache, woken before generation.  Only
+# the values the installed release has are asked for ("model_weights" is in newer releases only).
+WEIGHT_TAGS = ("sampler", "drafter", "guided_decoder", "spec_resource_manager", "model_extra", "executor_extra",
+               "model", "draft_model", "model_weights", "draft_model_weights")
+KV_TAGS = ("kv_cache",)
+
+
+def memory_tags(known: Optional[Sequence[str]] = None):
+    """(weight tags, KV cache tags) for this TensorRT-LLM: those of ``WEIGHT_TAGS`` / ``KV_TAGS`` among the values
+    of its ``ExecutorMemoryType`` (``llmapi.llm_args`` in newer releases, ``_torch.virtual_memory`` in older)."""
+    if known is None:
+        import importlib
+
+        enum = None
+        for mod in ("tensorrt_llm.llmapi.llm_args", "tensorrt_llm._torch.virtual_memory"):
+            try:
+                enum = getattr(importlib.import_module(mod), "ExecutorMemoryType")
+                break
+            except (ImportError, AttributeError):
+                continue
+        if enum is None:
+            raise TrtllmUnavailable("this TensorRT-LLM has no ExecutorMemoryType (its sleep tags), so it cannot "
+                                    "release its memory while the trainer runs: set rollout.trtllm_sleep=false, "
+                                    f"or {INSTALL}")
+        known = [str(getattr(m, "value", m)) for m in enum]
+    known = set(known)
+    weights, kv = [t for t in WEIGHT_TAGS if t in known], [t for t in KV_TAGS if t in known]
+    if not kv or "model" not in weights:
+        raise TrtllmUnavailable(f"this TensorRT-LLM's memory tags {sorted(known)} lack 'kv_cache' or 'model': set "
+                                "rollout.trtllm_sleep=false")
+    return weights, kv
+
+
+def sleep_llm_kwargs(llm_args) -> Dict:
+    """The ``LLM`` argument that makes its memory releasable, for the release whose ``llmapi.llm_args`` module is
+    ``llm_args``: ``sleep_config`` (newer releases), whose KV cache is released without a backup (its contents
+    are of the weights before the refit, whose last call resets the prefix cache anyway) and whose weights keep
+    the default restore, or the older ``enable_sleep=True``."""
+    cls = getattr(llm_args, "TorchLlmArgs", None) or getattr(llm_args, "LlmArgs", None)
+    fields = set(getattr(cls, "model_fields", None) or {})
+    sleep_config = getattr(llm_args, "SleepConfig", None)
+    if "sleep_config" in fields and sleep_config is not None:
+        kv = getattr(getattr(llm_args, "ExecutorMemoryType", None), "KV_CACHE", None)
+        if kv is not None and "restore_modes" in (getattr(sleep_config, "model_fields", None) or {}):
+            return {"sleep_config": sleep_config(restore_modes={kv: "NONE"})}
+        return {"sleep_config": sleep_config()}
+    if "enable_sleep" in fields:
+        return {"enable_sleep": True}
+    raise TrtllmUnavailable("this TensorRT-LLM's LLM takes neither sleep_config nor enable_sleep, so it cannot "
+                            f"release its memory while the trainer runs: set rollout.trtllm_sleep=false, or {INSTALL}")
+
+
 def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int], pad_id: int) -> Dict:
     """The keyword arguments of ``tensorrt_llm.SamplingParams`` for sample ``sample`` of a prompt: one response
     per request (its own seed), stop tokens kept in the output, and the sampled token's log-prob (the engine's
@@ -115,11 +175,13 @@ class TrtllmEngine:
     What is TensorRT-LLM's comes in from ``start_trtllm_engine``: ``start_llm(gpus)`` (on the leader: the
     ``LLM`` on those node GPU ids, and whether it started a Ray instance for it, which ``close`` stops),
     ``make_sampling(**kw)`` (its ``SamplingParams``), this rank's GPU UUID (``device_uuid``, the key its workers
-    look their handles up by) and node GPU id (``gpu``)."""
+    look their handles up by) and node GPU id (``gpu``), and ``sleep_tags``: (weight tags, KV cache tags) that
+    ``sleep`` releases, from ``memory_tags``, or None to keep everything resident."""
 
     def __init__(self, policy, hf_config, stop_ids: Sequence[int], pad_id: int, bucket_mb: float, dtype: torch.dtype,
                  start_llm: Callable[[List[str]], object], make_sampling: Callable[..., object],
-                 device_uuid: str, gpu: str, max_seq_len: int = 0):
+                 device_uuid: str, gpu: str, max_seq_len: int = 0,
+                 sleep_tags: Optional[tuple] = None):
         from megatron.core import parallel_state as mps
 
         from ..models.convert import HFWeightStream
@@ -140,6 +202,9 @@ class TrtllmEngine:
         self._own_ray = False
         self.weights_version: Optional[int] = None
         self.stats: Dict[str, float] = {}
+        # (weight tags, KV cache tags) that sleep() releases; None: sleep() releases nothing
+        self.sleep_tags = None if sleep_tags is None else (list(sleep_tags[0]), list(sleep_tags[1]))
+        self.released: List[str] = []  # the tags released now, in the order they were
         if self.is_leader:
             hosts = sorted({h for h, _ in where})
             if len(hosts) > 1:
@@ -166,11 +231,23 @@ class TrtllmEngine:
         if self.group is not None and dist.get_world_size(self.group) > 1:
             dist.barrier(group=self.group)
 
+    def _wakeup(self, tags: List[str]) -> None:
+        """Bring back the released ones of ``tags`` (every rank of the group calls it, as sleep)."""
+        tags = [t for t in self.released if t in tags]
+        if not tags:
+            return
+        if self.is_leader:
+            self.llm._collective_rpc("wakeup", args=(tags,))
+        self._barrier()
+        self.released = [t for t in self.released if t not in tags]
+
     # ------------------------------------------------------------------------------------------- protocol
     @torch.no_grad()
     def update_weights(self, step: Optional[int] = None) -> None:
         from torch.multiprocessing.reductions import reduce_tensor
 
+        if self.sleep_tags is not None:
+            self._wakeup(self.sleep_tags[0])  # the refit writes into the weights; the KV cache may stay released
         buckets = 0
         for bucket in self.stream.buckets(self.bucket_bytes, dtype=self.dtype):
             handles = self._gather((self.uuid, [(name, reduce_tensor(t)) for name, t in bucket]))
@@ -188,11 +265,24 @@ class TrtllmEngine:
         self.refit_buckets = buckets
 
     def sleep(self) -> None:
-        """Nothing is released: the engine keeps its weights and KV cache (``rollout.trtllm_kv_cache_fraction``
-        of the memory free after it loaded) while the trainer runs."""
+        """Release the engine's GPU memory (its weights and other model allocations, and its KV cache) until
+        the next refit and ``wake``; with ``sleep_tags`` None, nothing (the engine keeps its weights and
+        ``rollout.trtllm_kv_cache_fraction`` of the memory free after it loaded)."""
+        if self.sleep_tags is None:
+            return
+        tags = [t for t in self.sleep_tags[0] + self.sleep_tags[1] if t not in self.released]
+        if not tags:
+            return
+        if self.is_leader:
+            self.llm._collective_rpc("sleep", args=(tags,))
+        self._barrier()
+        self.released += tags
 
     def wake(self) -> None:
-        pass
+        """Bring back what ``sleep`` released and the refit did not: the weights first, then the KV cache."""
+        if self.sleep_tags is not None:
+            self._wakeup(self.sleep_tags[0])
+            self._wakeup(self.sleep_tags[1])
 
     def close(self) -> None:
         """The leader shuts the LLM down (its Ray workers; TensorRT-LLM stops a Ray it started itself), then the
@@ -209,6 +299,9 @@ class TrtllmEngine:
                  on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
         if self.weights_version is None:
             raise RuntimeError("the TensorRT-LLM engine holds dummy weights until update_weights() is called")
+        if self.released:
+            raise RuntimeError(f"the TensorRT-LLM engine is asleep ({', '.join(self.released)} released); call "
+                               "wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
         longest = max((len(p) for p in prompts), default=0)
@@ -235,7 +328,7 @@ class TrtllmEngine:
 
 
 def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-               kv_cache_fraction: float):
+               kv_cache_fraction: float, sleep_kwargs: Optional[Dict] = None):
     try:
         import ray
     except ImportError:
@@ -256,7 +349,8 @@ def _start_llm(trtllm, hf_dir: str, gpus: List[str], dtype: torch.dtype, max_bat
                           load_format="dummy", orchestrator_type="ray", ray_worker_extension_cls=WORKER_EXTENSION,
                           max_batch_size=int(max_batch_size), max_seq_len=int(max_seq_len),
                           kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=float(kv_cache_fraction),
-                                                        enable_block_reuse=True)), own_ray
+                                                        enable_block_reuse=True),
+                          **(sleep_kwargs or {})), own_ray
     finally:
         if visible is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -281,13 +375,15 @@ def build_trtllm_engine(cfg, policy, tokenizer) -> TrtllmEngine:
     return start_trtllm_engine(policy, cfg.model, os.path.join(cfg.output_dir, cfg.name, "trtllm_hf"),
                                tokenizer.stop_ids, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                batch_size=r.batch_size, kv_cache_fraction=r.trtllm_kv_cache_fraction,
-                               bucket_mb=r.trtllm_bucket_mb)
+                               bucket_mb=r.trtllm_bucket_mb, sleep=r.trtllm_sleep)
 
 
 def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], eos_id: int, pad_id: int,
-                        batch_size: int, kv_cache_fraction: float, bucket_mb: float) -> TrtllmEngine:
+                        batch_size: int, kv_cache_fraction: float, bucket_mb: float,
+                        sleep: bool = True) -> TrtllmEngine:
     """A TensorRT-LLM engine for ``policy`` (model config ``mcfg``; an HF ``config.json`` written to
-    ``config_dir`` when ``mcfg.hf_path`` is empty), refit once from the policy's weights."""
+    ``config_dir`` when ``mcfg.hf_path`` is empty), refit once from the policy's weights; with ``sleep``, one that
+    releases its GPU memory while the trainer runs (``rollout.trtllm_sleep``)."""
     import json
 
     from ..models.convert import _DTYPES, hf_config_from_model_config, load_hf_config
@@ -311,8 +407,17 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
             dist.barrier()
     dtype = _DTYPES[mcfg.params_dtype]
 
+    sleep_tags = memory_tags() if sleep else None
+    if sleep:
+        from tensorrt_llm.llmapi import llm_args
+
+        sleep_kwargs = sleep_llm_kwargs(llm_args)
+    else:
+        sleep_kwargs = None
+
     def start(gpus):
-        return _start_llm(trtllm, hf_dir, gpus, dtype, batch_size, mcfg.max_position_embeddings, kv_cache_fraction)
+        return _start_llm(trtllm, hf_dir, gpus, dtype, batch_size, mcfg.max_position_embeddings, kv_cache_fraction,
+                          sleep_kwargs)
 
     mode = processed_logprobs_mode(trtllm)
 
@@ -321,6 +426,7 @@ def start_trtllm_engine(policy, mcfg, config_dir: str, stop_ids: Sequence[int], 
 
     index = torch.cuda.current_device()
     engine = TrtllmEngine(policy, hf_config, stop_ids, pad_id, bucket_mb, dtype, start, sampling,
-                          str(get_device_uuid(index)), _physical_gpu(index), max_seq_len=mcfg.max_position_embeddings)
+                          str(get_device_uuid(index)), _physical_gpu(index), max_seq_len=mcfg.max_position_embeddings,
+                          sleep_tags=sleep_tags)
     engine.update_weights(0)
     return engine
