@@ -32,7 +32,7 @@ from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
-from .parallel import dp_group, dp_rank, dp_world, init_distributed, tp_rank
+from .parallel import dp_group, dp_rank, dp_world, init_distributed, mp_broadcast_object, mp_leader, tp_rank
 from .policy import Policy, SeqBatch, build_seq_batch
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
@@ -127,7 +127,11 @@ class Trainer:
         if cfg.rollout.decode_attention == "triton" and getattr(self.engine, "decode_attention", "triton") != "triton":
             self._say("rollout: decode_attention=triton and cuda_graphs apply to the engine's lean decode steps, "
                       "which this model does not take: decode steps run Megatron's forward")
-        self.rewards = RewardPool(cfg.rewards)
+        # the verifiers run once per model-parallel group, on its first rank, whose results the group shares:
+        # its ranks train on the same rollouts and must agree on their rewards (a time limit hit on one rank and
+        # not another would otherwise give them different advantages, or different groups kept)
+        self.scores_here = not dist.is_initialized() or dist.get_rank() == mp_leader()
+        self.rewards = RewardPool(cfg.rewards) if self.scores_here else None
         self.source = self._build_source()
         self.eval_records = self._build_eval_records()
         self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
@@ -250,7 +254,7 @@ class Trainer:
         out: Dict = {}
         self.engine.wake()
         rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new, n=1, greedy=True))
-        res = self.rewards.score(records, [self.tokenizer.decode(r.response_ids) for r in rollouts])
+        res = self._score(records, rollouts)
         correct = torch.tensor([sum(1.0 for r in res if r.reward >= 1.0), float(len(res))], dtype=torch.float64,
                                device=self.device)
         if dist.is_initialized():
@@ -263,7 +267,7 @@ class Trainer:
                                     n=k, seed=_derive_seed(cfg.seed, "eval", self.step, dp_rank()))
             rollouts = self.engine.generate(prompts, params)
             recs = [records[r.prompt_index] for r in rollouts]
-            res = self.rewards.score(recs, [self.tokenizer.decode(r.response_ids) for r in rollouts])
+            res = self._score(recs, rollouts)
             per_problem: Dict[int, List[float]] = {}
             for r, s in zip(rollouts, res):
                 per_problem.setdefault(r.prompt_index, []).append(s.reward)
@@ -273,6 +277,14 @@ class Trainer:
             for key, val in _flatten(summary).items():
                 out[f"eval/{key}"] = val
         return out
+
+    def _score(self, records: List[Dict], rollouts) -> List:
+        """The verifiers' results for ``rollouts`` (of ``records``), scored on the model-parallel group's first
+        rank and shared with the group."""
+        res = None
+        if self.scores_here:
+            res = self.rewards.score(records, [self.tokenizer.decode(r.response_ids) for r in rollouts])
+        return mp_broadcast_object(res)
 
     # ------------------------------------------------------------------------------ one RL step
     def _draw_groups(self) -> Tuple[List[Dict], Dict]:
@@ -300,7 +312,9 @@ class Trainer:
             futures: Dict[int, Any] = {}
 
             def score_when_finished(k: int, r) -> None:  # verifiers run while the other rollouts decode
-                futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+                if self.scores_here:
+                    futures[k] = self.rewards.submit([records[r.prompt_index]],
+                                                     [self.tokenizer.decode(r.response_ids)])
 
             rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
             timings["rollout"] += time.time() - t
@@ -310,7 +324,8 @@ class Trainer:
             for k, r in enumerate(rollouts):
                 if k not in futures:  # an engine that does not report rollouts as they finish
                     score_when_finished(k, r)
-            scored = [futures[k].result()[0] for k in range(len(rollouts))]
+            scored = mp_broadcast_object([futures[k].result()[0] for k in range(len(rollouts))]
+                                         if self.scores_here else None)
             timings["reward"] += time.time() - t
             rew = torch.tensor([s.reward for s in scored], dtype=torch.float32)
             lens = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
@@ -617,7 +632,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        self.rewards.close()
+        if self.rewards is not None:
+            self.rewards.close()
         self.engine.close()
 
     def _check_think_end(self) -> None:

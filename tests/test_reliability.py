@@ -441,3 +441,43 @@ def test_overlong_prompts_are_skipped_counted_and_replaced(tmp_path):
     with pytest.raises(ConfigError, match="'data.max_prompt_tokens': .* longer than 2 tokens"):
         t._draw_groups()
     t.close()
+
+
+def _tp2_with_a_rank_dependent_verifier(rank, world, out_dir):
+    """One RL step and one evaluation at TP=2, with a verifier whose answer depends on the rank it runs on (what a
+    time limit hit on one rank and not on the other does to a reward)."""
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.data.builtin import DOMAIN
+    from megaprorl.rewards.base import register_verifier
+    from megaprorl.trainer import Trainer
+
+    calls = []
+
+    def flaky(record, response):
+        calls.append(response)
+        return float((len(response) + rank) % 2)
+
+    register_verifier(DOMAIN, flaky)
+    t = Trainer(load_config(DEMO, _overrides(os.path.join(out_dir, str(rank)), "parallel.tensor_parallel=2",
+                                             "model.num_query_groups=2")))
+    try:
+        groups, stats = t._draw_groups()
+        ev = t.evaluate(greedy=True)
+        return dict(calls=len(calls), pool=t.rewards is not None, reward=stats["reward"],
+                    rewards=[g["reward"].tolist() for g in groups], accuracy=ev["eval/accuracy"])
+    finally:
+        t.close()
+        mps.destroy_model_parallel()
+
+
+def test_a_model_parallel_group_scores_once_and_its_ranks_share_the_rewards(tmp_path):
+    """The verifiers run on the group's first rank only (no reward pool on the others), and every rank of the
+    group trains and evaluates on those results, even when a verifier would answer differently elsewhere."""
+    from dist_utils import run_distributed
+
+    r0, r1 = run_distributed(_tp2_with_a_rank_dependent_verifier, world_size=2, args=(str(tmp_path),), timeout=600)
+    assert r0["pool"] and not r1["pool"]
+    assert r0["calls"] > 0 and r1["calls"] == 0
+    assert r0["rewards"] == r1["rewards"] and r0["reward"] == r1["reward"]
+    assert r0["accuracy"] == r1["accuracy"]

@@ -91,6 +91,30 @@ def dp_group():
     return mps.get_data_parallel_group()
 
 
+def mp_group():
+    """This rank's model-parallel group: the TP x PP ranks of one data-parallel replica, which run on the same
+    prompts and rollouts."""
+    from megatron.core import parallel_state as mps
+
+    return mps.get_model_parallel_group()
+
+
+def mp_leader() -> int:
+    """The global rank of this rank's model-parallel group's first rank (this rank when not distributed)."""
+    if not dist.is_initialized():
+        return 0
+    return dist.get_process_group_ranks(mp_group())[0]
+
+
+def mp_broadcast_object(obj):
+    """The model-parallel group's first rank's ``obj`` (picklable), on every rank of the group."""
+    if not dist.is_initialized() or dist.get_world_size(mp_group()) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=mp_leader(), group=mp_group())
+    return box[0]
+
+
 class _AllReduceGradTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):

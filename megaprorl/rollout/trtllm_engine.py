@@ -221,11 +221,9 @@ class TrtllmEngine:
         return out
 
     def _broadcast(self, obj):
-        if self.group is None or dist.get_world_size(self.group) == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
-        return box[0]
+        from ..parallel import mp_broadcast_object
+
+        return mp_broadcast_object(obj)  # the leader's, on the group (self.group, from self.leader)
 
     def _barrier(self) -> None:
         if self.group is not None and dist.get_world_size(self.group) > 1:
