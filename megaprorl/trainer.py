@@ -673,11 +673,20 @@ def engine_logprobs(rollouts, batch: SeqBatch) -> torch.Tensor:
     return out
 
 
+# counts over the whole step's batch: summed over the data-parallel ranks, not averaged
+_SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts")  # and reward_errors/<domain>
+
+
+def _summed(key: str) -> bool:
+    return key in _SUMMED_STATS or key.startswith("reward_errors/")
+
+
 def _reduce_stats(stats: Dict) -> Dict:
     """Average numeric stats over data-parallel ranks (rank 0 logs them).
 
     Ranks may report different keys (a rank can draw no prompt of some domain, so it has no
-    ``reward/<domain>``): each key is averaged over the ranks that report it.
+    ``reward/<domain>``): each key is averaged over the ranks that report it.  The counts of the step's
+    batch (``_SUMMED_STATS``) are summed instead.
     """
     if not dist.is_initialized() or dp_world() == 1:
         return stats
@@ -686,7 +695,7 @@ def _reduce_stats(stats: Dict) -> Dict:
     out = dict(stats)
     for k in sorted(set().union(*per_rank)):
         vals = [d[k] for d in per_rank if k in d]
-        out[k] = sum(vals) / len(vals)
+        out[k] = sum(vals) if _summed(k) else sum(vals) / len(vals)
     return out
 
 

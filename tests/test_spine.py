@@ -265,9 +265,11 @@ def _reduce_stats_worker(rank, world):
     from megaprorl.trainer import _reduce_stats
 
     init_distributed()
-    stats = {"reward": float(rank), "reward/addition": 0.5 + rank, "trigger": "interval"}
+    stats = {"reward": float(rank), "reward/addition": 0.5 + rank, "trigger": "interval",
+             "reward_errors": 1 + rank, "data/skipped_long_prompts": 2 * rank}
     if rank == 1:  # only rank 1 drew a logic prompt this step
         stats["reward/logic"] = 0.25
+        stats["reward_errors/logic"] = 3
     return _reduce_stats(stats)
 
 
@@ -277,6 +279,8 @@ def test_reduce_stats_over_dp_ranks_with_different_keys():
     for out in run_distributed(_reduce_stats_worker, 2):
         assert out["reward"] == 0.5 and out["reward/addition"] == 1.0
         assert out["reward/logic"] == 0.25 and out["trigger"] == "interval"
+        # counts of the step's batch are summed over the ranks
+        assert out["reward_errors"] == 3 and out["data/skipped_long_prompts"] == 2 and out["reward_errors/logic"] == 3
 
 
 def test_engine_samples_without_fp8(policy, monkeypatch):
