@@ -48,6 +48,8 @@ class HFWorkers:
         self.shut = False
         self.released = set()  # the memory tags released by sleep; the weights' contents wait in self.backup
         self.backup = None
+        self.submitted = 0
+        self.events = []  # ("result", k) as a request's result is taken; the test adds ("finished", k)
 
     def shutdown(self):
         self.shut = True
@@ -91,29 +93,37 @@ class HFWorkers:
                     params[name].copy_(rebuild(*rebuild_args))
         return [None] * len(self.uuids)
 
-    @torch.no_grad()
-    def generate(self, inputs, sampling_params, use_tqdm=True):
+    def generate_async(self, inputs, sampling_params):
+        """A request, decoded when its result is asked for (``RequestOutput.result()``), in the order asked."""
         if self.released:
             raise RuntimeError(f"an illegal memory access: generate with {sorted(self.released)} released")
-        outs = []
-        for inp, sp in zip(inputs, sampling_params):
-            g = torch.Generator().manual_seed(sp.seed)
-            ids, lps, reason = list(inp["prompt_token_ids"]), [], "length"
-            for _ in range(sp.max_tokens):
-                logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1]
-                logp = torch.log_softmax(logits / sp.temperature, -1)
-                tok = int(logp.argmax()) if sp.top_k == 1 else int(torch.multinomial(logp.exp(), 1, generator=g))
-                top = int(logp.argmax())
-                lps.append({top: SimpleNamespace(logprob=float(logp[top]), rank=1),
-                            tok: SimpleNamespace(logprob=float(logp[tok]), rank=2)})
-                ids.append(tok)
-                if tok in sp.stop_token_ids:
-                    reason = "stop"
-                    break
-            gen = ids[len(inp["prompt_token_ids"]):]
-            outs.append(SimpleNamespace(prompt_token_ids=inp["prompt_token_ids"], outputs=[
-                SimpleNamespace(token_ids=gen, logprobs=lps, finish_reason=reason)]))
-        return outs
+        k = self.submitted
+        self.submitted += 1
+
+        def result():
+            self.events.append(("result", k))
+            return self._decode(inputs, sampling_params)
+
+        return SimpleNamespace(result=result)
+
+    @torch.no_grad()
+    def _decode(self, inp, sp):
+        g = torch.Generator().manual_seed(sp.seed)
+        ids, lps, reason = list(inp["prompt_token_ids"]), [], "length"
+        for _ in range(sp.max_tokens):
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logp = torch.log_softmax(logits / sp.temperature, -1)
+            tok = int(logp.argmax()) if sp.top_k == 1 else int(torch.multinomial(logp.exp(), 1, generator=g))
+            top = int(logp.argmax())
+            lps.append({top: SimpleNamespace(logprob=float(logp[top]), rank=1),
+                        tok: SimpleNamespace(logprob=float(logp[tok]), rank=2)})
+            ids.append(tok)
+            if tok in sp.stop_token_ids:
+                reason = "stop"
+                break
+        gen = ids[len(inp["prompt_token_ids"]):]
+        return SimpleNamespace(prompt_token_ids=inp["prompt_token_ids"], outputs=[
+            SimpleNamespace(token_ids=gen, logprobs=lps, finish_reason=reason)])
 
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
@@ -171,7 +181,13 @@ def _one(rank, hf_dir, tp, pp):
     out["buckets"] = eng.refit_buckets
     out["streamed"] = {n: t.clone() for b in eng.stream.buckets(1 << 30) for n, t in b}
     finished = []
-    rollouts = eng.generate(prompts, params, on_finish=lambda k, r: finished.append(k))
+
+    def on_finish(k, r):
+        finished.append(k)
+        if eng.is_leader:
+            eng.llm.events.append(("finished", k))
+
+    rollouts = eng.generate(prompts, params, on_finish=on_finish)
     out["rollouts"] = rollouts
     out["finished"] = finished
     if eng.is_leader:
@@ -181,7 +197,16 @@ def _one(rank, hf_dir, tp, pp):
     out["after_nap"] = eng.generate(prompts, params)
     if eng.is_leader:
         out["calls"] = eng.llm.calls
+        out["events"] = eng.llm.events
         workers = eng.llm
+
+        def dies(*a, **k):
+            raise RuntimeError("executor died")
+
+        eng.llm.generate_async = dies
+    # a failure on the leader reaches every rank of the group (none is left waiting on the broadcast)
+    with pytest.raises(RuntimeError, match="failed on the group's leader \\(rank 0\\): RuntimeError: executor died"):
+        eng.generate(prompts, params)
     eng.close()
     out["shut"] = workers.shut if eng.is_leader else None
     assert eng.llm is None
@@ -286,6 +311,9 @@ def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran, layout)
         torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(want), atol=1e-5, rtol=0)
         assert r.finished == (r.response_ids[-1] in (EOS, 9)) and len(r.response_ids) <= 6
     assert rs[0].response_ids != rs[1].response_ids  # each sample its own seed
+    # the leader (where the trainer's verifiers run) hands each rollout on as soon as its result is in
+    first = r0["events"][:8]
+    assert first == [e for k in range(4) for e in (("result", k), ("finished", k))], first
 
 
 def test_request_params_and_outputs():

@@ -22,7 +22,9 @@ The LLM is built with the sleep argument its release has (``sleep_config`` or th
 the tags asked for are those its ``ExecutorMemoryType`` has.
 
 Generation.  The leader submits the group's prompts (``n`` requests per prompt, each with its own seed; the
-responses keep their stop token, ``include_stop_str_in_output``) and broadcasts the rollouts to the group.
+responses keep their stop token, ``include_stop_str_in_output``) with ``generate_async``, takes the results in
+order, hands each to ``on_finish`` (the trainer's verifiers, which run on the leader) as it comes in, and
+broadcasts the rollouts to the group (or the error that stopped it, so that no rank waits).
 The log-probs are TensorRT-LLM's ``LogprobMode.PROCESSED`` ones (after temperature), the convention of
 ``Rollout.logprobs``; with ``rollout.top_p`` < 1 they are also renormalised over the kept tokens.
 
@@ -309,19 +311,36 @@ class TrtllmEngine:
                              f"data.max_prompt_tokens={self.max_seq_len - params.max_new_tokens} skips such prompts")
         rollouts = None
         if self.is_leader:
-            inputs, sp = [], []
-            for p in prompts:
-                for s in range(params.n):
-                    inputs.append({"prompt_token_ids": [int(t) for t in p]})
-                    sp.append(self.make_sampling(**request_params(params, s, self.stop_ids, self.pad_id)))
-            outs = self.llm.generate(inputs, sampling_params=sp, use_tqdm=False)
-            rollouts = [to_rollout(k // params.n, prompts[k // params.n], o.outputs[0], self.stop_ids)
-                        for k, o in enumerate(outs)]
+            try:
+                rollouts = self._generate_on_leader(prompts, params, on_finish)
+            except Exception as e:  # noqa: BLE001 - every rank of the group raises it, none waits on the broadcast
+                rollouts = RuntimeError(f"TensorRT-LLM generation failed on the group's leader (rank {self.leader}): "
+                                        f"{type(e).__name__}: {e}")
         rollouts = self._broadcast(rollouts)
+        if isinstance(rollouts, BaseException):
+            raise rollouts
         self.stats = {"rollouts": float(len(rollouts)), "tokens": float(sum(len(r.response_ids) for r in rollouts))}
-        if on_finish is not None:
+        if on_finish is not None and not self.is_leader:
             for k, r in enumerate(rollouts):
                 on_finish(k, r)
+        return rollouts
+
+    def _generate_on_leader(self, prompts, params: SamplingParams, on_finish) -> List[Rollout]:
+        """Every request submitted at once (``generate_async``), then taken in order as ``LLM.generate`` does,
+        each handed to ``on_finish`` as soon as it is in: the verifiers (which run on this rank) start on the
+        first rollouts while the later ones decode."""
+        futures = []
+        for p in prompts:
+            for s in range(params.n):
+                futures.append(self.llm.generate_async(
+                    {"prompt_token_ids": [int(t) for t in p]},
+                    sampling_params=self.make_sampling(**request_params(params, s, self.stop_ids, self.pad_id))))
+        rollouts = []
+        for k, fut in enumerate(futures):
+            i = k // params.n
+            rollouts.append(to_rollout(i, prompts[i], fut.result().outputs[0], self.stop_ids))
+            if on_finish is not None:
+                on_finish(k, rollouts[-1])
         return rollouts
 
 
