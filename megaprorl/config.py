@@ -83,6 +83,12 @@ class ModelConfig:
     add_qkv_bias: bool = True
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = False
+    # mixture of experts (Qwen3-MoE): routed experts per layer (0: dense), experts per token, each expert's FFN
+    # width (0: ffn_hidden_size), and whether the k routing weights are renormalised (HF's norm_topk_prob)
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = True
     init_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     make_vocab_divisible_by: int = 128
@@ -459,6 +465,20 @@ def validate(cfg: Config) -> None:
          "must divide model.num_attention_heads")
     need(cfg.model.num_query_groups % cfg.parallel.tensor_parallel == 0 or cfg.model.num_query_groups == 0,
          "parallel.tensor_parallel", "must divide model.num_query_groups")
+    m = cfg.model
+    need(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense model)")
+    if m.num_experts:
+        need(1 <= m.moe_topk <= m.num_experts, "model.moe_topk",
+             f"must be in 1..model.num_experts ({m.num_experts}) for an MoE model, got {m.moe_topk}")
+        need((m.moe_ffn_hidden_size or m.ffn_hidden_size) % cfg.parallel.tensor_parallel == 0,
+             "model.moe_ffn_hidden_size", "must be divisible by parallel.tensor_parallel (each expert is split)")
+        need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.sequence_parallel, "parallel.sequence_parallel",
+             "must be true for an MoE model (model.num_experts) at parallel.tensor_parallel > 1: Megatron's MoE "
+             "layer trains under tensor parallelism only with sequence parallelism")
+        need(not m.fp8, "model.fp8", "is not supported with model.num_experts yet (FP8 experts need their token "
+             "counts padded, which megaprorl does not do)")
+        need(m.qk_norm and not m.add_qkv_bias, "model.num_experts",
+             "an MoE model is the Qwen3-MoE shape here: it needs model.qk_norm=true and model.add_qkv_bias=false")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,10 +23,10 @@ pytest.importorskip("megatron.core")
 from megaprorl.models import convert as C  # noqa: E402
 
 VOCAB = 100
-FAMILIES = ("qwen2", "llama", "qwen3", "mistral")
+FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "qwen3_moe_raw")
 # Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
 # embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
-PP_FAMILIES = ("llama", "qwen2", "qwen3")
+PP_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 B, S = 2, 12
 ATOL = 1e-4
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -46,6 +46,10 @@ def _hf_config(family):
     if family == "qwen3":  # Qwen3's shape: head_dim fixed (128 there), heads x head_dim = 2 x hidden here; YaRN
         return transformers.Qwen3Config(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32,
                                         rope_scaling=dict(YARN_SCALING), **common)
+    if family.startswith("qwen3_moe"):  # 4 experts, 2 per token; routing weights renormalised (Qwen3-30B-A3B) or not
+        return transformers.Qwen3MoeConfig(tie_word_embeddings=False, rope_theta=1000000.0, head_dim=32,
+                                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           norm_topk_prob=family == "qwen3_moe", **common)
     if family == "mistral":  # Mistral-Nemo's shape: the Llama layout, head_dim given (128 for hidden 5120 / 32 there)
         return transformers.MistralConfig(tie_word_embeddings=False, rope_theta=1000000.0, head_dim=32,
                                           sliding_window=None, **common)
@@ -104,7 +108,8 @@ def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
 
     init_distributed(tp, 1)
     mcfg = _mcfg(hf_dir, attention)
-    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=False)
+    # Megatron's MoE layer trains at TP > 1 only under sequence parallelism (as model.num_experts requires)
+    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=bool(mcfg.num_experts))
     hf_config = C.load_hf_config(hf_dir)
     model = build_gpt(mcfg, pcfg, C.hf_vocab_size(hf_config))
     info = C.load_hf_into_model(model, hf_dir, hf_config)
@@ -133,8 +138,8 @@ def _sum_qk_norm_grads(model):
     import torch.distributed as dist
     from megatron.core import parallel_state as mps
 
-    for n, p in model.named_parameters():
-        if "q_layernorm" in n or "k_layernorm" in n:
+    for n, p in model.named_parameters():  # and under sequence parallelism every replicated one (norms, router)
+        if "q_layernorm" in n or "k_layernorm" in n or getattr(p, "sequence_parallel", False):
             dist.all_reduce(p.grad, group=mps.get_tensor_model_parallel_group())
 
 
@@ -235,8 +240,26 @@ def _hf_forward_backward(model, tokens, labels):
     logits = model(input_ids=tokens).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = _by_checkpoint_name({n: p.grad.detach().clone() for n, p in model.named_parameters()})
     return logits.detach(), loss.detach(), grads
+
+
+def _by_checkpoint_name(tensors):
+    """transformers 5 holds an MoE layer's experts fused (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``
+    [E, H, I]); its checkpoints, and megaprorl's HF names, have one tensor per expert and projection."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            p = name[:-len("gate_up_proj")]
+            for e, (gate, up) in enumerate(x.chunk(2, dim=0) for x in t):
+                out[f"{p}{e}.gate_proj.weight"], out[f"{p}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            p = name[:-len("down_proj")]
+            for e, x in enumerate(t):
+                out[f"{p}{e}.down_proj.weight"] = x
+        else:
+            out[name] = t
+    return out
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -539,3 +562,27 @@ def test_missing_tensor_is_named(setup):
         C.hf_to_megatron(bad, hf_config, 0, 1)
     with pytest.raises(C.ConversionError, match="lm_head.weight"):
         C.load_hf_state_dict(setup.dirs["qwen2"], ["lm_head.weight"])  # tied: not stored
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_raw"])
+def test_qwen3_moe_config_and_checkpoint_names(setup, family):
+    """The MoE fields come over from the HF config (the experts' width, k, renormalisation), the checkpoint holds
+    one tensor per expert and projection (what the fused in-memory experts of transformers split into), and a
+    config with dense layers among the MoE ones is refused by name."""
+    hf_config = C.load_hf_config(setup.dirs[family])
+    f = C.model_config_from_hf(hf_config)
+    assert (f["num_experts"], f["moe_topk"], f["moe_ffn_hidden_size"]) == (4, 2, 32)
+    assert f["moe_norm_topk_prob"] == (family == "qwen3_moe") and f["qk_norm"] and not f["add_qkv_bias"]
+    params = _by_checkpoint_name({n: p.detach() for n, p in setup.hf[family].named_parameters()})
+    saved = C.load_hf_state_dict(setup.dirs[family])
+    assert set(params) == set(saved) == set(C.hf_keys(hf_config))
+    assert all(torch.equal(params[k], saved[k]) for k in saved)
+    exported = C.hf_config_from_model_config(SimpleNamespace(**dict(_mcfg(setup.dirs[family], "sdpa").__dict__)), VOCAB)
+    assert C.model_config_from_hf(exported) == {k: v for k, v in f.items() if k != "params_dtype"} | (
+        {"params_dtype": "fp32"} if "params_dtype" in f else {})
+    assert exported["architectures"] == ["Qwen3MoeForCausalLM"]
+    for bad in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
+        with pytest.raises(C.ConversionError, match="every layer must be an MoE layer"):
+            C.model_config_from_hf(dict(hf_config.to_dict(), **bad))
+    dense = C.model_config_from_hf(C.load_hf_config(setup.dirs["qwen3"]))
+    assert (dense["num_experts"], dense["moe_topk"]) == (0, 0)

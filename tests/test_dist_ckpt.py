@@ -101,10 +101,11 @@ def test_load_errors_name_the_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------ trainer checkpoints
-def _trainer_job(rank, world, out_dir, mode, layout="tp"):
+def _trainer_job(rank, world, out_dir, mode, layout="tp", extra=()):
     """A tiny trainer: 'save' trains 2 RL steps and checkpoints; 'load' resumes that checkpoint at
     this world size (one rank saved it, two load it: TP=2 or PP=2 here) and reports what it restored.
-    Both then take one more RL step (at PP=2: the embedded engine decodes across the two stages)."""
+    Both then take one more RL step (at PP=2: the embedded engine decodes across the two stages).
+    ``extra``: more config overrides (test_moe.py's MoE model)."""
     import os
 
     from megatron.core import parallel_state as mps
@@ -116,7 +117,7 @@ def _trainer_job(rank, world, out_dir, mode, layout="tp"):
 
     tp, pp = (world, 1) if layout == "tp" else (1, world)
     over = [f"output_dir={out_dir}", *TINY, "model.num_query_groups=2", "model.num_layers=2",
-            f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}"]
+            f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", *extra]
     t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), over))
     try:
         if mode == "save":

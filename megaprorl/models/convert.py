@@ -50,7 +50,7 @@ import torch
 from .gpt import head_dim
 from .rope import rope_scaling_spec
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")  # Mistral dense: the Llama layout
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "qwen3_moe")  # Mistral dense: the Llama layout
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META_FILE = "megaprorl_convert.json"
@@ -121,13 +121,27 @@ class _Dims:
         if not hd and self.hidden % self.heads:
             raise ConversionError(f"hidden_size ({self.hidden}) is not a multiple of num_attention_heads "
                                   f"({self.heads}) and the HF config gives no head_dim")
-        self.qk_norm = mt == "qwen3"
+        self.qk_norm = mt in ("qwen3", "qwen3_moe")
+        # Qwen3-MoE: every layer's MLP is a router over routed experts (no shared expert)
+        self.experts = int(_cfg_get(cfg, "num_experts", None) or _cfg_get(cfg, "num_local_experts", None) or 0) \
+            if mt == "qwen3_moe" else 0
+        if self.experts:
+            self.topk = int(_cfg_get(cfg, "num_experts_per_tok"))
+            self.moe_ffn = int(_cfg_get(cfg, "moe_intermediate_size"))
+            self.norm_topk = bool(_cfg_get(cfg, "norm_topk_prob", False))
+            if int(_cfg_get(cfg, "decoder_sparse_step", 1) or 1) != 1 or _cfg_get(cfg, "mlp_only_layers", None):
+                raise ConversionError("qwen3_moe with dense layers among the MoE ones (decoder_sparse_step != 1 or "
+                                      "mlp_only_layers) is not supported: every layer must be an MoE layer")
+            if not 1 <= self.topk <= self.experts:
+                raise ConversionError(f"num_experts_per_tok ({self.topk}) must be in 1..num_experts ({self.experts})")
+        elif mt == "qwen3_moe":
+            raise ConversionError("a qwen3_moe config without num_experts (or num_local_experts)")
         if self.heads % self.groups:
             raise ConversionError(f"num_attention_heads ({self.heads}) must be a multiple of "
                                   f"num_key_value_heads ({self.groups})")
         self.q_per_group = self.heads // self.groups
         self.qkv_bias = mt == "qwen2" or bool(_cfg_get(cfg, "attention_bias", False))
-        if mt in ("llama", "qwen3", "mistral") and _cfg_get(cfg, "attention_bias", False):
+        if mt in ("llama", "qwen3", "mistral", "qwen3_moe") and _cfg_get(cfg, "attention_bias", False):
             raise ConversionError(f"{mt} with attention_bias=True (bias on o_proj too) is not supported")
         if _cfg_get(cfg, "mlp_bias", False):
             raise ConversionError("mlp_bias=True is not supported (Megatron model is built without linear biases)")
@@ -140,7 +154,10 @@ class _Dims:
             raise ConversionError(f"tensor parallel size must be >= 1, got {tp}")
         if self.groups % tp:
             raise ConversionError(f"num_key_value_heads ({self.groups}) must be divisible by tensor parallel size {tp}")
-        if self.ffn % tp:
+        if self.experts and self.moe_ffn % tp:
+            raise ConversionError(f"moe_intermediate_size ({self.moe_ffn}) must be divisible by tensor parallel "
+                                  f"size {tp}")
+        if not self.experts and self.ffn % tp:
             raise ConversionError(f"intermediate_size ({self.ffn}) must be divisible by tensor parallel size {tp}")
 
 
@@ -182,6 +199,10 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
         add_qkv_bias=d.qkv_bias,
         qk_norm=d.qk_norm,
         tie_embeddings=d.tie,
+        num_experts=d.experts,
+        moe_topk=d.topk if d.experts else 0,
+        moe_ffn_hidden_size=d.moe_ffn if d.experts else 0,
+        moe_norm_topk_prob=d.norm_topk if d.experts else True,
     )
     if dtype in _DTYPE_NAMES:
         out["params_dtype"] = _DTYPE_NAMES[dtype]
@@ -192,7 +213,9 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
 # loads (where the shapes agree) and computes something else (RoPE base, norm epsilon) or fails to load.
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "head_dim", "rotary_base", "rope_scaling", "norm_epsilon", "add_qkv_bias", "qk_norm",
-               "tie_embeddings")
+               "tie_embeddings", "num_experts", "moe_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob")
+# the MoE fields' values for a model config that predates them (a dense model)
+_DENSE_MOE = {"num_experts": 0, "moe_topk": 0, "moe_ffn_hidden_size": 0, "moe_norm_topk_prob": True}
 
 
 def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.") -> None:
@@ -202,7 +225,7 @@ def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.")
     want = model_config_from_hf(hf_config)
     bad = []
     for k in ARCH_FIELDS:
-        have, need = getattr(model_cfg, k), want[k]
+        have, need = getattr(model_cfg, k, _DENSE_MOE.get(k)), want[k]
         if k == "rope_scaling":
             have = rope_scaling_spec(have, f"{prefix}{k}")
         elif k == "head_dim":  # 0 means hidden_size / num_attention_heads
@@ -227,9 +250,16 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
     if qwen3 and model_cfg.add_qkv_bias:
         raise ConversionError("model.qk_norm with model.add_qkv_bias has no HF family: Qwen3 has no QKV bias")
     mt = "qwen3" if qwen3 else "qwen2" if qwen else "llama"
+    experts = int(getattr(model_cfg, "num_experts", 0) or 0)
+    if experts:
+        if mt != "qwen3":
+            raise ConversionError("model.num_experts > 0 has an HF family only as Qwen3-MoE: it needs model.qk_norm "
+                                  "and no model.add_qkv_bias")
+        mt = "qwen3_moe"
     dtype = str(_DTYPES[model_cfg.params_dtype]).replace("torch.", "")  # float32 | bfloat16 | float16
     cfg = {
-        "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[mt]],
+        "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                           "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]],
         "model_type": mt,
         "vocab_size": int(vocab_size),
         "hidden_size": int(model_cfg.hidden_size),
@@ -248,6 +278,10 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
     cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False})
     if mt == "llama":
         cfg["mlp_bias"] = False
+    if experts:
+        cfg.update(num_experts=experts, num_experts_per_tok=int(model_cfg.moe_topk),
+                   moe_intermediate_size=int(model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size),
+                   norm_topk_prob=bool(model_cfg.moe_norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[])
     scaling = rope_scaling_spec(getattr(model_cfg, "rope_scaling", None))
     if scaling:
         cfg["rope_scaling"] = scaling
@@ -287,6 +321,10 @@ _LAYER_MAP = {
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "row"),
 }
 _QK_NORM_NAMES = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
+_DENSE_MLP = ("mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+# an MoE layer's router and routed experts (Megatron's SequentialMLP; HF's checkpoint names, one tensor per expert)
+_ROUTER = "mlp.router.weight"
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 _LAYERNORM_NAMES = {
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
     "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
@@ -306,6 +344,19 @@ def _hf_names(mkey: str, global_layer: Optional[int], dims: _Dims):
     if mkey == "decoder.final_layernorm.weight":
         return ("model.norm.weight",), "replicated"
     m = _LAYER_RE.match(mkey)
+    if m and dims.experts and (m.group(2) == _ROUTER or _EXPERT_RE.match(m.group(2))):
+        e = _EXPERT_RE.match(m.group(2))
+        if e is None:
+            return (f"model.layers.{global_layer}.mlp.gate.weight",), "replicated"
+        if int(e.group(1)) >= dims.experts:
+            raise ConversionError(f"Megatron parameter {mkey} is expert {e.group(1)} of {dims.experts}")
+        p = f"model.layers.{global_layer}.mlp.experts.{e.group(1)}."
+        if e.group(2) == "1":
+            return (p + "gate_proj.weight", p + "up_proj.weight"), "fc1"
+        return (p + "down_proj.weight",), "row"
+    if m and dims.experts and m.group(2) in _DENSE_MLP:
+        raise ConversionError(f"Megatron parameter {mkey} is a dense MLP's, but the HF {dims.model_type} config "
+                              "has MoE layers (model.num_experts mismatch)")
     if m and m.group(2) in _LAYER_MAP:
         names, kind = _LAYER_MAP[m.group(2)]
         if kind == "qkv" and names[0].endswith(".bias") and not dims.qkv_bias:
@@ -335,8 +386,13 @@ def megatron_keys(hf_config, layer_numbers: Sequence[int], pre_process: bool = T
             keys.append(p + "self_attention.linear_qkv.bias")
         if dims.qk_norm:
             keys += [p + n for n in _QK_NORM_NAMES]
-        keys += [p + "self_attention.linear_proj.weight", p + ln2, p + "mlp.linear_fc1.weight",
-                 p + "mlp.linear_fc2.weight"]
+        if dims.experts:  # the norm before the router is its own module in both specs
+            keys += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight", p + _ROUTER]
+            for e in range(dims.experts):
+                keys += [f"{p}mlp.experts.local_experts.{e}.linear_fc{j}.weight" for j in (1, 2)]
+        else:
+            keys += [p + "self_attention.linear_proj.weight", p + ln2, p + "mlp.linear_fc1.weight",
+                     p + "mlp.linear_fc2.weight"]
     if post_process:
         keys.append("decoder.final_layernorm.weight")
         if not dims.tie or not pre_process:  # tied + one stage: the output layer reuses the embedding
@@ -418,6 +474,10 @@ def _check_hf_shapes(mkey: str, names: Sequence[str], tensors: Sequence[torch.Te
               "q_norm.weight": (hd,), "k_norm.weight": (hd,),  # before norm.weight: the first match counts
               "layernorm.weight": (h,), "norm.weight": (h,), "embed_tokens.weight": (dims.vocab, h),
               "lm_head.weight": (dims.vocab, h)}
+    if dims.experts:  # every MLP projection is an expert's, of the experts' width; the router's rows: experts
+        f = dims.moe_ffn
+        expect = {**expect, "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+                  "mlp.gate.weight": (dims.experts, h)}
     for name, t in zip(names, tensors):
         for suffix, shape in expect.items():
             if name.endswith(suffix):
@@ -905,7 +965,13 @@ def hf_keys(hf_config) -> List[str]:
                 continue
             if mname in _QK_NORM_NAMES and not dims.qk_norm:
                 continue
+            if mname in _DENSE_MLP and dims.experts:
+                continue
             keys += [f"model.layers.{i}.{n}" for n in names]
+        if dims.experts:
+            keys.append(f"model.layers.{i}.mlp.gate.weight")
+            keys += [f"model.layers.{i}.mlp.experts.{e}.{n}.weight" for e in range(dims.experts)
+                     for n in ("gate_proj", "up_proj", "down_proj")]
     return list(dict.fromkeys(keys))
 
 

@@ -57,6 +57,17 @@ def transformer_config(mcfg, pcfg):
         recompute_num_layers=1 if mcfg.recompute_granularity == "full" else None,
         calculate_per_token_loss=True,
     )
+    experts = num_experts(mcfg)
+    if experts:
+        # Qwen3-MoE's router: softmax over the experts, top-k, renormalised when norm_topk_prob (Megatron's
+        # default, a softmax over the k chosen logits, is the same) else not (pre-softmax: the full softmax's
+        # k values).  Every rank holds every expert (expert parallelism 1), so the all-gather dispatcher; no
+        # load-balancing loss in RL
+        kwargs.update(num_moe_experts=experts, moe_router_topk=int(mcfg.moe_topk),
+                      moe_ffn_hidden_size=int(mcfg.moe_ffn_hidden_size or mcfg.ffn_hidden_size),
+                      moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
+                      moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+                      moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
     if mcfg.fp8:
         _require_te("model.fp8")
         kwargs.update(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe)
@@ -67,6 +78,24 @@ def transformer_config(mcfg, pcfg):
         # equivalent, the empty list: the whole layer when CUDA graphs are on (they are not here)
         kwargs.update(cuda_graph_scope=[])
     return TransformerConfig(**kwargs)
+
+
+def _moe_without_te() -> None:
+    """megatron-core 0.16's moe_utils binds TransformerEngine's fused MoE functions (``te_general_gemm``,
+    ``fused_permute``...) only when TE imports, but its router tests ``te_general_gemm is not None``: without TE
+    the router raises NameError.  Bind the missing names to None, as the code expects."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+def num_experts(mcfg) -> int:
+    """Routed experts per MoE layer (``model.num_experts``; 0: a dense model)."""
+    return int(getattr(mcfg, "num_experts", 0) or 0)
 
 
 def head_dim(mcfg) -> int:
@@ -131,14 +160,18 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     from megatron.core.models.gpt import GPTModel
 
     cfg = transformer_config(mcfg, pcfg)
+    if num_experts(mcfg):
+        _moe_without_te()
     if use_transformer_engine(mcfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts(mcfg) or None,
+                                                          moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=cfg.qk_layernorm)
+        spec = get_gpt_layer_local_spec(num_experts=num_experts(mcfg) or None, moe_grouped_gemm=False,
+                                        normalization="RMSNorm", qk_layernorm=cfg.qk_layernorm)
         if getattr(mcfg, "attention", "sdpa") == "sdpa":
             from .attention import SDPAttention
 
