@@ -31,9 +31,12 @@ class ConfigError(ValueError):
 DECODE_ATTENTION = ("sdpa", "triton")  # rollout.decode_attention's choices, for the config check and the engine's
 
 
-def cuda_graphs_problem(decode_attention: str, pipeline_parallel: int):
+def cuda_graphs_problem(decode_attention: str, pipeline_parallel: int, num_experts: int = 0):
     """Why ``rollout.cuda_graphs`` cannot run with these settings (None: it can), for the config check at load
     time and the engine's, which guards callers that build one directly."""
+    if num_experts:
+        return ("an MoE model's decode step (model.num_experts) has shapes that depend on the routing (the "
+                "tokens each expert receives), which a CUDA graph cannot replay; set rollout.cuda_graphs=false")
     if decode_attention != "triton":
         return ("needs rollout.decode_attention=triton (a step of fixed shapes; the SDPA path's span grows with the "
                 "rows' positions)")
@@ -427,7 +430,7 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.decode_attention in DECODE_ATTENTION, "rollout.decode_attention",
          f"must be one of {list(DECODE_ATTENTION)}")
     if cfg.rollout.cuda_graphs:
-        why = cuda_graphs_problem(cfg.rollout.decode_attention, cfg.parallel.pipeline_parallel)
+        why = cuda_graphs_problem(cfg.rollout.decode_attention, cfg.parallel.pipeline_parallel, cfg.model.num_experts)
         need(why is None, "rollout.cuda_graphs", why or "")
     need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
     if cfg.logging.wandb_project:

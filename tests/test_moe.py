@@ -90,6 +90,8 @@ def test_moe_config_checks():
     for extra, msg in [(["model.moe_topk=5"], "'model.moe_topk': must be in 1..model.num_experts"),
                        (["parallel.tensor_parallel=2"], "'parallel.sequence_parallel': must be true for an MoE"),
                        (["model.qk_norm=false"], "'model.num_experts': an MoE model is the Qwen3-MoE shape"),
+                       (["rollout.cuda_graphs=true", "rollout.decode_attention=triton"],
+                        "'rollout.cuda_graphs': an MoE model's decode step .* depend on the routing"),
                        (["model.moe_ffn_hidden_size=33", "parallel.tensor_parallel=2",
                          "parallel.sequence_parallel=true"], "'model.moe_ffn_hidden_size': must be divisible")]:
         with pytest.raises(ConfigError, match=msg):

@@ -177,8 +177,7 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
         stream = C.HFWeightStream(pol.model, hf_config)  # what a refit by HF name receives; the second run
         streamed = [[[(n, t.clone()) for n, t in b] for b in stream.buckets(STREAM_BUCKET, dtype=dtype)]
                     for dtype in (None, torch.bfloat16)]  # reuses the first one's names and shapes
-        # an MoE model decodes through Megatron's own forward (the lean step is dense-only), in lock-step batches
-        out[family] = (_generate(pol, tok, lean=not pol.model.config.num_moe_experts), streamed)
+        out[family] = (_generate(pol, tok), streamed)  # lean decode steps, continuous batching (MoE too)
         del pol
         mps.destroy_model_parallel()
     return out

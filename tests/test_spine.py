@@ -477,14 +477,25 @@ def test_sampler_draws_from_the_filtered_distribution():
     assert float(u.mean()) == pytest.approx(0.5, abs=5 * (1 / 12 / n) ** 0.5)
 
 
+MOE_MODEL = dict(num_experts=4, moe_topk=2, moe_ffn_hidden_size=32, moe_norm_topk_prob=True, qk_norm=True,
+                 head_dim=16, add_qkv_bias=False)
+
+
+@pytest.fixture(scope="module")
+def moe_policy():
+    return tiny_policy(MOE_MODEL)
+
+
 @pytest.mark.parametrize("greedy", [False, True])
-def test_lean_decode_equals_megatrons_forward(policy, greedy):
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_lean_decode_equals_megatrons_forward(policy, moe_policy, greedy, which):
     """Decode steps through the engine's lean stage give Megatron's forward's tokens, finish flags and
-    log-probs bit for bit (rows leaving the cache on both sides)."""
+    log-probs bit for bit (rows leaving the cache on both sides), for a dense model and an MoE one (whose
+    MoE layers the lean step calls as modules)."""
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine, lean_decode_unsupported
 
-    pol, tok = policy
+    pol, tok = policy if which == "dense" else moe_policy
     assert lean_decode_unsupported(pol.model) is None
     params = SamplingParams(max_new_tokens=24, n=4, seed=9, temperature=1.0, greedy=greedy)
     runs = []

@@ -35,7 +35,7 @@ the seed, its index and the weights: the same whatever the batch size, schedule 
 Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
 (``lean_decode``, the local layer spec of the Qwen2 / Qwen3 / Llama shape): each layer is its norms, four
 matmuls, the rotation of the new query and key, the KV-cache write and the same SDPA call, with the
-same TP reductions; the embedding, norms, attention module and output layer are Megatron's own
+same TP reductions (an MoE model's MLP: Megatron's MoE layer, called as its module); the embedding, norms, attention module and output layer are Megatron's own
 modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
 every layer's kernels launched from Python), so the host time per layer is the decode rate: with
 compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less time this way
@@ -107,7 +107,8 @@ def lean_decode_unsupported(model) -> Optional[str]:
     the Qwen2 / Qwen3 / Llama shape on the local layer spec (torch RMSNorm, q/k norms too when present, SDPA
     core attention) and on TransformerEngine's (norms fused into the linear layers, TE's core attention,
     which the lean step replaces by SDPA or the Triton kernel on the same cache): rotary positions,
-    grouped-query attention with whole query groups per TP rank, a SwiGLU MLP, no MoE, no sliding window."""
+    grouped-query attention with whole query groups per TP rank, a SwiGLU MLP or Megatron's MoE layer (called as
+    its module), no sliding window."""
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -125,7 +126,6 @@ def lean_decode_unsupported(model) -> Optional[str]:
         (not cfg.apply_rope_fusion and not cfg.rotary_interleaved and not cfg.multi_latent_attention
          and not cfg.flash_decode, "fused, interleaved or latent RoPE, or flash decode"),
         (cfg.gated_linear_unit and cfg.activation_func_clamp_value is None, "the MLP is not a plain GLU"),
-        (not cfg.num_moe_experts, "mixture of experts"),
         (cfg.num_query_groups % cfg.tensor_model_parallel_size == 0, "query groups split across TP ranks"),
         (not getattr(cfg, "attention_output_gate", False), "gated attention output"),
         (getattr(cfg, "window_size", None) is None and getattr(cfg, "softmax_type", "vanilla") == "vanilla"
@@ -139,9 +139,16 @@ def lean_decode_unsupported(model) -> Optional[str]:
              "core attention is neither SDPAttention (local spec) nor TransformerEngine's"),
             (all(n is None or isinstance(n, (IdentityOp, torch.nn.RMSNorm)) or type(n).__name__ == "RMSNorm"
                  for n in (att.q_layernorm, att.k_layernorm)), "q/k norms are not RMSNorm"),
-            (hasattr(layer.mlp, "linear_fc1") and hasattr(layer.mlp, "linear_fc2"), "the MLP is not Megatron's MLP"),
+            (type(layer.mlp).__name__ == "MoELayer" if cfg.num_moe_experts else
+             hasattr(layer.mlp, "linear_fc1") and hasattr(layer.mlp, "linear_fc2"),
+             "the MLP is neither Megatron's MLP nor its MoE layer"),
         ]
-        for norm, lin in ((layer.input_layernorm, att.linear_qkv), (layer.pre_mlp_layernorm, getattr(layer.mlp, "linear_fc1", None))):
+        pairs = [(layer.input_layernorm, att.linear_qkv)]
+        if cfg.num_moe_experts:  # the router's norm is its own module in both specs (torch's or TE's RMSNorm)
+            checks.append((type(layer.pre_mlp_layernorm).__name__ == "RMSNorm", "the MoE layer's norm is not RMSNorm"))
+        else:
+            pairs.append((layer.pre_mlp_layernorm, getattr(layer.mlp, "linear_fc1", None)))
+        for norm, lin in pairs:
             # a torch RMSNorm before a linear layer, or TE's linear layer with its norm fused in
             fused = hasattr(lin, "layer_norm_weight")
             checks.append((isinstance(norm, torch.nn.RMSNorm) and not fused or isinstance(norm, IdentityOp) and fused,
@@ -372,7 +379,7 @@ class MegatronEngine:
         if self.cuda_graphs:
             from ..config import ConfigError, cuda_graphs_problem
 
-            why = cuda_graphs_problem(self.decode_attention, self.pp)
+            why = cuda_graphs_problem(self.decode_attention, self.pp, policy.model.config.num_moe_experts or 0)
             if why is not None:
                 raise ConfigError(f"config key 'rollout.cuda_graphs': {why}")
             if policy.device.type != "cuda":
@@ -524,6 +531,10 @@ class MegatronEngine:
                 else:  # TE's core attention: the same SDPA call on the cache
                     o = sdpa_sbhd(q, key_mem[:span], val_mem[:span], mask, _softmax_scale(att.core_attention, hn))
             x = x + linear(att.linear_proj, o, True)
+            if cfg.num_moe_experts:  # Megatron's MoE layer, as a module: its router, dispatch and experts
+                out, bias = mlp(layer.pre_mlp_layernorm(x))
+                x = x + (out if bias is None else out + bias)
+                continue
             gate, up = torch.chunk(linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x), False), 2, dim=-1)
             x = x + linear(mlp.linear_fc2, cfg.activation_func(gate) * (up + cfg.glu_linear_offset), True)
         if not last:
