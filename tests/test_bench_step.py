@@ -7,15 +7,17 @@ import pytest
 
 @pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
                                    ["--preset", "tiny-qwen3", "--rollout-batch-size", "8", "--stop-rate", "0.1"],
-                                   ["--prompts", "2", "--n-samples", "2", "--decode-attention", "triton"]],
-                         ids=["tiny", "tiny-packed", "tiny-qwen3", "tiny-triton"])
+                                   ["--prompts", "2", "--n-samples", "2", "--decode-attention", "triton"],
+                                   ["--preset", "tiny-moe", "--prompts", "2", "--n-samples", "2"]],
+                         ids=["tiny", "tiny-packed", "tiny-qwen3", "tiny-triton", "tiny-moe"])
 def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
 
     out = tmp_path / "bench_step.json"
     assert main(["--preset", "tiny", "--repeats", "1", "--out", str(out), *extra]) == 0
     rep = json.loads(out.read_text())
-    assert rep["preset"] == ("tiny-qwen3" if "tiny-qwen3" in extra else "tiny")
+    preset = extra[extra.index("--preset") + 1] if "--preset" in extra else "tiny"
+    assert rep["preset"] == preset
     t = rep["times_s"]
     for phase in ("rollout", "sleep", "reward", "logprob", "update", "weight_sync", "total"):
         assert t[phase] >= 0.0, phase
@@ -49,7 +51,8 @@ def test_bench_step_trtllm_needs_a_gpu(tmp_path):
         main(["--preset", "tiny", "--repeats", "1", "--out", str(tmp_path / "b.json"), "--engine", "trtllm"])
 
 
-@pytest.mark.parametrize("preset", ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b"])
+@pytest.mark.parametrize("preset", ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b",
+                                    "qwen3-30b-a3b"])
 def test_preset_parameter_counts_are_the_models(preset):
     """param_count (the MFU's N) = the parameters of the HF model of the preset's shape (built on the meta
     device from the config.json the export would write: Qwen2 with a QKV bias, Qwen3 with q/k norms)."""
@@ -66,13 +69,19 @@ def test_preset_parameter_counts_are_the_models(preset):
                            rotary_base=1e6, norm_epsilon=1e-6, params_dtype="bf16")
     mcfg.add_qkv_bias = p.get("add_qkv_bias", True)
     mcfg.tie_embeddings = p.get("tie_embeddings", False)
+    mcfg.moe_norm_topk_prob = True
     hf_cfg = hf_config_from_model_config(mcfg, p["vocab"])
-    assert hf_cfg["model_type"] == preset.split("-")[0]
+    assert hf_cfg["model_type"] == preset.split("-")[0] + ("_moe" if p.get("num_experts") else "")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_cfg))
     assert param_count(p) == sum(t.numel() for t in model.parameters())
     embedding = 0 if mcfg.tie_embeddings else p["vocab"] * p["hidden_size"]  # a lookup, no FLOPs
-    assert train_flops_per_token(p, 0) == 6 * (param_count(p) - embedding)
+    active = param_count(p, active=True)
+    assert train_flops_per_token(p, 0) == 6 * (active - embedding)
+    if p.get("num_experts"):  # the router and 8 of the 128 experts per token: Qwen3-30B-A3B's 30.5B and 3.3B
+        assert round(param_count(p) / 1e8) == 305 and 3.3e9 < active < 3.4e9
+    else:
+        assert active == param_count(p)
 
 
 def test_attention_probe_writes_report(tmp_path):

@@ -1,7 +1,8 @@
 """`megaprorl bench step`: one RL step's time broken down, with tokens/s and MFU.
 
 Builds a random policy of a named shape (``--preset tiny`` for CPU, ``qwen2-1.5b`` for the
-DeepSeek-R1-Distill-Qwen-1.5B shape), draws random prompts, and times, on whatever machine it runs:
+DeepSeek-R1-Distill-Qwen-1.5B shape, ``qwen3-30b-a3b`` / ``qwen3-30b-a3b-8l`` for Qwen3-30B-A3B's mixture of
+experts, whose FLOPs and MFU count the active parameters), draws random prompts, and times, on whatever machine it runs:
 rollout (the embedded engine, or ``--engine trtllm``), reward (a trivial verifier, so the number is the
 pool's overhead), the old-policy and reference log-prob passes, the optimizer update, and the weight sync.
 ``--skip-rollout`` times only the trainer side on sequences of ``--prompt-len + --response-len``
@@ -26,6 +27,9 @@ import torch
 from ..kernels import GRAD_MODES
 
 _QWEN3 = dict(head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=True)
+_QWEN3_30B_A3B = dict(hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, vocab=151936,
+                      head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=False, num_experts=128,
+                      moe_topk=8, moe_ffn_hidden_size=768)
 PRESETS = {
     "tiny": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                  vocab=64),
@@ -45,6 +49,13 @@ PRESETS = {
                        num_query_groups=8, vocab=151936, **_QWEN3),
     "qwen3-4b": dict(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
                      num_query_groups=8, vocab=151936, **_QWEN3),
+    # mixture of experts (model.num_experts): a CPU-size one, and Qwen3-30B-A3B (128 experts, 8 per token; untied;
+    # 30.5B parameters, 3.3B active) and its first 8 layers (one GPU)
+    "tiny-moe": dict(num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                     vocab=64, head_dim=32, qk_norm=True, add_qkv_bias=False, num_experts=4, moe_topk=2,
+                     moe_ffn_hidden_size=64),
+    "qwen3-30b-a3b": dict(num_layers=48, **_QWEN3_30B_A3B),
+    "qwen3-30b-a3b-8l": dict(num_layers=8, **_QWEN3_30B_A3B),
 }
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU.
@@ -55,19 +66,25 @@ def _head_dim(p: dict) -> int:
     return p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
 
 
-def param_count(p: dict) -> int:
-    """Parameters of a preset (the embedding once when tied)."""
+def param_count(p: dict, active: bool = False) -> int:
+    """Parameters of a preset (the embedding once when tied); ``active``: an MoE model's per token (the router and
+    ``moe_topk`` of its experts)."""
     h, f, L, V, hd = p["hidden_size"], p["ffn_hidden_size"], p["num_layers"], p["vocab"], _head_dim(p)
     q, kv = hd * p["num_attention_heads"], hd * p["num_query_groups"]
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+    experts = p.get("num_experts", 0)
+    mlp = 3 * h * f
+    if experts:
+        mlp = (p["moe_topk"] if active else experts) * 3 * h * p["moe_ffn_hidden_size"] + experts * h
+    per_layer = h * (q + 2 * kv) + q * h + mlp + 2 * h
     per_layer += (q + 2 * kv) * p.get("add_qkv_bias", True) + 2 * hd * p.get("qk_norm", False)
     return L * per_layer + (1 if p.get("tie_embeddings", False) else 2) * V * h + h
 
 
 def train_flops_per_token(p: dict, seq_len: int) -> float:
-    """6 x (the matmul parameters: the layers and the LM head, a tied one too; not the embedding lookup) plus
-    attention (causal: 6 * L * s * heads * head_dim per token for fwd+bwd of QK^T and AV, halved by causality)."""
-    matmul = param_count(p) - (0 if p.get("tie_embeddings", False) else p["vocab"] * p["hidden_size"])
+    """6 x (the matmul parameters a token goes through: the layers, an MoE layer's active experts and router, and
+    the LM head, a tied one too; not the embedding lookup) plus attention (causal: 6 * L * s * heads * head_dim
+    per token for fwd+bwd of QK^T and AV, halved by causality)."""
+    matmul = param_count(p, active=True) - (0 if p.get("tie_embeddings", False) else p["vocab"] * p["hidden_size"])
     return 6.0 * matmul + 6.0 * p["num_layers"] * seq_len * p["num_attention_heads"] * _head_dim(p)
 
 
@@ -154,9 +171,14 @@ def main(argv=None) -> int:
                            qk_norm=p.get("qk_norm", False), max_position_embeddings=max(seq_len, 64),
                            rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=p.get("add_qkv_bias", True),
                            tie_embeddings=p.get("tie_embeddings", False),
+                           num_experts=p.get("num_experts", 0), moe_topk=p.get("moe_topk", 0),
+                           moe_ffn_hidden_size=p.get("moe_ffn_hidden_size", 0), moe_norm_topk_prob=True,
                            init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128,
                            transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
                            recompute_granularity=args.recompute)
+    if p.get("num_experts") and args.tp > 1 and not args.sequence_parallel:
+        raise SystemExit(f"error: the {args.preset} preset is an MoE model: at --tp > 1 it needs --sequence-parallel "
+                         "(Megatron's MoE layer trains under tensor parallelism only with it)")
     pcfg = SimpleNamespace(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
@@ -265,7 +287,8 @@ def main(argv=None) -> int:
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
         peak_mem = float(m)
     res = {
-        "device": device_name, "preset": args.preset, "params": param_count(p), "dtype": dtype,
+        "device": device_name, "preset": args.preset, "params": param_count(p),
+        "active_params": param_count(p, active=True), "dtype": dtype,
         "prompts": args.prompts, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
         "response_len": args.response_len, "micro_batch_size": args.micro_batch_size,
         "pack_tokens": args.pack_tokens, "ragged": args.ragged,
@@ -294,7 +317,9 @@ def main(argv=None) -> int:
     }
     if info.rank == 0:
         spec_name = ("TE" + (f" fp8={args.fp8}" if args.fp8 else "")) if res["transformer_engine"] else "local spec"
-        print(f"\nbench step: {args.preset} ({param_count(p) / 1e9:.2f} B params, {dtype}, {spec_name}) on {device_name}")
+        size = f"{param_count(p) / 1e9:.2f} B params" + (f", {res['active_params'] / 1e9:.2f} B active"
+                                                         if p.get("num_experts") else "")
+        print(f"\nbench step: {args.preset} ({size}, {dtype}, {spec_name}) on {device_name}")
         print(f"  {args.prompts} prompts x {args.n_samples} samples per data-parallel rank, prompt {args.prompt_len} "
               f"+ response {args.response_len} tokens; {info.world_size} ranks: TP={args.tp} PP={args.pp} DP={info.dp}")
         print(f"  {'phase':<14}{'seconds':>10}{'share':>9}")
