@@ -62,8 +62,9 @@ def transformer_config(mcfg, pcfg):
         # Qwen3-MoE's router: softmax over the experts, top-k, renormalised when norm_topk_prob (Megatron's
         # default, a softmax over the k chosen logits, is the same) else not (pre-softmax: the full softmax's
         # k values).  Every rank holds every expert (expert parallelism 1), so the all-gather dispatcher; no
-        # load-balancing loss in RL
-        kwargs.update(num_moe_experts=experts, moe_router_topk=int(mcfg.moe_topk),
+        # load-balancing loss in RL.  The router's logits in fp32 (Megatron's advice for stable routing; HF's
+        # softmax is in fp32 too): a bf16 policy's routing flips less often on rounding (near-ties still can)
+        kwargs.update(num_moe_experts=experts, moe_router_topk=int(mcfg.moe_topk), moe_router_dtype="fp32",
                       moe_ffn_hidden_size=int(mcfg.moe_ffn_hidden_size or mcfg.ffn_hidden_size),
                       moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
                       moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
