@@ -1,4 +1,5 @@
-"""HF <-> Megatron-core weights for the Qwen2, Qwen3, Llama and Mistral (dense) families (TP-sharded, PP-stage sliced).
+"""HF <-> Megatron-core weights for the Qwen2, Qwen3, Qwen3-MoE, Llama and Mistral (dense) families (TP-sharded,
+PP-stage sliced).
 
 The mapping (see docs/convert.md), per decoder layer ``N`` (HF prefix ``model.layers.N.``):
 
@@ -17,6 +18,9 @@ decoder.layers.N.pre_mlp_layernorm.weight              post_attention_layernorm.
   [mlp.linear_fc1.layer_norm_weight]
 decoder.layers.N.mlp.linear_fc1.weight                 cat(mlp.gate_proj, mlp.up_proj)             [gate_r; up_r]
 decoder.layers.N.mlp.linear_fc2.weight                 mlp.down_proj.weight                        input dim
+decoder.layers.N.mlp.router.weight (MoE)               mlp.gate.weight                             replicated
+decoder.layers.N.mlp.experts.local_experts.E.          mlp.experts.E.{gate,up}_proj, down_proj     as the MLP's
+  linear_fc1 / linear_fc2 (MoE, expert E)
 decoder.final_layernorm.weight                         model.norm.weight                           replicated
 output_layer.weight                                    lm_head.weight (embed_tokens when tied)     vocab rows
 =====================================================  ==========================================  ===========
@@ -1082,7 +1086,7 @@ megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR
 megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
                   [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
-Qwen2 / Qwen3 / Llama / Mistral families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
+Qwen2 / Qwen3 / Qwen3-MoE / Llama / Mistral families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
 (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
 (config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
 megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model
