@@ -147,6 +147,8 @@ def describe(mcfg, pcfg, model) -> str:
             mcfg.transformer_impl, "no CUDA" if not torch.cuda.is_available() else "TransformerEngine is not installed")
         spec = f"local layer spec ({why}), attention {getattr(mcfg, 'attention', 'sdpa')}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if num_experts(mcfg):
+        spec += f", MoE: {num_experts(mcfg)} experts, {mcfg.moe_topk} per token"
     return (f"policy: {n / 1e6:.2f}M parameters{where}, {spec}, {mcfg.params_dtype}, "
             f"TP={pcfg.tensor_parallel} PP={pcfg.pipeline_parallel}, {device}")
 
