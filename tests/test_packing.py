@@ -75,12 +75,23 @@ def test_packed_logits_equal_unpacked_and_hf(hf_qwen, tp):
 
 
 # ------------------------------------------------------------------------------------ policy level
-@pytest.fixture(scope="module")
-def policies():
-    padded, tok = tiny_policy()
-    packed, _ = tiny_policy(pack_tokens=24)
+def _pair(model=None):
+    padded, tok = tiny_policy(model)
+    packed, _ = tiny_policy(model, pack_tokens=24)
     packed.model.load_state_dict(padded.model.state_dict())
     return padded, packed, tok
+
+
+@pytest.fixture(scope="module")
+def policies():
+    return _pair()
+
+
+@pytest.fixture(scope="module")
+def moe_policies():  # an MoE model: each token routed on its own, so packing changes nothing either
+    from test_spine import MOE_MODEL
+
+    return _pair(MOE_MODEL)
 
 
 def _batch(tok, n=9, seed=0):
@@ -100,8 +111,9 @@ def _batch(tok, n=9, seed=0):
     return batch
 
 
-def test_policy_logprobs_packed_equal_padded(policies):
-    padded, packed, tok = policies
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_policy_logprobs_packed_equal_padded(policies, moe_policies, which):
+    padded, packed, tok = policies if which == "dense" else moe_policies
     batch = _batch(tok)
     lp_pad, ent_pad = padded.logprobs(batch, 4, with_entropy=True)
     lp_pack, ent_pack = packed.logprobs(batch, 4, with_entropy=True)
@@ -114,10 +126,11 @@ def test_policy_logprobs_packed_equal_padded(policies):
         assert torch.all(lp_pack[i, n - 1:] == 0)
 
 
-def test_policy_train_step_packed_equals_padded(policies):
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_policy_train_step_packed_equals_padded(policies, moe_policies, which):
     from megaprorl.algo.loss import LossSpec
 
-    padded, packed, tok = policies
+    padded, packed, tok = policies if which == "dense" else moe_policies
     batch = _batch(tok, seed=1)
     spec = LossSpec(kl_coef=0.1, entropy_coef=0.01)
     state = copy.deepcopy(padded.model.state_dict())
