@@ -86,12 +86,14 @@ class ModelConfig:
     add_qkv_bias: bool = True
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = False
-    # mixture of experts (Qwen3-MoE): routed experts per layer (0: dense), experts per token, each expert's FFN
-    # width (0: ffn_hidden_size), and whether the k routing weights are renormalised (HF's norm_topk_prob)
+    # mixture of experts (Qwen3-MoE, Qwen2-MoE): routed experts per layer (0: dense), experts per token, each
+    # expert's FFN width (0: ffn_hidden_size), whether the k routing weights are renormalised (HF's norm_topk_prob),
+    # and the width of Qwen2-MoE's shared expert, sigmoid-gated (0: none)
     num_experts: int = 0
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     moe_norm_topk_prob: bool = True
+    moe_shared_expert_ffn_hidden_size: int = 0
     init_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     make_vocab_divisible_by: int = 128
@@ -480,8 +482,16 @@ def validate(cfg: Config) -> None:
              "layer trains under tensor parallelism only with sequence parallelism")
         need(not m.fp8, "model.fp8", "is not supported with model.num_experts yet (FP8 experts need their token "
              "counts padded, which megaprorl does not do)")
-        need(m.qk_norm and not m.add_qkv_bias, "model.num_experts",
-             "an MoE model is the Qwen3-MoE shape here: it needs model.qk_norm=true and model.add_qkv_bias=false")
+        shared = m.moe_shared_expert_ffn_hidden_size
+        need(shared >= 0, "model.moe_shared_expert_ffn_hidden_size", "must be >= 0 (0: no shared expert)")
+        need(shared % cfg.parallel.tensor_parallel == 0, "model.moe_shared_expert_ffn_hidden_size",
+             "must be divisible by parallel.tensor_parallel (the shared expert is split as a dense MLP)")
+        qwen3 = m.qk_norm and not m.add_qkv_bias and not shared
+        qwen2 = m.add_qkv_bias and not m.qk_norm and shared > 0
+        need(qwen3 or qwen2, "model.num_experts",
+             "an MoE model is the Qwen3-MoE shape (model.qk_norm=true, model.add_qkv_bias=false, no shared expert) or "
+             "the Qwen2-MoE shape (model.add_qkv_bias=true, model.qk_norm=false, model.moe_shared_expert_ffn_hidden_size "
+             "> 0) here")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,7 +23,7 @@ pytest.importorskip("megatron.core")
 from megaprorl.models import convert as C  # noqa: E402
 
 VOCAB = 100
-FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "qwen3_moe_raw")
+FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "qwen3_moe_raw", "qwen2_moe")
 # Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
 # embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
 PP_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
@@ -50,6 +50,10 @@ def _hf_config(family):
         return transformers.Qwen3MoeConfig(tie_word_embeddings=False, rope_theta=1000000.0, head_dim=32,
                                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                            norm_topk_prob=family == "qwen3_moe", **common)
+    if family == "qwen2_moe":  # Qwen1.5-MoE / Qwen2-57B-A14B's shape: QKV bias, a gated shared expert, raw top-k
+        return transformers.Qwen2MoeConfig(tie_word_embeddings=False, rope_theta=1000000.0, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=48, norm_topk_prob=False, **common)
     if family == "mistral":  # Mistral-Nemo's shape: the Llama layout, head_dim given (128 for hidden 5120 / 32 there)
         return transformers.MistralConfig(tie_word_embeddings=False, rope_theta=1000000.0, head_dim=32,
                                           sliding_window=None, **common)
@@ -564,15 +568,17 @@ def test_missing_tensor_is_named(setup):
         C.load_hf_state_dict(setup.dirs["qwen2"], ["lm_head.weight"])  # tied: not stored
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_raw"])
-def test_qwen3_moe_config_and_checkpoint_names(setup, family):
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_raw", "qwen2_moe"])
+def test_moe_config_and_checkpoint_names(setup, family):
     """The MoE fields come over from the HF config (the experts' width, k, renormalisation), the checkpoint holds
     one tensor per expert and projection (what the fused in-memory experts of transformers split into), and a
     config with dense layers among the MoE ones is refused by name."""
     hf_config = C.load_hf_config(setup.dirs[family])
     f = C.model_config_from_hf(hf_config)
     assert (f["num_experts"], f["moe_topk"], f["moe_ffn_hidden_size"]) == (4, 2, 32)
-    assert f["moe_norm_topk_prob"] == (family == "qwen3_moe") and f["qk_norm"] and not f["add_qkv_bias"]
+    assert f["moe_norm_topk_prob"] == (family == "qwen3_moe")
+    qwen2 = family == "qwen2_moe"
+    assert (f["qk_norm"], f["add_qkv_bias"], f["moe_shared_expert_ffn_hidden_size"]) == (not qwen2, qwen2, 48 * qwen2)
     params = _by_checkpoint_name({n: p.detach() for n, p in setup.hf[family].named_parameters()})
     saved = C.load_hf_state_dict(setup.dirs[family])
     assert set(params) == set(saved) == set(C.hf_keys(hf_config))
@@ -580,7 +586,7 @@ def test_qwen3_moe_config_and_checkpoint_names(setup, family):
     exported = C.hf_config_from_model_config(SimpleNamespace(**dict(_mcfg(setup.dirs[family], "sdpa").__dict__)), VOCAB)
     assert C.model_config_from_hf(exported) == {k: v for k, v in f.items() if k != "params_dtype"} | (
         {"params_dtype": "fp32"} if "params_dtype" in f else {})
-    assert exported["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert exported["architectures"] == ["Qwen2MoeForCausalLM" if qwen2 else "Qwen3MoeForCausalLM"]
     for bad in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
         with pytest.raises(C.ConversionError, match="every layer must be an MoE layer"):
             C.model_config_from_hf(dict(hf_config.to_dict(), **bad))

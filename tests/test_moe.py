@@ -87,9 +87,12 @@ def test_moe_config_checks():
     demo = os.path.join(ROOT, "examples", "demo.yaml")
     cfg = load_config(demo, MOE)
     assert cfg.model.num_experts == 4 and cfg.model.moe_norm_topk_prob
+    qwen2 = ["model.qk_norm=false", "model.add_qkv_bias=true", "model.moe_shared_expert_ffn_hidden_size=48"]
+    assert load_config(demo, MOE + qwen2).model.moe_shared_expert_ffn_hidden_size == 48  # the Qwen2-MoE shape
     for extra, msg in [(["model.moe_topk=5"], "'model.moe_topk': must be in 1..model.num_experts"),
                        (["parallel.tensor_parallel=2"], "'parallel.sequence_parallel': must be true for an MoE"),
                        (["model.qk_norm=false"], "'model.num_experts': an MoE model is the Qwen3-MoE shape"),
+                       (["model.moe_shared_expert_ffn_hidden_size=48"], "or the Qwen2-MoE shape"),
                        (["rollout.cuda_graphs=true", "rollout.decode_attention=triton"],
                         "'rollout.cuda_graphs': an MoE model's decode step .* depend on the routing"),
                        (["model.moe_ffn_hidden_size=33", "parallel.tensor_parallel=2",

@@ -1,5 +1,5 @@
-"""HF <-> Megatron-core weights for the Qwen2, Qwen3, Qwen3-MoE, Llama and Mistral (dense) families (TP-sharded,
-PP-stage sliced).
+"""HF <-> Megatron-core weights for the Qwen2, Qwen3, Qwen3-MoE, Qwen2-MoE, Llama and Mistral (dense) families
+(TP-sharded, PP-stage sliced).
 
 The mapping (see docs/convert.md), per decoder layer ``N`` (HF prefix ``model.layers.N.``):
 
@@ -21,6 +21,8 @@ decoder.layers.N.mlp.linear_fc2.weight                 mlp.down_proj.weight     
 decoder.layers.N.mlp.router.weight (MoE)               mlp.gate.weight                             replicated
 decoder.layers.N.mlp.experts.local_experts.E.          mlp.experts.E.{gate,up}_proj, down_proj     as the MLP's
   linear_fc1 / linear_fc2 (MoE, expert E)
+decoder.layers.N.mlp.shared_experts.linear_fc1 / _fc2  mlp.shared_expert.{gate,up}_proj, down_proj as the MLP's
+decoder.layers.N.mlp.shared_experts.gate_weight        mlp.shared_expert_gate.weight (Qwen2-MoE)   replicated
 decoder.final_layernorm.weight                         model.norm.weight                           replicated
 output_layer.weight                                    lm_head.weight (embed_tokens when tied)     vocab rows
 =====================================================  ==========================================  ===========
@@ -54,7 +56,9 @@ import torch
 from .gpt import head_dim
 from .rope import rope_scaling_spec
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "qwen3_moe")  # Mistral dense: the Llama layout
+# Mistral dense: the Llama layout; the MoE families: every layer's MLP routed (Qwen2-MoE with its shared expert)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "qwen3_moe", "qwen2_moe")
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 META_FILE = "megaprorl_convert.json"
@@ -126,25 +130,29 @@ class _Dims:
             raise ConversionError(f"hidden_size ({self.hidden}) is not a multiple of num_attention_heads "
                                   f"({self.heads}) and the HF config gives no head_dim")
         self.qk_norm = mt in ("qwen3", "qwen3_moe")
-        # Qwen3-MoE: every layer's MLP is a router over routed experts (no shared expert)
+        # Qwen3-MoE / Qwen2-MoE: every layer's MLP is a router over routed experts; Qwen2-MoE's has a shared
+        # expert too, scaled by sigmoid(shared_expert_gate . x)
         self.experts = int(_cfg_get(cfg, "num_experts", None) or _cfg_get(cfg, "num_local_experts", None) or 0) \
-            if mt == "qwen3_moe" else 0
+            if mt in MOE_MODEL_TYPES else 0
+        self.shared_ffn = int(_cfg_get(cfg, "shared_expert_intermediate_size", 0) or 0) if mt == "qwen2_moe" else 0
+        if mt == "qwen2_moe" and not self.shared_ffn:
+            raise ConversionError("a qwen2_moe config without shared_expert_intermediate_size")
         if self.experts:
             self.topk = int(_cfg_get(cfg, "num_experts_per_tok"))
             self.moe_ffn = int(_cfg_get(cfg, "moe_intermediate_size"))
             self.norm_topk = bool(_cfg_get(cfg, "norm_topk_prob", False))
             if int(_cfg_get(cfg, "decoder_sparse_step", 1) or 1) != 1 or _cfg_get(cfg, "mlp_only_layers", None):
-                raise ConversionError("qwen3_moe with dense layers among the MoE ones (decoder_sparse_step != 1 or "
+                raise ConversionError(f"{mt} with dense layers among the MoE ones (decoder_sparse_step != 1 or "
                                       "mlp_only_layers) is not supported: every layer must be an MoE layer")
             if not 1 <= self.topk <= self.experts:
                 raise ConversionError(f"num_experts_per_tok ({self.topk}) must be in 1..num_experts ({self.experts})")
-        elif mt == "qwen3_moe":
-            raise ConversionError("a qwen3_moe config without num_experts (or num_local_experts)")
+        elif mt in MOE_MODEL_TYPES:
+            raise ConversionError(f"a {mt} config without num_experts (or num_local_experts)")
         if self.heads % self.groups:
             raise ConversionError(f"num_attention_heads ({self.heads}) must be a multiple of "
                                   f"num_key_value_heads ({self.groups})")
         self.q_per_group = self.heads // self.groups
-        self.qkv_bias = mt == "qwen2" or bool(_cfg_get(cfg, "attention_bias", False))
+        self.qkv_bias = mt in ("qwen2", "qwen2_moe") or bool(_cfg_get(cfg, "attention_bias", False))
         if mt in ("llama", "qwen3", "mistral", "qwen3_moe") and _cfg_get(cfg, "attention_bias", False):
             raise ConversionError(f"{mt} with attention_bias=True (bias on o_proj too) is not supported")
         if _cfg_get(cfg, "mlp_bias", False):
@@ -158,6 +166,9 @@ class _Dims:
             raise ConversionError(f"tensor parallel size must be >= 1, got {tp}")
         if self.groups % tp:
             raise ConversionError(f"num_key_value_heads ({self.groups}) must be divisible by tensor parallel size {tp}")
+        if self.shared_ffn % tp:
+            raise ConversionError(f"shared_expert_intermediate_size ({self.shared_ffn}) must be divisible by tensor "
+                                  f"parallel size {tp}")
         if self.experts and self.moe_ffn % tp:
             raise ConversionError(f"moe_intermediate_size ({self.moe_ffn}) must be divisible by tensor parallel "
                                   f"size {tp}")
@@ -207,6 +218,7 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
         moe_topk=d.topk if d.experts else 0,
         moe_ffn_hidden_size=d.moe_ffn if d.experts else 0,
         moe_norm_topk_prob=d.norm_topk if d.experts else True,
+        moe_shared_expert_ffn_hidden_size=d.shared_ffn,
     )
     if dtype in _DTYPE_NAMES:
         out["params_dtype"] = _DTYPE_NAMES[dtype]
@@ -217,9 +229,11 @@ def model_config_from_hf(hf_config, strict: bool = True) -> Dict:
 # loads (where the shapes agree) and computes something else (RoPE base, norm epsilon) or fails to load.
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "head_dim", "rotary_base", "rope_scaling", "norm_epsilon", "add_qkv_bias", "qk_norm",
-               "tie_embeddings", "num_experts", "moe_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob")
+               "tie_embeddings", "num_experts", "moe_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob",
+               "moe_shared_expert_ffn_hidden_size")
 # the MoE fields' values for a model config that predates them (a dense model)
-_DENSE_MOE = {"num_experts": 0, "moe_topk": 0, "moe_ffn_hidden_size": 0, "moe_norm_topk_prob": True}
+_DENSE_MOE = {"num_experts": 0, "moe_topk": 0, "moe_ffn_hidden_size": 0, "moe_norm_topk_prob": True,
+              "moe_shared_expert_ffn_hidden_size": 0}
 
 
 def check_model_config(model_cfg, hf_config, where: str, prefix: str = "model.") -> None:
@@ -255,15 +269,17 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         raise ConversionError("model.qk_norm with model.add_qkv_bias has no HF family: Qwen3 has no QKV bias")
     mt = "qwen3" if qwen3 else "qwen2" if qwen else "llama"
     experts = int(getattr(model_cfg, "num_experts", 0) or 0)
+    shared = int(getattr(model_cfg, "moe_shared_expert_ffn_hidden_size", 0) or 0)
     if experts:
-        if mt != "qwen3":
-            raise ConversionError("model.num_experts > 0 has an HF family only as Qwen3-MoE: it needs model.qk_norm "
-                                  "and no model.add_qkv_bias")
-        mt = "qwen3_moe"
+        if (mt, bool(shared)) not in (("qwen3", False), ("qwen2", True)):
+            raise ConversionError("model.num_experts > 0 has an HF family only as Qwen3-MoE (model.qk_norm, no "
+                                  "model.add_qkv_bias, no shared expert) or Qwen2-MoE (model.add_qkv_bias, no "
+                                  "model.qk_norm, model.moe_shared_expert_ffn_hidden_size > 0)")
+        mt += "_moe"
     dtype = str(_DTYPES[model_cfg.params_dtype]).replace("torch.", "")  # float32 | bfloat16 | float16
     cfg = {
         "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                           "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]],
+                           "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[mt]],
         "model_type": mt,
         "vocab_size": int(vocab_size),
         "hidden_size": int(model_cfg.hidden_size),
@@ -279,13 +295,15 @@ def hf_config_from_model_config(model_cfg, vocab_size: int, eos_token_id=None, p
         "hidden_act": "silu",
         "torch_dtype": dtype,
     }
-    cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False})
+    cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False})  # qwen: Qwen2 and Qwen2-MoE
     if mt == "llama":
         cfg["mlp_bias"] = False
     if experts:
         cfg.update(num_experts=experts, num_experts_per_tok=int(model_cfg.moe_topk),
                    moe_intermediate_size=int(model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size),
                    norm_topk_prob=bool(model_cfg.moe_norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[])
+        if shared:
+            cfg["shared_expert_intermediate_size"] = shared
     scaling = rope_scaling_spec(getattr(model_cfg, "rope_scaling", None))
     if scaling:
         cfg["rope_scaling"] = scaling
@@ -328,6 +346,11 @@ _QK_NORM_NAMES = ("self_attention.q_layernorm.weight", "self_attention.k_layerno
 _DENSE_MLP = ("mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 # an MoE layer's router and routed experts (Megatron's SequentialMLP; HF's checkpoint names, one tensor per expert)
 _ROUTER = "mlp.router.weight"
+# Qwen2-MoE's shared expert (Megatron's SharedExpertMLP with its gate) -> (HF names, kind)
+_SHARED = {"mlp.shared_experts.linear_fc1.weight": (("mlp.shared_expert.gate_proj.weight",
+                                                     "mlp.shared_expert.up_proj.weight"), "fc1"),
+           "mlp.shared_experts.linear_fc2.weight": (("mlp.shared_expert.down_proj.weight",), "row"),
+           "mlp.shared_experts.gate_weight": (("mlp.shared_expert_gate.weight",), "replicated")}
 _EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 _LAYERNORM_NAMES = {
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
@@ -358,6 +381,9 @@ def _hf_names(mkey: str, global_layer: Optional[int], dims: _Dims):
         if e.group(2) == "1":
             return (p + "gate_proj.weight", p + "up_proj.weight"), "fc1"
         return (p + "down_proj.weight",), "row"
+    if m and dims.shared_ffn and m.group(2) in _SHARED:
+        names, kind = _SHARED[m.group(2)]
+        return tuple(f"model.layers.{global_layer}.{n}" for n in names), kind
     if m and dims.experts and m.group(2) in _DENSE_MLP:
         raise ConversionError(f"Megatron parameter {mkey} is a dense MLP's, but the HF {dims.model_type} config "
                               "has MoE layers (model.num_experts mismatch)")
@@ -394,6 +420,8 @@ def megatron_keys(hf_config, layer_numbers: Sequence[int], pre_process: bool = T
             keys += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight", p + _ROUTER]
             for e in range(dims.experts):
                 keys += [f"{p}mlp.experts.local_experts.{e}.linear_fc{j}.weight" for j in (1, 2)]
+            if dims.shared_ffn:
+                keys += [p + k for k in _SHARED]
         else:
             keys += [p + "self_attention.linear_proj.weight", p + ln2, p + "mlp.linear_fc1.weight",
                      p + "mlp.linear_fc2.weight"]
@@ -479,8 +507,10 @@ def _check_hf_shapes(mkey: str, names: Sequence[str], tensors: Sequence[torch.Te
               "layernorm.weight": (h,), "norm.weight": (h,), "embed_tokens.weight": (dims.vocab, h),
               "lm_head.weight": (dims.vocab, h)}
     if dims.experts:  # every MLP projection is an expert's, of the experts' width; the router's rows: experts
-        f = dims.moe_ffn
-        expect = {**expect, "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+        f, g = dims.moe_ffn, dims.shared_ffn  # (the shared expert's, of its own width, are matched first)
+        expect = {"shared_expert.gate_proj.weight": (g, h), "shared_expert.up_proj.weight": (g, h),
+                  "shared_expert.down_proj.weight": (h, g), "shared_expert_gate.weight": (1, h),
+                  **expect, "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
                   "mlp.gate.weight": (dims.experts, h)}
     for name, t in zip(names, tensors):
         for suffix, shape in expect.items():
@@ -976,6 +1006,8 @@ def hf_keys(hf_config) -> List[str]:
             keys.append(f"model.layers.{i}.mlp.gate.weight")
             keys += [f"model.layers.{i}.mlp.experts.{e}.{n}.weight" for e in range(dims.experts)
                      for n in ("gate_proj", "up_proj", "down_proj")]
+            if dims.shared_ffn:
+                keys += [f"model.layers.{i}.{n}" for names, _ in _SHARED.values() for n in names]
     return list(dict.fromkeys(keys))
 
 
@@ -1086,7 +1118,7 @@ megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR
 megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
                   [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
-Qwen2 / Qwen3 / Qwen3-MoE / Llama / Mistral families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
+Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama / Mistral families.  hf-to-megatron writes DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per
 (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
 (config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
 megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model

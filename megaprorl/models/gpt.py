@@ -69,6 +69,9 @@ def transformer_config(mcfg, pcfg):
                       moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
                       moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
                       moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
+        shared = int(getattr(mcfg, "moe_shared_expert_ffn_hidden_size", 0) or 0)
+        if shared:  # Qwen2-MoE's shared expert: a SwiGLU MLP beside the routed ones, scaled by sigmoid(gate . x)
+            kwargs.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
     if mcfg.fp8:
         _require_te("model.fp8")
         kwargs.update(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe)
@@ -149,6 +152,8 @@ def describe(mcfg, pcfg, model) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if num_experts(mcfg):
         spec += f", MoE: {num_experts(mcfg)} experts, {mcfg.moe_topk} per token"
+        if getattr(mcfg, "moe_shared_expert_ffn_hidden_size", 0):
+            spec += ", a shared expert"
     return (f"policy: {n / 1e6:.2f}M parameters{where}, {spec}, {mcfg.params_dtype}, "
             f"TP={pcfg.tensor_parallel} PP={pcfg.pipeline_parallel}, {device}")
 
