@@ -490,8 +490,8 @@ def validate(cfg: Config) -> None:
         qwen2 = m.add_qkv_bias and not m.qk_norm and shared > 0
         need(qwen3 or qwen2, "model.num_experts",
              "an MoE model is the Qwen3-MoE shape (model.qk_norm=true, model.add_qkv_bias=false, no shared expert) or "
-             "the Qwen2-MoE shape (model.add_qkv_bias=true, model.qk_norm=false, model.moe_shared_expert_ffn_hidden_size "
-             "> 0) here")
+             "the Qwen2-MoE shape (model.add_qkv_bias=true, model.qk_norm=false, "
+             "model.moe_shared_expert_ffn_hidden_size > 0) here")
 
 
 def to_yaml(cfg: Config) -> str:
