@@ -1118,11 +1118,11 @@ megaprorl convert megatron-to-hf --megatron DIR --out HF_DIR [--hf-config HF_DIR
 megaprorl convert checkpoint-to-hf --checkpoint RUN_DIR|CKPT_DIR --out HF_DIR [--hf-config HF_DIR]
                   [--which policy|reference] [--dtype ...] [--tp N] [--pp M]
 
-Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama / Mistral families.  hf-to-megatron writes
-DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to train with) and DIR/hf/
-(config and tokenizer files).  checkpoint-to-hf writes a trained policy (or its reference) from a
-megaprorl training checkpoint as an HF directory.  Inside a running job, megaprorl.models.convert.load_hf_into_model
-shards an HF directory on the fly (no conversion step needed)."""
+Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama / Mistral families. hf-to-megatron writes
+DIR/mp_rank_TT[_PPP]/model_optim_rng.pt per (TP rank, PP stage), DIR/megaprorl_convert.json (the model.* config to
+train with) and DIR/hf/ (config and tokenizer files). checkpoint-to-hf writes a trained policy (or its reference)
+from a megaprorl training checkpoint as an HF directory. Inside a running job,
+megaprorl.models.convert.load_hf_into_model shards an HF directory on the fly (no conversion step needed)."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
