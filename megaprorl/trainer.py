@@ -416,7 +416,10 @@ class Trainer:
         if cfg.algo.old_logprobs == "engine":  # what the tokens were drawn with: the same weights
             batch.old_logp = engine_logp
         else:
-            batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp)
+            moe = bool(cfg.model.num_experts)  # and how evenly its routers spread the batch over the experts
+            batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp, expert_load=moe)
+            if moe:
+                stats.update(self.policy.last_expert_load)
             stats["rollout/logprob_mismatch"] = float(((batch.old_logp - engine_logp).abs() * batch.loss_mask).sum()
                                                       / batch.loss_mask.sum().clamp(min=1))
         if self.reference is not None:

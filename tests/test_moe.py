@@ -60,7 +60,7 @@ def _dp_job(rank, world, out_dir):
         before = {n: p.detach().clone() for n, p in t.policy.model.named_parameters()}
         stats = t.rl_step()
         after = {n: p.detach().clone() for n, p in t.policy.model.named_parameters()}
-        return dict(stats={k: stats[k] for k in ("loss", "grad_norm")},
+        return dict(stats={k: stats[k] for k in ("loss", "grad_norm", "moe/load_max_over_mean", "moe/routed_tokens")},
                     moved=sorted(n for n in after if not torch.equal(after[n], before[n])), after=after)
     finally:
         t.close()
@@ -70,10 +70,11 @@ def _dp_job(rank, world, out_dir):
 def test_moe_policy_with_the_distributed_optimizer_at_dp2(tmp_path):
     """Two data-parallel replicas, Megatron's distributed optimizer (the experts' parameters in their own buffers,
     reduced over the expert data-parallel group): one RL step updates the router and every expert, finitely, and
-    leaves the replicas equal."""
+    leaves the replicas equal; the step's metrics hold the experts' load."""
     r0, r1 = run_distributed(_dp_job, 2, (str(tmp_path),))
     for r in (r0, r1):
         assert all(torch.isfinite(torch.tensor(float(v))) for v in r["stats"].values())
+        assert r["stats"]["moe/routed_tokens"] > 0 and r["stats"]["moe/load_max_over_mean"] >= 1.0  # logged
         assert any(n.endswith("mlp.router.weight") for n in r["moved"]), (r["stats"], r["moved"])
         assert {n.split("local_experts.")[1].split(".")[0] for n in r["moved"] if "local_experts" in n} == \
             {"0", "1", "2", "3"}
@@ -112,3 +113,45 @@ def test_moe_checkpoint_saved_at_one_rank_resumes_at_pp2(tmp_path):
         torch.testing.assert_close(out["policy"], saved["policy"], rtol=0, atol=1e-5)
         for k, v in saved["next"].items():
             assert out["next"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def _load_job(rank, world, tp, pack):
+    """The expert-load statistics of one log-prob pass, at this layout."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.tokenizer import CharTokenizer
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+    from test_packing import _batch
+    from test_spine import MOE_MODEL
+    from tiny_models import tiny_policy_cfgs
+
+    info = init_distributed(tp, 1)
+    torch.manual_seed(0)
+    m, _, o = tiny_policy_cfgs(**MOE_MODEL)
+    p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=tp > 1)
+    tok = CharTokenizer()
+    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id, pack_tokens=pack)
+    batch = _batch(tok)
+    pol.logprobs(batch, 4, expert_load=True)
+    out = dict(pol.last_expert_load, real=int(batch.lengths.sum()))
+    pol.logprobs(batch, 4)  # not asked: the hooks are gone, the last statistics stay
+    assert not any(r._forward_hooks for layer in pol.model.decoder.layers for r in [layer.mlp.router])
+    mps.destroy_model_parallel()
+    return out
+
+
+def test_expert_load_counts_the_real_tokens_whatever_the_layout():
+    """``Policy.logprobs(expert_load=True)`` counts the tokens each router sends to each expert, padding left out:
+    every real token k times per layer, and the same counts padded or packed, at TP=1 or at TP=2 under sequence
+    parallelism (each rank's chunk of the sequence, summed)."""
+    runs = {(tp, pack): run_distributed(_load_job, tp, (tp, pack)) for tp, pack in ((1, 0), (1, 24), (2, 0))}
+    want = runs[(1, 0)][0]
+    assert want["moe/routed_tokens"] == 2 * want["real"]  # top-2
+    assert 1.0 <= want["moe/load_max_over_mean"] <= 4.0 and 0.0 <= want["moe/dead_experts_frac"] < 1.0
+    for outs in runs.values():
+        for out in outs:
+            for k in ("moe/routed_tokens", "moe/load_max_over_mean", "moe/dead_experts_frac"):
+                assert out[k] == pytest.approx(want[k], rel=1e-9), k

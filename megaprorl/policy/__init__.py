@@ -78,6 +78,70 @@ def causal_mask(L: int, device) -> torch.Tensor:
     return torch.triu(torch.ones(L, L, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
+class ExpertLoad:
+    """Counts, during a forward pass, the real tokens (not padding) each MoE layer's router sends to each expert,
+    through forward hooks on the routers (their routing map [tokens, experts]).  ``next_micro_batch`` gives the
+    micro-batch's real positions [b, s], turned into the router's token order: [s, b] flattened, and this TP
+    rank's sequence chunk under sequence parallelism."""
+
+    def __init__(self, model, pcfg):
+        from megatron.core import parallel_state as mps
+
+        self.routers = [layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+        self.counts = [None] * len(self.routers)
+        self.real: Optional[torch.Tensor] = None
+        self.sp = bool(pcfg.sequence_parallel and pcfg.tensor_parallel > 1)
+        self.tp, self.tp_rank = pcfg.tensor_parallel, (mps.get_tensor_model_parallel_rank() if self.sp else 0)
+        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    def next_micro_batch(self, real_bs: torch.Tensor) -> None:
+        real = real_bs.t()  # [s, b], the order of the hidden states the routers see
+        if self.sp:
+            real = real.chunk(self.tp, dim=0)[self.tp_rank]
+        self.real = real.reshape(-1)
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            routing_map = output[1]  # [tokens, experts] bool
+            real = self.real.to(routing_map.device)
+            c = routing_map[real].sum(0, dtype=torch.float64)
+            self.counts[i] = c if self.counts[i] is None else self.counts[i] + c
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def stats(self) -> Dict[str, float]:
+        """Over the model's MoE layers (every pipeline stage's) and the tensor-parallel chunks:
+        ``moe/load_max_over_mean`` (the busiest expert's tokens over the mean, averaged over layers; 1 is an even
+        load), ``moe/dead_experts_frac`` (experts that got no token) and ``moe/routed_tokens`` (token-expert
+        assignments per layer: real tokens x top-k)."""
+        from megatron.core import parallel_state as mps
+
+        counts = torch.stack([c if c is not None else torch.zeros(self.routers[i].weight.shape[0],
+                                                                  dtype=torch.float64)
+                              for i, c in enumerate(self.counts)]) if self.routers else None
+        if counts is not None and self.sp and dist.is_initialized():
+            counts = counts.to(self.routers[0].weight.device)
+            dist.all_reduce(counts, group=tp_group())
+        out = torch.zeros(4, dtype=torch.float64)
+        if counts is not None:
+            counts = counts.cpu()
+            mean = counts.mean(1).clamp_min(1e-12)
+            out += torch.tensor([float((counts.max(1).values / mean).sum()), float((counts == 0).double().mean(1).sum()),
+                                 float(counts.sum()), float(len(counts))], dtype=torch.float64)
+        if dist.is_initialized() and mps.get_pipeline_model_parallel_world_size() > 1:
+            dev = self.routers[0].weight.device if self.routers else (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+            out = out.to(dev)
+            dist.all_reduce(out, group=mps.get_pipeline_model_parallel_group())
+            out = out.cpu()
+        n = max(float(out[3]), 1.0)
+        return {"moe/load_max_over_mean": float(out[0]) / n, "moe/dead_experts_frac": float(out[1]) / n,
+                "moe/routed_tokens": float(out[2]) / n}
+
+
 class Policy:
     """A Megatron GPTModel plus its optimizer; one instance per rank."""
 
@@ -110,6 +174,8 @@ class Policy:
         self.loss_grad_mode = loss_grad_mode
         self.fused_lm_head, self.lm_head_token_chunk = bool(fused_lm_head), int(lm_head_token_chunk)
         self._head_weight = None  # the output layer's weight, recorded while the fused LM head is on
+        self._expert_load = None  # an MoE model's router counter, during a log-prob pass that asks for it
+        self.last_expert_load: Dict[str, float] = {}  # its statistics (ExpertLoad.stats) from the last such pass
         self.vocab_size = vocab_size
         self.optimizer = None
         self.ddp = None
@@ -243,6 +309,8 @@ class Policy:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             tokens, pos, mask, packed = mb.model_inputs(self.device, self._attn_mask, self._cpu_boundaries)
+            if self._expert_load is not None:
+                self._expert_load.next_micro_batch(mb.real_tokens())
             out = model(tokens, pos, mask, packed_seq_params=packed)
             return out, lambda output: loss_fn(mb, output)
 
@@ -258,8 +326,11 @@ class Policy:
     # ----------------------------------------------------------------------------- log-prob pass
     @torch.no_grad()
     def logprobs(self, batch: SeqBatch, micro_batch_size: int, temperature: float = 1.0,
-                 with_entropy: bool = False):
-        """Teacher-forced log-probs [B, L-1] (fp32) of ``tokens[:, 1:]`` (and entropies)."""
+                 with_entropy: bool = False, expert_load: bool = False):
+        """Teacher-forced log-probs [B, L-1] (fp32) of ``tokens[:, 1:]`` (and entropies).  ``expert_load`` (an MoE
+        model): count the tokens each layer's router sends to each expert, for ``expert_load_stats``."""
+        if expert_load and self.model.config.num_moe_experts:
+            self._expert_load = ExpertLoad(self.model, self.pcfg)
         was_training = self.model.training
         self.model.eval()
         spec = LossSpec()
@@ -276,8 +347,13 @@ class Policy:
                 mb.scatter_into(ent_out, out.entropy.cpu())
             return out.loss * 0.0, torch.tensor(1, dtype=torch.int), {}
 
-        with self._fused_head():
-            self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
+        try:
+            with self._fused_head():
+                self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
+        finally:
+            if self._expert_load is not None:
+                self._expert_load.close()
+                self.last_expert_load, self._expert_load = self._expert_load.stats(), None
         self.model.train(was_training)
         logp_out, ent_out = self._from_last_stage(logp_out, ent_out)
         return (logp_out, ent_out) if with_entropy else logp_out

@@ -56,6 +56,10 @@ class PaddedMicro:
     def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.reshape(-1, logits.shape[-1])
 
+    def real_tokens(self) -> torch.Tensor:
+        """[b, L] bool: the positions holding a sequence's tokens (not its row's padding)."""
+        return torch.arange(self.seq_len)[None] < seq_lengths(self.batch)[:, None]
+
     def targets(self, device) -> torch.Tensor:
         t = self.batch.tokens
         return torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1).to(device)  # last column: a placeholder
@@ -104,6 +108,10 @@ class PackedMicro:
 
     def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.reshape(-1, logits.shape[-1])
+
+    def real_tokens(self) -> torch.Tensor:
+        """[1, t] bool: the positions holding the packed sequences' tokens (not the pack's tail padding)."""
+        return (torch.arange(self.seq_len) < sum(self.lengths))[None]
 
     def targets(self, device) -> torch.Tensor:
         return self._targets.to(device)
