@@ -115,40 +115,52 @@ def test_moe_checkpoint_saved_at_one_rank_resumes_at_pp2(tmp_path):
             assert out["next"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
-def _load_job(rank, world, tp, pack):
-    """The expert-load statistics of one log-prob pass, at this layout."""
+def _load_job(rank, world, hf_dir, tp, pp, pack):
+    """The expert-load statistics of one log-prob pass over the HF model's weights, at this layout."""
     from types import SimpleNamespace
 
     from megatron.core import parallel_state as mps
 
+    from megaprorl.models import convert as C
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
+    from test_convert import _mcfg
     from test_packing import _batch
-    from test_spine import MOE_MODEL
     from tiny_models import tiny_policy_cfgs
 
-    info = init_distributed(tp, 1)
-    torch.manual_seed(0)
-    m, _, o = tiny_policy_cfgs(**MOE_MODEL)
-    p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=tp > 1)
+    info = init_distributed(tp, pp)
+    p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=tp > 1)
     tok = CharTokenizer()
-    pol = Policy(m, p, o, tok.vocab_size, info.device, "torch", trainable=False, pad_id=tok.pad_id, pack_tokens=pack)
+    hf_config = C.load_hf_config(hf_dir)
+    pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device, "torch",
+                 trainable=False, pad_id=tok.pad_id, pack_tokens=pack)
+    C.load_hf_into_model(pol.model, hf_dir, hf_config)
     batch = _batch(tok)
-    pol.logprobs(batch, 4, expert_load=True)
+    pol.logprobs(batch, 3, expert_load=True)  # 9 rows: micro-batches of one shape (PP needs it)
     out = dict(pol.last_expert_load, real=int(batch.lengths.sum()))
-    pol.logprobs(batch, 4)  # not asked: the hooks are gone, the last statistics stay
-    assert not any(r._forward_hooks for layer in pol.model.decoder.layers for r in [layer.mlp.router])
+    pol.logprobs(batch, 3)  # not asked: the hooks are gone, the last statistics stay
+    assert not any(layer.mlp.router._forward_hooks for layer in pol.model.decoder.layers)
     mps.destroy_model_parallel()
     return out
 
 
-def test_expert_load_counts_the_real_tokens_whatever_the_layout():
+def test_expert_load_counts_the_real_tokens_whatever_the_layout(tmp_path):
     """``Policy.logprobs(expert_load=True)`` counts the tokens each router sends to each expert, padding left out:
-    every real token k times per layer, and the same counts padded or packed, at TP=1 or at TP=2 under sequence
-    parallelism (each rank's chunk of the sequence, summed)."""
-    runs = {(tp, pack): run_distributed(_load_job, tp, (tp, pack)) for tp, pack in ((1, 0), (1, 24), (2, 0))}
-    want = runs[(1, 0)][0]
+    every real token k times per layer, and the same counts padded or packed, at TP=1, at TP=2 under sequence
+    parallelism (each rank's chunk of the sequence, summed) and at PP=2 (each stage its layers, averaged over all)."""
+    transformers = pytest.importorskip("transformers")
+    from megaprorl.models.tokenizer import CharTokenizer
+    from test_convert import _hf_config
+
+    torch.manual_seed(0)
+    cfg = _hf_config("qwen3_moe")
+    cfg.vocab_size = CharTokenizer().vocab_size
+    hf_dir = str(tmp_path / "hf")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf_dir)
+    layouts = ((1, 1, 0), (1, 1, 24), (2, 1, 0), (1, 2, 0))  # (TP, PP, pack tokens)
+    runs = {lay: run_distributed(_load_job, lay[0] * lay[1], (hf_dir, *lay)) for lay in layouts}
+    want = runs[(1, 1, 0)][0]
     assert want["moe/routed_tokens"] == 2 * want["real"]  # top-2
     assert 1.0 <= want["moe/load_max_over_mean"] <= 4.0 and 0.0 <= want["moe/dead_experts_frac"] < 1.0
     for outs in runs.values():
