@@ -196,6 +196,9 @@ class AlgoConfig:
     # logs rollout/logprob_mismatch against the engine's) or "engine" (the log-probs the rollout engine drew the
     # tokens with: the same weights, so one forward pass fewer per RL step)
     old_logprobs: str = "recompute"
+    # an MoE policy (model.num_experts): the trainer's forwards (old log-probs, updates) send each token to the
+    # experts the rollout engine chose for it (R3, rollout routing replay); the embedded engine records them
+    moe_routing_replay: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
@@ -472,6 +475,8 @@ def validate(cfg: Config) -> None:
          "parallel.tensor_parallel", "must divide model.num_query_groups")
     m = cfg.model
     need(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense model)")
+    need(m.num_experts > 0 or not cfg.algo.moe_routing_replay, "algo.moe_routing_replay",
+         "needs an MoE model (model.num_experts > 0)")
     if m.num_experts:
         need(1 <= m.moe_topk <= m.num_experts, "model.moe_topk",
              f"must be in 1..model.num_experts ({m.num_experts}) for an MoE model, got {m.moe_topk}")
@@ -480,6 +485,11 @@ def validate(cfg: Config) -> None:
         need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.sequence_parallel, "parallel.sequence_parallel",
              "must be true for an MoE model (model.num_experts) at parallel.tensor_parallel > 1: Megatron's MoE "
              "layer trains under tensor parallelism only with sequence parallelism")
+        need(cfg.rollout.engine == "megatron" or not cfg.algo.moe_routing_replay, "algo.moe_routing_replay",
+             "needs the routing the embedded engine records (rollout.engine=megatron)")
+        need(not (cfg.algo.moe_routing_replay and cfg.parallel.pipeline_parallel > 1 and m.recompute_granularity),
+             "algo.moe_routing_replay", "with parallel.pipeline_parallel > 1 and model.recompute_granularity: the "
+             "recomputed forward of a micro-batch would replay a later micro-batch's routing")
         need(not m.fp8, "model.fp8", "is not supported with model.num_experts yet (FP8 experts need their token "
              "counts padded, which megaprorl does not do)")
         shared = m.moe_shared_expert_ffn_hidden_size

@@ -33,7 +33,7 @@ from .data import builtin
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import dp_group, dp_rank, dp_world, init_distributed, mp_broadcast_object, mp_leader, tp_rank
-from .policy import Policy, SeqBatch, build_seq_batch
+from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
 from .runlog import RunLogger, plot_run
@@ -96,7 +96,8 @@ class Trainer:
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
-                             loss_grad_mode=cfg.train.loss_grad_mode, **head)
+                             loss_grad_mode=cfg.train.loss_grad_mode, routing_replay=cfg.algo.moe_routing_replay,
+                             **head)
         self._say(describe_policy(cfg.model, cfg.parallel, self.policy.model))
         if load_src is not None:
             from .dist_ckpt import load_policy
@@ -316,7 +317,11 @@ class Trainer:
                     futures[k] = self.rewards.submit([records[r.prompt_index]],
                                                      [self.tokenizer.decode(r.response_ids)])
 
-            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+            self.engine.record_routing = cfg.algo.moe_routing_replay  # training draws only, not evaluations
+            try:
+                rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+            finally:
+                self.engine.record_routing = False
             timings["rollout"] += time.time() - t
             for k, v in (getattr(self.engine, "stats", None) or {}).items():
                 engine_stats[k] = engine_stats.get(k, 0) + v
@@ -404,6 +409,8 @@ class Trainer:
         rollouts = [r for g in groups for r in g["rollouts"]]
         batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                 self.tokenizer.pad_id)
+        if cfg.algo.moe_routing_replay:  # the policy's forwards send each token to the experts it was sampled with
+            batch.routing = routing_batch([r.extra["routing"] for r in rollouts], batch.tokens)
         shaped = torch.cat([g["shaped"] for g in groups])
         stats["shaped_reward"] = float(shaped.mean())
         stats["reward_errors"] = sum(g["errors"] for g in groups)

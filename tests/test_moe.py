@@ -115,11 +115,10 @@ def test_moe_checkpoint_saved_at_one_rank_resumes_at_pp2(tmp_path):
             assert out["next"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
-def _load_job(rank, world, hf_dir, tp, pp, pack):
-    """The expert-load statistics of one log-prob pass over the HF model's weights, at this layout."""
+def _hf_policy(hf_dir, tp, pp=1, pack=0, routing_replay=False):
+    """A frozen MoE policy with an HF directory's weights at TP x PP (TP > 1: sequence parallel), its tokenizer and
+    test_packing's batch."""
     from types import SimpleNamespace
-
-    from megatron.core import parallel_state as mps
 
     from megaprorl.models import convert as C
     from megaprorl.models.tokenizer import CharTokenizer
@@ -134,9 +133,31 @@ def _load_job(rank, world, hf_dir, tp, pp, pack):
     tok = CharTokenizer()
     hf_config = C.load_hf_config(hf_dir)
     pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device, "torch",
-                 trainable=False, pad_id=tok.pad_id, pack_tokens=pack)
+                 trainable=False, pad_id=tok.pad_id, pack_tokens=pack, routing_replay=routing_replay)
     C.load_hf_into_model(pol.model, hf_dir, hf_config)
-    batch = _batch(tok)
+    return pol, _batch(tok)
+
+
+@pytest.fixture(scope="module")
+def moe_hf_dir(tmp_path_factory):
+    """A random tiny Qwen3-MoE (4 experts, top-2) over the character tokenizer's vocabulary, as an HF directory."""
+    transformers = pytest.importorskip("transformers")
+    from megaprorl.models.tokenizer import CharTokenizer
+    from test_convert import _hf_config
+
+    torch.manual_seed(0)
+    cfg = _hf_config("qwen3_moe")
+    cfg.vocab_size = CharTokenizer().vocab_size
+    hf_dir = str(tmp_path_factory.mktemp("moe") / "hf")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf_dir)
+    return hf_dir
+
+
+def _load_job(rank, world, hf_dir, tp, pp, pack):
+    """The expert-load statistics of one log-prob pass over the HF model's weights, at this layout."""
+    from megatron.core import parallel_state as mps
+
+    pol, batch = _hf_policy(hf_dir, tp, pp, pack)
     pol.logprobs(batch, 3, expert_load=True)  # 9 rows: micro-batches of one shape (PP needs it)
     out = dict(pol.last_expert_load, real=int(batch.lengths.sum()))
     pol.logprobs(batch, 3)  # not asked: the hooks are gone, the last statistics stay
@@ -145,19 +166,11 @@ def _load_job(rank, world, hf_dir, tp, pp, pack):
     return out
 
 
-def test_expert_load_counts_the_real_tokens_whatever_the_layout(tmp_path):
+def test_expert_load_counts_the_real_tokens_whatever_the_layout(moe_hf_dir):
     """``Policy.logprobs(expert_load=True)`` counts the tokens each router sends to each expert, padding left out:
     every real token k times per layer, and the same counts padded or packed, at TP=1, at TP=2 under sequence
     parallelism (each rank's chunk of the sequence, summed) and at PP=2 (each stage its layers, averaged over all)."""
-    transformers = pytest.importorskip("transformers")
-    from megaprorl.models.tokenizer import CharTokenizer
-    from test_convert import _hf_config
-
-    torch.manual_seed(0)
-    cfg = _hf_config("qwen3_moe")
-    cfg.vocab_size = CharTokenizer().vocab_size
-    hf_dir = str(tmp_path / "hf")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf_dir)
+    hf_dir = moe_hf_dir
     layouts = ((1, 1, 0), (1, 1, 24), (2, 1, 0), (1, 2, 0))  # (TP, PP, pack tokens)
     runs = {lay: run_distributed(_load_job, lay[0] * lay[1], (hf_dir, *lay)) for lay in layouts}
     want = runs[(1, 1, 0)][0]
@@ -167,3 +180,147 @@ def test_expert_load_counts_the_real_tokens_whatever_the_layout(tmp_path):
         for out in outs:
             for k in ("moe/routed_tokens", "moe/load_max_over_mean", "moe/dead_experts_frac"):
                 assert out[k] == pytest.approx(want[k], rel=1e-9), k
+
+
+# ------------------------------------------------------------------------------------ routing replay (R3)
+@pytest.fixture(scope="module")
+def replay_policy():
+    from test_spine import MOE_MODEL
+    from tiny_models import tiny_policy
+
+    return tiny_policy(MOE_MODEL, routing_replay=True)
+
+
+def _teacher_forced_routing(pol, r):
+    """The experts a full forward over the rollout's tokens (but the last) sends each one to: [n, layers, k]."""
+    ids = torch.tensor([r.prompt_ids + r.response_ids[:-1]])
+    pol.routing_replay.record()
+    try:
+        with torch.no_grad():
+            pol.model.eval()
+            pol.model(ids, torch.arange(ids.shape[1])[None], None)
+        return pol.routing_replay.recorded()
+    finally:
+        pol.routing_replay.clear()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_engine_records_each_tokens_experts(replay_policy, lean):
+    """Through continuous batching (admissions into freed rows, rows leaving the cache) or lock-step batches,
+    the engine's record of each rollout's routing is what a forward over its tokens routes: every token's k
+    experts in every MoE layer, prompt and response alike; evaluations (record_routing off) record nothing."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = replay_policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=3, compact_every=2, lean_decode=lean,
+                         continuous=lean)
+    prompts = [tok.encode(s) for s in ["1+2=", "13+45=", "7+88=", "99+1="]]
+    params = SamplingParams(max_new_tokens=10, n=2, seed=4, temperature=1.0)
+    assert all("routing" not in r.extra for r in eng.generate(prompts, params))
+    eng.record_routing = True
+    out = eng.generate(prompts, params)
+    assert eng.stats["admissions"] > 1 and len({len(r.response_ids) for r in out}) > 1
+    for r in out:
+        got = r.extra["routing"]
+        assert got.dtype == torch.int16 and got.shape == (len(r.prompt_ids) + len(r.response_ids) - 1, 2, 2)
+        want = _teacher_forced_routing(pol, r)
+        assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
+
+
+def _replayed_logprobs(pol, batch, routing):
+    from megaprorl.policy import SeqBatch
+
+    b = SeqBatch(**{**batch.__dict__, "routing": routing})
+    return pol.logprobs(b, 3)
+
+
+def test_replayed_routing_decides_the_experts(replay_policy):
+    """The policy's forward with a batch's routing sends each token to those experts: its own routing replayed
+    gives its log-probs bit for bit; another routing (each expert id shifted) gives others, the same packed and
+    padded; and the routers compute their own top-k again afterwards."""
+    from megaprorl.policy import routing_batch
+    from test_packing import _batch
+    from test_spine import MOE_MODEL
+    from tiny_models import tiny_policy
+
+    pol, tok = replay_policy
+    batch = _batch(tok)
+    plain = pol.logprobs(batch, 3)
+    own = []
+    for i, n in enumerate(batch.lengths.tolist()):
+        r = SimpleRollout(batch.tokens[i, :n].tolist())
+        own.append(_teacher_forced_routing(pol, r).to(torch.int16))
+    routing = routing_batch(own, batch.tokens)
+    real = torch.arange(batch.tokens.shape[1] - 1)[None] < (batch.lengths - 1)[:, None]  # (padding: filler experts)
+    assert torch.equal(_replayed_logprobs(pol, batch, routing)[real], plain[real])
+    shifted = ((routing.long() + 1) % MOE_MODEL["num_experts"]).to(torch.int16)
+    other = _replayed_logprobs(pol, batch, shifted)
+    m = batch.loss_mask > 0
+    assert (other[m] - plain[m]).abs().max() > 1e-3
+    packed, _ = tiny_policy(MOE_MODEL, routing_replay=True, pack_tokens=24)
+    packed.model.load_state_dict(pol.model.state_dict())
+    torch.testing.assert_close(_replayed_logprobs(packed, batch, shifted)[m], other[m], rtol=0, atol=2e-5)
+    assert torch.equal(pol.logprobs(batch, 3), plain)  # no routing given: the routers' own top-k
+
+
+class SimpleRollout:
+    def __init__(self, ids):
+        self.prompt_ids, self.response_ids = ids[:1], ids[1:]
+
+
+def _replay_job(rank, world, hf_dir, tp):
+    """The log-probs of one HF MoE model's weights with a given (random) routing replayed, at TP=1 or at TP=2
+    under sequence parallelism (each rank replays its chunk of the sequence)."""
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.policy import SeqBatch
+
+    pol, batch = _hf_policy(hf_dir, tp, routing_replay=True)
+    g = torch.Generator().manual_seed(3)
+    B, L = batch.tokens.shape
+    routing = torch.rand(B, L, 2, 4, generator=g).argsort(-1)[..., :2].to(torch.int16)  # 2 distinct of 4 experts
+    out = dict(replayed=pol.logprobs(SeqBatch(**{**batch.__dict__, "routing": routing}), 3), own=pol.logprobs(batch, 3))
+    mps.destroy_model_parallel()
+    return out
+
+
+def test_replay_under_sequence_parallelism_equals_one_rank(moe_hf_dir):
+    hf_dir = moe_hf_dir
+    one = run_distributed(_replay_job, 1, (hf_dir, 1))[0]
+    assert (one["replayed"] - one["own"]).abs().max() > 1e-3  # the random routing is not the model's own
+    for out in run_distributed(_replay_job, 2, (hf_dir, 2)):
+        torch.testing.assert_close(out["replayed"], one["replayed"], rtol=0, atol=1e-5)
+
+
+def test_trainer_replays_the_rollouts_routing(tmp_path):
+    """``algo.moe_routing_replay``: the trainer's old log-probs and updates replay the engine's recorded routing (an
+    RL step at one rank: the old-policy pass then equals the engine's log-probs as without replay, in fp32), and the
+    config refuses it where it cannot work."""
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.trainer import Trainer
+
+    demo = os.path.join(ROOT, "examples", "demo.yaml")
+    t = Trainer(load_config(demo, [f"output_dir={tmp_path}", *TINY, *MOE, "algo.moe_routing_replay=true"]))
+    try:
+        seen = []
+        real = t.policy.logprobs
+
+        def logprobs(batch, *a, **k):
+            seen.append(batch.routing)
+            return real(batch, *a, **k)
+
+        t.policy.logprobs = logprobs
+        t.warmstart()
+        stats = t.rl_step()
+        assert seen and seen[0] is not None and seen[0].shape[-2:] == (2, 2)
+        assert stats["rollout/logprob_mismatch"] < 1e-4 and stats["moe/routed_tokens"] > 0
+        assert t.policy.routing_replay is not None and t.reference.routing_replay is None
+        assert t.engine.record_routing is False  # off again after the draws
+    finally:
+        t.close()
+    for extra, msg in [(["algo.moe_routing_replay=true", "model.num_experts=0"], "needs an MoE model"),
+                       (["algo.moe_routing_replay=true", "parallel.pipeline_parallel=2",
+                         "model.recompute_granularity=full"], "would replay a later micro-batch's routing")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(demo, MOE + extra)

@@ -11,7 +11,7 @@ from ..parallel import compat
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(mcfg, pcfg):
+def transformer_config(mcfg, pcfg, routing_replay: bool = False):
     """megatron.core TransformerConfig for the Qwen2 / Qwen3 / Llama families (RoPE, RMSNorm, SwiGLU, GQA;
     QKV bias for Qwen2; per-head q/k RMSNorm and a free head_dim for Qwen3)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -69,6 +69,8 @@ def transformer_config(mcfg, pcfg):
                       moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
                       moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
                       moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
+        if routing_replay:  # each router can record its top-k and replay given ones (Megatron's RouterReplay)
+            kwargs.update(moe_enable_routing_replay=True)
         shared = int(getattr(mcfg, "moe_shared_expert_ffn_hidden_size", 0) or 0)
         if shared:  # Qwen2-MoE's shared expert: a SwiGLU MLP beside the routed ones, scaled by sigmoid(gate . x)
             kwargs.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
@@ -158,8 +160,9 @@ def describe(mcfg, pcfg, model) -> str:
             f"TP={pcfg.tensor_parallel} PP={pcfg.pipeline_parallel}, {device}")
 
 
-def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
-    """A GPTModel for this rank's pipeline stage. ``vocab_size`` is the (unpadded) tokenizer size."""
+def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None, routing_replay: bool = False):
+    """A GPTModel for this rank's pipeline stage. ``vocab_size`` is the (unpadded) tokenizer size.  ``routing_replay``
+    (an MoE model): its routers record and replay top-k choices (``policy.RoutingReplay``)."""
     compat.install()
     from . import rope
 
@@ -167,7 +170,7 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None):
     from megatron.core import parallel_state as mps
     from megatron.core.models.gpt import GPTModel
 
-    cfg = transformer_config(mcfg, pcfg)
+    cfg = transformer_config(mcfg, pcfg, routing_replay=routing_replay)
     if num_experts(mcfg):
         _moe_without_te()
     if use_transformer_engine(mcfg):

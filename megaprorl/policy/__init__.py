@@ -41,6 +41,9 @@ class SeqBatch:
     advantages: Optional[torch.Tensor] = None  # [B, L-1]
     weights: Optional[torch.Tensor] = None  # [B, L-1], loss weights incl. the global normaliser
     lengths: Optional[torch.Tensor] = None  # [B], real (unpadded) length of each row
+    # [B, L, MoE layers of this stage, k]: the experts the rollout engine sent each token to (the trainer's
+    # forwards replay them: algo.moe_routing_replay); a row's last token and padding hold 0..k-1
+    routing: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -48,7 +51,7 @@ class SeqBatch:
     def _map(self, f) -> "SeqBatch":
         g = lambda x: None if x is None else f(x)  # noqa: E731
         return SeqBatch(g(self.tokens), g(self.loss_mask), g(self.old_logp), g(self.ref_logp), g(self.advantages),
-                        g(self.weights), g(self.lengths))
+                        g(self.weights), g(self.lengths), g(self.routing))
 
     def slice(self, idx) -> "SeqBatch":
         return self._map(lambda x: x[idx])
@@ -71,6 +74,56 @@ def build_seq_batch(prompts: List[List[int]], responses: List[List[int]], pad_id
             tokens[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, len(p) - 1: len(p) - 1 + len(r)] = 1.0
     return SeqBatch(tokens=tokens, loss_mask=mask, lengths=torch.tensor(lens, dtype=torch.long))
+
+
+def routing_batch(routings: List[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """``SeqBatch.routing`` [B, L, layers, k] from each row's recorded routing [len - 1, layers, k] (its tokens but
+    the last, which is never fed to the engine; the rows of ``tokens`` [B, L] in order), the rest 0..k-1."""
+    B, L = tokens.shape
+    _, n_layers, k = routings[0].shape
+    out = torch.arange(k, dtype=routings[0].dtype).expand(B, L, n_layers, k).clone()
+    for i, r in enumerate(routings):
+        if r.shape[1:] != (n_layers, k) or r.shape[0] > L:
+            raise ValueError(f"row {i}'s routing has shape {tuple(r.shape)}, not [<= {L}, {n_layers}, {k}]")
+        out[i, : r.shape[0]] = r
+    return out
+
+
+class RoutingReplay:
+    """An MoE model's routers (built with ``routing_replay``: Megatron's ``RouterReplay`` on each): ``record()``
+    makes them keep the top-k they compute, read back by ``recorded()`` [tokens in the routers' order, layers, k];
+    ``replay(mb, ...)`` makes the next forward send each token of micro-batch ``mb`` to ``mb``'s recorded experts
+    (the gates are the router's own scores at those experts); ``clear()`` returns them to computing their top-k."""
+
+    def __init__(self, model):
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        self.action = RouterReplayAction
+        self.routers = [layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+        if any(getattr(r, "router_replay", None) is None for r in self.routers):
+            raise ValueError("the model's routers have no RouterReplay: build it with routing_replay=True")
+
+    @property
+    def layers(self) -> int:
+        return len(self.routers)
+
+    def record(self) -> None:
+        for r in self.routers:
+            r.router_replay.set_router_replay_action(self.action.RECORD)
+
+    def recorded(self) -> torch.Tensor:
+        return torch.stack([r.router_replay.get_recorded_indices() for r in self.routers], dim=1)
+
+    def replay(self, mb, tp: int, tp_rank: int) -> None:
+        for i, r in enumerate(self.routers):
+            r.router_replay.clear_indices()  # one micro-batch's targets at a time (no recomputed backward here)
+            r.router_replay.set_target_indices(mb.routing_targets(i, tp, tp_rank))
+            r.router_replay.set_router_replay_action(self.action.REPLAY_FORWARD)
+
+    def clear(self) -> None:
+        for r in self.routers:
+            r.router_replay.clear_indices()
+            r.router_replay.clear_router_replay_action()
 
 
 def causal_mask(L: int, device) -> torch.Tensor:
@@ -129,8 +182,9 @@ class ExpertLoad:
         if counts is not None:
             counts = counts.cpu()
             mean = counts.mean(1).clamp_min(1e-12)
-            out += torch.tensor([float((counts.max(1).values / mean).sum()), float((counts == 0).double().mean(1).sum()),
-                                 float(counts.sum()), float(len(counts))], dtype=torch.float64)
+            out += torch.tensor([float((counts.max(1).values / mean).sum()),
+                                 float((counts == 0).double().mean(1).sum()), float(counts.sum()), float(len(counts))],
+                                dtype=torch.float64)
         if dist.is_initialized() and mps.get_pipeline_model_parallel_world_size() > 1:
             dev = self.routers[0].weight.device if self.routers else (
                 torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
@@ -147,7 +201,8 @@ class Policy:
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
                  kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0,
-                 loss_grad_mode: str = "inplace", fused_lm_head: bool = False, lm_head_token_chunk: int = 2048):
+                 loss_grad_mode: str = "inplace", fused_lm_head: bool = False, lm_head_token_chunk: int = 2048,
+                 routing_replay: bool = False):
         """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
         (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows.
         ``loss_grad_mode`` (Triton loss only; see ``megaprorl.kernels.policy_loss``): ``inplace`` writes the
@@ -160,7 +215,9 @@ class Policy:
         The rollout engine and the SFT step still use logits."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
-        self.model = build_gpt(model_cfg, parallel_cfg, vocab_size)
+        self.model = build_gpt(model_cfg, parallel_cfg, vocab_size, routing_replay=routing_replay)
+        # an MoE policy whose forwards replay a batch's recorded routing (SeqBatch.routing), when it has one
+        self.routing_replay = RoutingReplay(self.model) if routing_replay else None
         self._explicit_mask = needs_explicit_causal_mask(model_cfg)
         self.pack_tokens, self.pad_id = int(pack_tokens), int(pad_id)
         # the local spec's SDPA attention takes packed-sequence bounds from a CPU copy (TE needs them on GPU)
@@ -311,6 +368,12 @@ class Policy:
             tokens, pos, mask, packed = mb.model_inputs(self.device, self._attn_mask, self._cpu_boundaries)
             if self._expert_load is not None:
                 self._expert_load.next_micro_batch(mb.real_tokens())
+            if self.routing_replay is not None:
+                if mb.has_routing:
+                    sp = self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1
+                    self.routing_replay.replay(mb, self.pcfg.tensor_parallel if sp else 1, tp_rank() if sp else 0)
+                else:
+                    self.routing_replay.clear()
             out = model(tokens, pos, mask, packed_seq_params=packed)
             return out, lambda output: loss_fn(mb, output)
 
@@ -319,9 +382,13 @@ class Policy:
             raise ValueError("pipeline parallelism needs equal micro-batch shapes; pad to one length")
         fb = get_forward_backward_func()
         model = self.ddp if (self.ddp is not None and not forward_only) else self.model
-        return fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-                  num_microbatches=len(micro), seq_length=L, micro_batch_size=len(micro[0]),
-                  forward_only=forward_only)
+        try:
+            return fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+                      num_microbatches=len(micro), seq_length=L, micro_batch_size=len(micro[0]),
+                      forward_only=forward_only)
+        finally:
+            if self.routing_replay is not None:
+                self.routing_replay.clear()
 
     # ----------------------------------------------------------------------------- log-prob pass
     @torch.no_grad()

@@ -60,6 +60,16 @@ class PaddedMicro:
         """[b, L] bool: the positions holding a sequence's tokens (not its row's padding)."""
         return torch.arange(self.seq_len)[None] < seq_lengths(self.batch)[:, None]
 
+    @property
+    def has_routing(self) -> bool:
+        return getattr(self.batch, "routing", None) is not None
+
+    def routing_targets(self, layer: int, tp: int = 1, tp_rank: int = 0) -> torch.Tensor:
+        """[tokens, k] long: MoE layer ``layer``'s recorded experts in its router's token order ([L, b] flattened;
+        under sequence parallelism this TP rank's chunk of L)."""
+        r = self.batch.routing[:, :, layer].transpose(0, 1)  # [L, b, k]
+        return r.chunk(tp, dim=0)[tp_rank].reshape(-1, r.shape[-1]).long()
+
     def targets(self, device) -> torch.Tensor:
         t = self.batch.tokens
         return torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1).to(device)  # last column: a placeholder
@@ -77,8 +87,9 @@ class PaddedMicro:
 
 class PackedMicro:
     def __init__(self, tokens, targets, positions, cu_seqlens, fields: Dict[str, Optional[torch.Tensor]],
-                 rows: List[int], starts: List[int], lengths: List[int]):
+                 rows: List[int], starts: List[int], lengths: List[int], routing: Optional[torch.Tensor] = None):
         self.tokens, self._targets, self.positions, self.cu_seqlens = tokens, targets, positions, cu_seqlens
+        self.routing = routing  # [t, layers, k]: SeqBatch.routing of the packed tokens
         self.fields, self.rows, self.starts, self.lengths = fields, rows, starts, lengths
         self.seq_len = tokens.shape[1]
 
@@ -113,6 +124,14 @@ class PackedMicro:
         """[1, t] bool: the positions holding the packed sequences' tokens (not the pack's tail padding)."""
         return (torch.arange(self.seq_len) < sum(self.lengths))[None]
 
+    @property
+    def has_routing(self) -> bool:
+        return self.routing is not None
+
+    def routing_targets(self, layer: int, tp: int = 1, tp_rank: int = 0) -> torch.Tensor:
+        """[tokens, k] long: as ``PaddedMicro.routing_targets``, for the pack's tokens in order."""
+        return self.routing[:, layer].chunk(tp, dim=0)[tp_rank].long()
+
     def targets(self, device) -> torch.Tensor:
         return self._targets.to(device)
 
@@ -133,9 +152,13 @@ def padded_micro_batches(batch, micro_batch_size: int, pad_id: int = 0, pad_mult
     extra = -L % max(1, int(pad_multiple))
     if extra:
         pad = lambda x, v: None if x is None else torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
+        routing = getattr(batch, "routing", None)
+        if routing is not None:  # the padding's filler experts, 0..k-1
+            B, _, n_layers, k = routing.shape
+            routing = torch.cat([routing, torch.arange(k, dtype=routing.dtype).expand(B, extra, n_layers, k)], 1)
         batch = type(batch)(pad(batch.tokens, pad_id), pad(batch.loss_mask, 0.0), pad(batch.old_logp, 0.0),
                             pad(batch.ref_logp, 0.0), pad(batch.advantages, 0.0), pad(batch.weights, 0.0),
-                            batch.lengths)
+                            batch.lengths, routing)
     n = len(batch)
     out = []
     for i in range(0, n, micro_batch_size):
@@ -181,10 +204,16 @@ def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 
         pos = torch.zeros(t, dtype=torch.long)
         fields = {f: (None if getattr(batch, f) is None else torch.zeros(t, dtype=getattr(batch, f).dtype))
                   for f in FIELDS}
+        routing = getattr(batch, "routing", None)
+        route = None
+        if routing is not None:  # the tail padding's filler experts, 0..k-1
+            route = torch.arange(routing.shape[-1], dtype=routing.dtype).expand(t, *routing.shape[2:]).clone()
         cu, starts, off = [0], [], 0
         for i in b:
             n = lengths[i]
             tok[off: off + n] = tokens_cpu[i, :n]
+            if route is not None:
+                route[off: off + n] = routing[i, :n].cpu()
             tgt[off: off + n - 1] = tokens_cpu[i, 1:n]
             pos[off: off + n] = torch.arange(n)
             for f, x in fields.items():
@@ -197,5 +226,5 @@ def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 
             pos[off:] = torch.arange(t - off)
             cu.append(t)
         packs.append(PackedMicro(tok[None], tgt, pos[None], torch.tensor(cu, dtype=torch.int32), fields, list(b),
-                                 starts, [lengths[i] for i in b]))
+                                 starts, [lengths[i] for i in b], route))
     return packs

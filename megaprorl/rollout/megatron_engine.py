@@ -35,8 +35,8 @@ the seed, its index and the weights: the same whatever the batch size, schedule 
 Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
 (``lean_decode``, the local layer spec of the Qwen2 / Qwen3 / Llama shape): each layer is its norms, four
 matmuls, the rotation of the new query and key, the KV-cache write and the same SDPA call, with the
-same TP reductions (an MoE model's MLP: Megatron's MoE layer, called as its module); the embedding, norms, attention module and output layer are Megatron's own
-modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
+same TP reductions (an MoE model's MLP: Megatron's MoE layer, called as its module); the embedding,
+norms, attention module and output layer are Megatron's own modules, called directly.  A GPU decodes a small-batch model host-bound (one token per row per step,
 every layer's kernels launched from Python), so the host time per layer is the decode rate: with
 compute made negligible (tiny layers, one CPU thread) a step took 1.5-1.9x less time this way
 (docs/benchmarks.md).  The prefill stays on Megatron's forward (one call per admission).  Same tokens
@@ -386,6 +386,10 @@ class MegatronEngine:
                 raise ConfigError(f"config key 'rollout.cuda_graphs': CUDA graphs need a CUDA device; the model is "
                                   f"on {policy.device}")
         self._graph_pool = None  # the memory pool that a generate() call's step graphs share
+        # an MoE policy built with routing replay: record the experts each rollout's tokens went to, as
+        # Rollout.extra["routing"] [len - 1, this stage's MoE layers, k] (algo.moe_routing_replay)
+        self.record_routing = False
+        self._routing_log: Optional[list] = None  # (rollout ids, positions, experts) per forward, while recording
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.prefill_tokens = int(prefill_tokens)
         if self.prefill_tokens < 0:
@@ -429,10 +433,21 @@ class MegatronEngine:
         was_training = model.training
         model.eval()
         try:
+            replay = getattr(self.policy, "routing_replay", None) if self.record_routing else None
+            if self.record_routing and replay is None:
+                raise ValueError("record_routing needs an MoE policy built with routing_replay=True")
+            if replay is not None:
+                replay.record()
+                self._routing_log = []
             with _fp8_off(model.config), _sequence_parallel_off(model):
                 out = self._decode(items, params, on_finish)
+            if replay is not None:
+                self._attach_routing(out, replay.layers)
         finally:
             model.train(was_training)
+            if self._routing_log is not None:
+                self.policy.routing_replay.clear()
+                self._routing_log = None
             self._graph_pool = None  # the call's graphs went with its caches
             if self.pp > 1:
                 model.set_input_tensor(None)
@@ -619,7 +634,35 @@ class MegatronEngine:
             if free and (nxt_item == len(items) or not self.continuous) and self._acts(free, cache.rows):
                 last, z = self._compact(cache, last), None
             z = self._step(cache, last)
+            if self._routing_log is not None:  # the tokens just fed: each live row's last, at its position
+                rows = cache.live()
+                ids = [cache.item[r] for r in rows]
+                pos = [len(items[k][1]) + len(resp[k]) - 1 for k in ids]
+                rec = self.policy.routing_replay.recorded()  # [rows of the cache, layers, k]
+                self._routing_log.append((torch.tensor(ids), torch.tensor(pos),
+                                          rec.index_select(0, torch.tensor(rows, device=rec.device)).to(torch.int16)))
         return out
+
+    def _attach_routing(self, out: List[Rollout], n_layers: int) -> None:
+        """Each rollout's recorded experts, from the prefills' and steps' records: ``extra["routing"]``
+        [len(prompt) + len(response) - 1, layers, k] int16 on the CPU (every token but the last, which no forward
+        was fed)."""
+        log = self._routing_log
+        ids = torch.cat([e[0] for e in log])
+        pos = torch.cat([e[1] for e in log])
+        rec = torch.cat([e[2].cpu() for e in log])
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=len(out)).tolist()
+        for k, (sel, r) in enumerate(zip(torch.split(order, counts), out)):
+            n = len(r.prompt_ids) + len(r.response_ids) - 1
+            routing = torch.full((n, n_layers, rec.shape[-1]), -1, dtype=torch.int16)
+            p = pos[sel]
+            keep = p < n  # a position past the end: none (a finished row is not fed again)
+            routing[p[keep]] = rec[sel][keep]
+            missing = int((routing[:, 0, 0] < 0).sum())
+            if missing:
+                raise RuntimeError(f"rollout {k}: the engine recorded no routing for {missing} of its {n} fed tokens")
+            r.extra["routing"] = routing
 
     def kv_bytes_per_row(self, seq: int) -> int:
         """Bytes of one row's KV cache of ``seq`` positions on this rank (its stage's layers, its query groups)."""
@@ -676,6 +719,14 @@ class MegatronEngine:
             src = torch.tensor([first[items[new[i]][0]] - c0 for i in rows], device=device)
             slot_t = torch.tensor([slots[i] for i in rows], device=device)
             logits, ctx = self._prefill(chunk, P)
+            if self._routing_log is not None:  # each new rollout's prompt tokens (not the left padding)
+                rec = self.policy.routing_replay.recorded()
+                rec = rec.view(P, len(chunk), *rec.shape[1:])  # the routers' order: [P, prompts] flattened
+                for i in rows:
+                    k = new[i]
+                    n = len(items[k][1])
+                    self._routing_log.append((torch.full((n,), k), torch.arange(n),
+                                              rec[P - n:, first[items[k][0]] - c0].cpu().to(torch.int16)))
             for layer, mems in ctx.key_value_memory_dict.items():
                 if layer not in kv:  # zeros: rows attend over positions other rows filled, masked but finite
                     kv[layer] = tuple(m.new_zeros(cache.ctx.max_sequence_length, cache.rows, *m.shape[2:]) for m in mems)
