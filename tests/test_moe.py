@@ -102,13 +102,16 @@ def test_moe_config_checks():
             load_config(demo, MOE + extra)
 
 
-def test_moe_checkpoint_saved_at_one_rank_resumes_at_pp2(tmp_path):
+@pytest.mark.parametrize("replay", [False, True], ids=["", "routing-replay"])
+def test_moe_checkpoint_saved_at_one_rank_resumes_at_pp2(tmp_path, replay):
     """The MoE checkpoint of one rank loads at PP=2 (each stage its layers' routers and experts), with the same
-    log-probs and the same next step (the engine decoding across the two stages)."""
+    log-probs and the same next step (the engine decoding across the two stages); with routing replay, each stage
+    records and replays its own layers' routing, and the step is still one rank's."""
     from test_dist_ckpt import _trainer_job
 
-    saved = run_distributed(_trainer_job, 1, (str(tmp_path), "save", "pp", MOE))[0]
-    for out in run_distributed(_trainer_job, 2, (str(tmp_path), "load", "pp", MOE)):
+    moe = MOE + (["algo.moe_routing_replay=true"] if replay else [])
+    saved = run_distributed(_trainer_job, 1, (str(tmp_path), "save", "pp", moe))[0]
+    for out in run_distributed(_trainer_job, 2, (str(tmp_path), "load", "pp", moe)):
         assert out["step"] == 2 and out["adam_steps"] == {2.0}
         torch.testing.assert_close(out["policy"], saved["policy"], rtol=0, atol=1e-5)
         for k, v in saved["next"].items():
