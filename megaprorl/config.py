@@ -199,6 +199,8 @@ class AlgoConfig:
     # an MoE policy (model.num_experts): the trainer's forwards (old log-probs, updates) send each token to the
     # experts the rollout engine chose for it (R3, rollout routing replay); the embedded engine records them
     moe_routing_replay: bool = False
+    # an MoE policy: its routers' weights are kept fixed during RL (the experts and the rest train)
+    moe_freeze_router: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
@@ -476,6 +478,8 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     need(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense model)")
     need(m.num_experts > 0 or not cfg.algo.moe_routing_replay, "algo.moe_routing_replay",
+         "needs an MoE model (model.num_experts > 0)")
+    need(m.num_experts > 0 or not cfg.algo.moe_freeze_router, "algo.moe_freeze_router",
          "needs an MoE model (model.num_experts > 0)")
     if m.num_experts:
         need(1 <= m.moe_topk <= m.num_experts, "model.moe_topk",

@@ -97,7 +97,7 @@ class Trainer:
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
                              loss_grad_mode=cfg.train.loss_grad_mode, routing_replay=cfg.algo.moe_routing_replay,
-                             **head)
+                             freeze_router=cfg.algo.moe_freeze_router, **head)
         self._say(describe_policy(cfg.model, cfg.parallel, self.policy.model))
         if load_src is not None:
             from .dist_ckpt import load_policy

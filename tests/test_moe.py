@@ -47,13 +47,13 @@ def test_moe_policy_trains_at_tp2_resumes_at_tp1_and_exports_to_hf(tmp_path):
     torch.testing.assert_close(want[mask], saved[0]["policy"][mask], rtol=0, atol=1e-4)
 
 
-def _dp_job(rank, world, out_dir):
+def _dp_job(rank, world, out_dir, extra=()):
     from megatron.core import parallel_state as mps
 
     from megaprorl.config import load_config
     from megaprorl.trainer import Trainer
 
-    over = [f"output_dir={out_dir}", *TINY, *MOE, "train.optim.distributed_optimizer=true"]
+    over = [f"output_dir={out_dir}", *TINY, *MOE, "train.optim.distributed_optimizer=true", *extra]
     t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), over))
     try:
         t.warmstart()
@@ -80,6 +80,19 @@ def test_moe_policy_with_the_distributed_optimizer_at_dp2(tmp_path):
             {"0", "1", "2", "3"}
     for n, v in r0["after"].items():
         assert torch.equal(v, r1["after"][n]), n
+
+
+def test_frozen_router_stays_while_the_experts_train(tmp_path):
+    """``algo.moe_freeze_router``: an RL step leaves every router's weight as it was and trains the experts; the
+    config refuses it for a dense model."""
+    from megaprorl.config import ConfigError, load_config
+
+    r0, r1 = run_distributed(_dp_job, 2, (str(tmp_path), ["algo.moe_freeze_router=true"]))
+    for r in (r0, r1):
+        assert not any(n.endswith("mlp.router.weight") for n in r["moved"])
+        assert any("local_experts" in n for n in r["moved"])
+    with pytest.raises(ConfigError, match="'algo.moe_freeze_router': needs an MoE model"):
+        load_config(os.path.join(ROOT, "examples", "demo.yaml"), ["algo.moe_freeze_router=true"])
 
 
 def test_moe_config_checks():

@@ -202,7 +202,7 @@ class Policy:
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
                  kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0,
                  loss_grad_mode: str = "inplace", fused_lm_head: bool = False, lm_head_token_chunk: int = 2048,
-                 routing_replay: bool = False):
+                 routing_replay: bool = False, freeze_router: bool = False):
         """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
         (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows.
         ``loss_grad_mode`` (Triton loss only; see ``megaprorl.kernels.policy_loss``): ``inplace`` writes the
@@ -212,12 +212,21 @@ class Policy:
         ``fused_lm_head``: the log-prob passes and the RL loss take the final hidden states and the output
         layer's weight (``megaprorl.kernels.policy_loss_lm_head``) instead of logits, so no [T, V] logits
         exist; with the Triton backend the vocabulary is done in token chunks of ``lm_head_token_chunk``.
-        The rollout engine and the SFT step still use logits."""
+        The rollout engine and the SFT step still use logits.
+        ``routing_replay`` (an MoE model): its forwards replay a batch's ``routing`` (``RoutingReplay``);
+        ``freeze_router``: its routers' weights take no gradient and no update (before the optimizer is built)."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size, routing_replay=routing_replay)
         # an MoE policy whose forwards replay a batch's recorded routing (SeqBatch.routing), when it has one
         self.routing_replay = RoutingReplay(self.model) if routing_replay else None
+        if freeze_router:
+            routers = [layer.mlp.router for layer in self.model.decoder.layers if hasattr(layer.mlp, "router")]
+            if not routers:
+                raise ValueError("freeze_router needs an MoE model (model.num_experts > 0)")
+            for r in routers:
+                for q in r.parameters():
+                    q.requires_grad_(False)
         self._explicit_mask = needs_explicit_causal_mask(model_cfg)
         self.pack_tokens, self.pad_id = int(pack_tokens), int(pad_id)
         # the local spec's SDPA attention takes packed-sequence bounds from a CPU copy (TE needs them on GPU)
