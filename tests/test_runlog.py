@@ -9,8 +9,11 @@ from megaprorl.runlog import RunLogger
 
 
 def _offline_records(run_dir, run_id):
-    """The bytes of every offline W&B run of ``run_id`` under ``run_dir`` (one directory per process)."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
+    """The bytes of every offline W&B run of ``run_id`` under ``run_dir``, oldest first (one directory per
+    process: ``offline-run-<second>-<id>``, with a ``-1``, ``-2`` ... suffix when two start in the same second)."""
+    paths = glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+    paths += glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}-*", f"run-{run_id}.wandb"))
+    paths.sort(key=os.path.getmtime)
     return [open(p, "rb").read() for p in paths]
 
 
@@ -38,7 +41,7 @@ def test_wandb_logs_the_scalars_and_a_resume_continues_the_run(tmp_path, monkeyp
     log.close()
     assert open(os.path.join(run_dir, "wandb_run_id")).read().strip() == run_id
     runs = _offline_records(run_dir, run_id)  # one directory per process, named by the second it started
-    assert b"0.5625" in runs[-1]
+    assert len(runs) == 2 and b"0.5625" in runs[-1] and b"0.5625" not in runs[0]
 
 
 def test_wandb_project_without_wandb_is_a_config_error(monkeypatch, tmp_path):
