@@ -118,6 +118,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    # an MoE policy: its experts spread over this many ranks of each tensor-parallel group (each rank holds
+    # num_experts / expert_parallel whole experts, split over the tensor_parallel / expert_parallel ranks that
+    # share them); attention and the dense parts stay split over all tensor_parallel ranks
+    expert_parallel: int = 1
     timeout_s: float = 1800.0  # collective timeout: a dead rank brings the job down instead of hanging
 
 
@@ -481,11 +485,23 @@ def validate(cfg: Config) -> None:
          "needs an MoE model (model.num_experts > 0)")
     need(m.num_experts > 0 or not cfg.algo.moe_freeze_router, "algo.moe_freeze_router",
          "needs an MoE model (model.num_experts > 0)")
+    ep = cfg.parallel.expert_parallel
+    need(ep >= 1, "parallel.expert_parallel", f"must be >= 1, got {ep}")
+    need(ep == 1 or m.num_experts > 0, "parallel.expert_parallel",
+         f"is {ep}, but the model has no experts (model.num_experts = 0)")
     if m.num_experts:
         need(1 <= m.moe_topk <= m.num_experts, "model.moe_topk",
              f"must be in 1..model.num_experts ({m.num_experts}) for an MoE model, got {m.moe_topk}")
-        need((m.moe_ffn_hidden_size or m.ffn_hidden_size) % cfg.parallel.tensor_parallel == 0,
-             "model.moe_ffn_hidden_size", "must be divisible by parallel.tensor_parallel (each expert is split)")
+        need(cfg.parallel.tensor_parallel % ep == 0, "parallel.expert_parallel",
+             f"({ep}) must divide parallel.tensor_parallel ({cfg.parallel.tensor_parallel}): the experts are spread "
+             "over the ranks of a tensor-parallel group, which see the same tokens (expert parallelism across "
+             "data-parallel ranks is not supported: the embedded engine's ranks decode different prompts)")
+        need(m.num_experts % ep == 0, "parallel.expert_parallel",
+             f"({ep}) must divide model.num_experts ({m.num_experts})")
+        etp = max(1, cfg.parallel.tensor_parallel // ep)
+        need((m.moe_ffn_hidden_size or m.ffn_hidden_size) % etp == 0,
+             "model.moe_ffn_hidden_size", f"must be divisible by parallel.tensor_parallel / parallel.expert_parallel "
+             f"({etp}: each expert is split over that many ranks)")
         need(cfg.parallel.tensor_parallel == 1 or cfg.parallel.sequence_parallel, "parallel.sequence_parallel",
              "must be true for an MoE model (model.num_experts) at parallel.tensor_parallel > 1: Megatron's MoE "
              "layer trains under tensor parallelism only with sequence parallelism")

@@ -79,7 +79,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                     cfg.parallel.timeout_s, seed=cfg.seed)
+                                     cfg.parallel.timeout_s, seed=cfg.seed,
+                                     expert_parallel=cfg.parallel.expert_parallel)
         self.device = self.info.device
         # init_distributed seeds torch; seed Python's and NumPy's global generators too (per rank), else
         # they start from OS entropy and a checkpoint carries one process's random state into the next

@@ -27,6 +27,7 @@ FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "qwen3_moe_raw", 
 # Both families run at PP=2: Llama untied, Qwen2 with tied embeddings (the last stage's copy of the
 # embedding filled from embed_tokens; parallel/compat.py keeps Megatron's `.cuda()` on it on the CPU).
 PP_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+EP_FAMILIES = ("qwen3_moe", "qwen2_moe")  # also at TP=2 with the experts spread over both ranks (EP=2)
 B, S = 2, 12
 ATOL = 1e-4
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -104,16 +105,17 @@ def _gather_tp(x):
     return torch.cat(parts, dim=-1)
 
 
-def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None):
+def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None, ep=1):
     from megatron.core import parallel_state as mps
 
     from megaprorl.models.gpt import build_gpt, needs_explicit_causal_mask
     from megaprorl.parallel import init_distributed
 
-    init_distributed(tp, 1)
+    init_distributed(tp, 1, expert_parallel=ep)
     mcfg = _mcfg(hf_dir, attention)
     # Megatron's MoE layer trains at TP > 1 only under sequence parallelism (as model.num_experts requires)
-    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=bool(mcfg.num_experts))
+    pcfg = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=1, sequence_parallel=bool(mcfg.num_experts),
+                           expert_parallel=ep)
     hf_config = C.load_hf_config(hf_dir)
     model = build_gpt(mcfg, pcfg, C.hf_vocab_size(hf_config))
     info = C.load_hf_into_model(model, hf_dir, hf_config)
@@ -217,6 +219,9 @@ def _job(rank, world, dirs, tokens, labels, save_root):
         out[family] = dict(tp1=tp1, tp2=tp2)
         if family in PP_FAMILIES:
             out[family]["pp2"] = _run_pp(hf_dir, attention, tokens)
+        if family in EP_FAMILIES:
+            out[family]["ep2"] = _run_tp(hf_dir, attention, 2, tokens, labels, ep=2,
+                                         save_dir=os.path.join(save_root, family + "-ep2"))
     out["qwen3"]["step"] = {tp: _run_policy_step(dirs["qwen3"], tp) for tp in (1, 2)}
     return out
 
@@ -426,6 +431,40 @@ def test_tp2_loss_and_grads_equal_tp1_and_hf(setup, family):
         torch.testing.assert_close(g1[k], hf_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("family", EP_FAMILIES)
+def test_expert_parallel_loads_logits_grads_and_saves_as_hf(setup, family):
+    """TP=2 with the experts spread over both ranks (parallel.expert_parallel=2): each rank holds two whole
+    experts (rank r: experts 2r, 2r+1, as hf_to_megatron shards them), the logits, the loss and every gradient
+    equal HF's, and the model saved as HF (its experts gathered from both ranks) is the source bit for bit."""
+    hf_dir = setup.dirs[family]
+    hf_config = C.load_hf_config(hf_dir)
+    hf_sd = C.load_hf_state_dict(hf_dir)
+    hf_logits, hf_loss, hf_grads = _hf_forward_backward(setup.hf[family], setup.tokens, setup.labels)
+    ep2 = sorted((r[family]["ep2"] for r in setup.results), key=lambda x: x["tp_rank"])
+    for t in ep2:
+        want = C.hf_to_megatron(hf_sd, hf_config, t["tp_rank"], 2, ep_size=2)
+        assert set(t["params"]) == set(want)
+        for k, v in want.items():
+            assert torch.equal(t["params"][k], v), k
+        e = 2 * t["tp_rank"]  # whole experts: gate and up rows of expert e, all of them
+        gate_up = torch.cat([hf_sd[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"],
+                             hf_sd[f"model.layers.0.mlp.experts.{e}.up_proj.weight"]])
+        assert torch.equal(t["params"]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"], gate_up)
+        torch.testing.assert_close(t["logits"], hf_logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(t["loss"], hf_loss, atol=1e-5, rtol=0)
+    grads = C.megatron_to_hf([t["grads"] for t in ep2], hf_config, ep_size=2)
+    assert set(grads) == set(hf_grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], hf_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    saved = C.load_hf_state_dict(os.path.join(setup.save_root, family + "-ep2"))
+    assert set(saved) == set(hf_sd) and all(torch.equal(saved[k], hf_sd[k]) for k in hf_sd)
+    with pytest.raises(C.ConversionError, match="expert parallel size 3 must divide tensor parallel size 2"):
+        C.hf_to_megatron(hf_sd, hf_config, 0, 2, ep_size=3)
+    with pytest.raises(C.ConversionError, match="expert parallel size 2 must divide num_experts"):
+        C.hf_to_megatron(C.load_hf_state_dict(setup.dirs["qwen3"]), C.load_hf_config(setup.dirs["qwen3"]), 0, 2,
+                         ep_size=2)
+
+
 def test_qwen3_policy_step_at_tp2_equals_tp1(setup):
     """The trainer's step on the Qwen3 weights: at TP=2 each rank's q/k norms see half the heads, and the
     summed gradients (finalize_model_grads), the loss and the gradient norm equal TP=1's.  At TP=1 the
@@ -447,14 +486,14 @@ def test_qwen3_policy_step_at_tp2_equals_tp1(setup):
         assert 2 * t["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2), (1, 2)])
-def test_round_trip_bit_exact(setup, family, tp, pp):
+@pytest.mark.parametrize("family,tp,pp,ep", [(f, tp, pp, 1) for f in FAMILIES for tp, pp in [(1, 1), (2, 1), (2, 2), (1, 2)]]
+                         + [(f, 2, pp, 2) for f in EP_FAMILIES for pp in (1, 2)])
+def test_round_trip_bit_exact(setup, family, tp, pp, ep):
     hf_dir = setup.dirs[family]
     hf_config = C.load_hf_config(hf_dir)
     hf_sd = C.load_hf_state_dict(hf_dir)
-    stages = [[C.hf_to_megatron(hf_sd, hf_config, t, tp, p, pp) for t in range(tp)] for p in range(pp)]
-    back = C.megatron_stages_to_hf(stages, hf_config)
+    stages = [[C.hf_to_megatron(hf_sd, hf_config, t, tp, p, pp, ep_size=ep) for t in range(tp)] for p in range(pp)]
+    back = C.megatron_stages_to_hf(stages, hf_config, ep_size=ep)
     assert set(back) == set(hf_sd)
     for k, v in hf_sd.items():
         assert torch.equal(back[k], v), k

@@ -135,7 +135,8 @@ def _trainer_job(rank, world, out_dir, mode, layout="tp", extra=()):
         batch = build_seq_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 1], [11, 1]], 0)
         out = dict(step=t.step, policy=t.policy.logprobs(batch, 2), reference=t.reference.logprobs(batch, 2),
                    adam_steps={float(s["step"]) for s in t.policy.adam_states()})
-        out["next"] = {k: v for k, v in t.rl_step().items() if k in ("reward", "loss", "response_length", "entropy")}
+        out["next"] = {k: v for k, v in t.rl_step().items() if k in ("reward", "loss", "response_length", "entropy",
+                                                                   "grad_norm")}
         return out
     finally:
         t.close()
@@ -147,7 +148,7 @@ def test_trainer_checkpoint_resumes_at_another_world_size(tmp_path, layout):
     saved = run_distributed(_trainer_job, 1, (str(tmp_path), "save", layout))[0]
     loaded = run_distributed(_trainer_job, 2, (str(tmp_path), "load", layout))
     assert saved["step"] == 2 and saved["adam_steps"] == {2.0}
-    assert set(saved["next"]) == {"reward", "loss", "response_length", "entropy"}
+    assert set(saved["next"]) == {"reward", "loss", "response_length", "entropy", "grad_norm"}
     for out in loaded:
         assert out["step"] == 2 and out["adam_steps"] == {2.0}
         torch.testing.assert_close(out["policy"], saved["policy"], rtol=0, atol=1e-5)

@@ -165,11 +165,16 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
 
+    from test_convert import EP_FAMILIES
+
     out = {}
-    for family, hf_dir in hf_dirs.items():
-        info = init_distributed(tp, pp)
+    # at TP > 1 the MoE families also with their experts spread over the TP ranks (parallel.expert_parallel)
+    runs = [(f, f, 1) for f in hf_dirs] + ([(f + "-ep2", f, 2) for f in EP_FAMILIES if f in hf_dirs] if tp > 1 else [])
+    for name, family, ep in runs:
+        hf_dir = hf_dirs[family]
+        info = init_distributed(tp, pp, expert_parallel=ep)
         hf_config = C.load_hf_config(hf_dir)
-        p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=False)
+        p = SimpleNamespace(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=False, expert_parallel=ep)
         tok = CharTokenizer()
         pol = Policy(_mcfg(hf_dir, "sdpa"), p, tiny_policy_cfgs()[2], C.hf_vocab_size(hf_config), info.device,
                      "torch", trainable=False, pad_id=tok.pad_id)
@@ -177,7 +182,7 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
         stream = C.HFWeightStream(pol.model, hf_config)  # what a refit by HF name receives; the second run
         streamed = [[[(n, t.clone()) for n, t in b] for b in stream.buckets(STREAM_BUCKET, dtype=dtype)]
                     for dtype in (None, torch.bfloat16)]  # reuses the first one's names and shapes
-        out[family] = (_generate(pol, tok), streamed)  # lean decode steps, continuous batching (MoE too)
+        out[name] = (_generate(pol, tok), streamed)  # lean decode steps, continuous batching (MoE too)
         del pol
         mps.destroy_model_parallel()
     return out
@@ -200,20 +205,28 @@ def tp_pp_runs(tmp_path_factory):
     return hf_dirs, hf, want, got_all
 
 
+def _layouts(hf_dirs):
+    """(result key, HF family) of the TP=2 x PP=2 runs: every family, and the MoE ones again at EP=2."""
+    from test_convert import EP_FAMILIES
+
+    return [(f, f) for f in hf_dirs] + [(f + "-ep2", f) for f in EP_FAMILIES]
+
+
 def test_embedded_engine_at_tp2_pp2_equals_one_rank(tp_pp_runs):
     """Four ranks, TP=2 x PP=2, the weights of a tiny HF Llama (untied, Llama-3.x RoPE scaling), Qwen2
-    (tied embeddings: the last stage samples with its copy of the embedding) and Qwen3 (head_dim 32 for
-    hidden 64 / 4 heads, per-head q/k norms) loaded and sharded by the converter: every rank returns the
+    (tied embeddings: the last stage samples with its copy of the embedding), Qwen3 (head_dim 32 for
+    hidden 64 / 4 heads, per-head q/k norms) and the MoE families (also with two whole experts on each TP rank:
+    parallel.expert_parallel=2) loaded and sharded by the converter: every rank returns the
     single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage of
     each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
     decode stage) are transformers' for the same tokens.  One job per layout for the models."""
     hf_dirs, hf, want, got_all = tp_pp_runs
     want = {family: w[0] for family, w in want.items()}
     _check_against_hf(want, hf)
-    for family in hf_dirs:
+    for key, family in _layouts(hf_dirs):
         assert any(len(r[0]) > 1 for r in want[family][0]), family
         for got in got_all:
-            for g_runs, w_runs in zip(got[family][0], want[family]):
+            for g_runs, w_runs in zip(got[key][0], want[family]):
                 assert [r[0] for r in g_runs] == [r[0] for r in w_runs], family
                 assert [r[2] for r in g_runs] == [r[2] for r in w_runs], family
                 for (_, g_lp, _), (_, w_lp, _) in zip(g_runs, w_runs):
@@ -227,10 +240,10 @@ def test_weight_stream_gives_every_rank_the_hf_checkpoint(tp_pp_runs):
     from megaprorl.models import convert as C
 
     hf_dirs, _, want_one, got_all = tp_pp_runs
-    for family, hf_dir in hf_dirs.items():
-        want = C.load_hf_state_dict(hf_dir)
+    for key, family in _layouts(hf_dirs):
+        want = C.load_hf_state_dict(hf_dirs[family])
         for rank, res in enumerate([want_one] + got_all):
-            for buckets, dtype in zip(res[family][1], (torch.float32, torch.bfloat16)):
+            for buckets, dtype in zip(res[family if res is want_one else key][1], (torch.float32, torch.bfloat16)):
                 names = [n for b in buckets for n, _ in b]
                 assert len(names) == len(set(names)) and set(names) == set(want), (family, rank, set(want) ^ set(names))
                 for b in buckets:

@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (parallel.tensor_parallel)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (parallel.pipeline_parallel)")
     ap.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (with --tp > 1)")
+    ap.add_argument("--ep", type=int, default=1,
+                    help="an MoE preset: its experts spread over this many ranks of each TP group "
+                         "(parallel.expert_parallel; divides --tp)")
     ap.add_argument("--distributed-optimizer", action="store_true",
                     help="train.optim.distributed_optimizer (Megatron's ZeRO-1; one GPU = one shard)")
     ap.add_argument("--fp8", default="", choices=("", "e4m3", "hybrid"),
@@ -160,7 +163,10 @@ def main(argv=None) -> int:
     from ..rollout.megatron_engine import MegatronEngine
     from ..rollout.trtllm_engine import TrtllmUnavailable
 
-    info = init_distributed(args.tp, args.pp)
+    if args.ep > 1 and args.tp % args.ep:
+        raise SystemExit(f"error: --ep ({args.ep}) must divide --tp ({args.tp}): the experts are spread over the "
+                         "ranks of a tensor-parallel group")
+    info = init_distributed(args.tp, args.pp, expert_parallel=args.ep)
     on_gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     p = PRESETS[args.preset]
@@ -176,10 +182,14 @@ def main(argv=None) -> int:
                            init_std=0.02, params_dtype=dtype, make_vocab_divisible_by=128,
                            transformer_impl=args.transformer_impl, fp8=args.fp8, fp8_recipe="delayed",
                            recompute_granularity=args.recompute)
+    if args.ep > 1 and (not p.get("num_experts") or p["num_experts"] % args.ep):
+        raise SystemExit(f"error: --ep {args.ep} needs an MoE preset whose experts it divides ({args.preset}: "
+                         f"{p.get('num_experts', 0)} experts)")
     if p.get("num_experts") and args.tp > 1 and not args.sequence_parallel:
         raise SystemExit(f"error: the {args.preset} preset is an MoE model: at --tp > 1 it needs --sequence-parallel "
                          "(Megatron's MoE layer trains under tensor parallelism only with it)")
-    pcfg = SimpleNamespace(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel)
+    pcfg = SimpleNamespace(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel,
+                           expert_parallel=args.ep)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
     packing = dict(pack_tokens=args.pack_tokens, pad_id=0, fused_lm_head=args.fused_lm_head)
@@ -302,7 +312,7 @@ def main(argv=None) -> int:
         "transformer_engine": use_transformer_engine(mcfg), "fp8": args.fp8,
         "distributed_optimizer": args.distributed_optimizer,
         "world_size": info.world_size, "tp": args.tp, "pp": args.pp, "dp": info.dp,
-        "sequence_parallel": args.sequence_parallel,
+        "sequence_parallel": args.sequence_parallel, "ep": args.ep,
         "times_s": med,
         "tokens_per_s_step": med["tokens"] / med["total"],
         "tokens_per_s_trainer": med["tokens"] / (med["logprob"] + med["update"]),

@@ -161,17 +161,21 @@ class _Dims:
         if act not in ("silu", "swish"):
             raise ConversionError(f"hidden_act {act!r} is not supported (SwiGLU/silu only)")
 
-    def check_tp(self, tp: int):
+    def check_tp(self, tp: int, ep: int = 1):
         if tp < 1:
             raise ConversionError(f"tensor parallel size must be >= 1, got {tp}")
+        if ep < 1 or tp % ep:
+            raise ConversionError(f"expert parallel size {ep} must divide tensor parallel size {tp}")
+        if ep > 1 and (not self.experts or self.experts % ep):
+            raise ConversionError(f"expert parallel size {ep} must divide num_experts ({self.experts})")
         if self.groups % tp:
             raise ConversionError(f"num_key_value_heads ({self.groups}) must be divisible by tensor parallel size {tp}")
         if self.shared_ffn % tp:
             raise ConversionError(f"shared_expert_intermediate_size ({self.shared_ffn}) must be divisible by tensor "
                                   f"parallel size {tp}")
-        if self.experts and self.moe_ffn % tp:
-            raise ConversionError(f"moe_intermediate_size ({self.moe_ffn}) must be divisible by tensor parallel "
-                                  f"size {tp}")
+        if self.experts and self.moe_ffn % (tp // ep):
+            raise ConversionError(f"moe_intermediate_size ({self.moe_ffn}) must be divisible by the expert tensor "
+                                  f"parallel size {tp // ep} (tensor parallel {tp} / expert parallel {ep})")
         if not self.experts and self.ffn % tp:
             raise ConversionError(f"intermediate_size ({self.ffn}) must be divisible by tensor parallel size {tp}")
 
@@ -352,6 +356,27 @@ _SHARED = {"mlp.shared_experts.linear_fc1.weight": (("mlp.shared_expert.gate_pro
            "mlp.shared_experts.linear_fc2.weight": (("mlp.shared_expert.down_proj.weight",), "row"),
            "mlp.shared_experts.gate_weight": (("mlp.shared_expert_gate.weight",), "replicated")}
 _EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+_LOCAL_EXPERT_RE = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.linear_fc[12]\.weight)$")
+
+
+def _local_expert(mkey: str) -> Optional[int]:
+    """The local expert index of an expert weight's Megatron key (None for other keys)."""
+    m = _LOCAL_EXPERT_RE.search(mkey)
+    return int(m.group(2)) if m else None
+
+
+def _as_expert(mkey: str, expert: int) -> str:
+    """``mkey`` (an expert weight's key) naming expert ``expert`` instead of its local index."""
+    return _LOCAL_EXPERT_RE.sub(lambda m: f"{m.group(1)}{expert}{m.group(3)}", mkey)
+
+
+def _expert_coords(tp_rank: int, tp_size: int, ep_size: int):
+    """(expert-parallel rank, expert-tensor-parallel rank, expert-tensor-parallel size) of a tensor-parallel rank
+    when the experts are spread over ``ep_size`` ranks of its group: Megatron's expert layout puts the expert
+    tensor-parallel ranks innermost, so TP rank r holds the experts of EP rank r // (TP / EP), split as rank
+    r % (TP / EP) of TP / EP."""
+    etp = tp_size // ep_size
+    return tp_rank // etp, tp_rank % etp, etp
 _LAYERNORM_NAMES = {
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
     "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
@@ -400,8 +425,9 @@ def _hf_names(mkey: str, global_layer: Optional[int], dims: _Dims):
 
 
 def megatron_keys(hf_config, layer_numbers: Sequence[int], pre_process: bool = True, post_process: bool = True,
-                  layernorm_style: str = "local") -> List[str]:
-    """The Megatron parameter names of one pipeline stage holding ``len(layer_numbers)`` layers."""
+                  layernorm_style: str = "local", ep_size: int = 1) -> List[str]:
+    """The Megatron parameter names of one pipeline stage holding ``len(layer_numbers)`` layers (an MoE
+    model's experts: the local ones of a rank, ``num_experts / ep_size``)."""
     dims = _Dims(hf_config)
     if layernorm_style not in _LAYERNORM_NAMES:
         raise ConversionError(f"layernorm_style must be 'local' or 'te', got {layernorm_style!r}")
@@ -418,7 +444,7 @@ def megatron_keys(hf_config, layer_numbers: Sequence[int], pre_process: bool = T
             keys += [p + n for n in _QK_NORM_NAMES]
         if dims.experts:  # the norm before the router is its own module in both specs
             keys += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight", p + _ROUTER]
-            for e in range(dims.experts):
+            for e in range(dims.experts // ep_size):
                 keys += [f"{p}mlp.experts.local_experts.{e}.linear_fc{j}.weight" for j in (1, 2)]
             if dims.shared_ffn:
                 keys += [p + k for k in _SHARED]
@@ -473,8 +499,8 @@ def _shard_one(kind: str, hf: List[torch.Tensor], dims: _Dims, tp_rank: int, tp_
 
 def _convert_keys_to_megatron(mkeys: Iterable[str], get_hf: Callable[[str], torch.Tensor], dims: _Dims,
                               tp_rank: int, tp_size: int, padded_vocab: int,
-                              layer_numbers: Sequence[int]) -> Dict[str, torch.Tensor]:
-    dims.check_tp(tp_size)
+                              layer_numbers: Sequence[int], ep_size: int = 1) -> Dict[str, torch.Tensor]:
+    dims.check_tp(tp_size, ep_size)
     if padded_vocab % tp_size:
         raise ConversionError(f"padded vocab {padded_vocab} is not divisible by tensor parallel size {tp_size}")
     out = {}
@@ -488,11 +514,26 @@ def _convert_keys_to_megatron(mkeys: Iterable[str], get_hf: Callable[[str], torc
             glob = int(layer_numbers[local])
             if not 0 <= glob < dims.layers:
                 raise ConversionError(f"{mkey} maps to HF layer {glob}, but the HF config has {dims.layers} layers")
-        names, kind = _hf_names(mkey, glob, dims)
+        names, kind, r, size = _hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size)
         hf = [get_hf(n) for n in names]
         _check_hf_shapes(mkey, names, hf, dims)
-        out[mkey] = _shard_one(kind, hf, dims, tp_rank, tp_size, padded_vocab, mkey)
+        out[mkey] = _shard_one(kind, hf, dims, r, size, padded_vocab, mkey)
     return out
+
+
+def _hf_source(mkey: str, glob: Optional[int], dims: _Dims, tp_rank: int, tp_size: int, ep_size: int):
+    """(HF names, kind, shard rank, shard count) of TP rank ``tp_rank``'s tensor ``mkey``: an expert's weights
+    are the rank's EP share of the experts (local expert e: expert ep_rank * num_experts / EP + e), split over
+    the expert-TP ranks; every other tensor is split over the TP group."""
+    local = _local_expert(mkey)
+    if local is None:
+        return _hf_names(mkey, glob, dims) + (tp_rank, tp_size)
+    ep_rank, etp_rank, etp = _expert_coords(tp_rank, tp_size, ep_size)
+    per_rank = dims.experts // ep_size
+    if local >= per_rank:
+        raise ConversionError(f"Megatron parameter {mkey} is local expert {local} of {per_rank} per rank "
+                              f"({dims.experts} experts over expert parallel {ep_size})")
+    return _hf_names(_as_expert(mkey, ep_rank * per_rank + local), glob, dims) + (etp_rank, etp)
 
 
 def _check_hf_shapes(mkey: str, names: Sequence[str], tensors: Sequence[torch.Tensor], dims: _Dims) -> None:
@@ -535,8 +576,9 @@ def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], hf_config, tp_rank: i
                    pp_rank: int = 0, pp_size: int = 1, padded_vocab: Optional[int] = None, *,
                    make_vocab_divisible_by: int = 128, layernorm_style: str = "local",
                    layer_numbers: Optional[Sequence[int]] = None,
-                   target_keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-    """The Megatron state dict of one (TP rank, PP stage) shard.
+                   target_keys: Optional[Iterable[str]] = None, ep_size: int = 1) -> Dict[str, torch.Tensor]:
+    """The Megatron state dict of one (TP rank, PP stage) shard (an MoE model's experts spread over
+    ``ep_size`` ranks of the TP group: ``parallel.expert_parallel``).
 
     ``padded_vocab`` defaults to the HF vocab padded to ``make_vocab_divisible_by * tp_size`` (as
     ``models.gpt.padded_vocab_size`` does).  Layers of stage ``pp_rank`` are an even split unless
@@ -551,10 +593,11 @@ def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], hf_config, tp_rank: i
         layer_numbers = _stage_layers(dims.layers, pp_rank, pp_size)
     if target_keys is None:
         target_keys = megatron_keys(hf_config, layer_numbers, pre_process=pp_rank == 0,
-                                    post_process=pp_rank == pp_size - 1, layernorm_style=layernorm_style)
+                                    post_process=pp_rank == pp_size - 1, layernorm_style=layernorm_style,
+                                    ep_size=ep_size)
     keys = [k for k in target_keys if _is_weight_key(k)]
     return _convert_keys_to_megatron(keys, _getter(hf_state_dict), dims, tp_rank, tp_size, padded_vocab,
-                                     layer_numbers)
+                                     layer_numbers, ep_size)
 
 
 # ------------------------------------------------------------------------------ Megatron -> HF
@@ -584,8 +627,10 @@ def _merge_one(kind: str, shards: List[torch.Tensor], dims: _Dims) -> List[torch
 
 
 def megatron_to_hf(tp_shards: Sequence[Dict[str, torch.Tensor]], hf_config, *, layer_offset: int = 0,
-                   layer_numbers: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+                   layer_numbers: Optional[Sequence[int]] = None, ep_size: int = 1) -> Dict[str, torch.Tensor]:
     """Merge the state dicts of all TP ranks of one pipeline stage (in TP-rank order) into HF tensors.
+    An MoE model's experts spread over ``ep_size`` ranks of the TP group: rank r's local expert e is expert
+    (r // (TP / EP)) * (num_experts / EP) + e, split over the TP / EP ranks that share its EP rank.
 
     Works on anything keyed like the model's state dict (parameters, gradients).  Local layer ``i``
     becomes HF layer ``layer_numbers[i]`` (default ``layer_offset + i``).  Vocab padding is dropped;
@@ -594,7 +639,9 @@ def megatron_to_hf(tp_shards: Sequence[Dict[str, torch.Tensor]], hf_config, *, l
     if not tp_shards:
         raise ConversionError("megatron_to_hf needs at least one TP shard")
     dims = _Dims(hf_config)
-    dims.check_tp(len(tp_shards))
+    dims.check_tp(len(tp_shards), ep_size)
+    etp = len(tp_shards) // ep_size
+    per_rank = dims.experts // ep_size if dims.experts else 0
     out: Dict[str, torch.Tensor] = {}
     for mkey in tp_shards[0]:
         if not _is_weight_key(mkey) or tp_shards[0][mkey] is None:
@@ -606,24 +653,33 @@ def megatron_to_hf(tp_shards: Sequence[Dict[str, torch.Tensor]], hf_config, *, l
         if m:
             local = int(m.group(1))
             glob = int(layer_numbers[local]) if layer_numbers is not None else layer_offset + local
-        names, kind = _hf_names(mkey, glob, dims)
-        shards = []
-        for r, sd in enumerate(tp_shards):
-            if mkey not in sd:
-                raise ConversionError(f"TP shard {r} has no {mkey!r} (shard 0 has it)")
-            shards.append(sd[mkey])
-        for name, t in zip(names, _merge_one(kind, shards, dims)):
-            out[name] = t.contiguous()
+        local = _local_expert(mkey)
+        if local is not None and local >= per_rank:
+            raise ConversionError(f"Megatron parameter {mkey} is local expert {local} of {per_rank} per rank "
+                                  f"({dims.experts} experts over expert parallel {ep_size})")
+        # (the key naming the HF tensors, the TP ranks whose shards merge into them)
+        parts = [(mkey, range(len(tp_shards)))] if local is None else \
+            [(_as_expert(mkey, e * per_rank + local), range(e * etp, (e + 1) * etp)) for e in range(ep_size)]
+        for name_key, ranks in parts:
+            names, kind = _hf_names(name_key, glob, dims)
+            shards = []
+            for r in ranks:
+                if mkey not in tp_shards[r]:
+                    raise ConversionError(f"TP shard {r} has no {mkey!r} (shard 0 has it)")
+                shards.append(tp_shards[r][mkey])
+            for name, t in zip(names, _merge_one(kind, shards, dims)):
+                out[name] = t.contiguous()
     return out
 
 
-def megatron_stages_to_hf(stages: Sequence[Sequence[Dict[str, torch.Tensor]]], hf_config) -> Dict[str, torch.Tensor]:
+def megatron_stages_to_hf(stages: Sequence[Sequence[Dict[str, torch.Tensor]]], hf_config,
+                          ep_size: int = 1) -> Dict[str, torch.Tensor]:
     """``stages[pp_rank][tp_rank]`` state dicts -> one HF state dict (layers numbered consecutively)."""
     out: Dict[str, torch.Tensor] = {}
     offset = 0
     for tp_shards in stages:
         n = len({int(m.group(1)) for k in tp_shards[0] for m in [_LAYER_RE.match(k)] if m})
-        out.update(megatron_to_hf(tp_shards, hf_config, layer_offset=offset))
+        out.update(megatron_to_hf(tp_shards, hf_config, layer_offset=offset, ep_size=ep_size))
         offset += n
     dims = _Dims(hf_config)
     if offset != dims.layers:
@@ -794,11 +850,29 @@ def _layer_numbers(gpt) -> List[int]:
 
 
 def _tp():
+    """(TP rank, TP size, EP size) of this rank: the experts spread over EP ranks of its TP group."""
     from megatron.core import parallel_state as mps
 
     if mps.model_parallel_is_initialized():
-        return mps.get_tensor_model_parallel_rank(), mps.get_tensor_model_parallel_world_size()
-    return 0, 1
+        return mps.get_tensor_model_parallel_rank(), mps.get_tensor_model_parallel_world_size(), _ep()
+    return 0, 1, 1
+
+
+def _ep() -> int:
+    """The expert-parallel size, checked to be folded into tensor parallelism as ``init_distributed`` lays it out
+    (each TP group's ranks hold all the experts; see ``_expert_coords``)."""
+    from megatron.core import parallel_state as mps
+
+    ep = mps.get_expert_model_parallel_world_size()
+    if ep > 1:
+        tp_rank, tp = mps.get_tensor_model_parallel_rank(), mps.get_tensor_model_parallel_world_size()
+        coords = (mps.get_expert_model_parallel_rank(), mps.get_expert_tensor_parallel_rank(),
+                  mps.get_expert_tensor_parallel_world_size())
+        if tp % ep or coords != _expert_coords(tp_rank, tp, ep):
+            raise ConversionError(f"expert layout (EP rank, expert-TP rank, expert-TP size) = {coords} at TP rank "
+                                  f"{tp_rank} of {tp}: the experts must be spread over the ranks of a TP group "
+                                  "(parallel.init_distributed's layout)")
+    return ep
 
 
 @torch.no_grad()
@@ -808,7 +882,7 @@ def load_hf_into_model(model, hf_dir: str, hf_config=None) -> Dict[str, int]:
     layers, read from disk for just the tensors it needs.  Returns {"tensors": n, "params": n}."""
     hf_config = hf_config if hf_config is not None else load_hf_config(hf_dir)
     dims = _Dims(hf_config)
-    tp_rank, tp_size = _tp()
+    tp_rank, tp_size, ep_size = _tp()
     n_tensors = n_params = 0
     for gpt in _unwrap(model):
         target = {k: v for k, v in gpt.state_dict(keep_vars=True).items()
@@ -822,10 +896,10 @@ def load_hf_into_model(model, hf_dir: str, hf_config=None) -> Dict[str, int]:
         for mkey in target:
             m = _LAYER_RE.match(mkey)
             glob = layers[int(m.group(1))] if m else None
-            needed += list(_hf_names(mkey, glob, dims)[0])
+            needed += list(_hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size)[0])
         hf_sd = load_hf_state_dict(hf_dir, needed)
         converted = _convert_keys_to_megatron(list(target), _getter(hf_sd, hf_dir), dims, tp_rank, tp_size,
-                                              padded or tp_size, layers)
+                                              padded or tp_size, layers, ep_size)
         for mkey, value in converted.items():
             param = target[mkey]
             if tuple(param.shape) != tuple(value.shape):
@@ -875,14 +949,14 @@ def save_megatron_as_hf(model, hf_config, out_dir: str, hf_dir: Optional[str] = 
     return result
 
 
-def _stage_plan(chunks, hf_config, tp: int):
+def _stage_plan(chunks, hf_config, tp: int, ep: int = 1):
     """One pipeline stage's HF tensors, grouped as ``HFWeightStream`` sends them: ``[[(name, shape, dtype), ...],
     ...]``, one group per Megatron layer and one per other key (the embedding, the final norm, the output layer),
     worked out on meta tensors of the local shards' shapes, so no data moves."""
     plan = []
     for keys, layers, sd in _key_groups_of(chunks):
         meta = [{k: torch.empty(sd[k].shape, dtype=sd[k].dtype, device="meta") for k in keys}] * tp
-        merged = megatron_to_hf(meta, hf_config, layer_numbers=layers)
+        merged = megatron_to_hf(meta, hf_config, layer_numbers=layers, ep_size=ep)
         plan.append([(name, tuple(t.shape), t.dtype) for name, t in merged.items()])
     return plan
 
@@ -934,12 +1008,13 @@ class HFWeightStream:
         tp_group = mps.get_tensor_model_parallel_group() if distributed else None
         pp_group = mps.get_pipeline_model_parallel_group() if distributed else None
         tp = dist.get_world_size(tp_group) if distributed else 1
+        ep = _ep() if distributed else 1  # the experts, spread over the TP group: gathered with the rest
         pp = dist.get_world_size(pp_group) if distributed else 1
         pp_rank = dist.get_rank(pp_group) if distributed else 0
         chunks = self._chunks()
         device = next(t for sd, _ in chunks for t in sd.values()).device
         if self.plan is None:
-            own = _stage_plan(chunks, self.hf_config, tp)
+            own = _stage_plan(chunks, self.hf_config, tp, ep)
             plans = [own]
             if pp > 1:
                 plans = [None] * pp
@@ -964,7 +1039,7 @@ class HFWeightStream:
                             dist.all_gather(parts, t, group=tp_group)
                         gathered.append(parts)
                     merged = megatron_to_hf([{k: gathered[i][r] for i, k in enumerate(keys)} for r in range(tp)],
-                                            self.hf_config, layer_numbers=layers)
+                                            self.hf_config, layer_numbers=layers, ep_size=ep)
                     tensors = [merged[name].to(dtype or merged[name].dtype) for name, _, _ in entries]
                 else:
                     tensors = [torch.empty(shape, dtype=dtype or dt, device=device) for _, shape, dt in entries]

@@ -61,14 +61,17 @@ def transformer_config(mcfg, pcfg, routing_replay: bool = False):
     if experts:
         # Qwen3-MoE's router: softmax over the experts, top-k, renormalised when norm_topk_prob (Megatron's
         # default, a softmax over the k chosen logits, is the same) else not (pre-softmax: the full softmax's
-        # k values).  Every rank holds every expert (expert parallelism 1), so the all-gather dispatcher; no
-        # load-balancing loss in RL.  The router's logits in fp32 (Megatron's advice for stable routing; HF's
+        # k values).  The experts are spread over the ranks of a tensor-parallel group (parallel.expert_parallel,
+        # each expert split over the TP / EP ranks that hold it), whose ranks see the same tokens: the all-gather
+        # dispatcher (over that group); no load-balancing loss in RL.  The router's logits in fp32 (Megatron's advice for stable routing; HF's
         # softmax is in fp32 too): a bf16 policy's routing flips less often on rounding (near-ties still can)
         kwargs.update(num_moe_experts=experts, moe_router_topk=int(mcfg.moe_topk), moe_router_dtype="fp32",
                       moe_ffn_hidden_size=int(mcfg.moe_ffn_hidden_size or mcfg.ffn_hidden_size),
                       moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
                       moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-                      moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
+                      moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
+                      expert_model_parallel_size=expert_parallel(pcfg),
+                      expert_tensor_parallel_size=pcfg.tensor_parallel // expert_parallel(pcfg))
         if routing_replay:  # each router can record its top-k and replay given ones (Megatron's RouterReplay)
             kwargs.update(moe_enable_routing_replay=True)
         shared = int(getattr(mcfg, "moe_shared_expert_ffn_hidden_size", 0) or 0)
@@ -97,6 +100,23 @@ def _moe_without_te() -> None:
                  "fused_topk_with_score_function", "fused_unpermute"):
         if not hasattr(moe_utils, name):
             setattr(moe_utils, name, None)
+
+
+def _experts_apart(model) -> None:
+    """Mark the routed experts' weights as Megatron marks them under expert parallelism (``allreduce`` False):
+    its DDP keeps them in their own buffers, reduced over the expert data-parallel group, and its optimizer in
+    a second optimizer of the chain, with the gradient norm over the expert model-parallel group.  Megatron
+    marks them only when expert_parallel > 1; marking them at every layout gives the optimizer one structure,
+    so that its checkpoint written at one expert-parallel size loads at another (at EP = 1 the expert groups
+    are the dense ones, so nothing is reduced differently)."""
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in f".{name}":
+            p.allreduce = False
+
+
+def expert_parallel(pcfg) -> int:
+    """Ranks of a tensor-parallel group that the experts are spread over (``parallel.expert_parallel``)."""
+    return int(getattr(pcfg, "expert_parallel", 1) or 1)
 
 
 def num_experts(mcfg) -> int:
@@ -225,6 +245,7 @@ def build_gpt(mcfg, pcfg, vocab_size: int, pre_process=None, post_process=None, 
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != cfg.params_dtype:
                 p.data = p.data.to(cfg.params_dtype)
+    _experts_apart(model)
     if torch.cuda.is_available():
         model = model.cuda()
     return model

@@ -21,6 +21,7 @@ class ParallelInfo:
     pp: int
     dp: int
     device: torch.device
+    ep: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -28,9 +29,16 @@ class ParallelInfo:
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeout_s: float = 1800.0,
-                     seed: int = 0) -> ParallelInfo:
+                     seed: int = 0, expert_parallel: int = 1) -> ParallelInfo:
     """Initialise torch.distributed (from torchrun's env, or as a single process) and Megatron's
     model-parallel groups.  Idempotent.
+
+    ``expert_parallel`` (config ``parallel.expert_parallel``) folds expert parallelism into tensor
+    parallelism: Megatron's expert layout has expert-tensor-parallel size TP / EP and EP ranks, so one
+    tensor-parallel group's ranks hold all the experts between them (each its num_experts / EP, split over
+    TP / EP ranks) and the experts' data-parallel groups are the dense ones.  The ranks that exchange tokens
+    for the experts are then ranks that see the same tokens anyway, which keeps every forward of the
+    embedded engine and of the trainer collective over the tensor-parallel group alone.
 
     ``timeout_s`` (config ``parallel.timeout_s``) bounds every collective of the world group and of
     Megatron's groups: a rank that died or hangs makes the others raise instead of waiting forever
@@ -54,10 +62,15 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
     if world % (tensor_parallel * pipeline_parallel) != 0:
         raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) x parallel.pipeline_parallel "
                          f"({pipeline_parallel}) must divide the world size ({world})")
+    if expert_parallel < 1 or tensor_parallel % expert_parallel:
+        raise ValueError(f"parallel.expert_parallel ({expert_parallel}) must divide parallel.tensor_parallel "
+                         f"({tensor_parallel}): the experts are spread over the ranks of a tensor-parallel group")
     if not mps.model_parallel_is_initialized():
         # Megatron's TP/PP/DP groups get their own timeout (30 min unless told): the same as the world group
         mps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                       pipeline_model_parallel_size=pipeline_parallel,
+                                      expert_model_parallel_size=expert_parallel,
+                                      expert_tensor_parallel_size=tensor_parallel // expert_parallel,
                                       distributed_timeout_minutes=timeout_s / 60.0)
     from megatron.core import tensor_parallel as mtp
 
@@ -67,7 +80,8 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelInfo(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp=tensor_parallel,
-                        pp=pipeline_parallel, dp=world // (tensor_parallel * pipeline_parallel), device=device)
+                        pp=pipeline_parallel, dp=world // (tensor_parallel * pipeline_parallel), device=device,
+                        ep=expert_parallel)
 
 
 def destroy() -> None:

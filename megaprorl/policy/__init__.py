@@ -166,7 +166,8 @@ class ExpertLoad:
             h.remove()
 
     def stats(self) -> Dict[str, float]:
-        """Over the model's MoE layers (every pipeline stage's) and the tensor-parallel chunks:
+        """Over the model's MoE layers (every pipeline stage's), the tensor-parallel chunks and the data-parallel
+        replicas (collective over all ranks):
         ``moe/load_max_over_mean`` (the busiest expert's tokens over the mean, averaged over layers; 1 is an even
         load), ``moe/dead_experts_frac`` (experts that got no token) and ``moe/routed_tokens`` (token-expert
         assignments per layer: real tokens x top-k)."""
@@ -178,6 +179,9 @@ class ExpertLoad:
         if counts is not None and self.sp and dist.is_initialized():
             counts = counts.to(self.routers[0].weight.device)
             dist.all_reduce(counts, group=tp_group())
+        if counts is not None and dist.is_initialized() and mps.get_data_parallel_world_size() > 1:
+            counts = counts.to(self.routers[0].weight.device)  # every replica's tokens: the step's whole load
+            dist.all_reduce(counts, group=mps.get_data_parallel_group())
         out = torch.zeros(4, dtype=torch.float64)
         if counts is not None:
             counts = counts.cpu()
