@@ -20,6 +20,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from .algo.dynamic_sampling import DynamicSamplingConfig
 from .algo.length_penalty import LengthPenaltyConfig
 from .algo.reset import ReferenceResetConfig
+from .algo.rollout_correction import LEVELS as RC_LEVELS
+from .algo.rollout_correction import MODES as RC_MODES
+from .algo.rollout_correction import RolloutCorrectionConfig
 from .data.sources import DataSourceConfig
 from .rewards import RewardConfig
 
@@ -210,6 +213,9 @@ class AlgoConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
+    # the gap between the engine's sampling distribution and the trainer's old policy: each token's policy-
+    # gradient term weighted by pi_old / pi_engine, truncated or masked (TIS / MIS; needs old_logprobs=recompute)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -449,6 +455,19 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
     need(cfg.algo.old_logprobs in ("recompute", "engine"), "algo.old_logprobs", "must be recompute or engine")
+    rc = cfg.algo.rollout_correction
+    need(rc.level in ("",) + RC_LEVELS, "algo.rollout_correction.level",
+         f"must be '' (off) or one of {', '.join(RC_LEVELS)}, got {rc.level!r}")
+    if rc.level:
+        need(cfg.algo.old_logprobs == "recompute", "algo.rollout_correction.level",
+             "needs algo.old_logprobs=recompute: with 'engine' the old policy is the engine's own, so every "
+             "importance weight is 1")
+        need(rc.mode in RC_MODES, "algo.rollout_correction.mode", f"must be one of {', '.join(RC_MODES)}")
+        need(rc.cap > 0, "algo.rollout_correction.cap", f"must be > 0, got {rc.cap}")
+        need(rc.cap_low >= 0, "algo.rollout_correction.cap_low", f"must be >= 0 (0: 1 / cap), got {rc.cap_low}")
+        need(rc.mode != "mask" or (rc.cap_low or 1.0 / rc.cap) < rc.cap, "algo.rollout_correction.cap_low",
+             f"the band kept, [{rc.cap_low or 1.0 / rc.cap:g}, {rc.cap:g}], is empty")
+        need(rc.log_ratio_clamp > 0, "algo.rollout_correction.log_ratio_clamp", "must be > 0")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
          "must be token-mean or sequence-mean")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")

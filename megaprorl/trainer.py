@@ -28,6 +28,7 @@ from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
+from .algo.rollout_correction import mismatch_stats, rollout_correction_weights
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .models.gpt import describe as describe_policy
@@ -428,8 +429,7 @@ class Trainer:
             batch.old_logp = self.policy.logprobs(batch, mbs, temperature=temp, expert_load=moe)
             if moe:
                 stats.update(self.policy.last_expert_load)
-            stats["rollout/logprob_mismatch"] = float(((batch.old_logp - engine_logp).abs() * batch.loss_mask).sum()
-                                                      / batch.loss_mask.sum().clamp(min=1))
+            stats.update(mismatch_stats(batch.old_logp, engine_logp, batch.loss_mask))
         if self.reference is not None:
             batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
         stats["time/logprob_s"] = time.time() - t
@@ -446,6 +446,12 @@ class Trainer:
             shaped.to(dev), group_ids.to(dev), mask.to(dev), cfg.algo.advantage, cfg.algo.whiten_advantages,
             group=dp_group() if dp_world() > 1 else None,
             token_penalty=None if kl_in_reward is None else kl_in_reward.to(dev)).cpu()
+        rc = cfg.algo.rollout_correction
+        if rc.level:  # the engine sampled from pi_engine, not pi_old: importance-weight the policy gradient
+            w, rc_stats = rollout_correction_weights(batch.old_logp, engine_logp, mask, rc.level, rc.mode, rc.cap,
+                                                     rc.cap_low, rc.log_ratio_clamp)
+            batch.advantages = batch.advantages * w
+            stats.update(rc_stats)
 
         t = time.time()
         upd = self._optimizer_steps(batch, len(groups))

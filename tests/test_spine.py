@@ -191,7 +191,9 @@ TINY = ["warmstart.steps=20", "train.steps=2", "train.prompts_per_step=8", "trai
 def test_full_rl_steps_end_to_end(tmp_path):
     """Two RL steps from the CLI: warm-start, evaluation, rollouts, rewards, updates, run directory; then a
     second stage resuming the checkpoint under another config."""
-    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY], tmp_path)
+    # (with TIS at the sequence level: the embedded engine's log-probs are the trainer's, so every weight is ~1)
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY, "algo.rollout_correction.level=sequence"],
+                 tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"^policy: [\d.]+M parameters, .*layer spec.*, TP=1 PP=1, (cpu|cuda)$", r.stdout, re.M), r.stdout
     assert "not installed. Falling back" not in r.stderr  # Megatron's import-time fallback warnings are quiet
@@ -203,6 +205,8 @@ def test_full_rl_steps_end_to_end(tmp_path):
                 "response_length", "dynamic_sampling/discarded_frac", "time/rollout_s", "time/update_s"):
         assert key in steps[0], key
     assert steps[0]["rollout/logprob_mismatch"] < 1e-4
+    assert steps[0]["rollout/mismatch_k3"] < 1e-8 and abs(steps[0]["rollout_correction/weight_mean"] - 1) < 1e-3
+    assert steps[0]["rollout_correction/truncated_frac"] == 0.0
     assert steps[0]["time/rollout_tokens_per_s"] > 0 and steps[0]["rollout/decode_steps"] >= 1
     assert 0 < steps[0]["rollout/row_utilisation"] <= 1
     assert steps[0]["optimizer_steps"] == 2.0
@@ -222,7 +226,8 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert f"resumed from {ck} at step 2" in r.stdout
     later = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in later if "reward" in x] == [3]
-    assert all("rollout/logprob_mismatch" not in x and "approx_kl_old" in x for x in later if "reward" in x)
+    assert all("rollout/logprob_mismatch" not in x and "rollout_correction/ess" not in x and "approx_kl_old" in x
+               for x in later if "reward" in x)
     assert max(x.get("response_length", 0) for x in later) > 5  # past the first stage's budget of 5
     assert (tmp_path / "stage2" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
 

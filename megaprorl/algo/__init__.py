@@ -11,6 +11,7 @@ from .length_penalty import LengthPenaltyConfig, LengthPenaltySchedule, apply_le
 from .loss import (KL_ESTIMATORS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
                    logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits)
 from .passk import pass_at_k, pass_at_k_batch, summarize_eval
+from .rollout_correction import RolloutCorrectionConfig, mismatch_stats, rollout_correction_weights
 from .reset import TRIGGERS, ReferenceResetConfig, ReferenceResetController
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "KL_ESTIMATORS", "LossSpec", "aggregation_weights", "clipped_pg_loss", "kl_estimate",
     "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits",
     "pass_at_k", "pass_at_k_batch", "summarize_eval",
+    "RolloutCorrectionConfig", "mismatch_stats", "rollout_correction_weights",
     "TRIGGERS", "ReferenceResetConfig", "ReferenceResetController",
 ]
