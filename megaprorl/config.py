@@ -212,6 +212,8 @@ class AlgoConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+    # DAPO's overlong filtering: responses truncated at rollout.max_new_tokens take no part in the loss
+    overlong_filter: bool = False
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
     # the gap between the engine's sampling distribution and the trainer's old policy: each token's policy-
     # gradient term weighted by pi_old / pi_engine, truncated or masked (TIS / MIS; needs old_logprobs=recompute)

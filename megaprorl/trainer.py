@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .algo.advantages import compute_advantages
 from .algo.dynamic_sampling import DynamicSampler
-from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty
+from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
@@ -411,6 +411,11 @@ class Trainer:
         rollouts = [r for g in groups for r in g["rollouts"]]
         batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                 self.tokenizer.pad_id)
+        n_response_tokens = float(batch.loss_mask.sum())
+        if cfg.algo.overlong_filter:  # truncated responses take no part in the loss (their rewards did in the baseline)
+            truncated = torch.tensor([not r.finished for r in rollouts])
+            batch.loss_mask = filter_overlong(batch.loss_mask, truncated)
+            stats["overlong_filtered_frac"] = float(truncated.float().mean())
         if cfg.algo.moe_routing_replay:  # the policy's forwards send each token to the experts it was sampled with
             batch.routing = routing_batch([r.extra["routing"] for r in rollouts], batch.tokens)
         shaped = torch.cat([g["shaped"] for g in groups])
@@ -463,7 +468,7 @@ class Trainer:
         stats["time/weight_sync_s"] = time.time() - t
         stats["time/step_s"] = time.time() - t_step
         stats["step_time_s"] = stats["time/step_s"]
-        stats["tokens_per_s"] = float(mask.sum()) * dp_world() / max(stats["time/step_s"], 1e-9)
+        stats["tokens_per_s"] = n_response_tokens * dp_world() / max(stats["time/step_s"], 1e-9)
         return stats
 
     def _optimizer_steps(self, batch: SeqBatch, n_groups: int) -> Dict:
@@ -478,7 +483,9 @@ class Trainer:
             gsel = order[m * per: (m + 1) * per] if m < n_mini - 1 else order[m * per:]
             idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
             mb = batch.slice(idx)
-            counts = torch.tensor([float(mb.loss_mask.sum()), float(len(mb))], dtype=torch.float64, device=self.device)
+            # the valid tokens and the sequences that have any (a row the overlong filter emptied counts in neither)
+            counts = torch.tensor([float(mb.loss_mask.sum()), float((mb.loss_mask.sum(-1) > 0).sum())],
+                                  dtype=torch.float64, device=self.device)
             if dist.is_initialized() and dp_world() > 1:
                 dist.all_reduce(counts, group=dp_group())
             mb.weights = aggregation_weights(mb.loss_mask, cfg.algo.loss.aggregation, float(counts[0]), float(counts[1]))

@@ -1,13 +1,15 @@
-"""Hand-worked numbers for the cosine length reward and its on/off schedule."""
+"""Hand-worked numbers for the cosine length reward and its on/off schedule; DAPO's overlong filtering, by hand
+and in the trainer."""
 
 import math
+import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from megaprorl.algo.length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty,
-                                           cosine_fn)
+                                           cosine_fn, filter_overlong)
 
 C45 = math.cos(math.pi / 4)  # 0.707107
 
@@ -105,3 +107,70 @@ def test_config_is_an_omegaconf_structured_config():
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(["on_steps=7", "enabled=true", "wrong_r0=-5"]))
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, LengthPenaltyConfig) and cfg.on_steps == 7 and cfg.enabled and cfg.wrong_r0 == -5.0
+
+
+def test_filter_overlong_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    out = filter_overlong(mask, torch.tensor([False, True, False]))
+    assert torch.equal(out, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(filter_overlong(mask, torch.zeros(3, dtype=torch.bool)), mask)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["warmstart.steps=5", "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.n_samples=4",
+        "eval.n_prompts=8", "logging.progress=false", "model.num_layers=1", "model.hidden_size=32",
+        "model.ffn_hidden_size=64", "rewards.num_workers=0", "algo.dynamic_sampling.enabled=false",
+        "algo.length_penalty.enabled=true", "algo.length_penalty.off_steps=0", "algo.overlong_filter=true",
+        "algo.loss.aggregation=sequence-mean"]
+
+
+def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatch):
+    """Every third rollout reported truncated, the others finished: its row of the loss mask, its advantages and its loss weights are
+    zero; the other rows keep their mask, and the sequence-mean counts only them."""
+    from megaprorl.config import load_config
+    from megaprorl.policy import build_seq_batch
+    from megaprorl.trainer import Trainer
+
+    t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), [f"output_dir={tmp_path}", *TINY]))
+    seen = {}
+    generate = t.engine.generate
+
+    def generate_some_truncated(prompts, params, on_finish=None):
+        out = generate(prompts, params, on_finish=on_finish)
+        for i, r in enumerate(out):  # (the briefly warm-started policy reaches no end token: all would be cut)
+            r.finished = i % 3 != 0
+        seen["rollouts"] = out
+        return out
+
+    def train_step(mb, spec, micro, temperature=1.0):
+        seen.setdefault("weights", []).append((mb.weights.clone(), mb.loss_mask.clone()))
+        return {"skipped_update": 0.0, "loss": 0.0, "grad_norm": 0.0}
+
+    try:
+        monkeypatch.setattr(t.engine, "generate", generate_some_truncated)
+        real_steps = t._optimizer_steps
+
+        def optimizer_steps(batch, n_groups):
+            seen["batch"] = batch
+            return real_steps(batch, n_groups)
+
+        monkeypatch.setattr(t, "_optimizer_steps", optimizer_steps)
+        monkeypatch.setattr(t.policy, "train_step", train_step)
+        stats = t.rl_step()
+    finally:
+        t.close()
+    rollouts, batch = seen["rollouts"], seen["batch"]
+    truncated = torch.tensor([not r.finished for r in rollouts])
+    full = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], t.tokenizer.pad_id)
+    assert truncated.any() and (~truncated).any()
+    assert stats["overlong_filtered_frac"] == pytest.approx(float(truncated.float().mean()))
+    assert torch.equal(batch.loss_mask[truncated], torch.zeros_like(batch.loss_mask[truncated]))
+    assert torch.equal(batch.loss_mask[~truncated], full.loss_mask[~truncated])
+    assert torch.equal(batch.advantages[truncated], torch.zeros_like(batch.advantages[truncated]))
+    assert batch.advantages[~truncated].abs().sum() > 0
+    (w, m), = seen["weights"]  # one mini-batch (its groups shuffled): sequence-mean over the rows that kept tokens
+    emptied = m.sum(-1) == 0
+    assert int(emptied.sum()) == int(truncated.sum())
+    assert torch.equal(w[emptied], torch.zeros_like(w[emptied]))
+    kept = int((~emptied).sum())
+    torch.testing.assert_close(w[~emptied].sum(-1), torch.full((kept,), 1.0 / kept))

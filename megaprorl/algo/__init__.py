@@ -7,7 +7,8 @@ No I/O; the only distributed calls are collectives over a process group passed a
 from .advantages import (ESTIMATORS, compute_advantages, fold_kl_into_rewards, group_baseline_advantages,
                          returns_to_go, whiten)
 from .dynamic_sampling import DynamicSampler, DynamicSamplingConfig, group_has_signal, groups_with_signal
-from .length_penalty import LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty, cosine_fn
+from .length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty, cosine_fn,
+                             filter_overlong)
 from .loss import (KL_ESTIMATORS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
                    logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits)
 from .passk import pass_at_k, pass_at_k_batch, summarize_eval
@@ -18,7 +19,7 @@ __all__ = [
     "ESTIMATORS", "compute_advantages", "fold_kl_into_rewards", "group_baseline_advantages", "returns_to_go",
     "whiten",
     "DynamicSampler", "DynamicSamplingConfig", "group_has_signal", "groups_with_signal",
-    "LengthPenaltyConfig", "LengthPenaltySchedule", "apply_length_penalty", "cosine_fn",
+    "LengthPenaltyConfig", "LengthPenaltySchedule", "apply_length_penalty", "cosine_fn", "filter_overlong",
     "KL_ESTIMATORS", "LossSpec", "aggregation_weights", "clipped_pg_loss", "kl_estimate",
     "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits",
     "pass_at_k", "pass_at_k_batch", "summarize_eval",

@@ -53,6 +53,13 @@ def cosine_fn(length, max_length, r0: float, rL: float):
     return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * x))
 
 
+def filter_overlong(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """DAPO's overlong filtering: the loss mask [B, L] with the rows of truncated responses (no end token within
+    the budget) zeroed, so that they take no part in the loss, its normaliser or the advantages' whitening; their
+    rewards still count in their group's baseline."""
+    return mask * (~truncated.to(torch.bool, copy=False)).to(mask.dtype)[:, None]
+
+
 def apply_length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor,
                          cfg: LengthPenaltyConfig, max_length: Optional[int] = None) -> torch.Tensor:
     """Shaped rewards [N] from verifier rewards [N], generated lengths [N] and truncation flags [N].
