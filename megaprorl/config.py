@@ -513,10 +513,20 @@ def validate(cfg: Config) -> None:
     if m.num_experts:
         need(1 <= m.moe_topk <= m.num_experts, "model.moe_topk",
              f"must be in 1..model.num_experts ({m.num_experts}) for an MoE model, got {m.moe_topk}")
-        need(cfg.parallel.tensor_parallel % ep == 0, "parallel.expert_parallel",
-             f"({ep}) must divide parallel.tensor_parallel ({cfg.parallel.tensor_parallel}): the experts are spread "
-             "over the ranks of a tensor-parallel group, which see the same tokens (expert parallelism across "
-             "data-parallel ranks is not supported: the embedded engine's ranks decode different prompts)")
+        tp = cfg.parallel.tensor_parallel
+        need(tp % ep == 0 or tp == 1, "parallel.expert_parallel",
+             f"({ep}) must divide parallel.tensor_parallel ({tp}), the experts spread over the ranks of a "
+             "tensor-parallel group; or, at parallel.tensor_parallel = 1, span that many data-parallel replicas")
+        if tp == 1 and ep > 1:  # across data-parallel replicas: every forward is matched over the expert group
+            need(cfg.parallel.pipeline_parallel == 1, "parallel.expert_parallel",
+                 f"({ep}) across data-parallel replicas (parallel.tensor_parallel = 1) needs "
+                 "parallel.pipeline_parallel = 1")
+            need(cfg.rollout.engine == "megatron", "parallel.expert_parallel",
+                 f"({ep}) across data-parallel replicas (parallel.tensor_parallel = 1) needs rollout.engine=megatron:"
+                 " the refit stream to TensorRT-LLM gathers a replica's experts from its own ranks")
+            need(not cfg.algo.moe_routing_replay, "algo.moe_routing_replay",
+                 "is not supported with parallel.expert_parallel > 1 at parallel.tensor_parallel = 1 (experts "
+                 "across data-parallel replicas)")
         need(m.num_experts % ep == 0, "parallel.expert_parallel",
              f"({ep}) must divide model.num_experts ({m.num_experts})")
         etp = max(1, cfg.parallel.tensor_parallel // ep)

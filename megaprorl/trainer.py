@@ -33,7 +33,8 @@ from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
-from .parallel import dp_group, dp_rank, dp_world, init_distributed, mp_broadcast_object, mp_leader, tp_rank
+from .parallel import (dp_group, dp_rank, dp_world, init_distributed, max_over, mp_broadcast_object, mp_leader,
+                       tp_rank, wide_expert_group)
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
@@ -304,7 +305,7 @@ class Trainer:
         by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
         skipped_long = 0
-        while sampler.can_draw():
+        while self._keep_drawing(sampler):
             records, prompts, skipped = self._sample_prompts(sampler.wanted())
             skipped_long += skipped
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -382,6 +383,22 @@ class Trainer:
             stats[f"samples/{dom}"] = cnt
             stats[f"reward_errors/{dom}"] = err
         return kept, stats
+
+    def _keep_drawing(self, sampler: DynamicSampler) -> bool:
+        """Whether this rank draws another round.  With the experts spread over data-parallel replicas
+        (``parallel.wide_expert_group``) a rank whose batch is complete takes part in the others' further draws
+        (a generate() with no prompts runs the forwards theirs need) until none of them draws."""
+        group = wide_expert_group()
+        if group is None:
+            return sampler.can_draw()
+        while True:
+            mine = sampler.can_draw()
+            if max_over(int(mine), group, self.device) == 0:
+                return False
+            if mine:
+                return True
+            self.engine.wake()
+            self.engine.generate([], SamplingParams(max_new_tokens=1))
 
     def _sample_prompts(self, k: int) -> Tuple[List[Dict], List[List[int]], int]:
         """``k`` training records from the sources and their encoded prompts, leaving out (and counting) those

@@ -138,6 +138,39 @@ def _run_tp(hf_dir, attention, tp, tokens, labels, save_dir=None, ep=1):
     return out
 
 
+def _wide_rows(rank):
+    """The batch rows and length rank ``rank`` of two holds with the experts across data-parallel replicas."""
+    return (slice(0, 1), S) if rank == 0 else (slice(1, 2), 7)
+
+
+def _run_experts_across_replicas(hf_dir, tokens, labels):
+    """TP=1 on two ranks with the experts spread over both (parallel.expert_parallel=2 as data-parallel replicas:
+    the all-to-all dispatcher): each rank its own tokens (rank 0 a row of 12, rank 1 a row of 7)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.models.gpt import build_gpt
+    from megaprorl.parallel import init_distributed
+
+    init_distributed(1, 1, expert_parallel=2)
+    mcfg = _mcfg(hf_dir, "sdpa")
+    pcfg = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False, expert_parallel=2)
+    hf_config = C.load_hf_config(hf_dir)
+    model = build_gpt(mcfg, pcfg, C.hf_vocab_size(hf_config))
+    C.load_hf_into_model(model, hf_dir, hf_config)
+    rank = dist.get_rank()
+    rows, n = _wide_rows(rank)
+    tok, lab = tokens[rows, :n], labels[rows, :n]
+    logits = model(tok, torch.arange(n)[None], None)
+    loss = _masked_ce(logits, lab, VOCAB, 0)
+    loss.backward()
+    out = dict(rank=rank, ep_rank=mps.get_expert_model_parallel_rank(), logits=logits.detach()[..., :VOCAB],
+               loss=loss.detach(), grads={k: p.grad.detach().clone() for k, p in model.named_parameters()},
+               params={k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
+    mps.destroy_model_parallel()
+    return out
+
+
 def _sum_qk_norm_grads(model):
     """Each TP rank's q/k norms saw only its own heads: their gradient is the sum over the TP group, as
     Megatron's finalize_model_grads makes it in the trainer (checked through the policy by _run_policy_step)."""
@@ -222,6 +255,7 @@ def _job(rank, world, dirs, tokens, labels, save_root):
         if family in EP_FAMILIES:
             out[family]["ep2"] = _run_tp(hf_dir, attention, 2, tokens, labels, ep=2,
                                          save_dir=os.path.join(save_root, family + "-ep2"))
+            out[family]["wide"] = _run_experts_across_replicas(hf_dir, tokens, labels)
     out["qwen3"]["step"] = {tp: _run_policy_step(dirs["qwen3"], tp) for tp in (1, 2)}
     return out
 
@@ -463,6 +497,45 @@ def test_expert_parallel_loads_logits_grads_and_saves_as_hf(setup, family):
     with pytest.raises(C.ConversionError, match="expert parallel size 2 must divide num_experts"):
         C.hf_to_megatron(C.load_hf_state_dict(setup.dirs["qwen3"]), C.load_hf_config(setup.dirs["qwen3"]), 0, 2,
                          ep_size=2)
+
+
+@pytest.mark.parametrize("family", EP_FAMILIES)
+def test_experts_across_replicas_load_their_experts_and_exchange_tokens(setup, family):
+    """TP=1, the experts spread over two data-parallel replicas: rank r loads experts 2r, 2r+1 whole (and every
+    dense weight); on its own tokens (12 on one rank, 7 on the other) its logits and loss are HF's; each
+    expert's gradient is HF's of both ranks' losses (the tokens routed to it from either rank), each dense
+    weight's that of the rank's own loss."""
+    hf_dir = setup.dirs[family]
+    hf_config = C.load_hf_config(hf_dir)
+    hf_sd = C.load_hf_state_dict(hf_dir)
+    runs = sorted((r[family]["wide"] for r in setup.results), key=lambda x: x["rank"])
+    assert [r["ep_rank"] for r in runs] == [0, 1]
+    model = setup.hf[family]
+    own = []
+    for r in runs:
+        want = C.hf_to_megatron(hf_sd, hf_config, 0, 1, ep_size=2, ep_rank=r["ep_rank"])
+        assert set(r["params"]) == set(want)
+        for k, v in want.items():
+            assert torch.equal(r["params"][k], v), k
+        e = 2 * r["ep_rank"]
+        assert torch.equal(r["params"]["decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"],
+                           hf_sd[f"model.layers.0.mlp.experts.{e + 1}.down_proj.weight"])
+        rows, n = _wide_rows(r["rank"])
+        logits, loss, grads = _hf_forward_backward(model, setup.tokens[rows, :n], setup.labels[rows, :n])
+        torch.testing.assert_close(r["logits"], logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(r["loss"], loss, atol=1e-5, rtol=0)
+        own.append(grads)
+    both = {k: own[0][k] + own[1][k] for k in own[0]}
+    dims = C._Dims(hf_config)
+    for r in runs:  # HF's gradients laid out as this rank's parameters
+        padded = r["params"]["embedding.word_embeddings.weight"].shape[0]
+        for mkey, g in r["grads"].items():
+            ref = both if ".local_experts." in mkey else own[r["rank"]]
+            want = C._convert_keys_to_megatron([mkey], ref.__getitem__, dims, 0, 1, padded, list(range(dims.layers)),
+                                               2, r["ep_rank"])[mkey]
+            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{mkey}: {m}")
+    with pytest.raises(C.ConversionError, match="experts across data-parallel replicas need tensor parallel size 1"):
+        C.hf_to_megatron(hf_sd, hf_config, 0, 2, ep_size=2, ep_rank=0)
 
 
 def test_qwen3_policy_step_at_tp2_equals_tp1(setup):

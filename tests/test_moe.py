@@ -156,8 +156,8 @@ def test_moe_config_checks():
                         "'rollout.cuda_graphs': an MoE model's decode step .* depend on the routing"),
                        (["model.moe_ffn_hidden_size=33", "parallel.tensor_parallel=2",
                          "parallel.sequence_parallel=true"], "'model.moe_ffn_hidden_size': must be divisible"),
-                       (["parallel.expert_parallel=2"], r"'parallel.expert_parallel': \(2\) must divide "
-                                                        r"parallel.tensor_parallel \(1\)"),
+                       (["parallel.expert_parallel=3", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+                        r"'parallel.expert_parallel': \(3\) must divide parallel.tensor_parallel \(2\)"),
                        (["parallel.expert_parallel=4", "parallel.tensor_parallel=4", "parallel.sequence_parallel=true",
                          "model.num_query_groups=4", "model.num_experts=6"],
                         r"'parallel.expert_parallel': \(4\) must divide model.num_experts \(6\)"),
@@ -406,3 +406,152 @@ def test_trainer_replays_the_rollouts_routing(tmp_path):
                          "model.recompute_granularity=full"], "would replay a later micro-batch's routing")]:
         with pytest.raises(ConfigError, match=msg):
             load_config(demo, MOE + extra)
+
+
+# ---------------------------------------------------------------- experts across data-parallel replicas (TP = 1)
+def _global_experts(params, ep_rank, ep, n_experts=4):
+    """A rank's parameters named as one replica holding every expert names them (local expert i of EP rank r is
+    expert r * n / ep + i)."""
+    out = {}
+    for n, v in params.items():
+        if ".local_experts." in n:
+            head, tail = n.split(".local_experts.")
+            i, rest = tail.split(".", 1)
+            n = f"{head}.local_experts.{ep_rank * (n_experts // ep) + int(i)}.{rest}"
+        out[n] = v
+    return out
+
+
+def _wide_job(rank, world, out_dir, start):
+    """On each of two ranks (TP=1): rollouts of its own prompts (rank 0 two prompts of up to 6 new tokens, rank 1 one
+    of up to 3; then rank 0 a second call while rank 1 has none), teacher-forced log-probs and one optimizer step over its own sequences
+    in micro-batches of one (rank 0 three, rank 1 one), and one RL step."""
+    from megatron.core import parallel_state as mps
+
+    from megaprorl.algo.loss import LossSpec, aggregation_weights
+    from megaprorl.config import load_config
+    from megaprorl.policy import build_seq_batch
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.trainer import Trainer
+
+    over = [f"output_dir={out_dir}", *TINY, *MOE, "train.optim.distributed_optimizer=true", *start]
+    t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), over))
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=6 if rank == 0 else 3, n=2, seed=7 + rank)
+        prompts = [[3, 4, 5], [6, 7]] if rank == 0 else [[8, 9, 10, 11]]
+        calls = [t.engine.generate(prompts, params)]
+        idle = [t.engine.stats["idle_forwards"]]
+        calls.append(t.engine.generate([[5, 6]] if rank == 0 else [], params))
+        idle.append(t.engine.stats["idle_forwards"])
+        rollouts = [[(r.response_ids, r.logprobs) for r in c] for c in calls]
+        seqs = ([[3, 4, 5, 6], [7, 8], [5, 6, 7, 8, 9]], [[9, 10, 1], [11, 1], [12, 1]]) if rank == 0 else \
+            ([[6, 5, 4]], [[2, 3, 1]])
+        batch = build_seq_batch(*seqs, 0)
+        logp = t.policy.logprobs(batch, 1)
+        batch.old_logp = logp
+        batch.advantages = torch.linspace(-1, 1, batch.loss_mask.numel()).view_as(batch.loss_mask) * batch.loss_mask
+        batch.weights = aggregation_weights(batch.loss_mask, "token-mean", 17.0, 4.0)  # the two ranks' tokens: 17
+        s = t.policy.train_step(batch, LossSpec(), 1)
+        idle_micro = t.policy.idle_micro_batches
+        after = {n: p.detach().clone() for n, p in t.policy.model.named_parameters()}
+        step = t.rl_step()
+        t.step += 1
+        t.save_checkpoint()
+        saved = t.policy.logprobs(build_seq_batch(PROMPTS, RESPONSES, 0), 2)
+        return dict(rollouts=rollouts, idle=idle, idle_micro=idle_micro, logp=logp, saved=saved, grad_norm=s["grad_norm"], loss=s["loss"],
+                    after=_global_experts(after, mps.get_expert_model_parallel_rank(),
+                                          mps.get_expert_model_parallel_world_size()),
+                    rl={k: step[k] for k in ("loss", "grad_norm", "moe/load_max_over_mean", "moe/routed_tokens")})
+    finally:
+        t.close()
+        mps.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("world,extra", [(2, ()), (4, ()), (2, ("train.pack_tokens=12", "train.fused_lm_head=true"))],
+                         ids=["dp2", "dp4", "dp2-packed-fused-head"])
+def test_experts_across_data_parallel_replicas_equal_whole_replicas(tmp_path, world, extra):
+    """parallel.expert_parallel=2 at TP=1 on two ranks (and on four: two expert groups, whose expert gradients are
+    summed over the expert data-parallel group): each holds two experts and the ranks exchange tokens in
+    every MoE layer (Megatron's all-to-all dispatcher), with different prompts, response lengths and micro-batch
+    counts on each (the rank with fewer runs idle ones).  Rollouts (tokens, log-probs), log-prob passes, an optimizer step (Megatron's distributed
+    optimizer) and an RL step equal those of two replicas that hold every expert; the rank with less work ran
+    idle forwards, and took part in the other's second generate() with none of its own.  The run's checkpoint
+    resumes on one rank."""
+    from test_dist_ckpt import _trainer_job
+
+    run_distributed(_trainer_job, 1, (str(tmp_path), "save", "tp", MOE))  # warm-started weights that both load
+    start = [f"model.load={tmp_path / 'demo'}", "warmstart.steps=0", *extra]
+    whole = run_distributed(_wide_job, world, (str(tmp_path / "whole"), start))
+    wide = run_distributed(_wide_job, world, (str(tmp_path / "wide"), start + ["parallel.expert_parallel=2"]))
+    for w, o in zip(wide, whole):
+        for cw, co in zip(w["rollouts"], o["rollouts"]):
+            assert [r[0] for r in cw] == [r[0] for r in co]
+            for (_, lw), (_, lo) in zip(cw, co):
+                torch.testing.assert_close(torch.tensor(lw), torch.tensor(lo), rtol=0, atol=1e-5)
+        torch.testing.assert_close(w["logp"], o["logp"], rtol=0, atol=1e-5)
+        assert w["grad_norm"] == pytest.approx(o["grad_norm"], rel=1e-5) and w["loss"] == pytest.approx(o["loss"],
+                                                                                                       abs=1e-6)
+        for k, v in o["rl"].items():
+            assert w["rl"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+        for n, v in w["after"].items():  # this rank's experts and the dense weights: the whole replica's
+            torch.testing.assert_close(v, o["after"][n], rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    # expert groups: ranks (0, 1) and at four ranks (2, 3), whose work is alike
+    assert wide[1]["idle"][1] > 0 and whole[1]["idle"] == [0, 0]  # rank 1's forwards in rank 0's second call
+    assert wide[1]["idle"][0] > 0 and wide[0]["idle"][0] == 0  # rank 1's shorter decode waited for rank 0's
+    assert all(w["idle"] == [0, 0] for w in wide[2:])
+    # rank 1's one sequence against rank 0's three: two idle micro-batches in the log-prob pass, two in the step
+    # (packed in 12 tokens: rank 0's 7 + 4 and 5 tokens in two packs, rank 1's 6 in one; one idle pack in each)
+    idle = 1 if extra else 2
+    assert [w["idle_micro"] for w in wide] == [0, 2 * idle, 0, 0][:world] and {o["idle_micro"] for o in whole} == {0}
+    assert {n for w in wide for n in w["after"] if "local_experts" in n} == set(n for n in whole[0]["after"]
+                                                                                if "local_experts" in n)
+    # the checkpoint (Megatron's distributed one) resumes on one rank holding every expert, with the same log-probs
+    loaded = run_distributed(_trainer_job, 1, (str(tmp_path / "wide"), "load", "tp",
+                                               MOE + ["train.optim.distributed_optimizer=true"]))[0]
+    assert loaded["step"] == 1
+    from megaprorl.policy import build_seq_batch
+
+    mask = build_seq_batch(PROMPTS, RESPONSES, 0).loss_mask.bool()  # (a packed pass leaves the padding 0)
+    torch.testing.assert_close(loaded["policy"][mask], wide[0]["saved"][mask], rtol=0, atol=1e-5)
+
+
+def test_experts_across_replicas_config_checks():
+    from megaprorl.config import ConfigError, load_config
+
+    demo = os.path.join(ROOT, "examples", "demo.yaml")
+    assert load_config(demo, MOE + ["parallel.expert_parallel=4"]).parallel.expert_parallel == 4
+    with pytest.raises(ConfigError, match=r"across data-parallel replicas \(parallel.tensor_parallel = 1\) needs "
+                                          "parallel.pipeline_parallel = 1"):
+        load_config(demo, MOE + ["parallel.expert_parallel=2", "parallel.pipeline_parallel=2"])
+    with pytest.raises(ConfigError, match="'algo.moe_routing_replay': is not supported with"):
+        load_config(demo, MOE + ["parallel.expert_parallel=2", "algo.moe_routing_replay=true"])
+    with pytest.raises(ConfigError, match=r"\(4\) must divide parallel.tensor_parallel \(2\)"):
+        load_config(demo, MOE + ["parallel.expert_parallel=4", "parallel.tensor_parallel=2",
+                                 "parallel.sequence_parallel=true"])
+
+
+def _draw_rounds_job(rank, world):
+    """``Trainer._keep_drawing`` on two ranks of one expert group: rank 0 wants three rounds, rank 1 one."""
+    import types
+
+    import megaprorl.trainer as T
+
+    T.wide_expert_group = lambda: torch.distributed.group.WORLD
+    calls = []
+    sampler = types.SimpleNamespace(rounds=3 if rank == 0 else 1)
+    sampler.can_draw = lambda: sampler.rounds > 0
+    engine = types.SimpleNamespace(wake=lambda: None,
+                                   generate=lambda prompts, params: calls.append(("idle", list(prompts))))
+    me = types.SimpleNamespace(engine=engine, device=torch.device("cpu"))
+    while T.Trainer._keep_drawing(me, sampler):
+        calls.append("draw")
+        sampler.rounds -= 1
+    return calls
+
+
+def test_a_rank_done_drawing_takes_part_in_the_others_draws():
+    """With the experts across replicas a rank whose batch is complete runs a generate() with no prompts for each
+    further round another rank of its expert group draws (dynamic sampling), and all stop together."""
+    r0, r1 = run_distributed(_draw_rounds_job, 2)
+    assert r0 == ["draw", "draw", "draw"]
+    assert r1 == ["draw", ("idle", []), ("idle", [])]

@@ -161,10 +161,13 @@ class _Dims:
         if act not in ("silu", "swish"):
             raise ConversionError(f"hidden_act {act!r} is not supported (SwiGLU/silu only)")
 
-    def check_tp(self, tp: int, ep: int = 1):
+    def check_tp(self, tp: int, ep: int = 1, across_replicas: bool = False):
+        """``across_replicas``: the ``ep`` expert ranks are data-parallel replicas at TP = 1, not TP ranks."""
         if tp < 1:
             raise ConversionError(f"tensor parallel size must be >= 1, got {tp}")
-        if ep < 1 or tp % ep:
+        if across_replicas and tp != 1:
+            raise ConversionError(f"experts across data-parallel replicas need tensor parallel size 1, got {tp}")
+        if ep < 1 or (tp % ep and not across_replicas):
             raise ConversionError(f"expert parallel size {ep} must divide tensor parallel size {tp}")
         if ep > 1 and (not self.experts or self.experts % ep):
             raise ConversionError(f"expert parallel size {ep} must divide num_experts ({self.experts})")
@@ -173,7 +176,7 @@ class _Dims:
         if self.shared_ffn % tp:
             raise ConversionError(f"shared_expert_intermediate_size ({self.shared_ffn}) must be divisible by tensor "
                                   f"parallel size {tp}")
-        if self.experts and self.moe_ffn % (tp // ep):
+        if self.experts and self.moe_ffn % max(1, tp // ep):
             raise ConversionError(f"moe_intermediate_size ({self.moe_ffn}) must be divisible by the expert tensor "
                                   f"parallel size {tp // ep} (tensor parallel {tp} / expert parallel {ep})")
         if not self.experts and self.ffn % tp:
@@ -499,8 +502,9 @@ def _shard_one(kind: str, hf: List[torch.Tensor], dims: _Dims, tp_rank: int, tp_
 
 def _convert_keys_to_megatron(mkeys: Iterable[str], get_hf: Callable[[str], torch.Tensor], dims: _Dims,
                               tp_rank: int, tp_size: int, padded_vocab: int,
-                              layer_numbers: Sequence[int], ep_size: int = 1) -> Dict[str, torch.Tensor]:
-    dims.check_tp(tp_size, ep_size)
+                              layer_numbers: Sequence[int], ep_size: int = 1,
+                              ep_rank: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    dims.check_tp(tp_size, ep_size, across_replicas=ep_rank is not None)
     if padded_vocab % tp_size:
         raise ConversionError(f"padded vocab {padded_vocab} is not divisible by tensor parallel size {tp_size}")
     out = {}
@@ -514,21 +518,23 @@ def _convert_keys_to_megatron(mkeys: Iterable[str], get_hf: Callable[[str], torc
             glob = int(layer_numbers[local])
             if not 0 <= glob < dims.layers:
                 raise ConversionError(f"{mkey} maps to HF layer {glob}, but the HF config has {dims.layers} layers")
-        names, kind, r, size = _hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size)
+        names, kind, r, size = _hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size, ep_rank)
         hf = [get_hf(n) for n in names]
         _check_hf_shapes(mkey, names, hf, dims)
         out[mkey] = _shard_one(kind, hf, dims, r, size, padded_vocab, mkey)
     return out
 
 
-def _hf_source(mkey: str, glob: Optional[int], dims: _Dims, tp_rank: int, tp_size: int, ep_size: int):
+def _hf_source(mkey: str, glob: Optional[int], dims: _Dims, tp_rank: int, tp_size: int, ep_size: int,
+               ep_rank: Optional[int] = None):
     """(HF names, kind, shard rank, shard count) of TP rank ``tp_rank``'s tensor ``mkey``: an expert's weights
     are the rank's EP share of the experts (local expert e: expert ep_rank * num_experts / EP + e), split over
-    the expert-TP ranks; every other tensor is split over the TP group."""
+    the expert-TP ranks; every other tensor is split over the TP group.  ``ep_rank`` given: the experts are
+    spread over data-parallel replicas at TP = 1 and this is the rank's place among them (whole experts)."""
     local = _local_expert(mkey)
     if local is None:
         return _hf_names(mkey, glob, dims) + (tp_rank, tp_size)
-    ep_rank, etp_rank, etp = _expert_coords(tp_rank, tp_size, ep_size)
+    ep_rank, etp_rank, etp = (_expert_coords(tp_rank, tp_size, ep_size) if ep_rank is None else (ep_rank, 0, 1))
     per_rank = dims.experts // ep_size
     if local >= per_rank:
         raise ConversionError(f"Megatron parameter {mkey} is local expert {local} of {per_rank} per rank "
@@ -576,9 +582,11 @@ def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], hf_config, tp_rank: i
                    pp_rank: int = 0, pp_size: int = 1, padded_vocab: Optional[int] = None, *,
                    make_vocab_divisible_by: int = 128, layernorm_style: str = "local",
                    layer_numbers: Optional[Sequence[int]] = None,
-                   target_keys: Optional[Iterable[str]] = None, ep_size: int = 1) -> Dict[str, torch.Tensor]:
+                   target_keys: Optional[Iterable[str]] = None, ep_size: int = 1,
+                   ep_rank: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The Megatron state dict of one (TP rank, PP stage) shard (an MoE model's experts spread over
-    ``ep_size`` ranks of the TP group: ``parallel.expert_parallel``).
+    ``ep_size`` ranks of the TP group: ``parallel.expert_parallel``; with ``ep_rank``, over ``ep_size``
+    data-parallel replicas at TP = 1, this shard being replica ``ep_rank``'s).
 
     ``padded_vocab`` defaults to the HF vocab padded to ``make_vocab_divisible_by * tp_size`` (as
     ``models.gpt.padded_vocab_size`` does).  Layers of stage ``pp_rank`` are an even split unless
@@ -597,7 +605,7 @@ def hf_to_megatron(hf_state_dict: Dict[str, torch.Tensor], hf_config, tp_rank: i
                                     ep_size=ep_size)
     keys = [k for k in target_keys if _is_weight_key(k)]
     return _convert_keys_to_megatron(keys, _getter(hf_state_dict), dims, tp_rank, tp_size, padded_vocab,
-                                     layer_numbers, ep_size)
+                                     layer_numbers, ep_size, ep_rank)
 
 
 # ------------------------------------------------------------------------------ Megatron -> HF
@@ -858,12 +866,27 @@ def _tp():
     return 0, 1, 1
 
 
+def _ep_across_replicas() -> Optional[int]:
+    """This rank's expert-parallel rank when the experts are spread over data-parallel replicas (TP = 1), else
+    None."""
+    from megatron.core import parallel_state as mps
+
+    from ..parallel import wide_expert_group
+
+    return mps.get_expert_model_parallel_rank() if wide_expert_group() is not None else None
+
+
 def _ep() -> int:
-    """The expert-parallel size, checked to be folded into tensor parallelism as ``init_distributed`` lays it out
-    (each TP group's ranks hold all the experts; see ``_expert_coords``)."""
+    """The expert-parallel size, checked to be laid out as ``init_distributed`` does: folded into tensor
+    parallelism (each TP group's ranks hold all the experts; see ``_expert_coords``), or at TP = 1 over
+    data-parallel replicas (``_ep_across_replicas``)."""
     from megatron.core import parallel_state as mps
 
     ep = mps.get_expert_model_parallel_world_size()
+    if ep > 1 and mps.get_tensor_model_parallel_world_size() == 1:
+        if mps.get_expert_tensor_parallel_world_size() != 1:
+            raise ConversionError("experts across data-parallel replicas need expert tensor parallel size 1")
+        return ep
     if ep > 1:
         tp_rank, tp = mps.get_tensor_model_parallel_rank(), mps.get_tensor_model_parallel_world_size()
         coords = (mps.get_expert_model_parallel_rank(), mps.get_expert_tensor_parallel_rank(),
@@ -883,6 +906,7 @@ def load_hf_into_model(model, hf_dir: str, hf_config=None) -> Dict[str, int]:
     hf_config = hf_config if hf_config is not None else load_hf_config(hf_dir)
     dims = _Dims(hf_config)
     tp_rank, tp_size, ep_size = _tp()
+    ep_rank = _ep_across_replicas()  # or the experts spread over data-parallel replicas
     n_tensors = n_params = 0
     for gpt in _unwrap(model):
         target = {k: v for k, v in gpt.state_dict(keep_vars=True).items()
@@ -896,10 +920,10 @@ def load_hf_into_model(model, hf_dir: str, hf_config=None) -> Dict[str, int]:
         for mkey in target:
             m = _LAYER_RE.match(mkey)
             glob = layers[int(m.group(1))] if m else None
-            needed += list(_hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size)[0])
+            needed += list(_hf_source(mkey, glob, dims, tp_rank, tp_size, ep_size, ep_rank)[0])
         hf_sd = load_hf_state_dict(hf_dir, needed)
         converted = _convert_keys_to_megatron(list(target), _getter(hf_sd, hf_dir), dims, tp_rank, tp_size,
-                                              padded or tp_size, layers, ep_size)
+                                              padded or tp_size, layers, ep_size, ep_rank)
         for mkey, value in converted.items():
             param = target[mkey]
             if tuple(param.shape) != tuple(value.shape):
@@ -1009,6 +1033,11 @@ class HFWeightStream:
         pp_group = mps.get_pipeline_model_parallel_group() if distributed else None
         tp = dist.get_world_size(tp_group) if distributed else 1
         ep = _ep() if distributed else 1  # the experts, spread over the TP group: gathered with the rest
+        if distributed and _ep_across_replicas() is not None:
+            raise ConversionError("the HF weight stream gathers a replica's experts from its own TP group; with the "
+                                  "experts across data-parallel replicas (parallel.expert_parallel > 1 at "
+                                  "tensor_parallel 1) it is not supported: export the checkpoint (megaprorl convert "
+                                  "checkpoint-to-hf) instead")
         pp = dist.get_world_size(pp_group) if distributed else 1
         pp_rank = dist.get_rank(pp_group) if distributed else 0
         chunks = self._chunks()

@@ -63,15 +63,16 @@ def transformer_config(mcfg, pcfg, routing_replay: bool = False):
         # default, a softmax over the k chosen logits, is the same) else not (pre-softmax: the full softmax's
         # k values).  The experts are spread over the ranks of a tensor-parallel group (parallel.expert_parallel,
         # each expert split over the TP / EP ranks that hold it), whose ranks see the same tokens: the all-gather
-        # dispatcher (over that group); no load-balancing loss in RL.  The router's logits in fp32 (Megatron's advice for stable routing; HF's
+        # dispatcher (over that group); at TP = 1 over EP data-parallel replicas, whose ranks hold different
+        # tokens: the all-to-all dispatcher (each token to its experts' ranks).  No load-balancing loss in RL.  The router's logits in fp32 (Megatron's advice for stable routing; HF's
         # softmax is in fp32 too): a bf16 policy's routing flips less often on rounding (near-ties still can)
         kwargs.update(num_moe_experts=experts, moe_router_topk=int(mcfg.moe_topk), moe_router_dtype="fp32",
                       moe_ffn_hidden_size=int(mcfg.moe_ffn_hidden_size or mcfg.ffn_hidden_size),
                       moe_router_pre_softmax=not bool(mcfg.moe_norm_topk_prob),
-                      moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-                      moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
+                      moe_token_dispatcher_type="alltoall" if experts_across_replicas(pcfg) else "allgather",
+                      moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
                       expert_model_parallel_size=expert_parallel(pcfg),
-                      expert_tensor_parallel_size=pcfg.tensor_parallel // expert_parallel(pcfg))
+                      expert_tensor_parallel_size=max(1, pcfg.tensor_parallel // expert_parallel(pcfg)))
         if routing_replay:  # each router can record its top-k and replay given ones (Megatron's RouterReplay)
             kwargs.update(moe_enable_routing_replay=True)
         shared = int(getattr(mcfg, "moe_shared_expert_ffn_hidden_size", 0) or 0)
@@ -117,6 +118,12 @@ def _experts_apart(model) -> None:
 def expert_parallel(pcfg) -> int:
     """Ranks of a tensor-parallel group that the experts are spread over (``parallel.expert_parallel``)."""
     return int(getattr(pcfg, "expert_parallel", 1) or 1)
+
+
+def experts_across_replicas(pcfg) -> bool:
+    """True when the experts are spread over data-parallel replicas (``parallel.expert_parallel`` > 1 at
+    ``parallel.tensor_parallel`` = 1) instead of over the ranks of a tensor-parallel group."""
+    return expert_parallel(pcfg) > 1 and int(pcfg.tensor_parallel) == 1
 
 
 def num_experts(mcfg) -> int:

@@ -40,6 +40,12 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
     for the experts are then ranks that see the same tokens anyway, which keeps every forward of the
     embedded engine and of the trainer collective over the tensor-parallel group alone.
 
+    At ``tensor_parallel`` = 1 an ``expert_parallel`` > 1 spreads the experts over that many data-parallel
+    replicas instead (Megatron's expert parallelism proper, with the all-to-all dispatcher): their ranks hold
+    different tokens and exchange them in every MoE layer, so each forward and backward of one must be
+    matched by the others (``wide_expert_group``: the engine's ``lockstep`` and the policy's equal micro-batch
+    counts).
+
     ``timeout_s`` (config ``parallel.timeout_s``) bounds every collective of the world group and of
     Megatron's groups: a rank that died or hangs makes the others raise instead of waiting forever
     (gloo: tested in tests/test_reliability.py; NCCL: its watchdog aborts the process when
@@ -62,15 +68,19 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeo
     if world % (tensor_parallel * pipeline_parallel) != 0:
         raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) x parallel.pipeline_parallel "
                          f"({pipeline_parallel}) must divide the world size ({world})")
-    if expert_parallel < 1 or tensor_parallel % expert_parallel:
+    if expert_parallel < 1 or (tensor_parallel % expert_parallel and tensor_parallel > 1):
         raise ValueError(f"parallel.expert_parallel ({expert_parallel}) must divide parallel.tensor_parallel "
-                         f"({tensor_parallel}): the experts are spread over the ranks of a tensor-parallel group")
+                         f"({tensor_parallel}): the experts are spread over the ranks of a tensor-parallel group "
+                         "(or, at tensor_parallel 1, over data-parallel replicas)")
+    if tensor_parallel == 1 and expert_parallel > 1 and (world // pipeline_parallel) % expert_parallel:
+        raise ValueError(f"parallel.expert_parallel ({expert_parallel}) across data-parallel replicas must divide "
+                         f"their number ({world // pipeline_parallel})")
     if not mps.model_parallel_is_initialized():
         # Megatron's TP/PP/DP groups get their own timeout (30 min unless told): the same as the world group
         mps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                       pipeline_model_parallel_size=pipeline_parallel,
                                       expert_model_parallel_size=expert_parallel,
-                                      expert_tensor_parallel_size=tensor_parallel // expert_parallel,
+                                      expert_tensor_parallel_size=max(1, tensor_parallel // expert_parallel),
                                       distributed_timeout_minutes=timeout_s / 60.0)
     from megatron.core import tensor_parallel as mtp
 
@@ -91,6 +101,29 @@ def destroy() -> None:
         mps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wide_expert_group():
+    """The expert-parallel group when it spans data-parallel replicas (``parallel.expert_parallel`` > 1 at
+    ``parallel.tensor_parallel`` = 1), else None.  Its ranks exchange tokens in every MoE layer, so a forward
+    (or backward) of the model on one of them must be matched by one on each of the others, with whatever tokens
+    each has."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state as mps
+
+    if not mps.model_parallel_is_initialized():
+        return None
+    if mps.get_expert_model_parallel_world_size() > 1 and mps.get_tensor_model_parallel_world_size() == 1:
+        return mps.get_expert_model_parallel_group()
+    return None
+
+
+def max_over(value: int, group, device) -> int:
+    """The largest of the ranks' ``value`` over ``group``."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
 
 
 def tp_group():

@@ -22,6 +22,12 @@ Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy t
    (``LanguageModule.setup_embeddings_and_output_layer``); inside that method ``Tensor.cuda()`` leaves
    a CPU tensor where it is.
 
+7. The all-to-all MoE token dispatcher (expert parallelism across data-parallel replicas) copies its split
+   sizes to the host on a side CUDA stream, made when the first dispatcher is built, and hands them to
+   ``all_to_all_single`` as the numpy arrays the copy returns.  Without CUDA the dispatcher's module gets a
+   torch view whose ``torch.cuda`` streams and events do nothing, and its host copy turns CPU tensors into
+   numpy arrays as the CUDA copy does.
+
 ``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
 Megatron unmodified.
 """
@@ -114,6 +120,42 @@ def install() -> None:
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     LanguageModule.setup_embeddings_and_output_layer = _cpu_stays(LanguageModule.setup_embeddings_and_output_layer)
+
+
+    # 7. The all-to-all MoE dispatcher's side stream and host copies.
+    from megatron.core.transformer.moe import token_dispatcher as mdisp
+
+    mdisp.torch = _CpuStreamsTorchView()
+    mdisp.maybe_move_tensor_to_cpu = _host_copy
+
+
+class _CpuStream:
+    """A CUDA stream's interface with nothing to order: on a CPU every operation has finished when it returns."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self):
+        return types.SimpleNamespace(synchronize=lambda: None)
+
+
+_CURRENT_STREAM = _CpuStream()
+_CPU_CUDA = types.SimpleNamespace(Stream=_CpuStream, current_stream=lambda device=None: _CURRENT_STREAM,
+                                  stream=lambda s: contextlib.nullcontext())
+
+
+class _CpuStreamsTorchView(_CpuTorchView):
+    """``_CpuTorchView`` whose ``torch.cuda`` has streams and events that do nothing."""
+
+    def __getattr__(self, name):
+        return _CPU_CUDA if name == "cuda" else super().__getattr__(name)
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for CPU tensors: the tensor itself, or as numpy when asked."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 _TENSOR_TYPE = torch.Tensor.type

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from .. import kernels
 from ..algo.loss import LossSpec
 from ..models.gpt import build_gpt, needs_explicit_causal_mask, use_transformer_engine
-from ..parallel import all_reduce_grad_tp, dp_group, tp_group, tp_rank, tp_world
-from .micro import pack_micro_batches, padded_micro_batches
+from ..parallel import all_reduce_grad_tp, dp_group, max_over, tp_group, tp_rank, tp_world, wide_expert_group
+from .micro import IdleMicro, pack_micro_batches, padded_micro_batches
 
 
 @dataclass
@@ -246,6 +246,7 @@ class Policy:
         self._head_weight = None  # the output layer's weight, recorded while the fused LM head is on
         self._expert_load = None  # an MoE model's router counter, during a log-prob pass that asks for it
         self.last_expert_load: Dict[str, float] = {}  # its statistics (ExpertLoad.stats) from the last such pass
+        self.idle_micro_batches = 0  # run to match the expert group's other ranks (parallel.wide_expert_group)
         self.vocab_size = vocab_size
         self.optimizer = None
         self.ddp = None
@@ -369,9 +370,16 @@ class Policy:
         if self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1:
             mult = mult * self.pcfg.tensor_parallel // math.gcd(mult, self.pcfg.tensor_parallel)
         if self.pack_tokens:
-            return pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult,
-                                      equal_length=self.pcfg.pipeline_parallel > 1)
-        return padded_micro_batches(batch, micro_batch_size, self.pad_id, pad_multiple=mult)
+            micro = pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult,
+                                       equal_length=self.pcfg.pipeline_parallel > 1)
+        else:
+            micro = padded_micro_batches(batch, micro_batch_size, self.pad_id, pad_multiple=mult)
+        group = wide_expert_group()
+        if group is not None:  # experts across data-parallel replicas: as many forwards (and backwards) as the others
+            n = max_over(len(micro), group, self.device)
+            self.idle_micro_batches += n - len(micro)
+            micro += [IdleMicro(batch, mult, self.pad_id) for _ in range(n - len(micro))]
+        return micro
 
     def _run_schedule(self, micro, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func

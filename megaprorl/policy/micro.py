@@ -145,6 +145,27 @@ class PackedMicro:
             out[r, : n - 1] = values[s: s + n - 1]
 
 
+class IdleMicro(PaddedMicro):
+    """A micro-batch that carries nothing: one row of ``length`` pad tokens with zero mask and weights (``like``'s
+    fields, zero, where ``like`` has them), so that a rank with fewer micro-batches than the others of its
+    expert-parallel group runs the matching forwards and backwards (``parallel.wide_expert_group``); its loss is
+    0 and it writes no log-prob."""
+
+    def __init__(self, like, length: int, pad_id: int = 0):
+        length = max(2, int(length))
+        zeros = lambda name: None if getattr(like, name) is None else torch.zeros(1, length - 1)  # noqa: E731
+        batch = type(like)(torch.full((1, length), int(pad_id), dtype=torch.long), torch.zeros(1, length - 1),
+                           zeros("old_logp"), zeros("ref_logp"), zeros("advantages"), zeros("weights"),
+                           torch.tensor([length]), None)
+        super().__init__(batch, torch.zeros(0, dtype=torch.long))
+
+    def real_tokens(self) -> torch.Tensor:
+        return torch.zeros(1, self.seq_len, dtype=torch.bool)
+
+    def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        pass
+
+
 def padded_micro_batches(batch, micro_batch_size: int, pad_id: int = 0, pad_multiple: int = 1) -> List[PaddedMicro]:
     """Slices of ``micro_batch_size`` rows; with ``pad_multiple > 1`` the sequence length is padded up to
     a multiple of it (FP8 GEMMs need the token count divisible by 16)."""

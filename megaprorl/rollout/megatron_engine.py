@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DECODE_ATTENTION
+from ..parallel import max_over, wide_expert_group
 from . import Rollout, SamplingParams
 
 
@@ -206,7 +207,7 @@ def _sequence_parallel_off(model):
 # steps and rows; keys_own: those each row attends to (its own extent), what decode_attention='triton' reads
 _STATS = ("rollouts", "rows", "kv_cache_bytes", "tokens", "decode_steps", "decode_row_steps", "dense_row_steps",
           "prefill_rows", "prefill_tokens", "admissions", "prefills", "compactions", "keys_span", "keys_own",
-          "graphs")
+          "graphs", "idle_forwards")
 
 
 class _Extents:
@@ -386,6 +387,8 @@ class MegatronEngine:
                 raise ConfigError(f"config key 'rollout.cuda_graphs': CUDA graphs need a CUDA device; the model is "
                                   f"on {policy.device}")
         self._graph_pool = None  # the memory pool that a generate() call's step graphs share
+        # the experts spread over data-parallel replicas: every forward is matched over this group (_any_forward)
+        self._expert_group = wide_expert_group()
         # an MoE policy built with routing replay: record the experts each rollout's tokens went to, as
         # Rollout.extra["routing"] [len - 1, this stage's MoE layers, k] (algo.moe_routing_replay)
         self.record_routing = False
@@ -427,6 +430,14 @@ class MegatronEngine:
         items = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
         self.stats = dict.fromkeys(_STATS, 0)
         if not items:
+            if self._expert_group is not None:  # nothing to decode here: run the forwards the others need
+                was_training = self.policy.model.training
+                self.policy.model.eval()
+                try:
+                    with _fp8_off(self.policy.model.config), _sequence_parallel_off(self.policy.model):
+                        self._drain()
+                finally:
+                    self.policy.model.train(was_training)
             return []
         self.stats["rollouts"] = len(items)
         model = self.policy.model
@@ -441,6 +452,7 @@ class MegatronEngine:
                 self._routing_log = []
             with _fp8_off(model.config), _sequence_parallel_off(model):
                 out = self._decode(items, params, on_finish)
+                self._drain()
             if replay is not None:
                 self._attach_routing(out, replay.layers)
         finally:
@@ -455,9 +467,29 @@ class MegatronEngine:
         self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in (lens[s: s + rows] for s in range(0, len(lens), rows)))
         return out
 
+    def _any_forward(self, mine: bool) -> bool:
+        """Experts across data-parallel replicas (``parallel.wide_expert_group``): whether any rank of the expert
+        group has a forward to run now.  Every forward of the engine, real or idle, follows this call on every
+        rank of the group, so the MoE layers' token exchanges pair up one forward with one forward."""
+        return max_over(int(mine), self._expert_group, self.policy.device) > 0
+
+    def _drain(self) -> None:
+        """After this rank's last forward of a generate() call: idle forwards (one pad token) while any other rank
+        of the expert group still decodes.  Without such a group: nothing."""
+        if self._expert_group is None:
+            return
+        model, dev = self.policy.model, self.policy.device
+        tok = torch.full((1, 1), int(self.pad_id), dtype=torch.long, device=dev)
+        pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        while self._any_forward(False):
+            self.stats["idle_forwards"] += 1
+            model(tok, pos, self.policy._attn_mask(1, dev))
+
     def _forward(self, tokens, pos, mask, ctx, lean: bool = False):
         """This stage's forward (Megatron's, or with ``lean`` a decode step through ``_lean_stage``); returns
         the gathered logits [b, s, V] on the last stage, None on the others."""
+        if self._expert_group is not None:
+            self._any_forward(True)
         model = self.policy.model
         if self.pp == 1:
             if lean:
