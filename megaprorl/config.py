@@ -184,6 +184,9 @@ class LossConfig:
     ratio_log_clamp: float = 20.0
     aggregation: str = "token-mean"  # token-mean | sequence-mean
     entropy_coef: float = 0.0
+    # token (PPO's per-token ratio) | sequence (GSPO-token: each token takes its sequence's geometric-mean ratio,
+    # clipped per sequence; GSPO's own bounds are ~3e-4 / 4e-4 with aggregation sequence-mean)
+    ratio_level: str = "token"
 
 
 @dataclass
@@ -472,6 +475,7 @@ def validate(cfg: Config) -> None:
         need(rc.log_ratio_clamp > 0, "algo.rollout_correction.log_ratio_clamp", "must be > 0")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
          "must be token-mean or sequence-mean")
+    need(cfg.algo.loss.ratio_level in ("token", "sequence"), "algo.loss.ratio_level", "must be token or sequence")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     from .rewards.base import THINK_MODES

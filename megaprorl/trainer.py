@@ -144,7 +144,8 @@ class Trainer:
                              dual_clip=cfg.algo.loss.dual_clip, ratio_log_clamp=cfg.algo.loss.ratio_log_clamp,
                              kl_coef=cfg.algo.kl.coef if cfg.algo.kl.placement == "loss" else 0.0,
                              kl_estimator=cfg.algo.kl.estimator, kl_log_ratio_clamp=cfg.algo.kl.log_ratio_clamp,
-                             kl_output_clamp=cfg.algo.kl.output_clamp, entropy_coef=cfg.algo.loss.entropy_coef)
+                             kl_output_clamp=cfg.algo.kl.output_clamp, entropy_coef=cfg.algo.loss.entropy_coef,
+                             ratio_level=cfg.algo.loss.ratio_level)
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0

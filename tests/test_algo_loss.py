@@ -307,3 +307,52 @@ def test_loss_invariant_over_two_dp_ranks(mode):
     torch.testing.assert_close(out[1][0], full_loss)
     # per-rank gradients are slices of the full one: a SUM over ranks (not a mean) reproduces it
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), full_grad)
+
+
+# ------------------------------------------------------------------ sequence-level ratios (GSPO-token)
+def test_sequence_level_ratio_by_hand():
+    """Two sequences (eps 0.2 both ways).  Sequence 0's log-ratios 0.1 and 0.3 average 0.2: s = e^0.2 = 1.2214 >
+    1.2, so with A = 1 both its tokens are clipped high (pg = -1.2, no gradient), token 0 too, whose own ratio
+    e^0.1 is inside the range.  Sequence 1's -0.05 and +0.05 average 0: s = 1, and with A = -2 each token has
+    pg = 2 and gradient -A s = 2 (at token level token 3's is -A e^0.05).  A masked token with a log-ratio of 5
+    in sequence 1 changes nothing."""
+    import math
+
+    from megaprorl.algo.loss import sequence_level_pg_loss, sequence_log_ratio, sequence_ratio_old_logp
+
+    old = torch.zeros(5, dtype=torch.float64)
+    logp = torch.tensor([0.1, 0.3, -0.05, 0.05, 5.0], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    seg = torch.tensor([0, 0, 1, 1, 1])
+    adv = torch.tensor([1.0, 1.0, -2.0, -2.0, -2.0], dtype=torch.float64)
+    log_s = sequence_log_ratio(logp, old, mask, seg)
+    torch.testing.assert_close(log_s, torch.tensor([0.2, 0.2, 0.0, 0.0, 0.0], dtype=torch.float64))
+    pg, clo, chi = sequence_level_pg_loss(logp, old, adv, mask, seg, 0.2, 0.2)
+    torch.testing.assert_close(pg[:4], torch.tensor([-1.2, -1.2, 2.0, 2.0], dtype=torch.float64))
+    assert chi[:4].tolist() == [True, True, False, False] and not clo[:4].any()
+    g, = torch.autograd.grad((pg * mask).sum(), logp)
+    torch.testing.assert_close(g[:4], torch.tensor([0.0, 0.0, 2.0, 2.0], dtype=torch.float64))
+    # the token-level loss at the sequence-level old log-probs is the same, value and gradient
+    spec = LossSpec(eps_low=0.2, eps_high=0.2, ratio_level="sequence")
+    parts = per_token_loss(logp, None, sequence_ratio_old_logp(logp, old, mask, seg), None, adv, spec)
+    torch.testing.assert_close(parts["pg"][:4], pg[:4])
+    g2, = torch.autograd.grad((parts["pg"] * mask).sum(), logp)
+    torch.testing.assert_close(g2, g)
+    # token level differs: token 0 (e^0.1 < 1.2) is not clipped, token 1 (e^0.3) is; token 3's gradient is 2 e^0.05
+    tok, _, chi_t = clipped_pg_loss(logp, old, adv, 0.2, 0.2)
+    assert chi_t[:4].tolist() == [False, True, False, False]
+    gt, = torch.autograd.grad((tok * mask).sum(), logp)
+    assert gt[0] == pytest.approx(-math.exp(0.1)) and gt[3] == pytest.approx(2 * math.exp(0.05))
+    with pytest.raises(ValueError, match="ratio_level"):
+        LossSpec(ratio_level="sentence")
+
+
+def test_ratio_level_config():
+    import os
+
+    from megaprorl.config import ConfigError, load_config
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    assert load_config(demo, ["algo.loss.ratio_level=sequence"]).algo.loss.ratio_level == "sequence"
+    with pytest.raises(ConfigError, match="'algo.loss.ratio_level': must be token or sequence"):
+        load_config(demo, ["algo.loss.ratio_level=sentence"])

@@ -446,3 +446,66 @@ def test_bench_quick_smoke(tmp_path, capsys, monkeypatch):
         assert names[row]["ms"] is not None, names[row]
     assert tpl.DEFER_ENTROPY["on"] is False  # the row restores the default
     assert main(["--tokens", "8"]) == 2  # full run needs CUDA
+
+
+@pytest.mark.parametrize("pack_tokens,fused", [(0, False), (24, False), (24, True)],
+                         ids=["padded", "packed", "packed-fused-lm-head"])
+def test_policy_train_step_with_sequence_level_ratios(pack_tokens, fused):
+    """``algo.loss.ratio_level: sequence`` (GSPO-token) through Megatron's schedule on each backend and grad mode
+    (the old log-probs rebuilt from a no-gradient pass of the same kernel): the gradients and statistics equal
+    autograd through ``sequence_level_pg_loss`` on the model's own logits, padded and packed; they differ from
+    the token-level loss's.  With the fused LM head too."""
+    import copy
+
+    from megaprorl.algo.loss import kl_estimate, logprob_entropy_from_logits, sequence_level_pg_loss
+    from test_packing import _batch
+    from tiny_models import tiny_policy
+
+    if DEVICE == "cuda":
+        pytest.skip("the tiny policy runs on CPU")
+    pol, tok = tiny_policy(pack_tokens=pack_tokens, fused_lm_head=fused)
+    batch = _batch(tok, seed=5)
+    spec = LossSpec(eps_low=0.02, eps_high=0.03, kl_coef=0.1, entropy_coef=0.01, ratio_level="sequence")
+    with torch.no_grad():  # old log-probs near the policy's, so some sequences are clipped and some are not
+        now = pol.logprobs(batch, 3)
+    g = torch.Generator().manual_seed(1)
+    shift = torch.linspace(-0.08, 0.08, len(batch))[:, None]  # each sequence's mean log-ratio, about -shift
+    batch.old_logp = (now + shift + 0.03 * torch.randn(now.shape, generator=g)) * batch.loss_mask
+    state = copy.deepcopy(pol.model.state_dict())
+    pol.optimizer.step_with_ready_grads = lambda: True  # compare gradients, not updates
+    for opt in pol.optimizer.chained_optimizers:  # unclipped
+        opt.config.clip_grad = 0.0
+
+    # the reference: autograd on the full logits of one forward, one sequence per row
+    pol.model.load_state_dict(state)
+    pol.ddp.zero_grad_buffer()  # Megatron's DDP accumulates into each parameter's main_grad
+    logits = pol.model(batch.tokens, torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens), None)
+    logits = logits[:, :-1, : tok.vocab_size]
+    logits = logits.reshape(-1, logits.shape[-1])
+    logp, ent = logprob_entropy_from_logits(logits, batch.tokens[:, 1:].reshape(-1))
+    m, old, adv = (x.reshape(-1).double() for x in (batch.loss_mask, batch.old_logp, batch.advantages))
+    seg = torch.arange(len(batch)).repeat_interleave(batch.tokens.shape[1] - 1)
+    pg, clo, chi = sequence_level_pg_loss(logp.double(), old, adv, m, seg, spec.eps_low, spec.eps_high)
+    kl = kl_estimate(logp.double(), batch.ref_logp.reshape(-1).double())
+    loss = (batch.weights.reshape(-1).double() * (pg + 0.1 * kl - 0.01 * ent.double())).sum()
+    loss.backward()
+    loss = loss.detach()
+    grads = lambda: torch.cat([p.main_grad.reshape(-1) for p in pol.model.parameters() if p.requires_grad])  # noqa
+    want = grads().clone()
+    want_chi, want_clo = (float((c.double() * m).sum() / m.sum()) for c in (chi, clo))
+    assert 0 < want_chi + want_clo < 1  # some sequences clipped, some not
+
+    for backend, mode in (("torch", "recompute"), ("triton", "recompute"), ("triton", "inplace")):
+        pol.model.load_state_dict(state)
+        pol.kernel_backend, pol.loss_grad_mode = backend, mode
+        stats = pol.train_step(batch, spec, micro_batch_size=3)
+        got = grads()
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-7, msg=lambda s: f"{backend} {mode}: {s}")
+        assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+        assert stats["clip_frac_high"] == pytest.approx(want_chi, abs=1e-6)
+        assert stats["clip_frac_low"] == pytest.approx(want_clo, abs=1e-6)
+    pol.model.load_state_dict(state)
+    pol.kernel_backend = "torch"
+    pol.train_step(batch, LossSpec(eps_low=0.02, eps_high=0.03, kl_coef=0.1, entropy_coef=0.01), micro_batch_size=3)
+    token = grads()
+    assert not torch.allclose(token, want.to(token.dtype), rtol=1e-3, atol=1e-6)

@@ -219,9 +219,11 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert (ck / "COMPLETE").exists() and (ck / "rank_00000.pt").exists()
     # a later stage as a run of its own (ProRL v1's last steps at a longer context): another config resumes
     # this checkpoint in its own run directory and goes on from step 3 with its own response budget
-    # (and it trains with the engine's log-probs as the old policy's: no recompute, so no mismatch to log)
+    # (and it trains with the engine's log-probs as the old policy's: no recompute, so no mismatch to log;
+    # with GSPO-token's sequence-level ratios, whose second mini-batch has ratios off 1)
     r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=stage2", *TINY, "train.steps=3",
-                  "rollout.max_new_tokens=9", f"checkpoint.resume={ck}", "algo.old_logprobs=engine"], tmp_path)
+                  "rollout.max_new_tokens=9", f"checkpoint.resume={ck}", "algo.old_logprobs=engine",
+                  "algo.loss.ratio_level=sequence"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {ck} at step 2" in r.stdout
     later = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]

@@ -9,8 +9,9 @@ from .advantages import (ESTIMATORS, compute_advantages, fold_kl_into_rewards, g
 from .dynamic_sampling import DynamicSampler, DynamicSamplingConfig, group_has_signal, groups_with_signal
 from .length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty, cosine_fn,
                              filter_overlong)
-from .loss import (KL_ESTIMATORS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
-                   logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits)
+from .loss import (KL_ESTIMATORS, RATIO_LEVELS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
+                   logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits, sequence_level_pg_loss,
+                   sequence_log_ratio, sequence_ratio_old_logp)
 from .passk import pass_at_k, pass_at_k_batch, summarize_eval
 from .rollout_correction import RolloutCorrectionConfig, mismatch_stats, rollout_correction_weights
 from .reset import TRIGGERS, ReferenceResetConfig, ReferenceResetController
@@ -21,7 +22,8 @@ __all__ = [
     "DynamicSampler", "DynamicSamplingConfig", "group_has_signal", "groups_with_signal",
     "LengthPenaltyConfig", "LengthPenaltySchedule", "apply_length_penalty", "cosine_fn", "filter_overlong",
     "KL_ESTIMATORS", "LossSpec", "aggregation_weights", "clipped_pg_loss", "kl_estimate",
-    "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits",
+    "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits", "RATIO_LEVELS",
+    "sequence_level_pg_loss", "sequence_log_ratio", "sequence_ratio_old_logp",
     "pass_at_k", "pass_at_k_batch", "summarize_eval",
     "RolloutCorrectionConfig", "mismatch_stats", "rollout_correction_weights",
     "TRIGGERS", "ReferenceResetConfig", "ReferenceResetController",

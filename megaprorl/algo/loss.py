@@ -17,6 +17,14 @@ pg_t   = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(clamp(logp -
          with dual clip (A < 0): pg_t = min(pg_t, -A * dual_clip)
 kl_t   = clamp(k(d), +-kl_output_clamp),  d = clamp(ref_logp - logp, +-kl_log_ratio_clamp)
          k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - 1 - d
+
+Sequence-level ratios (``ratio_level = "sequence"``: GSPO-token, Zheng et al. 2025, "Group Sequence Policy
+Optimization"): every token of sequence i takes the ratio
+  s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)],  s_i = exp(clamp(mean_t (logp_t - old_logp_t), +-ratio_clamp))
+over the sequence's response tokens: its value is the sequence's geometric-mean ratio s_i (so the clip decides per
+sequence) and its gradient that of the token's own log-prob times s_i.  ``sequence_ratio_old_logp`` turns that into
+the token-level loss above: with old'_t = sg[logp_t] - log s_i the token ratio exp(logp_t - old'_t) is s_i,t in
+value and gradient, so every kernel computes GSPO-token from its usual inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Optional
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,11 @@ class LossSpec:
     kl_log_ratio_clamp: float = 20.0
     kl_output_clamp: float = 10.0
     entropy_coef: float = 0.0
+    ratio_level: str = "token"  # token | sequence (GSPO-token: each token the sequence's geometric-mean ratio)
 
     def __post_init__(self) -> None:
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.eps_low < 0 or self.eps_high < 0:
@@ -90,6 +102,38 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
         pg = torch.where(dual, cap, pg)
         clipped_low = clipped_low | dual
     return pg, clipped_low, clipped_high
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor,
+                       ratio_log_clamp: float = 20.0) -> torch.Tensor:
+    """log s per token (detached): the mean of ``logp - old_logp`` over the masked tokens of the token's sequence
+    (``segments``: a sequence id per token, from 0), clamped to +-``ratio_log_clamp``; 0 for a sequence without
+    masked tokens."""
+    seg = segments.long()
+    n = int(seg.max()) + 1 if seg.numel() else 0
+    m = mask.detach().double()
+    d = (logp.detach().double() - old_logp.detach().double()) * m
+    total = torch.zeros(n, dtype=torch.float64, device=d.device).index_add_(0, seg, d)
+    count = torch.zeros(n, dtype=torch.float64, device=d.device).index_add_(0, seg, m)
+    log_s = (total / count.clamp(min=1.0)).clamp(-ratio_log_clamp, ratio_log_clamp)
+    return log_s[seg].to(logp.dtype)
+
+
+def sequence_ratio_old_logp(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor,
+                            ratio_log_clamp: float = 20.0) -> torch.Tensor:
+    """The old log-probs that make the token-level loss GSPO-token's: ``sg[logp] - log s`` (see the module
+    docstring).  ``logp`` are the current policy's log-probs of the same tokens, as the loss will compute them."""
+    return logp.detach() - sequence_log_ratio(logp, old_logp, mask, segments, ratio_log_clamp)
+
+
+def sequence_level_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                           segments: torch.Tensor, eps_low: float, eps_high: float, dual_clip: Optional[float] = None,
+                           ratio_log_clamp: float = 20.0):
+    """GSPO-token's clipped surrogate written out (the reference for ``sequence_ratio_old_logp``): the ratio
+    s_i,t = sg[s_i] * exp(logp - sg[logp]) clipped as ``clipped_pg_loss`` clips a token ratio.  Returns
+    (pg_t, clipped_low, clipped_high)."""
+    s_it = sequence_log_ratio(logp, old_logp, mask, segments, ratio_log_clamp) + logp - logp.detach()
+    return clipped_pg_loss(s_it, torch.zeros_like(logp), adv, eps_low, eps_high, dual_clip, ratio_log_clamp)
 
 
 def logprob_entropy_from_logits(logits: torch.Tensor, tokens: torch.Tensor):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..algo.loss import LossSpec
+from ..algo.loss import LossSpec, sequence_ratio_old_logp
 from ..models.gpt import build_gpt, needs_explicit_causal_mask, use_transformer_engine
 from ..parallel import all_reduce_grad_tp, dp_group, max_over, tp_group, tp_rank, tp_world, wide_expert_group
 from .micro import IdleMicro, pack_micro_batches, padded_micro_batches
@@ -361,6 +361,16 @@ class Policy:
                                    tp_group=tp_group(), vocab_start_index=self.vocab_start,
                                    grad_mode=self.loss_grad_mode)
 
+    def _sequence_ratio_old(self, mb, output, old, spec: LossSpec, temperature: float) -> torch.Tensor:
+        """The old log-probs that give the loss sequence-level ratios (``algo.loss.sequence_ratio_old_logp``):
+        the current log-probs first, from a pass of the loss kernel without gradient (it writes nothing over the
+        logits in any grad mode), then each sequence's mean log-ratio."""
+        zeros = old.new_zeros(old.shape)
+        with torch.no_grad():
+            logp = self._token_loss(mb, output.detach(), LossSpec(), zeros, None, zeros, zeros, temperature).logp
+        return sequence_ratio_old_logp(logp, old, mb.field("loss_mask", old.device), mb.segments(old.device),
+                                       spec.ratio_log_clamp)
+
     def _n_valid_vocab(self, local: int) -> int:
         return min(max(self.vocab_size - self.vocab_start, 0), local)
 
@@ -477,9 +487,12 @@ class Policy:
 
         def loss_fn(mb, output):
             dev = output.device
-            out = self._token_loss(mb, output, spec, mb.field("old_logp", dev), mb.field("ref_logp", dev),
+            old = ratio_old = mb.field("old_logp", dev)
+            if spec.ratio_level == "sequence":  # GSPO-token: each token's ratio is its sequence's (algo.loss)
+                ratio_old = self._sequence_ratio_old(mb, output, old, spec, temperature)
+            out = self._token_loss(mb, output, spec, ratio_old, mb.field("ref_logp", dev),
                                    mb.field("advantages", dev), mb.field("weights", dev), temperature)
-            _accumulate_stats(sums, out, mb, spec)
+            _accumulate_stats(sums, out, mb, spec, ratio_old)
             return out.loss, torch.tensor(1, dtype=torch.int), {}
 
         with self._fused_head():
@@ -580,12 +593,17 @@ def _quiet_megatron_optimizer_log():
         log.setLevel(level)
 
 
-def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec) -> None:
+def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec, ratio_old=None) -> None:
+    """The step's loss statistics; the clip fractions from the ratios the loss clipped (``ratio_old``: the old
+    log-probs it was given, the sequence-level ones under ``ratio_level`` sequence), the KL to the old policy
+    from the true old log-probs."""
     from ..algo.loss import clipped_pg_loss
 
     dev = out.logp.device
     m, old, adv = mb.field("loss_mask", dev), mb.field("old_logp", dev), mb.field("advantages", dev)
-    _, clo, chi = clipped_pg_loss(out.logp, old, adv, spec.eps_low, spec.eps_high, spec.dual_clip, spec.ratio_log_clamp)
+    ratio_old = old if ratio_old is None else ratio_old.to(dev)
+    _, clo, chi = clipped_pg_loss(out.logp, ratio_old, adv, spec.eps_low, spec.eps_high, spec.dual_clip,
+                                  spec.ratio_log_clamp)
     log_ratio = (out.logp - old).clamp(-spec.ratio_log_clamp, spec.ratio_log_clamp)
     add = {
         "tokens": float(m.sum()),

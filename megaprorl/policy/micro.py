@@ -74,6 +74,10 @@ class PaddedMicro:
         t = self.batch.tokens
         return torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1).to(device)  # last column: a placeholder
 
+    def segments(self, device) -> torch.Tensor:
+        """A sequence id per position of the flat per-token view: the row."""
+        return torch.arange(self.n_rows, device=device).repeat_interleave(self.seq_len)
+
     def field(self, name: str, device) -> Optional[torch.Tensor]:
         x = getattr(self.batch, name)
         if x is None:
@@ -134,6 +138,11 @@ class PackedMicro:
 
     def targets(self, device) -> torch.Tensor:
         return self._targets.to(device)
+
+    def segments(self, device) -> torch.Tensor:
+        """A sequence id per position of the pack (the tail padding one of its own)."""
+        cu = self.cu_seqlens.to(torch.long)
+        return torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(device)
 
     def field(self, name: str, device) -> Optional[torch.Tensor]:
         x = self.fields.get(name)
