@@ -128,6 +128,9 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # collective timeout: a dead rank brings the job down instead of hanging
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-6
@@ -136,6 +139,12 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # learning-rate schedule over RL steps (Megatron's OptimizerParamScheduler; ProRL: constant, no warmup)
+    lr_warmup_steps: int = 0  # RL steps of linear warmup from lr_warmup_init to lr (step k trains at k / this)
+    lr_warmup_init: float = 0.0
+    lr_decay_style: str = "constant"  # constant | linear | cosine: after the warmup, down to min_lr
+    lr_decay_steps: int = 0  # the RL step at which the decay reaches min_lr (0: train.steps)
+    min_lr: float = 0.0
     max_nonfinite_in_a_row: int = 3
     distributed_optimizer: bool = False  # Megatron's ZeRO-1: Adam state and fp32 main weights sharded over DP
 
@@ -440,6 +449,16 @@ def validate(cfg: Config) -> None:
         need(cfg.algo.old_logprobs != "engine" or cfg.rollout.top_p == 1.0, "algo.old_logprobs",
              "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
              "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")
+    o = cfg.train.optim
+    need(o.lr_decay_style in LR_DECAY_STYLES, "train.optim.lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}")
+    need(o.lr_warmup_steps >= 0, "train.optim.lr_warmup_steps", "must be >= 0")
+    need(0.0 <= o.lr_warmup_init <= o.lr, "train.optim.lr_warmup_init", f"must be in [0, train.optim.lr={o.lr}]")
+    need(0.0 <= o.min_lr <= o.lr, "train.optim.min_lr", f"must be in [0, train.optim.lr={o.lr}]")
+    need(o.lr_decay_steps >= 0, "train.optim.lr_decay_steps", "must be >= 0 (0: train.steps)")
+    if o.lr_decay_style != "constant":
+        decay = o.lr_decay_steps or cfg.train.steps
+        need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
+             f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
     need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")

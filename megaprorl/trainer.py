@@ -477,6 +477,7 @@ class Trainer:
             stats.update(rc_stats)
 
         t = time.time()
+        stats["lr"] = self.policy.schedule_lr(self.step + 1, cfg.train.steps)  # train.optim's schedule
         upd = self._optimizer_steps(batch, len(groups))
         stats["time/update_s"] = time.time() - t
         stats.update(upd)

@@ -200,3 +200,76 @@ def _reload_job(rank, world):
 def test_weights_loaded_into_the_model_reach_the_main_weights():
     for out in run_distributed(_reload_job, 2):
         assert all(out)
+
+
+# ------------------------------------------------------------------ learning-rate schedule (train.optim.lr_*)
+def test_lr_schedule_warmup_then_cosine_by_hand():
+    """lr 1e-3, 4 warmup steps from 0, cosine to 1e-4 at step 10: steps 1-4 train at 2.5e-4 .. 1e-3, step 7 (half
+    way through the decay) at 1e-4 + 0.5 * 9e-4, step 10 and after at 1e-4.  Every parameter group gets the rate;
+    the weight decay keeps each group's multiplier (0 on biases and norms).  An optimizer rebuilt by a reset
+    continues the schedule, and the update uses the rate: Adam's first step moves each weight by about lr."""
+    from megaprorl.algo.loss import LossSpec
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+
+    info = init_distributed()
+    torch.manual_seed(3)
+    m, p, o = tiny_policy_cfgs()
+    o.lr, o.weight_decay, o.lr_warmup_steps, o.lr_warmup_init = 1e-3, 0.1, 4, 0.0
+    o.lr_decay_style, o.lr_decay_steps, o.min_lr = "cosine", 10, 1e-4
+    from megaprorl.models.tokenizer import CharTokenizer
+
+    pol = Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch")
+    want = {1: 2.5e-4, 2: 5e-4, 3: 7.5e-4, 4: 1e-3, 7: 5.5e-4, 10: 1e-4, 12: 1e-4}
+    for step, lr in want.items():
+        assert pol.schedule_lr(step, total_steps=99) == pytest.approx(lr, rel=1e-12), step
+        groups = pol.optimizer.param_groups
+        assert [g["lr"] for g in groups] == pytest.approx([lr] * len(groups), rel=1e-12)
+        assert sorted({g["weight_decay"] for g in groups}) == [0.0, pytest.approx(0.1)]
+    pol.reset_optimizer()
+    assert pol.schedule_lr(7, total_steps=99) == pytest.approx(5.5e-4)
+    assert [g["lr"] for g in pol.optimizer.param_groups] == pytest.approx([5.5e-4] * len(pol.optimizer.param_groups))
+
+    pol.schedule_lr(1, total_steps=99)  # 2.5e-4
+    for g in pol.optimizer.param_groups:
+        g["weight_decay"] = 0.0  # the step's move is Adam's alone
+    before = [q.detach().clone() for q in pol.model.parameters()]
+    batch, _ = _batch(0, _global_tokens())
+    pol.train_step(batch, LossSpec(), micro_batch_size=4)
+    moved = torch.cat([(q.detach() - b).abs().reshape(-1) for q, b in zip(pol.model.parameters(), before)])
+    assert float(moved.max()) == pytest.approx(2.5e-4, rel=1e-3)  # Adam's first step: lr * g / (|g| + eps)
+
+
+def test_lr_schedule_decays_over_train_steps_by_default_and_linear():
+    from megaprorl.parallel import init_distributed
+    from megaprorl.policy import Policy
+    from megaprorl.models.tokenizer import CharTokenizer
+
+    info = init_distributed()
+    m, p, o = tiny_policy_cfgs()
+    o.lr, o.lr_warmup_steps, o.lr_decay_style, o.lr_decay_steps, o.min_lr = 1e-3, 0, "linear", 0, 0.0
+    pol = Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch")
+    assert [pol.schedule_lr(k, total_steps=4) for k in (0, 1, 2, 4, 5)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 0, 0])
+    o.lr_decay_style = "constant"
+    pol.reset_optimizer()
+    assert [pol.schedule_lr(k, total_steps=4) for k in (1, 4, 9)] == pytest.approx([1e-3] * 3)
+
+
+def test_lr_schedule_config_errors():
+    from megaprorl.config import ConfigError, load_config
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    cfg = load_config(demo, ["train.optim.lr_decay_style=cosine", "train.optim.lr_warmup_steps=5"])
+    assert cfg.train.optim.lr_decay_style == "cosine"
+    bad = {
+        "train.optim.lr_decay_style=step": "'train.optim.lr_decay_style': must be one of constant, linear, cosine",
+        "train.optim.min_lr=1.0": "'train.optim.min_lr': must be in",
+        "train.optim.lr_warmup_init=1.0": "'train.optim.lr_warmup_init': must be in",
+        "train.optim.lr_warmup_steps=-1": "'train.optim.lr_warmup_steps': must be >= 0",
+    }
+    for override, msg in bad.items():
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
+            load_config(demo, [override])
+    with pytest.raises(ConfigError, match="'train.optim.lr_decay_steps': the decay must end after the warmup"):
+        load_config(demo, ["train.optim.lr_decay_style=linear", "train.optim.lr_warmup_steps=10",
+                           "train.optim.lr_decay_steps=10"])

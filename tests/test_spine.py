@@ -192,8 +192,10 @@ def test_full_rl_steps_end_to_end(tmp_path):
     """Two RL steps from the CLI: warm-start, evaluation, rollouts, rewards, updates, run directory; then a
     second stage resuming the checkpoint under another config."""
     # (with TIS at the sequence level: the embedded engine's log-probs are the trainer's, so every weight is ~1)
-    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY, "algo.rollout_correction.level=sequence"],
-                 tmp_path)
+    # (and a learning rate warming up over 2 steps then decaying: 1e-3 at step 1, 2e-3 at step 2)
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=run", *TINY, "algo.rollout_correction.level=sequence",
+                  "train.optim.lr=2e-3", "train.optim.lr_warmup_steps=2", "train.optim.lr_decay_style=cosine",
+                  "train.optim.lr_decay_steps=4"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"^policy: [\d.]+M parameters, .*layer spec.*, TP=1 PP=1, (cpu|cuda)$", r.stdout, re.M), r.stdout
     assert "not installed. Falling back" not in r.stderr  # Megatron's import-time fallback warnings are quiet
@@ -201,6 +203,7 @@ def test_full_rl_steps_end_to_end(tmp_path):
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "reward" in x]
     assert [x["step"] for x in steps] == [1, 2]
+    assert [x["lr"] for x in steps] == pytest.approx([1e-3, 2e-3])
     for key in ("reward", "entropy", "kl_ref", "clip_frac_low", "clip_frac_high", "approx_kl_old", "grad_norm",
                 "response_length", "dynamic_sampling/discarded_frac", "time/rollout_s", "time/update_s"):
         assert key in steps[0], key
@@ -223,11 +226,13 @@ def test_full_rl_steps_end_to_end(tmp_path):
     # with GSPO-token's sequence-level ratios, whose second mini-batch has ratios off 1)
     r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=stage2", *TINY, "train.steps=3",
                   "rollout.max_new_tokens=9", f"checkpoint.resume={ck}", "algo.old_logprobs=engine",
-                  "algo.loss.ratio_level=sequence"], tmp_path)
+                  "algo.loss.ratio_level=sequence", "train.optim.lr=2e-3", "train.optim.lr_warmup_steps=2",
+                  "train.optim.lr_decay_style=cosine", "train.optim.lr_decay_steps=4"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {ck} at step 2" in r.stdout
     later = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in later if "reward" in x] == [3]
+    assert [x["lr"] for x in later if "reward" in x] == pytest.approx([1e-3])  # the schedule at step 3: half way down
     assert all("rollout/logprob_mismatch" not in x and "rollout_correction/ess" not in x and "approx_kl_old" in x
                for x in later if "reward" in x)
     assert max(x.get("response_length", 0) for x in later) > 5  # past the first stage's budget of 5

@@ -270,12 +270,13 @@ class Policy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         o, mc = self.ocfg, self.model.config
-        cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
+        cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=getattr(o, "min_lr", o.lr), weight_decay=o.weight_decay,
                               adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                               clip_grad=float(o.grad_clip or 0.0), bf16=bool(mc.bf16), fp16=bool(mc.fp16),
                               params_dtype=mc.params_dtype, use_distributed_optimizer=self.distributed_optimizer)
-        with _quiet_megatron_optimizer_log():
+        with _quiet_megatron_log("megatron.core.optimizer"):
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
+        self._lr_scheduler = None  # built on the first schedule_lr for this optimizer's parameter groups
         self.set_lr(o.lr, o.weight_decay)
         self.updates = 0  # optimizer steps taken since this optimizer was built (or loaded)
 
@@ -291,6 +292,31 @@ class Policy:
             g["lr"] = lr * g.get("lr_mult", 1.0)
             if weight_decay is not None:
                 g["weight_decay"] = weight_decay * g.get("wd_mult", 1.0)
+
+    def schedule_lr(self, step: int, total_steps: int) -> float:
+        """Set every parameter group's learning rate (and weight decay, times the group's ``wd_mult``) for RL
+        step ``step`` (1-based) with Megatron's ``OptimizerParamScheduler``: ``optim.lr_warmup_steps`` of linear
+        warmup from ``optim.lr_warmup_init`` (step k of w trains at init + (lr - init) k / w), then
+        ``optim.lr_decay_style`` from ``optim.lr`` down to ``optim.min_lr`` at step ``optim.lr_decay_steps``
+        (0: ``total_steps``) and ``min_lr`` after.  A function of ``step`` only: a resumed run, or an optimizer
+        rebuilt by a reference reset, continues the schedule.  Returns the learning rate set."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.ocfg
+        if self._lr_scheduler is None:
+            warmup = int(getattr(o, "lr_warmup_steps", 0))
+            style = getattr(o, "lr_decay_style", "constant")
+            decay = int(getattr(o, "lr_decay_steps", 0)) or int(total_steps)
+            with _quiet_megatron_log("megatron.core.optimizer_param_scheduler"):
+                self._lr_scheduler = OptimizerParamScheduler(
+                    self.optimizer, init_lr=float(getattr(o, "lr_warmup_init", 0.0)), max_lr=o.lr,
+                    min_lr=float(getattr(o, "min_lr", o.lr)), lr_warmup_steps=warmup,
+                    lr_decay_steps=max(decay, warmup + 1), lr_decay_style=style, start_wd=o.weight_decay,
+                    end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+        sched = self._lr_scheduler
+        sched.num_steps = int(step)
+        sched.step(0)
+        return float(sched.get_lr({}))
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -580,11 +606,12 @@ class Policy:
 
 
 @contextlib.contextmanager
-def _quiet_megatron_optimizer_log():
-    """get_megatron_optimizer logs its whole config at INFO on every (re)build."""
+def _quiet_megatron_log(name: str):
+    """Megatron's INFO lines of one logger off for the duration (get_megatron_optimizer logs its whole config
+    on every (re)build, the LR scheduler its decay style)."""
     import logging
 
-    log = logging.getLogger("megatron.core.optimizer")
+    log = logging.getLogger(name)
     level = log.level
     log.setLevel(max(level, logging.WARNING))
     try:
