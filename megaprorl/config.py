@@ -286,6 +286,10 @@ class DataConfig:
     # training prompts longer than this many tokens (as the policy sees them, chat template included) are skipped,
     # counted (data/skipped_long_prompts) and replaced by others from the sources; 0: no limit
     max_prompt_tokens: int = 0
+    # a prompt whose every sample was solved (verifier reward >= retire_solved_reward) in this many draws in a
+    # row leaves the training pool for the rest of the run (data/retire.py); 0: never
+    retire_solved_after: int = 0
+    retire_solved_reward: float = 1.0
 
 
 @dataclass
@@ -450,7 +454,8 @@ def validate(cfg: Config) -> None:
              "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
              "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")
     o = cfg.train.optim
-    need(o.lr_decay_style in LR_DECAY_STYLES, "train.optim.lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}")
+    need(o.lr_decay_style in LR_DECAY_STYLES, "train.optim.lr_decay_style",
+         f"must be one of {', '.join(LR_DECAY_STYLES)}")
     need(o.lr_warmup_steps >= 0, "train.optim.lr_warmup_steps", "must be >= 0")
     need(0.0 <= o.lr_warmup_init <= o.lr, "train.optim.lr_warmup_init", f"must be in [0, train.optim.lr={o.lr}]")
     need(0.0 <= o.min_lr <= o.lr, "train.optim.min_lr", f"must be in [0, train.optim.lr={o.lr}]")
@@ -460,6 +465,7 @@ def validate(cfg: Config) -> None:
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
+    need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
     need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")
     need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")

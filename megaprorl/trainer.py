@@ -31,6 +31,7 @@ from .algo.reset import ReferenceResetController
 from .algo.rollout_correction import mismatch_stats, rollout_correction_weights
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
+from .data.retire import SolvedPromptFilter
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import (dp_group, dp_rank, dp_world, init_distributed, max_over, mp_broadcast_object, mp_leader,
@@ -140,6 +141,7 @@ class Trainer:
         self.eval_records = self._build_eval_records()
         self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
         self.resets = ReferenceResetController(cfg.algo.reference_reset)
+        self.retired = SolvedPromptFilter(cfg.data.retire_solved_after, cfg.data.retire_solved_reward)
         self.spec = LossSpec(eps_low=cfg.algo.loss.eps_low, eps_high=cfg.algo.loss.eps_high,
                              dual_clip=cfg.algo.loss.dual_clip, ratio_log_clamp=cfg.algo.loss.ratio_log_clamp,
                              kl_coef=cfg.algo.kl.coef if cfg.algo.kl.placement == "loss" else 0.0,
@@ -305,10 +307,12 @@ class Trainer:
         truncated_count = 0
         by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
-        skipped_long = 0
+        skipped = {"long": 0, "retired": 0}
+        outcomes = []  # (prompt key, solved by every sample) of each group drawn, for data.retire_solved_after
         while self._keep_drawing(sampler):
-            records, prompts, skipped = self._sample_prompts(sampler.wanted())
-            skipped_long += skipped
+            records, prompts, skipped_now = self._sample_prompts(sampler.wanted())
+            for k in skipped:
+                skipped[k] += skipped_now[k]
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, n=n,
                                     seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
@@ -354,6 +358,8 @@ class Trainer:
                        "shaped": shaped[g * n:(g + 1) * n], "errors": sum(1 for s in scored[g * n:(g + 1) * n] if s.error)}
                       for g in range(len(records))]
             sampler.add(groups, shaped.view(len(records), n))  # signal is judged on the shaped rewards
+            if self.retired.enabled:
+                outcomes += [self.retired.outcome(g["record"], g["reward"].tolist()) for g in groups]
         kept = sampler.take()  # B_local groups, topped up with zero-signal ones if the draw bound was hit
         n_tok = max(len(lengths), 1)
         stats = {
@@ -363,7 +369,7 @@ class Trainer:
             "truncated_frac": truncated_count / n_tok,
             **sampler.stats(),
             "length_penalty/on": float(penalty_on),
-            "data/skipped_long_prompts": skipped_long,
+            "data/skipped_long_prompts": skipped["long"],
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],  # the wait for the verifiers once generation ended (they start earlier)
         }
@@ -379,6 +385,10 @@ class Trainer:
             # the share of the key positions a masked SDPA decode step reads that rows attend to (each row's own
             # extent, what rollout.decode_attention=triton reads instead of the furthest row's span)
             stats["rollout/own_key_share"] = engine_stats["keys_own"] / engine_stats["keys_span"]
+        if self.retired.enabled:  # every rank applies every rank's outcomes, in rank order: one pool
+            stats["data/retired_this_step"] = self.retired.observe(_gather_objects(outcomes))
+            stats["data/retired_prompts"] = len(self.retired.retired)
+            stats["data/skipped_retired"] = skipped["retired"]
         for dom, (tot, cnt, err) in sorted(by_domain.items()):
             stats[f"reward/{dom}"] = tot / max(cnt, 1)
             stats[f"samples/{dom}"] = cnt
@@ -401,23 +411,31 @@ class Trainer:
             self.engine.wake()
             self.engine.generate([], SamplingParams(max_new_tokens=1))
 
-    def _sample_prompts(self, k: int) -> Tuple[List[Dict], List[List[int]], int]:
+    def _sample_prompts(self, k: int) -> Tuple[List[Dict], List[List[int]], Dict[str, int]]:
         """``k`` training records from the sources and their encoded prompts, leaving out (and counting) those
-        longer than ``data.max_prompt_tokens``, with others drawn in their place."""
+        retired as solved (``data.retire_solved_after``) and those longer than ``data.max_prompt_tokens``, with
+        others drawn in their place."""
         limit = self.cfg.data.max_prompt_tokens
         records: List[Dict] = []
         prompts: List[List[int]] = []
-        skipped = 0
+        skipped = {"long": 0, "retired": 0}
         while len(records) < k:
             for r in self.source.sample(k - len(records)):
+                if self.retired.is_retired(r):
+                    skipped["retired"] += 1
+                    continue
                 p = self.encode_prompt(r)
                 if limit and len(p) > limit:
-                    skipped += 1
+                    skipped["long"] += 1
                     continue
                 records.append(r)
                 prompts.append(p)
-            if skipped > 100 * k + 1000:
-                raise ConfigError(f"config key 'data.max_prompt_tokens': {skipped} of the prompts drawn for "
+            if skipped["retired"] > 100 * k + 1000:
+                raise ConfigError(f"config key 'data.retire_solved_after': {skipped['retired']} of the prompts drawn "
+                                  f"for {k} groups were retired as solved ({len(self.retired.retired)} retired in "
+                                  f"all): the pool is used up; add prompts, or raise it (0: never retire)")
+            if skipped["long"] > 100 * k + 1000:
+                raise ConfigError(f"config key 'data.max_prompt_tokens': {skipped['long']} of the prompts drawn for "
                                   f"{k} groups were longer than {limit} tokens; raise it (or 0: no limit)")
         return records, prompts, skipped
 
@@ -550,7 +568,8 @@ class Trainer:
         rank_state = {"rng": ckpt.rng_state(), "source": self.source.state_dict()}
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
-                         "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": to_yaml(self.cfg)}
+                         "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
+                         "config": to_yaml(self.cfg)}
         path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
                          write_model=lambda d: save_policy(d, self.policy, self.reference,
                                                            extra_common={"vocab_size": self.policy.vocab_size}))
@@ -577,6 +596,7 @@ class Trainer:
         self.length_schedule.load_state_dict(tstate["length_penalty"])
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
+        self.retired.load_state_dict(tstate.get("retired_prompts", {}))
         self.engine.update_weights(self.step)
         self.saved_step = self.step
 
@@ -717,7 +737,8 @@ def engine_logprobs(rollouts, batch: SeqBatch) -> torch.Tensor:
 
 
 # counts over the whole step's batch: summed over the data-parallel ranks, not averaged
-_SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts")  # and reward_errors/<domain>
+# and reward_errors/<domain>
+_SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_retired")
 
 
 def _summed(key: str) -> bool:

@@ -173,3 +173,123 @@ def test_register_source_type():
     register_source_type("const_test", Const)
     src = build_source({"name": "c", "type": "const_test", "kwargs": {"x": 1}})
     assert isinstance(src, Const) and src.cfg.kwargs == {"x": 1} and len(src.sample(2)) == 2
+
+
+# ------------------------------------------------------------------ retiring solved prompts (data.retire_solved_after)
+def test_solved_prompt_filter_by_hand():
+    """after=2: a prompt retires at its second solved draw in a row; an unsolved draw resets its count; a retired
+    prompt stays retired; the state round-trips, and a lower threshold at load retires the streaks that reach it."""
+    from megaprorl.data.retire import SolvedPromptFilter, prompt_key
+
+    a, b, c = ({"domain": "math", "prompt": p, "answer": "1"} for p in ("a", "b", "c"))
+    f = SolvedPromptFilter(after=2)
+    assert f.outcome(a, [1.0, 1.0]) == (prompt_key(a), True)
+    assert f.outcome(a, [1.0, 0.5]) == (prompt_key(a), False) and f.outcome(a, [])[1] is False
+    ka, kb, kc = (prompt_key(r) for r in (a, b, c))
+    assert f.observe([(ka, True), (kb, True), (kc, True)]) == 0
+    assert f.observe([(kb, False), (ka, True)]) == 1  # a: two in a row; b: reset
+    assert f.is_retired(a) and not f.is_retired(b) and not f.is_retired(c)
+    assert f.observe([(ka, False), (kb, True)]) == 0 and f.is_retired(a)  # retired stays retired
+    state = json.loads(json.dumps(f.state_dict()))  # the trainer's checkpoint holds it
+    g = SolvedPromptFilter(after=2)
+    g.load_state_dict(state)
+    assert g.retired == {ka} and g.streak == {kb: 1, kc: 1}
+    h = SolvedPromptFilter(after=1)
+    h.load_state_dict(state)
+    assert h.retired == {ka, kb, kc} and h.streak == {}
+    off = SolvedPromptFilter(after=0)
+    assert off.observe([(ka, True)] * 5) == 0 and not off.is_retired(a)
+    # keys: the record's id (with its mixture source) when it has one, else its text; rewards never matter
+    assert prompt_key({"id": "x", "prompt": "p"}) == prompt_key({"id": "x", "prompt": "other"})
+    assert prompt_key({"id": "x", "source": "s1"}) != prompt_key({"id": "x", "source": "s2"})
+    assert prompt_key({"domain": "math", "prompt": "p"}) != prompt_key({"domain": "math", "prompt": "q"})
+    assert prompt_key({"domain": "math", "messages": [{"role": "user", "content": "p"}]}) != prompt_key(
+        {"domain": "math", "messages": [{"role": "user", "content": "q"}]})
+
+
+def _retire_trainer(tmp_path, rows, *extra):
+    """A tiny demo policy training on ``rows`` (a JSONL source), the rewards replaced: every sample of a row whose
+    answer is "solved" scores 1, the others 0."""
+    import os
+
+    from megaprorl.config import load_config
+    from megaprorl.rewards.base import RewardResult
+    from megaprorl.trainer import Trainer
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.yaml")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = tmp_path / "retire.yaml"
+    cfg_path.write_text(json.dumps({"base": demo, "data": {"sources": [
+        {"name": "m", "type": "jsonl", "path": write_jsonl(tmp_path / "p.jsonl", rows)}]}}))
+    t = Trainer(load_config(str(cfg_path), [
+        f"output_dir={tmp_path}", "warmstart.steps=0", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+        "rollout.n_samples=2", "rollout.max_new_tokens=2", "eval.n_prompts=4", "logging.progress=false",
+        "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "rewards.num_workers=0",
+        "algo.dynamic_sampling.enabled=false", *extra]))
+
+    class Done:
+        def __init__(self, rs):
+            self.rs = rs
+
+        def result(self):
+            return self.rs
+
+    t.rewards.submit = lambda records, responses: Done(
+        [RewardResult(1.0 if r["answer"] == "solved" else 0.0) for r in records])
+    return t
+
+
+def test_trainer_retires_solved_prompts_and_keeps_them_out(tmp_path):
+    """Six prompts, three always solved, retired after 2 solved draws in a row: each draw's groups are the
+    expected ones (none retired before it), the retired set is what the outcomes give, later draws skip the
+    retired prompts (counted) and draw only the others; the set survives a checkpoint."""
+    from megaprorl.data.retire import prompt_key
+
+    rows = [{"domain": "math", "prompt": f"q{i}", "answer": "solved" if i < 3 else "0"} for i in range(6)]
+    t = _retire_trainer(tmp_path, rows, "data.retire_solved_after=2")
+    streak, retired, skipped = {}, set(), 0
+    try:
+        for step in range(6):
+            groups, stats = t._draw_groups()
+            t.step += 1
+            assert len(groups) == 4
+            for g in groups:
+                key = prompt_key(g["record"])
+                assert key not in retired, (step, g["record"])
+                solved = g["record"]["answer"] == "solved"
+                assert g["reward"].tolist() == [float(solved)] * 2
+                streak[key] = streak.get(key, 0) + 1 if solved else 0
+                if streak[key] >= 2:
+                    retired.add(key)
+            assert t.retired.retired == retired, step
+            assert stats["data/retired_prompts"] == len(retired)
+            skipped += stats["data/skipped_retired"]
+        assert retired == {prompt_key(r) for r in t.source.sample(6) if r["answer"] == "solved"}
+        assert skipped > 0
+        path = t.save_checkpoint()
+    finally:
+        t.close()
+    t2 = _retire_trainer(tmp_path / "b", rows, "data.retire_solved_after=2")
+    try:
+        t2.load_checkpoint(path)
+        assert t2.retired.retired == retired
+        groups, _ = t2._draw_groups()
+        assert all(g["record"]["answer"] != "solved" for g in groups)
+    finally:
+        t2.close()
+
+
+def test_trainer_stops_with_a_clear_error_when_every_prompt_is_retired(tmp_path):
+    from megaprorl.config import ConfigError
+
+    """(With dynamic sampling, which throws every solved group away and draws again: the thrown-away groups
+    count, and a prompt retires at the end of the step that saw it.)"""
+    rows = [{"domain": "math", "prompt": f"q{i}", "answer": "solved"} for i in range(4)]
+    t = _retire_trainer(tmp_path, rows, "data.retire_solved_after=1", "algo.dynamic_sampling.enabled=true")
+    try:
+        _, stats = t._draw_groups()
+        assert stats["dynamic_sampling/discarded_frac"] == 1.0 and stats["data/retired_this_step"] == 4
+        with pytest.raises(ConfigError, match="'data.retire_solved_after': .* retired as solved .*the pool is used up"):
+            t._draw_groups()
+    finally:
+        t.close()

@@ -1,5 +1,6 @@
 """Prompt data: file sources (JSONL, Parquet), Reasoning Gym generators, mixtures. See docs/data.md."""
 
+from .retire import SolvedPromptFilter, prompt_key
 from .sources import (
     DataError,
     DataSourceConfig,
@@ -21,7 +22,9 @@ __all__ = [
     "ParquetSource",
     "PromptSource",
     "ReasoningGymSource",
+    "SolvedPromptFilter",
     "build_source",
+    "prompt_key",
     "register_source_type",
     "validate_record",
 ]
