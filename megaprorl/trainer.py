@@ -196,14 +196,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ data
     def _build_source(self):
+        """The training prompts of this data-parallel rank: its share of each source's sequence (every rank
+        builds the same sources and keeps its own positions: ``data.sources.ShardedSource``), so the ranks'
+        prompts are disjoint; a mixture's choice of source is drawn per rank."""
         cfg = self.cfg
-        seed = _derive_seed(cfg.data.seed, "train", dp_rank())
-        if not cfg.data.sources:
-            return builtin.AdditionSource(seed=seed, min_digits=cfg.data.builtin_min_digits,
-                                          max_digits=cfg.data.builtin_max_digits)
-        from .data.sources import build_source
+        from .data.sources import ShardedSource, build_source
 
-        return build_source(cfg.data.sources, seed=seed)
+        shard = (dp_rank(), dp_world())
+        if not cfg.data.sources:
+            src = builtin.AdditionSource(seed=_derive_seed(cfg.data.seed, "train", 0),
+                                         min_digits=cfg.data.builtin_min_digits, max_digits=cfg.data.builtin_max_digits)
+            return ShardedSource(src, *shard) if shard[1] > 1 else src
+        return build_source(cfg.data.sources, seed=_derive_seed(cfg.data.seed, "train", dp_rank()), shard=shard)
 
     def _build_eval_records(self) -> List[Dict]:
         cfg = self.cfg

@@ -293,3 +293,101 @@ def test_trainer_stops_with_a_clear_error_when_every_prompt_is_retired(tmp_path)
             t._draw_groups()
     finally:
         t.close()
+
+
+def _retire_dp_job(rank, world, tmp):
+    from pathlib import Path
+
+    from megaprorl.data.retire import prompt_key
+
+    rows = [{"domain": "math", "prompt": f"q{i}", "answer": "solved" if i % 2 == 0 else "0"} for i in range(8)]
+    t = _retire_trainer(Path(tmp) / f"rank{rank}", rows, "data.retire_solved_after=1")
+    try:
+        steps, solved = [], {}
+        for _ in range(3):
+            groups, stats = t._draw_groups()
+            t.step += 1
+            steps.append(([prompt_key(g["record"]) for g in groups], sorted(t.retired.retired),
+                          stats["data/retired_prompts"]))
+            solved.update({prompt_key(g["record"]): g["record"]["answer"] == "solved" for g in groups})
+        return steps, solved
+    finally:
+        t.close()
+
+
+def test_retired_prompts_are_one_pool_over_data_parallel_ranks(tmp_path):
+    """Two DP ranks draw different prompts (their own orders); after each step both hold the same retired set: the
+    solved prompts either rank drew so far; neither draws a prompt the other retired in an earlier step."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_retire_dp_job, 2, (str(tmp_path),))
+    solved = {**out[0][1], **out[1][1]}
+    drawn_before, retired_before = set(), set()
+    for step in range(3):
+        keys = [out[r][0][step][0] for r in (0, 1)]
+        assert keys[0] != keys[1]  # each rank its own prompts
+        assert not (set(keys[0]) | set(keys[1])) & retired_before, step
+        drawn_before |= set(keys[0]) | set(keys[1])
+        want = sorted(k for k in drawn_before if solved[k])
+        assert out[0][0][step][1] == out[1][0][step][1] == want, step
+        retired_before = set(want)
+    assert 0 < len(retired_before) <= 4
+
+
+# ------------------------------------------------------------------ data-parallel shares (ShardedSource)
+def _sources(tmp_path):
+    """A fresh copy of each kind of source, built the same way every time."""
+    from megaprorl.data.builtin import AdditionSource
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"domain": "math", "prompt": f"q{i}", "answer": str(i)}
+                                              for i in range(7)])
+    return {
+        "jsonl": lambda: JsonlSource(path, seed=3),
+        "reasoning_gym": lambda: ReasoningGymSource("leg_counting", size=9, seed=2),
+        "builtin": lambda: AdditionSource(seed=5),
+    }
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "reasoning_gym", "builtin"])
+def test_sources_are_sequences_and_ranks_draw_disjoint_shares(tmp_path, kind):
+    """Each source is a sequence (draws of 3 then 5 = one draw of 8, across epochs), which ShardedSource needs:
+    three ranks drawing different amounts (as dynamic sampling makes them) each get the records at their own
+    positions of it, so no record is drawn by two ranks; a state saved by one rank loads on another world."""
+    from megaprorl.data.sources import ShardedSource
+
+    make = _sources(tmp_path)[kind]
+    a = make()
+    assert a.sample(3) + a.sample(5) + a.sample(12) == make().sample(20)
+    seq = [r["id"] for r in make().sample(3 * 40)]
+    shares = {r: ShardedSource(make(), r, 3) for r in range(3)}
+    drawn = {r: [] for r in range(3)}
+    for counts in ([2, 5, 1], [4, 0, 3], [1, 1, 6]):
+        for r, n in enumerate(counts):
+            drawn[r] += [x["id"] for x in shares[r].sample(n)]
+    for r in range(3):
+        assert drawn[r] == seq[r::3][:len(drawn[r])]
+    if kind != "builtin":  # within an epoch no row is drawn twice (the addition stream repeats by chance)
+        first = [x["id"] for r in range(3) for x in ShardedSource(make(), r, 3).sample(2)]
+        assert len(set(first)) == 6
+    # resumed at another world size: every rank starts from one rank's position, each at its own offset
+    state = shares[2].state_dict()
+    pos = 3 * (1 + 3 + 6)  # rank 2 drew 10 records: 30 positions of the sequence
+    again = {r: ShardedSource(make(), r, 2) for r in range(2)}
+    for r in range(2):
+        again[r].load_state_dict(state)
+        assert [x["id"] for x in again[r].sample(4)] == seq[pos + r: pos + 8: 2]
+    with pytest.raises(ValueError, match="rank 3 of 3"):
+        ShardedSource(make(), 3, 3)
+
+
+def test_build_source_shards_each_source_of_a_mixture(tmp_path):
+    from megaprorl.data.sources import ShardedSource
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"domain": "math", "prompt": f"q{i}", "answer": str(i)}
+                                              for i in range(6)])
+    one = build_source([{"name": "m", "type": "jsonl", "path": path}], seed=1, shard=(1, 2))
+    assert isinstance(one, ShardedSource) and (one.rank, one.world) == (1, 2)
+    assert not isinstance(build_source([{"name": "m", "type": "jsonl", "path": path}], shard=(0, 1)), ShardedSource)
+    mix = build_source([{"name": "a", "type": "jsonl", "path": path}, {"name": "b", "type": "builtin"}], seed=1,
+                       shard=(0, 2))
+    assert isinstance(mix, MixtureSource) and all(isinstance(s, ShardedSource) for s in mix.sources.values())

@@ -7,6 +7,10 @@ capture where the sampler is, so a run resumed from a checkpoint draws exactly t
 would have drawn. Order: each epoch is a fresh permutation of the rows drawn from
 ``Random(f"{seed}:{epoch}")``; an epoch ends when every row has been drawn once.
 
+Data parallelism: every rank builds the same sources (same seeds) and draws through
+:class:`ShardedSource`, which keeps the records at the rank's positions of each source's sequence, so
+the ranks' prompts are disjoint however many each draws.
+
 A malformed row raises :class:`DataError` naming the file and line (row for Parquet).
 """
 
@@ -383,7 +387,39 @@ def _as_source_cfg(c: Any) -> DataSourceConfig:
     return DataSourceConfig(**c)
 
 
-def build_one(cfg: Any) -> PromptSource:
+class ShardedSource:
+    """Data-parallel rank ``rank`` of ``world``'s share of a source: the records at positions rank,
+    rank + world, rank + 2 world, ... of the source's sequence.  Every rank holds its own copy of the source,
+    built with the same seed, and each draw takes whole strides of ``world`` records, keeping its own.  So the
+    ranks' records are disjoint whatever each draws (dynamic sampling draws more on some ranks than on others),
+    and a state saved by any rank loads on any rank at any world size (after a layout change every rank
+    starts from rank 0's position, each at its own offset).  The source must be a sequence: ``sample(a)``
+    then ``sample(b)`` gives what ``sample(a + b)`` gives (every source here; a registered type must too)."""
+
+    def __init__(self, source: PromptSource, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world}")
+        self.source, self.rank, self.world = source, int(rank), int(world)
+
+    def sample(self, n: int) -> List[Dict[str, Any]]:
+        return self.source.sample(n * self.world)[self.rank::self.world] if n > 0 else []
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+
+def build_one(cfg: Any, shard: Optional[Tuple[int, int]] = None) -> PromptSource:
+    """One source from its config; with ``shard`` = (rank, world) and world > 1, its :class:`ShardedSource`."""
+    src = _build_one(cfg)
+    if shard is not None and int(shard[1]) > 1:
+        return ShardedSource(src, int(shard[0]), int(shard[1]))
+    return src
+
+
+def _build_one(cfg: Any) -> PromptSource:
     c = _as_source_cfg(cfg)
     t = c.type
     if t == "jsonl":
@@ -409,12 +445,14 @@ def build_one(cfg: Any) -> PromptSource:
     raise DataError(f"data source {c.name!r}: unknown type {t!r} (known: {', '.join(known)})")
 
 
-def build_source(cfg: Any, seed: Optional[int] = None) -> PromptSource:
+def build_source(cfg: Any, seed: Optional[int] = None, shard: Optional[Tuple[int, int]] = None) -> PromptSource:
     """Build a prompt source from config.
 
     ``cfg`` may be one source config (a :class:`DataSourceConfig` or a dict of its fields), a
     list of them (a weighted :class:`MixtureSource`), or an object/dict with ``sources`` (that
     list) and optionally ``seed`` (the mixture seed). A single-entry list returns the source itself.
+    ``shard`` = (data-parallel rank, world): each source is drawn through its :class:`ShardedSource`
+    (a mixture's sources each, the mixture's own choices seeded by ``seed``).
     """
     sources = None
     if isinstance(cfg, Mapping) and "sources" in cfg:
@@ -425,14 +463,14 @@ def build_source(cfg: Any, seed: Optional[int] = None) -> PromptSource:
                                              and hasattr(cfg, "__iter__")):
         sources = list(cfg)
     if sources is None:
-        return build_one(cfg)
+        return build_one(cfg, shard)
     cfgs = [_as_source_cfg(c) for c in sources]
     if not cfgs:
         raise DataError("data config has no sources")
     if len(cfgs) == 1:
-        return build_one(cfgs[0])
+        return build_one(cfgs[0], shard)
     names = [c.name for c in cfgs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise DataError(f"data source names must be unique; repeated: {sorted(dup)}")
-    return MixtureSource({c.name: (build_one(c), c.weight) for c in cfgs}, seed=int(seed or 0))
+    return MixtureSource({c.name: (build_one(c, shard), c.weight) for c in cfgs}, seed=int(seed or 0))
