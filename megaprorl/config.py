@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from .algo.dynamic_sampling import DynamicSamplingConfig
 from .algo.length_penalty import LengthPenaltyConfig
+from .algo.loss import RATIO_LEVELS
 from .algo.reset import ReferenceResetConfig
 from .algo.rollout_correction import LEVELS as RC_LEVELS
 from .algo.rollout_correction import MODES as RC_MODES
@@ -500,7 +501,7 @@ def validate(cfg: Config) -> None:
         need(rc.log_ratio_clamp > 0, "algo.rollout_correction.log_ratio_clamp", "must be > 0")
     need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
          "must be token-mean or sequence-mean")
-    need(cfg.algo.loss.ratio_level in ("token", "sequence"), "algo.loss.ratio_level", "must be token or sequence")
+    need(cfg.algo.loss.ratio_level in RATIO_LEVELS, "algo.loss.ratio_level", "must be token or sequence")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")
     from .rewards.base import THINK_MODES

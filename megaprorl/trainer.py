@@ -200,13 +200,13 @@ class Trainer:
         builds the same sources and keeps its own positions: ``data.sources.ShardedSource``), so the ranks'
         prompts are disjoint; a mixture's choice of source is drawn per rank."""
         cfg = self.cfg
-        from .data.sources import ShardedSource, build_source
+        from .data.sources import build_source, shard_source
 
         shard = (dp_rank(), dp_world())
         if not cfg.data.sources:
-            src = builtin.AdditionSource(seed=_derive_seed(cfg.data.seed, "train", 0),
-                                         min_digits=cfg.data.builtin_min_digits, max_digits=cfg.data.builtin_max_digits)
-            return ShardedSource(src, *shard) if shard[1] > 1 else src
+            return shard_source(builtin.AdditionSource(seed=_derive_seed(cfg.data.seed, "train", 0),
+                                                       min_digits=cfg.data.builtin_min_digits,
+                                                       max_digits=cfg.data.builtin_max_digits), shard)
         return build_source(cfg.data.sources, seed=_derive_seed(cfg.data.seed, "train", dp_rank()), shard=shard)
 
     def _build_eval_records(self) -> List[Dict]:

@@ -411,12 +411,16 @@ class ShardedSource:
         self.source.load_state_dict(state)
 
 
-def build_one(cfg: Any, shard: Optional[Tuple[int, int]] = None) -> PromptSource:
-    """One source from its config; with ``shard`` = (rank, world) and world > 1, its :class:`ShardedSource`."""
-    src = _build_one(cfg)
+def shard_source(src: PromptSource, shard: Optional[Tuple[int, int]]) -> PromptSource:
+    """``src`` drawn as data-parallel rank ``shard[0]`` of ``shard[1]`` (:class:`ShardedSource`); itself at one rank."""
     if shard is not None and int(shard[1]) > 1:
         return ShardedSource(src, int(shard[0]), int(shard[1]))
     return src
+
+
+def build_one(cfg: Any, shard: Optional[Tuple[int, int]] = None) -> PromptSource:
+    """One source from its config, drawn as ``shard`` = (rank, world) when given (``shard_source``)."""
+    return shard_source(_build_one(cfg), shard)
 
 
 def _build_one(cfg: Any) -> PromptSource:

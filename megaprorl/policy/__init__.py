@@ -270,10 +270,11 @@ class Policy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         o, mc = self.ocfg, self.model.config
-        cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=getattr(o, "min_lr", o.lr), weight_decay=o.weight_decay,
-                              adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                              clip_grad=float(o.grad_clip or 0.0), bf16=bool(mc.bf16), fp16=bool(mc.fp16),
-                              params_dtype=mc.params_dtype, use_distributed_optimizer=self.distributed_optimizer)
+        cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=getattr(o, "min_lr", o.lr),
+                              weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                              adam_eps=o.adam_eps, clip_grad=float(o.grad_clip or 0.0), bf16=bool(mc.bf16),
+                              fp16=bool(mc.fp16), params_dtype=mc.params_dtype,
+                              use_distributed_optimizer=self.distributed_optimizer)
         with _quiet_megatron_log("megatron.core.optimizer"):
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
         self._lr_scheduler = None  # built on the first schedule_lr for this optimizer's parameter groups
