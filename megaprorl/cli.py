@@ -41,11 +41,12 @@ def cmd_train(argv: List[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .data.sources import DataError
     from .trainer import NonFiniteError, train
 
     try:
         summary = train(cfg)
-    except ConfigError as e:  # found once the files it names were read (model.hf_path, model.load, ...)
+    except (ConfigError, DataError) as e:  # found once the files it names were read (model.hf_path, data, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
@@ -57,11 +58,14 @@ def cmd_train(argv: List[str]) -> int:
 def cmd_eval(argv: List[str]) -> int:
     from .config import ConfigError, load_config
 
-    p = argparse.ArgumentParser(prog="megaprorl eval", description="Evaluate a policy: greedy accuracy, "
-                                "pass@1 over k samples and unbiased pass@k, per domain.")
+    p = argparse.ArgumentParser(prog="megaprorl eval", description="Evaluate a policy on each evaluation set: greedy "
+                                "accuracy, pass@1 over k samples and unbiased pass@k, per domain.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--output", default="", help="write the metrics as JSON here")
+    p.add_argument("--per-prompt", default="", metavar="FILE",
+                   help="write one JSON line per prompt here: its set, id, domain, greedy reward and length, the "
+                        "sampled rewards and pass rate (eval.write_responses adds the greedy response)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -70,9 +74,14 @@ def cmd_eval(argv: List[str]) -> int:
         return 2
     import json
 
+    from .data.sources import DataError
     from .trainer import Trainer
 
-    t = Trainer(cfg)
+    try:
+        t = Trainer(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         path = t._resume_path()
         if path:
@@ -88,6 +97,10 @@ def cmd_eval(argv: List[str]) -> int:
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(res, f, indent=2)
+        if args.per_prompt:
+            from .evaluation import write_rows
+
+            write_rows(args.per_prompt, t.eval_rows)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -24,7 +25,7 @@ from .algo.reset import ReferenceResetConfig
 from .algo.rollout_correction import LEVELS as RC_LEVELS
 from .algo.rollout_correction import MODES as RC_MODES
 from .algo.rollout_correction import RolloutCorrectionConfig
-from .data.sources import DataSourceConfig
+from .data.sources import DataSourceConfig, EvalSetConfig
 from .rewards import RewardConfig
 
 
@@ -276,6 +277,11 @@ class EvalConfig:
     greedy: bool = False
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
     source: str = ""  # name of a data source for validation; "" = the built-in task's held-out split
+    # named benchmarks, each read in full and reported as eval/<name>/... (data/sources.py: EvalSetConfig); when
+    # given they replace `source` and `n_prompts`, and eval/accuracy is the greedy accuracy over all their prompts
+    sets: List[EvalSetConfig] = field(default_factory=list)
+    write_results: bool = True  # each evaluation's per-prompt results to RUN/eval/step_XXXXXXXX.jsonl
+    write_responses: bool = False  # ... with each prompt's greedy response text
 
 
 @dataclass
@@ -392,6 +398,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     elif path:
         file_cfg = _load_yaml_chain(path, ())
     if path:
+        _check_list_entries(file_cfg, path)
         try:
             base = OmegaConf.merge(base, file_cfg)
         except OmegaConfBaseException as e:
@@ -401,6 +408,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"override {ov!r} is not of the form key=value")
         try:
             dotlist = OmegaConf.from_dotlist([ov])
+            _check_list_entries(dotlist, f"override {ov!r}")
             base = OmegaConf.merge(base, dotlist)
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {ov!r}") from None
@@ -410,6 +418,25 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise _explain(e, path or "config") from None
     validate(cfg)
     return cfg
+
+
+# lists of structured entries: OmegaConf reports an unknown key inside one without its list and index
+_LIST_ENTRIES = (("data.sources", DataSourceConfig), ("eval.sets", EvalSetConfig))
+
+
+def _check_list_entries(node, where: str) -> None:
+    """An unknown key in a ``data.sources`` / ``eval.sets`` entry, named with its list and index."""
+    for key, cls in _LIST_ENTRIES:
+        entries = OmegaConf.select(node, key, default=None)
+        if not OmegaConf.is_list(entries):
+            continue
+        names = [f.name for f in fields(cls)]
+        for i, entry in enumerate(entries):
+            for k in (entry.keys() if OmegaConf.is_dict(entry) else ()):
+                if k not in names:
+                    near = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
+                    hint = f"; did you mean '{key}[{i}].{near[0]}'?" if near else f" (valid: {', '.join(names)})"
+                    raise ConfigError(f"{where}: unknown config key '{key}[{i}].{k}'{hint}")
 
 
 def _load_yaml_chain(path: str, seen: tuple):
@@ -465,6 +492,7 @@ def validate(cfg: Config) -> None:
         decay = o.lr_decay_steps or cfg.train.steps
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
+    _validate_eval(cfg.eval, need)
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
@@ -583,6 +611,30 @@ def validate(cfg: Config) -> None:
              "an MoE model is the Qwen3-MoE shape (model.qk_norm=true, model.add_qkv_bias=false, no shared expert) or "
              "the Qwen2-MoE shape (model.add_qkv_bias=true, model.qk_norm=false, "
              "model.moe_shared_expert_ffn_hidden_size > 0) here")
+
+
+def _validate_eval(e: EvalConfig, need) -> None:
+    need(e.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+    need(all(k >= 1 for k in e.ks), "eval.ks", f"every k must be >= 1, got {list(e.ks)}")
+    need(not (e.sets and e.source), "eval.source",
+         "names a training source to sample for validation; eval.sets replaces it: give one or the other")
+    seen = set()
+    for i, s in enumerate(e.sets):
+        key = f"eval.sets[{i}]"
+        need(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", s.name or "")), f"{key}.name",
+             f"{s.name!r}: a set needs a name of letters, digits, '_', '.' or '-' (it prefixes its metrics)")
+        need(s.name not in seen, f"{key}.name", f"{s.name!r} names two evaluation sets")
+        need(s.name not in _EVAL_RESERVED, f"{key}.name", f"{s.name!r} is an evaluation metric's name")
+        seen.add(s.name)
+        need(s.n_prompts >= 0, f"{key}.n_prompts", "must be >= 0 (0: every row)")
+        need(s.samples_per_prompt >= 0, f"{key}.samples_per_prompt", "must be >= 0 (0: eval.samples_per_prompt)")
+        need(all(k >= 1 for k in s.ks), f"{key}.ks", f"every k must be >= 1, got {list(s.ks)}")
+        need(s.max_new_tokens >= 0, f"{key}.max_new_tokens", "must be >= 0 (0: eval.max_new_tokens)")
+
+
+# metric names directly under eval/ that a set's name must not shadow
+_EVAL_RESERVED = ("accuracy", "n_prompts", "by_domain", "mean_reward", "n_problems", "n_samples", "response_tokens",
+                  "truncated")
 
 
 def to_yaml(cfg: Config) -> str:

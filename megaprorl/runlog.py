@@ -156,6 +156,14 @@ def read_metrics(run_dir: str) -> List[Dict]:
     return out
 
 
+EVAL_SETS_PANEL = "eval sets"  # a panel of its own when a run has eval.sets
+
+
+def _is_set_accuracy(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy"
+
+
 PLOT_KEYS = [("reward", "reward (verifier)"), ("entropy", "entropy"), ("kl_ref", "KL to reference"),
              ("response_length", "response length (tokens)")]
 
@@ -169,10 +177,19 @@ def plot_run(run_dir, out_path: Optional[str] = None, keys=None, labels=None) ->
 
     dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in dirs]
-    keys = keys or PLOT_KEYS
+    runs = [read_metrics(d) for d in dirs]
+    sets = sorted({k.split("/")[1] for recs in runs for r in recs for k in r if _is_set_accuracy(k)})
+    keys = list(keys or PLOT_KEYS) + ([(EVAL_SETS_PANEL, "evaluation sets (pass@1, else greedy)")] if sets else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-    for d, label in zip(dirs, labels):
-        recs = read_metrics(d)
+    for d, label, recs in zip(dirs, labels, runs):
+        if sets:
+            ax = axes[[k for k, _ in keys].index(EVAL_SETS_PANEL)]
+            for name in sets:
+                pts = [(r["step"], r.get(f"eval/{name}/pass@1", r.get(f"eval/{name}/accuracy"))) for r in recs
+                       if f"eval/{name}/accuracy" in r]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1,
+                            label=name + (f" ({label})" if len(dirs) > 1 else ""))
         for ax, (k, title) in zip(axes, keys):
             pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
             line = None
@@ -192,6 +209,8 @@ def plot_run(run_dir, out_path: Optional[str] = None, keys=None, labels=None) ->
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if sets:
+        axes[-1].legend(fontsize=7)
     fig.tight_layout()
     out_path = out_path or os.path.join(dirs[0], "curves.png")
     fig.savefig(out_path, dpi=110)

@@ -26,12 +26,13 @@ from .algo.advantages import compute_advantages
 from .algo.dynamic_sampling import DynamicSampler
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
-from .algo.passk import summarize_eval
 from .algo.reset import ReferenceResetController
 from .algo.rollout_correction import mismatch_stats, rollout_correction_weights
+from . import evaluation
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .data.retire import SolvedPromptFilter
+from .evaluation import PromptResult, overall_metrics, set_metrics
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import (dp_group, dp_rank, dp_world, init_distributed, max_over, mp_broadcast_object, mp_leader,
@@ -136,9 +137,10 @@ class Trainer:
         # its ranks train on the same rollouts and must agree on their rewards (a time limit hit on one rank and
         # not another would otherwise give them different advantages, or different groups kept)
         self.scores_here = not dist.is_initialized() or dist.get_rank() == mp_leader()
+        self.source = self._build_source()  # (before the reward pool: a bad data file fails with nothing to close)
+        self.eval_sets = evaluation.build_eval_sets(cfg, self._build_eval_records)
+        self.eval_rows: List[PromptResult] = []
         self.rewards = RewardPool(cfg.rewards) if self.scores_here else None
-        self.source = self._build_source()
-        self.eval_records = self._build_eval_records()
         self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
         self.resets = ReferenceResetController(cfg.algo.reference_reset)
         self.retired = SolvedPromptFilter(cfg.data.retire_solved_after, cfg.data.retire_solved_reward)
@@ -257,37 +259,55 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, greedy: Optional[bool] = None) -> Dict:
-        """Accuracy on the held-out prompts (greedy), and pass@k at evaluation sampling settings."""
+        """Every evaluation set's greedy accuracy and, at evaluation sampling settings, pass@k
+        (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``."""
         cfg = self.cfg
-        records = self.eval_records[dp_rank():: dp_world()]
-        prompts = [self.encode_prompt(r) for r in records]
-        max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
         out: Dict = {}
         self.engine.wake()
-        rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=max_new, n=1, greedy=True))
-        res = self._score(records, rollouts)
-        correct = torch.tensor([sum(1.0 for r in res if r.reward >= 1.0), float(len(res))], dtype=torch.float64,
-                               device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(correct, group=dp_group())
-        out["eval/accuracy"] = float(correct[0] / correct[1].clamp_min(1.0))
-        out["eval/n_prompts"] = int(correct[1])
-        k = cfg.eval.samples_per_prompt
-        if k > 1 and not (greedy or cfg.eval.greedy):
-            params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=max_new,
-                                    n=k, seed=_derive_seed(cfg.seed, "eval", self.step, dp_rank()))
-            rollouts = self.engine.generate(prompts, params)
-            recs = [records[r.prompt_index] for r in rollouts]
-            res = self._score(recs, rollouts)
-            per_problem: Dict[int, List[float]] = {}
-            for r, s in zip(rollouts, res):
-                per_problem.setdefault(r.prompt_index, []).append(s.reward)
-            rows = [(records[i]["id"], records[i].get("domain", "?"), rw) for i, rw in per_problem.items()]
+        every: List[PromptResult] = []
+        for es in self.eval_sets:
+            records = es.records[dp_rank():: dp_world()]
+            prompts = [self.encode_prompt(r) for r in records]
+            rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=es.max_new_tokens, n=1,
+                                                                    greedy=True))
+            res = self._score(records, rollouts)
+            rows = [PromptResult(es.name, rec.get("id"), rec.get("domain", "?"), float(sc.reward),
+                                 len(ro.response_ids), bool(ro.finished),
+                                 greedy_response=(self.tokenizer.decode(ro.response_ids)
+                                                  if cfg.eval.write_responses else None))
+                    for rec, ro, sc in zip(records, rollouts, res)]
+            if es.samples_per_prompt > 1 and not (greedy or cfg.eval.greedy):
+                seed = (_derive_seed(cfg.seed, "eval", es.name, self.step, dp_rank()) if es.name
+                        else _derive_seed(cfg.seed, "eval", self.step, dp_rank()))
+                params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                        max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt, seed=seed)
+                rollouts = self.engine.generate(prompts, params)
+                res = self._score([records[r.prompt_index] for r in rollouts], rollouts)
+                for ro, sc in zip(rollouts, res):
+                    row = rows[ro.prompt_index]
+                    row.rewards.append(float(sc.reward))
+                    row.tokens.append(len(ro.response_ids))
+                    row.finished.append(bool(ro.finished))
             rows = _gather_objects(rows)
-            summary = summarize_eval(rows, ks=tuple(cfg.eval.ks))
-            for key, val in _flatten(summary).items():
-                out[f"eval/{key}"] = val
+            out.update(set_metrics(es, rows))
+            every.extend(rows)
+        out.update(overall_metrics(self.eval_sets, every))
+        self.eval_rows = every
         return out
+
+    def _set_accuracies(self, ev: Dict) -> str:
+        named = [es for es in self.eval_sets if es.name]
+        return ("" if not named else " (" + ", ".join(f"{es.name} {ev[es.prefix + 'accuracy']:.3f}" for es in named)
+                + ")")
+
+    def _after_eval(self, ev: Dict) -> None:
+        """Write an evaluation's per-prompt rows (``eval.write_results``) and check the reset trigger's metric."""
+        if self.is_main and self.cfg.eval.write_results:
+            evaluation.write_rows(os.path.join(self.run_dir, "eval", f"step_{self.step:08d}.jsonl"), self.eval_rows)
+        rr = self.cfg.algo.reference_reset
+        if rr.stall_evals and rr.stall_metric not in ev:
+            raise ConfigError(f"config key 'algo.reference_reset.stall_metric': {rr.stall_metric!r} is not an "
+                              f"evaluation metric; this run's are {sorted(ev)}")
 
     def _score(self, records: List[Dict], rollouts) -> List:
         """The verifiers' results for ``rollouts`` (of ``records``), scored on the model-parallel group's first
@@ -641,9 +661,10 @@ class Trainer:
                 self._say(f"warm-start: {cfg.warmstart.steps} SFT steps, loss {ws['warmstart/final_loss']:.3f}, "
                           f"{ws['warmstart/time_s']:.0f}s")
             before = self.evaluate()
+            self._after_eval(before)
             self.eval_history.append({"step": 0, **before})
             self._say(f"before RL: held-out greedy accuracy {before['eval/accuracy']:.3f} "
-                      f"on {before['eval/n_prompts']} prompts")
+                      f"on {before['eval/n_prompts']} prompts" + self._set_accuracies(before))
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.logging.progress, total_steps=cfg.train.steps, initial_step=self.step,
                                 resume=bool(resume), wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
@@ -662,9 +683,10 @@ class Trainer:
                     stats["reference_reset_trigger"] = trigger
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.steps:
                     ev = self.evaluate()
+                    self._after_eval(ev)
                     stats.update(ev)
                     self.eval_history.append({"step": self.step, **ev})
-                    self.resets.observe_validation(self.step, ev["eval/accuracy"])
+                    self.resets.observe_validation(self.step, ev[cfg.algo.reference_reset.stall_metric])
                 self.logger.log(self.step, _reduce_stats(stats))
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save_checkpoint()
@@ -681,6 +703,7 @@ class Trainer:
         if exit_code:
             return summary
         after = self.evaluate()
+        self._after_eval(after)
         self.eval_history.append({"step": self.step, **after})
         if self.is_main:
             self.logger.enabled = True
@@ -690,6 +713,9 @@ class Trainer:
         summary.update({"rl_time_s": time.time() - t_run, "steps": self.step,
                         "accuracy_before": self.eval_history[0].get("eval/accuracy"),
                         "accuracy_after": after["eval/accuracy"], "eval_prompts": after["eval/n_prompts"],
+                        "eval_sets": {es.name: {"before": self.eval_history[0].get(f"{es.prefix}accuracy"),
+                                                "after": after[f"{es.prefix}accuracy"]}
+                                      for es in self.eval_sets if es.name},
                         "resets": self.resets.history})
         if self.is_main and cfg.logging.plot:
             summary["plot"] = plot_run(self.run_dir)
@@ -775,17 +801,6 @@ def _gather_objects(rows):
     return [r for part in out for r in part]
 
 
-def _flatten(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        elif isinstance(v, (int, float)):
-            out[key] = v
-    return out
-
-
 def train(cfg: Config) -> Dict:
     trainer = Trainer(cfg)
     try:
@@ -805,6 +820,9 @@ def print_summary(s: Dict) -> None:
         lines.append(f"held-out greedy accuracy before RL (after warm-start): {s['accuracy_before']:.3f} "
                      f"on {s.get('eval_prompts')} prompts")
     lines.append(f"held-out greedy accuracy after RL:                     {s['accuracy_after']:.3f}")
+    for name, acc in (s.get("eval_sets") or {}).items():
+        before = "" if acc.get("before") is None else f"{acc['before']:.3f} -> "
+        lines.append(f"  {name:22s}greedy accuracy {before}{acc['after']:.3f}")
     if s.get("resets"):
         lines.append(f"reference resets        {s['resets']}")
     if s.get("plot"):

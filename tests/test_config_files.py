@@ -43,6 +43,17 @@ def test_base_chain_merge_and_errors(tmp_path):
         load_config(str(tmp_path / "f.yaml"))
 
 
+def test_an_unknown_key_in_a_list_entry_is_named_with_its_list_and_index(tmp_path):
+    """OmegaConf names a bad key inside a list entry without its place; the loader names both."""
+    (tmp_path / "g.yaml").write_text("data:\n  sources:\n    - {name: x, type: builtin}\n"
+                                     "    - {name: y, type: builtin, wieght: 2}\n")
+    with pytest.raises(ConfigError, match=r"g.yaml: unknown config key 'data.sources\[1\].wieght'; did you mean "
+                                          r"'data.sources\[1\].weight'\?"):
+        load_config(str(tmp_path / "g.yaml"))
+    with pytest.raises(ConfigError, match=r"override .*: unknown config key 'eval.sets\[0\].zzz' \(valid: name, "):
+        load_config(None, ["eval.sets=[{name: a, zzz: 1}]"])
+
+
 def test_slurm_dry_run_of_a_four_node_example(capsys):
     from megaprorl.cli import main
 

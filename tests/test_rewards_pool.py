@@ -156,3 +156,29 @@ def test_think_mode_is_checked_in_the_config():
 
     with pytest.raises(ConfigError, match="rewards.think_mode"):
         load_config("examples/demo.yaml", ["rewards.think_mode=sometimes"])
+
+
+LEFT_OPEN = """
+from megaprorl.rewards import RewardConfig, RewardPool
+if __name__ == "__main__":
+    p = RewardPool(RewardConfig(num_workers=2))
+    print(p.score([{"domain": "math", "prompt": "1+1", "answer": "2"}], ["\\\\boxed{2}"])[0].reward, flush=True)
+"""
+
+
+def test_a_pool_left_open_closes_at_exit(tmp_path):
+    """A process that exits with its pool open (its owner failed before closing it: a trainer whose data file is
+    missing did) closes the pool before multiprocessing's exit handler terminates the workers.  Before, the
+    dispatcher saw them die, logged 'idle reward worker died ... replacing it' and started new ones during the
+    exit, which sometimes hung the process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(LEFT_OPEN)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": root})
+        assert r.returncode == 0 and r.stdout.strip() == "1.0", r.stderr[-2000:]
+        assert "replacing it" not in r.stderr

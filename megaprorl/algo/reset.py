@@ -33,6 +33,7 @@ class ReferenceResetConfig:
     kl_warmup_steps: int = 10  # KL observations after a reset before a spike can trigger
     stall_evals: int = 0  # reset after this many evaluations without improvement; 0 = off
     stall_min_delta: float = 0.0  # an improvement must exceed the best by more than this
+    stall_metric: str = "eval/accuracy"  # the validation metric watched for a stall (e.g. eval/aime24/pass@1)
     reset_optimizer: bool = False  # v1 clears the optimizer state on reset; v2 keeps it
     min_gap: int = 1  # no reset within this many steps of the previous one
 

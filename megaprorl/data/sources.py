@@ -356,6 +356,25 @@ class DataSourceConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EvalSetConfig:
+    """One evaluation benchmark (``eval.sets[*]``): a prompt source read in full, or a seeded subset of it, with
+    its own sampling budget.  The source keys mean what they mean in :class:`DataSourceConfig`."""
+
+    name: str = ""  # metric prefix: eval/<name>/...
+    type: str = "jsonl"  # "jsonl" | "parquet" | "reasoning_gym" | "builtin" (the held-out addition split) | registered
+    path: str = ""
+    task: str = ""
+    size: int = 10000
+    seed: int = 0
+    domain: str = ""
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    n_prompts: int = 0  # 0 = every row, in file order; N = a seeded subset of N rows, none twice
+    samples_per_prompt: int = 0  # 0 = eval.samples_per_prompt
+    ks: List[int] = field(default_factory=list)  # [] = eval.ks
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens
+
+
 SourceFactory = Callable[[DataSourceConfig], PromptSource]
 _SOURCE_TYPES: Dict[str, SourceFactory] = {}
 
@@ -478,3 +497,31 @@ def build_source(cfg: Any, seed: Optional[int] = None, shard: Optional[Tuple[int
     if dup:
         raise DataError(f"data source names must be unique; repeated: {sorted(dup)}")
     return MixtureSource({c.name: (build_one(c, shard), c.weight) for c in cfgs}, seed=int(seed or 0))
+
+
+def load_eval_set(cfg: EvalSetConfig, where: str, min_digits: int = 1, max_digits: int = 2) -> List[Dict[str, Any]]:
+    """The records of one evaluation set: every row of a source with a length (file order), or a seeded subset of
+    ``n_prompts`` of them, none twice; ``n_prompts`` records of an endless source.  ``type: builtin`` is the
+    built-in task's held-out split (digits from ``kwargs``, else ``data.builtin_{min,max}_digits``).  ``where``
+    (the config key) names the set in errors."""
+    if cfg.type == "builtin":
+        from .builtin import eval_split
+
+        if cfg.n_prompts <= 0:
+            raise DataError(f"{where}.n_prompts: a builtin evaluation set needs n_prompts > 0 (it has no end)")
+        kw = cfg.kwargs or {}
+        return eval_split(cfg.n_prompts, cfg.seed, int(kw.get("min_digits", min_digits)),
+                          int(kw.get("max_digits", max_digits)), train_seed=0)
+    src_cfg = DataSourceConfig(name=cfg.name, type=cfg.type, path=cfg.path, task=cfg.task, size=cfg.size,
+                               seed=cfg.seed, domain=cfg.domain, shuffle=cfg.n_prompts > 0, kwargs=dict(cfg.kwargs))
+    try:
+        src = _build_one(src_cfg)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    total = len(src) if hasattr(src, "__len__") else None
+    if total is None:
+        if cfg.n_prompts <= 0:
+            raise DataError(f"{where}.n_prompts: a source of type {cfg.type!r} has no length: set n_prompts > 0")
+        return src.sample(cfg.n_prompts)
+    return src.sample(total if cfg.n_prompts <= 0 else min(cfg.n_prompts, total))
+

@@ -23,6 +23,7 @@ defined in ``__main__`` is only available with ``mp_context="fork"``.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import importlib
 import logging
@@ -31,6 +32,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import asdict
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Dict, List, Optional, Sequence
@@ -114,6 +116,14 @@ class _Worker:
         self.ready = False
 
 
+def _close_at_exit(ref):
+    def close() -> None:
+        pool = ref()
+        if pool is not None:
+            pool.close()
+    return close
+
+
 class RewardPool:
     """Scores (record, response) pairs in worker processes; see the module docstring."""
 
@@ -147,6 +157,10 @@ class RewardPool:
             self._workers.append(self._start_worker())
         self._thread = threading.Thread(target=self._loop, name="reward-pool", daemon=True)
         self._thread.start()
+        # a pool left open (its owner failed before closing it) closes before multiprocessing's exit handler
+        # terminates the workers; else the dispatcher would see them die and start new ones during the exit
+        self._at_exit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ public API
     def submit(self, records: Sequence[Dict[str, Any]], responses: Sequence[str]) -> RewardFuture:
@@ -176,6 +190,8 @@ class RewardPool:
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_at_exit", None) is not None:
+            atexit.unregister(self._at_exit)
         if self._thread is not None:
             self._wake()
             self._thread.join(timeout=10)

@@ -1,0 +1,130 @@
+"""Evaluation sets and their metrics.
+
+A run evaluates one or more sets of prompts.  ``eval.sets`` names benchmarks (AIME, MATH-500, a code set, a
+held-out Reasoning Gym task...), each read in full or as a seeded subset, with its own sample count, k of
+pass@k and response budget; their metrics are ``eval/<set>/...`` and ``eval/accuracy`` is the greedy accuracy
+over all their prompts.  Without ``eval.sets`` there is one unnamed set (``eval.source`` or the built-in
+task's held-out split) whose metrics sit directly under ``eval/``, as before sets existed.
+
+Per set, from every prompt's greedy response and, when ``samples_per_prompt`` > 1, its sampled ones:
+
+    accuracy            greedy responses with reward >= 1, over the set's prompts
+    n_prompts           prompts evaluated
+    response_tokens     mean greedy response length (tokens, the end token included)
+    truncated           fraction of greedy responses that hit the budget without an end token
+    pass@k, mean_reward, n_problems, n_samples, by_domain/...      over the samples (algo/passk.py)
+    sample_response_tokens, sample_truncated                       the same two over the samples
+
+The trainer gathers one row per prompt over the data-parallel ranks (``PromptResult``); these rows are what
+``RUN/eval/step_XXXXXXXX.jsonl`` holds (``eval.write_results``) and ``megaprorl eval --per-prompt`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from .algo.passk import summarize_eval
+
+
+@dataclass
+class EvalSet:
+    name: str  # "" = the one unnamed set: its metrics sit directly under eval/
+    records: List[Dict[str, Any]]
+    samples_per_prompt: int
+    ks: List[int]
+    max_new_tokens: int
+
+    @property
+    def prefix(self) -> str:
+        return f"eval/{self.name}/" if self.name else "eval/"
+
+
+@dataclass
+class PromptResult:
+    """One prompt's evaluation: the greedy response's reward, length and end, and the sampled ones'."""
+
+    set: str
+    id: Any
+    domain: str
+    greedy_reward: float
+    greedy_tokens: int
+    greedy_finished: bool
+    rewards: List[float] = field(default_factory=list)  # the sampled responses' rewards
+    tokens: List[int] = field(default_factory=list)
+    finished: List[bool] = field(default_factory=list)
+    greedy_response: Optional[str] = None  # with eval.write_responses
+
+    def to_json(self) -> Dict[str, Any]:
+        d = {"set": self.set, "id": self.id, "domain": self.domain, "greedy_reward": self.greedy_reward,
+             "greedy_tokens": self.greedy_tokens, "greedy_finished": self.greedy_finished}
+        if self.rewards:
+            d.update(rewards=self.rewards, tokens=self.tokens, finished=self.finished,
+                     pass_rate=sum(1 for r in self.rewards if r >= 1.0) / len(self.rewards))
+        if self.greedy_response is not None:
+            d["greedy_response"] = self.greedy_response
+        return d
+
+
+def build_eval_sets(cfg, unnamed_records) -> List[EvalSet]:
+    """The run's evaluation sets from ``cfg`` (a :class:`~megaprorl.config.Config`); ``unnamed_records()``
+    gives the records of the unnamed set when ``eval.sets`` is empty."""
+    from .data.sources import load_eval_set
+
+    e = cfg.eval
+    budget = e.max_new_tokens or cfg.rollout.max_new_tokens
+    if not e.sets:
+        return [EvalSet("", unnamed_records(), e.samples_per_prompt, list(e.ks), budget)]
+    return [EvalSet(s.name, load_eval_set(s, f"eval.sets[{i}]", cfg.data.builtin_min_digits,
+                                          cfg.data.builtin_max_digits),
+                    s.samples_per_prompt or e.samples_per_prompt, list(s.ks or e.ks), s.max_new_tokens or budget)
+            for i, s in enumerate(e.sets)]
+
+
+def set_metrics(es: EvalSet, rows: Sequence[PromptResult]) -> Dict[str, float]:
+    """The metrics of one set from all of its prompts' rows (gathered over ranks), keys prefixed."""
+    n = len(rows)
+    out: Dict[str, float] = {"accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n),
+                             "n_prompts": n,
+                             "response_tokens": sum(r.greedy_tokens for r in rows) / max(1, n),
+                             "truncated": sum(1.0 for r in rows if not r.greedy_finished) / max(1, n)}
+    sampled = [r for r in rows if r.rewards]
+    if sampled:
+        summary = summarize_eval([(r.id, r.domain, r.rewards) for r in sampled], ks=tuple(es.ks))
+        out.update(_flatten(summary))
+        m = sum(len(r.tokens) for r in sampled)
+        out["sample_response_tokens"] = sum(sum(r.tokens) for r in sampled) / m
+        out["sample_truncated"] = sum(sum(1 for f in r.finished if not f) for r in sampled) / m
+    return {es.prefix + k: v for k, v in out.items()}
+
+
+def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult]) -> Dict[str, float]:
+    """``eval/accuracy`` and ``eval/n_prompts`` over every named set's prompts (the unnamed set has its own)."""
+    if len(sets) == 1 and not sets[0].name:
+        return {}
+    n = len(rows)
+    return {"eval/accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n), "eval/n_prompts": n}
+
+
+def write_rows(path: str, rows: Sequence[PromptResult]) -> str:
+    """The per-prompt rows as JSONL (written to a temporary name, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r.to_json(), default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out

@@ -1,0 +1,247 @@
+"""Evaluation sets (eval.sets): loading, config errors, per-set metrics, per-prompt rows, the reset trigger's
+metric, and data-parallel evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megaprorl.algo.passk import pass_at_k
+from megaprorl.data.sources import DataError, EvalSetConfig, load_eval_set
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "examples", "demo.yaml")
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("# a comment line\n")
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _rows(n, tag="q"):
+    return [{"domain": "math", "prompt": f"{tag}{i}", "answer": str(i)} for i in range(n)]
+
+
+# ------------------------------------------------------------------ loading
+def test_a_file_set_is_every_row_once_in_file_order_or_a_seeded_subset(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", _rows(7))
+    every = load_eval_set(EvalSetConfig(name="s", path=path), "eval.sets[0]")
+    assert [r["prompt"] for r in every] == [f"q{i}" for i in range(7)]
+    assert every[0]["id"] == "s.jsonl:2"  # the comment is line 1
+    sub = load_eval_set(EvalSetConfig(name="s", path=path, n_prompts=4, seed=1), "eval.sets[0]")
+    assert len(sub) == 4 and len({r["prompt"] for r in sub}) == 4
+    assert sub == load_eval_set(EvalSetConfig(name="s", path=path, n_prompts=4, seed=1), "eval.sets[0]")
+    others = [load_eval_set(EvalSetConfig(name="s", path=path, n_prompts=4, seed=s), "x") for s in range(2, 6)]
+    assert any({r["prompt"] for r in o} != {r["prompt"] for r in sub} for o in others)
+    more = load_eval_set(EvalSetConfig(name="s", path=path, n_prompts=50), "eval.sets[0]")
+    assert sorted(r["prompt"] for r in more) == sorted(r["prompt"] for r in every)  # no row twice
+
+
+def test_reasoning_gym_and_builtin_sets(tmp_path):
+    rg = load_eval_set(EvalSetConfig(name="legs", type="reasoning_gym", task="leg_counting", size=5, seed=3), "k")
+    assert [r["id"] for r in rg] == [f"rg/leg_counting/3/{i}" for i in range(5)]
+    add = load_eval_set(EvalSetConfig(name="a3", type="builtin", n_prompts=6, kwargs={"min_digits": 3,
+                                                                                        "max_digits": 3}), "k")
+    assert len({r["id"] for r in add}) == 6
+    assert all(len(x) == 3 for r in add for x in r["id"].split("+"))
+    with pytest.raises(DataError, match=r"eval.sets\[2\].n_prompts: a builtin evaluation set needs n_prompts > 0"):
+        load_eval_set(EvalSetConfig(name="a", type="builtin"), "eval.sets[2]")
+
+
+def test_set_errors_name_the_key_and_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"eval.sets\[1\]: prompt file not found: .*nope.jsonl"):
+        load_eval_set(EvalSetConfig(name="x", path=str(tmp_path / "nope.jsonl")), "eval.sets[1]")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"domain": "math", "prompt": "p", "answer": "1"}\n{"domain": "math", "prompt": "p"}\n')
+    with pytest.raises(DataError, match=r"eval.sets\[0\]: .*bad.jsonl:2: math row needs field 'answer'"):
+        load_eval_set(EvalSetConfig(name="x", path=str(bad)), "eval.sets[0]")
+    from megaprorl.data.builtin import AdditionSource
+    from megaprorl.data.sources import register_source_type
+
+    register_source_type("endless_for_eval_test", lambda c: AdditionSource(seed=c.seed))
+    with pytest.raises(DataError, match=r"eval.sets\[0\].n_prompts: .*'endless_for_eval_test' has no length"):
+        load_eval_set(EvalSetConfig(name="x", type="endless_for_eval_test"), "eval.sets[0]")
+    assert len(load_eval_set(EvalSetConfig(name="x", type="endless_for_eval_test", n_prompts=3), "k")) == 3
+
+
+@pytest.mark.parametrize("sets,extra,match", [
+    ([{"name": "a b", "type": "builtin", "n_prompts": 2}], [], r"'eval.sets\[0\].name': 'a b'"),
+    ([{"type": "builtin", "n_prompts": 2}], [], r"'eval.sets\[0\].name': ''"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2}, {"name": "a", "type": "builtin", "n_prompts": 2}], [],
+     r"'eval.sets\[1\].name': 'a' names two evaluation sets"),
+    ([{"name": "accuracy", "type": "builtin", "n_prompts": 2}], [], r"'eval.sets\[0\].name': 'accuracy' is an "),
+    ([{"name": "a", "type": "builtin", "n_prompts": -1}], [], r"'eval.sets\[0\].n_prompts': must be >= 0"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2, "ks": [0]}], [], r"'eval.sets\[0\].ks'"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2}], ["eval.source=val"], r"'eval.source': .*one or the other"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2, "shuffle": True}], [], r"eval.sets\[0\].shuffle"),
+])
+def test_config_errors_name_the_key(tmp_path, sets, extra, match):
+    from megaprorl.config import ConfigError, load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(json.dumps({"base": DEMO, "eval": {"sets": sets}}))
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(p), extra)
+
+
+# ------------------------------------------------------------------ metrics through the trainer
+def _trainer(tmp_path, sets, *extra):
+    """A tiny demo policy whose verifier is replaced: a record answering "yes" scores 1, "no" 0, and "coin" 1 when
+    the response has an even number of characters (so samples of one prompt differ)."""
+    from megaprorl.config import load_config
+    from megaprorl.rewards.base import RewardResult
+    from megaprorl.trainer import Trainer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps({"base": DEMO, "eval": {"sets": sets}}))
+    t = Trainer(load_config(str(cfg_path), [
+        f"output_dir={tmp_path}", "warmstart.steps=0", "rollout.max_new_tokens=5", "logging.progress=false",
+        "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "rewards.num_workers=0",
+        "eval.greedy=false", *extra]))
+
+    def score(records, responses):
+        return [RewardResult({"yes": 1.0, "no": 0.0}.get(r["answer"], float(len(s) % 2 == 0)))
+                for r, s in zip(records, responses)]
+
+    if t.rewards is not None:
+        t.rewards.score = score
+    return t
+
+
+def _answers(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"domain": "math", "prompt": f"a{i}", "answer": x}
+                                           for i, x in enumerate(["yes", "no", "yes", "coin", "no"])])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"domain": "stem", "prompt": f"b{i}", "answer": x}
+                                           for i, x in enumerate(["coin", "coin", "yes"])])
+    return [{"name": "a", "path": a, "samples_per_prompt": 4, "ks": [1, 2, 4]},
+            {"name": "b", "path": b, "samples_per_prompt": 3, "ks": [3], "max_new_tokens": 3}]
+
+
+def test_per_set_metrics_and_rows(tmp_path):
+    """Each set's greedy accuracy and pass@k are those of its prompts' rows (the verifier's rewards known by
+    construction), eval/accuracy is the greedy accuracy over both sets' prompts, budgets are per set."""
+    t = _trainer(tmp_path, _answers(tmp_path), "eval.write_responses=true")
+    try:
+        ev = t.evaluate()
+        rows = t.eval_rows
+    finally:
+        t.close()
+    assert [(r.set, r.id) for r in rows] == [("a", f"a.jsonl:{i + 2}") for i in range(5)] + \
+        [("b", f"b.jsonl:{i + 2}") for i in range(3)]
+    assert ev["eval/a/n_prompts"] == 5 and ev["eval/b/n_prompts"] == 3 and ev["eval/n_prompts"] == 8
+    greedy = [r.greedy_reward for r in rows]
+    coin = [float(len(r.greedy_response) % 2 == 0) for r in rows]
+    assert greedy == [1, 0, 1, coin[3], 0, coin[5], coin[6], 1]
+    assert ev["eval/a/accuracy"] == pytest.approx(sum(greedy[:5]) / 5)
+    assert ev["eval/b/accuracy"] == pytest.approx(sum(greedy[5:]) / 3)
+    assert ev["eval/accuracy"] == pytest.approx(sum(greedy) / 8)
+    for name, ks, n, budget in (("a", (1, 2, 4), 4, 5), ("b", (1, 3), 3, 3)):
+        mine = [r for r in rows if r.set == name]
+        assert all(len(r.rewards) == n and max(r.tokens) <= budget for r in mine)
+        assert max(r.greedy_tokens for r in mine) <= budget
+        for k in ks:
+            want = sum(pass_at_k(n, int(sum(r.rewards)), k) for r in mine) / len(mine)
+            assert ev[f"eval/{name}/pass@{k}"] == pytest.approx(want)
+        assert ev[f"eval/{name}/response_tokens"] == pytest.approx(sum(r.greedy_tokens for r in mine) / len(mine))
+        assert ev[f"eval/{name}/sample_truncated"] == pytest.approx(
+            sum(not f for r in mine for f in r.finished) / (n * len(mine)))
+    assert "eval/b/pass@2" not in ev and "eval/b/by_domain/stem/pass@3" in ev
+    assert [r.rewards for r in rows[:3]] == [[1.0] * 4, [0.0] * 4, [1.0] * 4]
+    j = rows[3].to_json()
+    assert j["pass_rate"] == sum(rows[3].rewards) / 4 and j["greedy_response"] == rows[3].greedy_response
+
+
+def test_data_parallel_evaluation_covers_each_prompt_once(tmp_path):
+    """At DP=2 each rank evaluates its share and both hold every prompt's row once; with rewards that depend on
+    the record only ("yes"/"no"), the metrics equal one rank's (greedy lengths too; sampled lengths differ, as
+    each rank samples with its own seed)."""
+    from dist_utils import run_distributed
+
+    only = [{"name": "a", "path": write_jsonl(tmp_path / "y.jsonl", [
+        {"domain": "math", "prompt": f"y{i}", "answer": "yes" if i % 3 else "no"} for i in range(7)]),
+        "samples_per_prompt": 2, "ks": [1, 2]}]
+    one = _trainer(tmp_path / "one", only)
+    try:
+        want = one.evaluate()
+    finally:
+        one.close()
+    json.dump(only, open(tmp_path / "sets.json", "w"))
+    out = run_distributed(_eval_dp_one_set, 2, (str(tmp_path),))
+    for ev, rows in out:
+        assert sorted(r[1] for r in rows) == sorted(f"y.jsonl:{i + 2}" for i in range(7))
+        assert set(ev) == set(want)
+        same = {k: v for k, v in want.items() if "/sample_" not in k}  # sampled lengths: each rank its own draws
+        assert {k: ev[k] for k in same} == pytest.approx(same)
+    assert out[0][1] == out[1][1]
+
+
+def _eval_dp_one_set(rank, world, tmp):
+    from pathlib import Path
+
+    sets = json.load(open(Path(tmp) / "sets.json"))
+    t = _trainer(Path(tmp) / f"r{rank}", sets)
+    try:
+        return t.evaluate(), [(r.set, r.id, r.greedy_reward, r.rewards) for r in t.eval_rows]
+    finally:
+        t.close()
+
+
+# ------------------------------------------------------------------ a training run
+def _run_cli(args, cwd, timeout=600):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "megaprorl.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+TINY = ["warmstart.steps=10", "train.steps=3", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+        "rollout.n_samples=2", "rollout.max_new_tokens=4", "logging.progress=false", "logging.plot=false",
+        "logging.tensorboard=false", "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
+        "rewards.num_workers=0", "eval.interval=1"]
+
+
+def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
+    """Training with two builtin sets: an evaluation file per evaluation (before RL, each interval, after),
+    per-set metrics in metrics.jsonl and the summary, and the stall trigger watching a set's metric (a minimum
+    improvement no accuracy can make: every evaluation after the first is a stall, so resets follow)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"base": DEMO, "eval": {"sets": [
+        {"name": "easy", "type": "builtin", "n_prompts": 6},
+        {"name": "hard", "type": "builtin", "n_prompts": 4, "kwargs": {"min_digits": 3, "max_digits": 3}}]}}))
+    r = _run_cli(["train", str(cfg), f"output_dir={tmp_path}", "name=sets", *TINY,
+                  "algo.reference_reset.interval=0", "algo.reference_reset.stall_evals=1",
+                  "algo.reference_reset.stall_min_delta=2", "algo.reference_reset.stall_metric=eval/hard/accuracy"],
+                 tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "sets"
+    files = sorted(os.listdir(run / "eval"))
+    assert files == [f"step_{s:08d}.jsonl" for s in range(4)]
+    for f in files:
+        rows = [json.loads(x) for x in open(run / "eval" / f)]
+        assert [x["set"] for x in rows] == ["easy"] * 6 + ["hard"] * 4
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    steps = [m for m in metrics if "eval/hard/accuracy" in m and "final_eval" not in m]
+    assert [m["step"] for m in steps] == [0, 1, 2]
+    # the interval evaluations are watched (step 1 sets the best, step 2 stalls) and the reset is the next step's
+    assert [m.get("reference_reset_trigger") for m in metrics if m["step"] and "final_eval" not in m] == \
+        [None, None, "val_stall"]
+    summary = json.load(open(run / "summary.json"))
+    assert set(summary["eval_sets"]) == {"easy", "hard"}
+    assert "easy" in r.stdout and "hard" in r.stdout
+    from megaprorl.runlog import plot_run
+
+    png = plot_run(str(run))  # a fifth panel, one line per set
+    assert os.path.getsize(png) > 10_000
+
+    bad = _run_cli(["train", str(cfg), f"output_dir={tmp_path}", "name=bad", *TINY, "train.steps=1",
+                    "algo.reference_reset.stall_evals=1", "algo.reference_reset.stall_metric=eval/hard/pass@1"],
+                   tmp_path)
+    assert bad.returncode != 0
+    assert "'algo.reference_reset.stall_metric': 'eval/hard/pass@1' is not an evaluation metric" in bad.stderr
