@@ -312,6 +312,9 @@ class LoggingConfig:
     progress: bool = True
     plot: bool = True
     wandb_project: str = ""
+    # prompt groups per RL step whose samples (prompt, response, reward, shaped reward, advantage, length) go to
+    # RUN/rollouts/step_XXXXXXXX.jsonl, taken evenly from the data-parallel ranks; 0: none, -1: every group
+    rollouts: int = 0
 
 
 @dataclass
@@ -493,6 +496,7 @@ def validate(cfg: Config) -> None:
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     _validate_eval(cfg.eval, need)
+    need(cfg.logging.rollouts >= -1, "logging.rollouts", "must be >= -1 (0: none, -1: every group)")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")

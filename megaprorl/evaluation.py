@@ -109,12 +109,17 @@ def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult]) -> Di
 
 
 def write_rows(path: str, rows: Sequence[PromptResult]) -> str:
-    """The per-prompt rows as JSONL (written to a temporary name, then renamed)."""
+    """The per-prompt rows as JSONL."""
+    return write_jsonl(path, [r.to_json() for r in rows])
+
+
+def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
+    """``rows`` as JSON lines, written to a temporary name and renamed (a reader never sees half a file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r.to_json(), default=str) + "\n")
+            f.write(json.dumps(r, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -518,6 +518,9 @@ class Trainer:
             batch.advantages = batch.advantages * w
             stats.update(rc_stats)
 
+        if cfg.logging.rollouts:
+            self._write_rollouts(groups, batch)
+
         t = time.time()
         stats["lr"] = self.policy.schedule_lr(self.step + 1, cfg.train.steps)  # train.optim's schedule
         upd = self._optimizer_steps(batch, len(groups))
@@ -531,6 +534,31 @@ class Trainer:
         stats["step_time_s"] = stats["time/step_s"]
         stats["tokens_per_s"] = n_response_tokens * dp_world() / max(stats["time/step_s"], 1e-9)
         return stats
+
+    def _write_rollouts(self, groups: List[Dict], batch: SeqBatch) -> None:
+        """``logging.rollouts`` groups of this step (each rank its share), one JSON line per sample, to
+        RUN/rollouts/step_XXXXXXXX.jsonl (the step being taken, counted from 1)."""
+        want = self.cfg.logging.rollouts
+        take = len(groups) if want < 0 else min(len(groups), -(-want // dp_world()))
+        n = self.cfg.rollout.n_samples
+        rows = []
+        if self.scores_here:  # one rank of each model-parallel group: they hold the same samples
+            for gi in range(take):
+                g = groups[gi]
+                rec = g["record"]
+                for j, r in enumerate(g["rollouts"]):
+                    row = gi * n + j
+                    m = batch.loss_mask[row]
+                    rows.append({"step": self.step + 1, "rank": dp_rank(), "group": gi, "sample": j,
+                                 "id": rec.get("id"), "domain": rec.get("domain"), "source": rec.get("source"),
+                                 "prompt": self.tokenizer.decode(r.prompt_ids),
+                                 "response": self.tokenizer.decode(r.response_ids),
+                                 "reward": float(g["reward"][j]), "shaped_reward": float(g["shaped"][j]),
+                                 "advantage": float((batch.advantages[row] * m).sum() / m.sum().clamp_min(1)),
+                                 "response_tokens": len(r.response_ids), "finished": bool(r.finished)})
+        rows = _gather_objects(rows)
+        if self.is_main:
+            evaluation.write_jsonl(os.path.join(self.run_dir, "rollouts", f"step_{self.step + 1:08d}.jsonl"), rows)
 
     def _optimizer_steps(self, batch: SeqBatch, n_groups: int) -> Dict:
         cfg = self.cfg

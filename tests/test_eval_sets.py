@@ -210,15 +210,16 @@ TINY = ["warmstart.steps=10", "train.steps=3", "train.prompts_per_step=4", "trai
 def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
     """Training with two builtin sets: an evaluation file per evaluation (before RL, each interval, after),
     per-set metrics in metrics.jsonl and the summary, and the stall trigger watching a set's metric (a minimum
-    improvement no accuracy can make: every evaluation after the first is a stall, so resets follow)."""
+    improvement no accuracy can make: every evaluation after the first is a stall, so resets follow).  The same
+    run writes two groups' rollouts per step (logging.rollouts)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"base": DEMO, "eval": {"sets": [
         {"name": "easy", "type": "builtin", "n_prompts": 6},
         {"name": "hard", "type": "builtin", "n_prompts": 4, "kwargs": {"min_digits": 3, "max_digits": 3}}]}}))
     r = _run_cli(["train", str(cfg), f"output_dir={tmp_path}", "name=sets", *TINY,
                   "algo.reference_reset.interval=0", "algo.reference_reset.stall_evals=1",
-                  "algo.reference_reset.stall_min_delta=2", "algo.reference_reset.stall_metric=eval/hard/accuracy"],
-                 tmp_path)
+                  "algo.reference_reset.stall_min_delta=2", "algo.reference_reset.stall_metric=eval/hard/accuracy",
+                  "logging.rollouts=2"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "sets"
     files = sorted(os.listdir(run / "eval"))
@@ -235,6 +236,21 @@ def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
     summary = json.load(open(run / "summary.json"))
     assert set(summary["eval_sets"]) == {"easy", "hard"}
     assert "easy" in r.stdout and "hard" in r.stdout
+    from megaprorl.data.builtin import verify
+
+    assert sorted(os.listdir(run / "rollouts")) == [f"step_{s:08d}.jsonl" for s in (1, 2, 3)]
+    for s in (1, 2, 3):
+        rows = [json.loads(x) for x in open(run / "rollouts" / f"step_{s:08d}.jsonl")]
+        assert [(x["step"], x["group"], x["sample"]) for x in rows] == [(s, g, j) for g in (0, 1) for j in (0, 1)]
+        for x in rows:
+            a, b = x["id"].split("+")
+            assert f"{a}+{b}=" in x["prompt"]
+            assert x["reward"] == verify({"answer": str(int(a) + int(b))}, x["response"])
+            assert x["response_tokens"] <= 4 and isinstance(x["advantage"], float)
+        for g in (0, 1):  # REINFORCE++-baseline: a group's samples with equal rewards have equal advantages
+            two = [x for x in rows if x["group"] == g]
+            if two[0]["shaped_reward"] == two[1]["shaped_reward"]:
+                assert two[0]["advantage"] == pytest.approx(two[1]["advantage"], abs=1e-6)
     from megaprorl.runlog import plot_run
 
     png = plot_run(str(run))  # a fifth panel, one line per set
