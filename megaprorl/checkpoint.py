@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import zipfile
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -66,11 +66,12 @@ def step_dir(root: str, step: int) -> str:
 
 
 def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last: int = 3,
-         write_model: Optional[Callable[[str], None]] = None) -> str:
+         write_model: Optional[Callable[[str], None]] = None, keep: Iterable[int] = ()) -> str:
     """Collective: every rank calls it.  Returns the final directory.
 
     ``write_model(dir)``, when given, is called on every rank to write the layout-independent model
-    state (``megaprorl.dist_ckpt``) into ``MODEL_DIR`` inside the checkpoint, before the rank files."""
+    state (``megaprorl.dist_ckpt``) into ``MODEL_DIR`` inside the checkpoint, before the rank files.
+    The checkpoints of the steps in ``keep`` are not pruned (``checkpoint.keep_best``)."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -109,12 +110,12 @@ def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last:
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep)
     _barrier()
     return final
 
 
-def _prune(root: str, keep_last: int) -> None:
+def _prune(root: str, keep_last: int, keep: Iterable[int] = ()) -> None:
     complete = {path for _, path in list_checkpoints(root, verbose=False)}
     for name in os.listdir(root):  # leftovers of saves that were killed
         full = os.path.join(root, name)
@@ -130,7 +131,8 @@ def _prune(root: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
     steps = sorted({s for s, _ in ckpts})
-    for s in steps[:-keep_last]:
+    keep = set(keep)
+    for s in (s for s in steps[:-keep_last] if s not in keep):
         for _, path in (c for c in ckpts if c[0] == s):
             shutil.rmtree(path, ignore_errors=True)
 

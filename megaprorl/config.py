@@ -304,6 +304,10 @@ class CheckpointConfig:
     interval: int = 0  # RL steps; 0 = only at the end
     keep_last: int = 3
     resume: str = ""  # "" | auto | a checkpoint directory
+    # also keep the checkpoints of the keep_best evaluations with the highest best_metric (an evaluation that
+    # enters them saves a checkpoint at its step); listed in RUN/checkpoints/best.json; 0: off
+    keep_best: int = 0
+    best_metric: str = "eval/accuracy"
 
 
 @dataclass
@@ -496,6 +500,7 @@ def validate(cfg: Config) -> None:
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     _validate_eval(cfg.eval, need)
+    need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0 (0: off)")
     need(cfg.logging.rollouts >= -1, "logging.rollouts", "must be >= -1 (0: none, -1: every group)")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")

@@ -124,6 +124,15 @@ def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
     return path
 
 
+def write_json(path: str, obj: Any) -> str:
+    """``obj`` as indented JSON, written to a temporary name and renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
 def _flatten(d: Dict, prefix: str = "") -> Dict:
     out = {}
     for k, v in d.items():

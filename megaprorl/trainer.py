@@ -154,6 +154,7 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0
         self.eval_history: List[Dict] = []
+        self.best: List[Tuple[float, int]] = []  # (checkpoint.best_metric, step) of the best evaluations, best first
         self.preempt = _Preemption()
         self.logger: Optional[RunLogger] = None
 
@@ -304,10 +305,26 @@ class Trainer:
         """Write an evaluation's per-prompt rows (``eval.write_results``) and check the reset trigger's metric."""
         if self.is_main and self.cfg.eval.write_results:
             evaluation.write_rows(os.path.join(self.run_dir, "eval", f"step_{self.step:08d}.jsonl"), self.eval_rows)
-        rr = self.cfg.algo.reference_reset
-        if rr.stall_evals and rr.stall_metric not in ev:
-            raise ConfigError(f"config key 'algo.reference_reset.stall_metric': {rr.stall_metric!r} is not an "
-                              f"evaluation metric; this run's are {sorted(ev)}")
+        rr, c = self.cfg.algo.reference_reset, self.cfg.checkpoint
+        for on, key, name in ((rr.stall_evals, "algo.reference_reset.stall_metric", rr.stall_metric),
+                              (c.keep_best, "checkpoint.best_metric", c.best_metric)):
+            if on and name not in ev:
+                raise ConfigError(f"config key '{key}': {name!r} is not an evaluation metric; this run's are "
+                                  f"{sorted(ev)}")
+
+    def _rank_evaluation(self, ev: Dict) -> bool:
+        """Place this step's evaluation among the ``checkpoint.keep_best`` best by ``checkpoint.best_metric``
+        (ties: the earlier step first); True when it is one of them, so its checkpoint must be kept."""
+        c = self.cfg.checkpoint
+        value = float(ev.get(c.best_metric, float("nan")))
+        if c.keep_best <= 0 or not math.isfinite(value):
+            return False
+        ranked = sorted([b for b in self.best if b[1] != self.step] + [(value, self.step)], key=lambda b: (-b[0], b[1]))
+        self.best = ranked[:c.keep_best]
+        return any(st == self.step for _, st in self.best)
+
+    def _best_listing(self) -> List[Dict]:
+        return [{"step": st, "value": v, "path": ckpt.step_dir(self.ckpt_dir, st)} for v, st in self.best]
 
     def _score(self, records: List[Dict], rollouts) -> List:
         """The verifiers' results for ``rollouts`` (of ``records``), scored on the model-parallel group's first
@@ -621,11 +638,16 @@ class Trainer:
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
+                         "best_checkpoints": self.best,
                          "config": to_yaml(self.cfg)}
         path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
                          write_model=lambda d: save_policy(d, self.policy, self.reference,
-                                                           extra_common={"vocab_size": self.policy.vocab_size}))
+                                                           extra_common={"vocab_size": self.policy.vocab_size}),
+                         keep=[st for _, st in self.best])
         self.saved_step = self.step
+        if self.is_main and self.cfg.checkpoint.keep_best:
+            evaluation.write_json(os.path.join(self.ckpt_dir, "best.json"),
+                                  {"metric": self.cfg.checkpoint.best_metric, "best": self._best_listing()})
         return path
 
     def load_checkpoint(self, path: str) -> None:
@@ -648,6 +670,7 @@ class Trainer:
         self.length_schedule.load_state_dict(tstate["length_penalty"])
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
+        self.best = [(float(v), int(st)) for v, st in tstate.get("best_checkpoints", [])]
         self.retired.load_state_dict(tstate.get("retired_prompts", {}))
         self.engine.update_weights(self.step)
         self.saved_step = self.step
@@ -715,8 +738,11 @@ class Trainer:
                     stats.update(ev)
                     self.eval_history.append({"step": self.step, **ev})
                     self.resets.observe_validation(self.step, ev[cfg.algo.reference_reset.stall_metric])
+                    if self._rank_evaluation(ev):
+                        stats["checkpoint/best"] = 1.0
                 self.logger.log(self.step, _reduce_stats(stats))
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                if ((cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                        or stats.get("checkpoint/best")):
                     self.save_checkpoint()
                 if self.preempt.agreed(self.device):
                     if self.saved_step != self.step:  # not just saved by the interval above
@@ -733,6 +759,7 @@ class Trainer:
         after = self.evaluate()
         self._after_eval(after)
         self.eval_history.append({"step": self.step, **after})
+        self._rank_evaluation(after)
         if self.is_main:
             self.logger.enabled = True
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
@@ -745,6 +772,8 @@ class Trainer:
                                                 "after": after[f"{es.prefix}accuracy"]}
                                       for es in self.eval_sets if es.name},
                         "resets": self.resets.history})
+        if cfg.checkpoint.keep_best:
+            summary["best_checkpoints"] = self._best_listing()
         if self.is_main and cfg.logging.plot:
             summary["plot"] = plot_run(self.run_dir)
         if self.is_main:

@@ -261,3 +261,53 @@ def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
                    tmp_path)
     assert bad.returncode != 0
     assert "'algo.reference_reset.stall_metric': 'eval/hard/pass@1' is not an evaluation metric" in bad.stderr
+
+
+# ------------------------------------------------------------------ the best checkpoints (checkpoint.keep_best)
+def test_prune_keeps_the_listed_steps(tmp_path):
+    from megaprorl import checkpoint as ckpt
+
+    root = str(tmp_path / "c")
+    for step in range(1, 6):
+        ckpt.save(root, step, {"x": step}, {"step": step}, keep_last=2, keep=[2] if step < 5 else [])
+        assert [s for s, _ in ckpt.list_checkpoints(root)] == sorted({*range(max(1, step - 1), step + 1)} |
+                                                                        ({2} if 2 <= step < 5 else set()))
+
+
+def test_a_run_keeps_its_best_evaluations_checkpoints(tmp_path):
+    """keep_last=1 and keep_best=2 by a metric that changes from one evaluation to the next (the sampled responses'
+    mean length): the run ends holding the last step's checkpoint and the two best evaluations' (saved although
+    checkpoint.interval is 0), best.json lists them, and a resumed longer run carries the ranking on."""
+    extra = ["checkpoint.interval=0", "checkpoint.keep_last=1", "checkpoint.keep_best=2",
+             "checkpoint.best_metric=eval/sample_response_tokens", "eval.samples_per_prompt=4", "eval.greedy=false",
+             "eval.n_prompts=6", "rollout.max_new_tokens=6", "rollout.temperature=1.5", "eval.temperature=1.5"]
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=best", *TINY, "train.steps=4", *extra], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "best"
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    evals = {m["step"]: m["eval/sample_response_tokens"] for m in metrics if "eval/sample_response_tokens" in m
+             and m["step"] > 0}
+    assert sorted(evals) == [1, 2, 3, 4]
+
+    def top2(ev):
+        return sorted(ev, key=lambda s: (-ev[s], s))[:2]
+
+    best = json.load(open(run / "checkpoints" / "best.json"))
+    assert best["metric"] == "eval/sample_response_tokens"
+    assert [b["step"] for b in best["best"]] == top2(evals)
+    assert [b["value"] for b in best["best"]] == [evals[s] for s in top2(evals)]
+    kept = sorted(int(d[5:]) for d in os.listdir(run / "checkpoints") if d.startswith("step_"))
+    assert kept == sorted({4, *top2(evals)})
+    assert [m.get("checkpoint/best") for m in metrics if m["step"] in (1, 2, 3) and "final_eval" not in m][:2] == \
+        [1.0, 1.0]  # the first two evaluations are the best two so far
+
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=best", *TINY, "train.steps=6", *extra,
+                  "checkpoint.resume=auto"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    evals.update({m["step"]: m["eval/sample_response_tokens"] for m in metrics if m["step"] in (5, 6)
+                  and "eval/sample_response_tokens" in m})
+    best = json.load(open(run / "checkpoints" / "best.json"))
+    assert [b["step"] for b in best["best"]] == top2(evals)
+    kept = sorted(int(d[5:]) for d in os.listdir(run / "checkpoints") if d.startswith("step_"))
+    assert kept == sorted({6, *top2(evals)})
