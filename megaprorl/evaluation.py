@@ -3,8 +3,9 @@
 A run evaluates one or more sets of prompts.  ``eval.sets`` names benchmarks (AIME, MATH-500, a code set, a
 held-out Reasoning Gym task...), each read in full or as a seeded subset, with its own sample count, k of
 pass@k and response budget; their metrics are ``eval/<set>/...`` and ``eval/accuracy`` is the greedy accuracy
-over all their prompts.  Without ``eval.sets`` there is one unnamed set (``eval.source`` or the built-in
-task's held-out split) whose metrics sit directly under ``eval/``, as before sets existed.
+over all their prompts (``eval/mean_pass@1``: the mean of the sets' pass@1).  Without ``eval.sets`` there is
+one unnamed set (``eval.source`` or the built-in task's held-out split) whose metrics sit directly under
+``eval/``, as before sets existed.
 
 Per set, from every prompt's greedy response and, when ``samples_per_prompt`` > 1, its sampled ones:
 
@@ -100,12 +101,17 @@ def set_metrics(es: EvalSet, rows: Sequence[PromptResult]) -> Dict[str, float]:
     return {es.prefix + k: v for k, v in out.items()}
 
 
-def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult]) -> Dict[str, float]:
-    """``eval/accuracy`` and ``eval/n_prompts`` over every named set's prompts (the unnamed set has its own)."""
+def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult],
+                    per_set: Dict[str, float]) -> Dict[str, float]:
+    """Over the named sets (the unnamed set has its own): ``eval/accuracy`` and ``eval/n_prompts`` over every
+    prompt, and ``eval/mean_pass@1``, the mean over the sets of each one's pass@1 (its greedy accuracy when it
+    does not sample), as papers average benchmarks."""
     if len(sets) == 1 and not sets[0].name:
         return {}
     n = len(rows)
-    return {"eval/accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n), "eval/n_prompts": n}
+    means = [per_set.get(f"{es.prefix}pass@1", per_set[f"{es.prefix}accuracy"]) for es in sets]
+    return {"eval/accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n), "eval/n_prompts": n,
+            "eval/mean_pass@1": sum(means) / len(means)}
 
 
 def write_rows(path: str, rows: Sequence[PromptResult]) -> str:

@@ -292,7 +292,7 @@ class Trainer:
             rows = _gather_objects(rows)
             out.update(set_metrics(es, rows))
             every.extend(rows)
-        out.update(overall_metrics(self.eval_sets, every))
+        out.update(overall_metrics(self.eval_sets, every, out))
         self.eval_rows = every
         return out
 

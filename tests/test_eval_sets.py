@@ -141,6 +141,7 @@ def test_per_set_metrics_and_rows(tmp_path):
     assert ev["eval/a/accuracy"] == pytest.approx(sum(greedy[:5]) / 5)
     assert ev["eval/b/accuracy"] == pytest.approx(sum(greedy[5:]) / 3)
     assert ev["eval/accuracy"] == pytest.approx(sum(greedy) / 8)
+    assert ev["eval/mean_pass@1"] == pytest.approx((ev["eval/a/pass@1"] + ev["eval/b/pass@1"]) / 2)
     for name, ks, n, budget in (("a", (1, 2, 4), 4, 5), ("b", (1, 3), 3, 3)):
         mine = [r for r in rows if r.set == name]
         assert all(len(r.rewards) == n and max(r.tokens) <= budget for r in mine)
@@ -229,6 +230,7 @@ def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
         assert [x["set"] for x in rows] == ["easy"] * 6 + ["hard"] * 4
     metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
     steps = [m for m in metrics if "eval/hard/accuracy" in m and "final_eval" not in m]
+    assert all(m["eval/mean_pass@1"] == (m["eval/easy/accuracy"] + m["eval/hard/accuracy"]) / 2 for m in steps)
     assert [m["step"] for m in steps] == [0, 1, 2]
     # the interval evaluations are watched (step 1 sets the best, step 2 stalls) and the reset is the next step's
     assert [m.get("reference_reset_trigger") for m in metrics if m["step"] and "final_eval" not in m] == \
