@@ -280,6 +280,7 @@ class EvalConfig:
     # named benchmarks, each read in full and reported as eval/<name>/... (data/sources.py: EvalSetConfig); when
     # given they replace `source` and `n_prompts`, and eval/accuracy is the greedy accuracy over all their prompts
     sets: List[EvalSetConfig] = field(default_factory=list)
+    at_start: bool = True  # evaluate before the first RL step (not on a resume)
     write_results: bool = True  # each evaluation's per-prompt results to RUN/eval/step_XXXXXXXX.jsonl
     write_responses: bool = False  # ... with each prompt's greedy response text
 

@@ -346,7 +346,7 @@ class Trainer:
         raw_rewards: List[float] = []
         lengths: List[int] = []
         truncated_count = 0
-        by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors]
+        by_domain: Dict[str, list] = {}  # domain -> [reward sum, count, errors, response tokens]
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
         skipped = {"long": 0, "retired": 0}
         outcomes = []  # (prompt key, solved by every sample) of each group drawn, for data.retire_solved_after
@@ -389,10 +389,11 @@ class Trainer:
             raw_rewards += rew.tolist()
             for r, s_ in zip(rollouts, scored):
                 dom = records[r.prompt_index].get("domain", "?")
-                acc = by_domain.setdefault(dom, [0.0, 0, 0])
+                acc = by_domain.setdefault(dom, [0.0, 0, 0, 0])
                 acc[0] += s_.reward
                 acc[1] += 1
                 acc[2] += 1 if s_.error else 0
+                acc[3] += len(r.response_ids)
             lengths += lens.int().tolist()
             truncated_count += int(trunc.sum())
             groups = [{"record": records[g], "rollouts": rollouts[g * n:(g + 1) * n], "reward": rew[g * n:(g + 1) * n],
@@ -430,10 +431,11 @@ class Trainer:
             stats["data/retired_this_step"] = self.retired.observe(_gather_objects(outcomes))
             stats["data/retired_prompts"] = len(self.retired.retired)
             stats["data/skipped_retired"] = skipped["retired"]
-        for dom, (tot, cnt, err) in sorted(by_domain.items()):
+        for dom, (tot, cnt, err, toks) in sorted(by_domain.items()):
             stats[f"reward/{dom}"] = tot / max(cnt, 1)
             stats[f"samples/{dom}"] = cnt
             stats[f"reward_errors/{dom}"] = err
+            stats[f"response_length/{dom}"] = toks / max(cnt, 1)
         return kept, stats
 
     def _keep_drawing(self, sampler: DynamicSampler) -> bool:
@@ -711,17 +713,19 @@ class Trainer:
             if ws:
                 self._say(f"warm-start: {cfg.warmstart.steps} SFT steps, loss {ws['warmstart/final_loss']:.3f}, "
                           f"{ws['warmstart/time_s']:.0f}s")
-            before = self.evaluate()
-            self._after_eval(before)
-            self.eval_history.append({"step": 0, **before})
-            self._say(f"before RL: held-out greedy accuracy {before['eval/accuracy']:.3f} "
-                      f"on {before['eval/n_prompts']} prompts" + self._set_accuracies(before))
+            if cfg.eval.at_start:
+                before = self.evaluate()
+                self._after_eval(before)
+                self.eval_history.append({"step": 0, **before})
+                self._say(f"before RL: held-out greedy accuracy {before['eval/accuracy']:.3f} "
+                          f"on {before['eval/n_prompts']} prompts" + self._set_accuracies(before))
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.logging.progress, total_steps=cfg.train.steps, initial_step=self.step,
                                 resume=bool(resume), wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                                 config=asdict(cfg))
-        if not resume:
-            self.logger.log(0, self.eval_history[0])
+        start = self.eval_history[0] if self.eval_history and self.eval_history[0]["step"] == 0 else {}
+        if not resume and start:
+            self.logger.log(0, start)
         exit_code = 0
         t_run = time.time()
         try:
@@ -766,9 +770,9 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **after, "final_eval": 1}) + "\n")
         self.save_checkpoint()
         summary.update({"rl_time_s": time.time() - t_run, "steps": self.step,
-                        "accuracy_before": self.eval_history[0].get("eval/accuracy"),
+                        "accuracy_before": start.get("eval/accuracy"),
                         "accuracy_after": after["eval/accuracy"], "eval_prompts": after["eval/n_prompts"],
-                        "eval_sets": {es.name: {"before": self.eval_history[0].get(f"{es.prefix}accuracy"),
+                        "eval_sets": {es.name: {"before": start.get(f"{es.prefix}accuracy"),
                                                 "after": after[f"{es.prefix}accuracy"]}
                                       for es in self.eval_sets if es.name},
                         "resets": self.resets.history})

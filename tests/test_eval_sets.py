@@ -278,15 +278,19 @@ def test_prune_keeps_the_listed_steps(tmp_path):
 
 def test_a_run_keeps_its_best_evaluations_checkpoints(tmp_path):
     """keep_last=1 and keep_best=2 by a metric that changes from one evaluation to the next (the sampled responses'
-    mean length): the run ends holding the last step's checkpoint and the two best evaluations' (saved although
+    mean length; no evaluation at the start): the run ends holding the last step's checkpoint and the two best evaluations' (saved although
     checkpoint.interval is 0), best.json lists them, and a resumed longer run carries the ranking on."""
     extra = ["checkpoint.interval=0", "checkpoint.keep_last=1", "checkpoint.keep_best=2",
              "checkpoint.best_metric=eval/sample_response_tokens", "eval.samples_per_prompt=4", "eval.greedy=false",
              "eval.n_prompts=6", "rollout.max_new_tokens=6", "rollout.temperature=1.5", "eval.temperature=1.5"]
-    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=best", *TINY, "train.steps=4", *extra], tmp_path)
+    r = _run_cli(["train", DEMO, f"output_dir={tmp_path}", "name=best", *TINY, "train.steps=4", *extra,
+                  "eval.at_start=false"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "best"
     metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert metrics[0]["step"] == 1 and sorted(os.listdir(run / "eval"))[0] == "step_00000001.jsonl"  # at_start
+    assert json.load(open(run / "summary.json"))["accuracy_before"] is None
+    assert metrics[0]["response_length/addition"] == metrics[0]["response_length"]  # one domain
     evals = {m["step"]: m["eval/sample_response_tokens"] for m in metrics if "eval/sample_response_tokens" in m
              and m["step"] > 0}
     assert sorted(evals) == [1, 2, 3, 4]
