@@ -289,7 +289,9 @@ class Trainer:
                     row.rewards.append(float(sc.reward))
                     row.tokens.append(len(ro.response_ids))
                     row.finished.append(bool(ro.finished))
-            rows = _gather_objects(rows)
+            # every rank's rows, back in the set's order (rank r evaluated rows r, r + world, ...)
+            pairs = _gather_objects([(dp_rank() + k * dp_world(), row) for k, row in enumerate(rows)])
+            rows = [row for _, row in sorted(pairs, key=lambda p: p[0])]
             out.update(set_metrics(es, rows))
             every.extend(rows)
         out.update(overall_metrics(self.eval_sets, every, out))
