@@ -263,13 +263,18 @@ def test_eval_command_reports_pass_at_k(tmp_path):
     out = tmp_path / "eval.json"
     r = _run_cli(["eval", DEMO, f"output_dir={tmp_path}", "warmstart.steps=20", "eval.n_prompts=16",
                   "eval.samples_per_prompt=4", "eval.ks=[1,2,4]", "eval.greedy=false", "model.num_layers=1",
-                  "model.hidden_size=64", "model.ffn_hidden_size=128", "--output", str(out)], tmp_path)
+                  "model.hidden_size=64", "model.ffn_hidden_size=128", "--output", str(out),
+                  "--per-prompt", str(tmp_path / "rows.jsonl")], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in ("eval/accuracy", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/by_domain/addition/pass@4"):
         assert k in res, (k, sorted(res))
     assert 0.0 <= res["eval/pass@1"] <= res["eval/pass@2"] <= res["eval/pass@4"] <= 1.0
     assert res["eval/n_prompts"] == 16
+    rows = [json.loads(x) for x in open(tmp_path / "rows.jsonl")]  # --per-prompt: the same numbers, per prompt
+    assert len(rows) == 16 and all(len(x["rewards"]) == 4 for x in rows)
+    assert sum(x["pass_rate"] for x in rows) / 16 == pytest.approx(res["eval/pass@1"])
+    assert sum(x["greedy_reward"] >= 1 for x in rows) / 16 == pytest.approx(res["eval/accuracy"])
 
 
 def _reduce_stats_worker(rank, world):
