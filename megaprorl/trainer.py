@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import evaluation
 from .algo.advantages import compute_advantages
 from .algo.dynamic_sampling import DynamicSampler
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.reset import ReferenceResetController
 from .algo.rollout_correction import mismatch_stats, rollout_correction_weights
-from . import evaluation
 from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .data.retire import SolvedPromptFilter
