@@ -622,8 +622,8 @@ class Trainer:
     def maybe_reset_reference(self, stats: Dict) -> Optional[str]:
         if self.reference is None:
             return None
-        if "kl_ref" in stats:
-            self.resets.observe_kl(self.step, stats["kl_ref"])
+        if "kl_ref" in stats:  # every rank must decide alike: the KL of the whole batch, not of the rank's share
+            self.resets.observe_kl(self.step, self._dp_mean(stats["kl_ref"], stats.get("tokens", 1.0)))
         trigger = self.resets.should_reset(self.step)
         if trigger:
             self.reference.load_weights_from(self.policy)
@@ -631,6 +631,15 @@ class Trainer:
                 self.policy.reset_optimizer()
             self.resets.record_reset(self.step, trigger)
         return trigger
+
+    def _dp_mean(self, value: float, weight: float) -> float:
+        """The ``weight``-weighted mean of a per-rank ``value`` over the data-parallel ranks (each rank's own
+        statistics describe its share of the batch; a decision taken on them must be the same on every rank)."""
+        if not dist.is_initialized() or dp_world() == 1:
+            return float(value)
+        t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=dp_group())
+        return float(t[0] / t[1]) if float(t[1]) > 0 else float(value)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:

@@ -65,3 +65,30 @@ def test_length_penalty_schedule_in_trainer(tmp_path):
         assert seen == [1.0, 0.0, 1.0]
     finally:
         t.close()
+
+
+def _kl_spike_job(rank, world, tmp):
+    from pathlib import Path
+
+    t = _trainer(Path(tmp) / f"r{rank}", "algo.reference_reset.interval=0", "algo.reference_reset.kl_spike_factor=3",
+                 "algo.reference_reset.kl_warmup_steps=2")
+    try:
+        triggers = []
+        for step, kl in enumerate([1.0, 1.0, 1.0, 10.0 if rank == 0 else 1.0]):  # rank 0's share spikes alone
+            t.step = step + 1
+            triggers.append(t.maybe_reset_reference({"kl_ref": kl, "tokens": 100.0}))
+        return triggers, t.resets.kl_mean
+    finally:
+        t.close()
+
+
+def test_the_kl_spike_trigger_decides_on_the_whole_batch_at_dp2(tmp_path):
+    """At DP=2 each rank holds the KL of its own share of the batch.  The spike trigger sees the batch's (the
+    token-weighted mean over the ranks), so both ranks reset together: here rank 0's share spikes to 10 over a
+    mean of 1, the batch's KL is 5.5 > 3 x 1, and both reset at the last step.  Before, each rank judged its own
+    share, and only rank 0 reset its reference (v1's reset_optimizer: only its optimizer too)."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_kl_spike_job, 2, (str(tmp_path),))
+    assert out[0] == out[1]
+    assert out[0][0] == [None, None, None, "kl_spike"]
