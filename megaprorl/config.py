@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf  # noqa: F401
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .algo.dynamic_sampling import DynamicSamplingConfig
+from .algo.entropy_control import EntropyControlConfig
 from .algo.length_penalty import LengthPenaltyConfig
 from .algo.loss import RATIO_LEVELS
 from .algo.reset import ReferenceResetConfig
@@ -232,6 +233,8 @@ class AlgoConfig:
     # the gap between the engine's sampling distribution and the trainer's old policy: each token's policy-
     # gradient term weighted by pi_old / pi_engine, truncated or masked (TIS / MIS; needs old_logprobs=recompute)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    # an entropy bonus whose coefficient steers the mean token entropy toward a target (algo/entropy_control.py)
+    entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
 
 
 @dataclass
@@ -501,6 +504,15 @@ def validate(cfg: Config) -> None:
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     _validate_eval(cfg.eval, need)
+    ec = cfg.algo.entropy_control
+    for k in ("target", "delta", "init_coef", "max_coef"):
+        need(getattr(ec, k) >= 0, f"algo.entropy_control.{k}", "must be >= 0")
+    if ec.target > 0:
+        need(ec.delta > 0, "algo.entropy_control.delta", "must be > 0 when algo.entropy_control.target is set")
+        need(not ec.max_coef or ec.init_coef <= ec.max_coef, "algo.entropy_control.init_coef",
+             f"must be <= algo.entropy_control.max_coef={ec.max_coef}")
+        need(cfg.algo.loss.entropy_coef == 0, "algo.loss.entropy_coef",
+             "a fixed entropy bonus and algo.entropy_control (which sets the bonus each step) exclude each other")
     need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0 (0: off)")
     need(cfg.logging.rollouts >= -1, "logging.rollouts", "must be >= -1 (0: none, -1: every group)")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")

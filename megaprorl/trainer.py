@@ -6,6 +6,7 @@ old / reference log-probs -> mini-batch optimizer steps -> weight sync -> refere
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from . import checkpoint as ckpt
 from . import evaluation
 from .algo.advantages import compute_advantages
 from .algo.dynamic_sampling import DynamicSampler
+from .algo.entropy_control import EntropyController
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.reset import ReferenceResetController
@@ -143,6 +145,7 @@ class Trainer:
         self.rewards = RewardPool(cfg.rewards) if self.scores_here else None
         self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
         self.resets = ReferenceResetController(cfg.algo.reference_reset)
+        self.entropy_control = EntropyController(cfg.algo.entropy_control)
         self.retired = SolvedPromptFilter(cfg.data.retire_solved_after, cfg.data.retire_solved_reward)
         self.spec = LossSpec(eps_low=cfg.algo.loss.eps_low, eps_high=cfg.algo.loss.eps_high,
                              dual_clip=cfg.algo.loss.dual_clip, ratio_log_clamp=cfg.algo.loss.ratio_log_clamp,
@@ -544,9 +547,14 @@ class Trainer:
 
         t = time.time()
         stats["lr"] = self.policy.schedule_lr(self.step + 1, cfg.train.steps)  # train.optim's schedule
+        if self.entropy_control.enabled:  # the bonus set from the last step's entropy (algo/entropy_control.py)
+            self.spec = dataclasses.replace(self.spec, entropy_coef=self.entropy_control.coef())
+            stats["entropy_coef"] = self.spec.entropy_coef
         upd = self._optimizer_steps(batch, len(groups))
         stats["time/update_s"] = time.time() - t
         stats.update(upd)
+        if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
+            self.entropy_control.observe(self._dp_mean(upd["entropy"], upd.get("tokens", 1.0)))
 
         t = time.time()
         self.engine.update_weights(self.step + 1)
@@ -651,7 +659,7 @@ class Trainer:
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
-                         "best_checkpoints": self.best,
+                         "best_checkpoints": self.best, "entropy_control": self.entropy_control.state_dict(),
                          "config": to_yaml(self.cfg)}
         path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
                          write_model=lambda d: save_policy(d, self.policy, self.reference,
@@ -684,6 +692,7 @@ class Trainer:
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
         self.best = [(float(v), int(st)) for v, st in tstate.get("best_checkpoints", [])]
+        self.entropy_control.load_state_dict(tstate.get("entropy_control", {}))
         self.retired.load_state_dict(tstate.get("retired_prompts", {}))
         self.engine.update_weights(self.step)
         self.saved_step = self.step
