@@ -222,10 +222,12 @@ class Trainer:
 
             matches = [s for s in cfg.data.sources if s.name == cfg.eval.source]
             if not matches:
-                raise ValueError(f"config key 'eval.source': no data source named {cfg.eval.source!r} "
-                                 f"(have {[s.name for s in cfg.data.sources]})")
+                raise ConfigError(f"config key 'eval.source': no data source named {cfg.eval.source!r} "
+                                  f"(have {[s.name for s in cfg.data.sources]})")
             src = build_source([matches[0]], seed=_derive_seed(cfg.data.seed, "eval"))
-            return src.sample(cfg.eval.n_prompts)
+            # a source with fewer rows than eval.n_prompts is evaluated once through, not with repeats
+            n = min(cfg.eval.n_prompts, len(src)) if hasattr(src, "__len__") else cfg.eval.n_prompts
+            return src.sample(n)
         return builtin.eval_split(cfg.eval.n_prompts, cfg.data.seed, cfg.data.builtin_min_digits,
                                   cfg.data.builtin_max_digits, train_seed=0)
 

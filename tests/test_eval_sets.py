@@ -317,3 +317,29 @@ def test_a_run_keeps_its_best_evaluations_checkpoints(tmp_path):
     assert [b["step"] for b in best["best"]] == top2(evals)
     kept = sorted(int(d[5:]) for d in os.listdir(run / "checkpoints") if d.startswith("step_"))
     assert kept == sorted({6, *top2(evals)})
+
+
+def test_the_unnamed_set_from_eval_source_takes_each_row_once(tmp_path):
+    """``eval.source`` (a training source of weight 0, the way before sets) with fewer rows than
+    ``eval.n_prompts``: each row is evaluated once (it was drawn with repeats), metrics directly under eval/;
+    a name no source has is a config error."""
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.trainer import Trainer
+
+    val = write_jsonl(tmp_path / "val.jsonl", [{"domain": "math", "prompt": f"v{i}", "answer": "yes"}
+                                               for i in range(3)])
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps({"base": DEMO, "data": {"sources": [
+        {"name": "train", "type": "builtin"}, {"name": "val", "type": "jsonl", "path": val, "weight": 0}]}}))
+    over = [f"output_dir={tmp_path}", "warmstart.steps=0", "rollout.max_new_tokens=3", "logging.progress=false",
+            "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "rewards.num_workers=0",
+            "eval.n_prompts=8"]
+    t = Trainer(load_config(str(cfg_path), over + ["eval.source=val"]))
+    try:
+        ev = t.evaluate()
+        assert sorted(r.id for r in t.eval_rows) == [f"val.jsonl:{i + 2}" for i in range(3)]
+        assert ev["eval/n_prompts"] == 3 and "eval/mean_pass@1" not in ev
+    finally:
+        t.close()
+    with pytest.raises(ConfigError, match="'eval.source': no data source named 'nope'"):
+        Trainer(load_config(str(cfg_path), over + ["eval.source=nope"]))
