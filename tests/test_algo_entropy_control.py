@@ -102,3 +102,34 @@ def test_the_trainer_trains_with_the_coefficient_it_sets(tmp_path, target, init)
         assert (t2.entropy_control.alpha, t2.entropy_control.last_entropy) == state
     finally:
         t2.close()
+
+
+def _dp_job(rank, world, tmp):
+    from pathlib import Path
+
+    t = _trainer(Path(tmp) / f"r{rank}", "algo.entropy_control.target=0.5", "algo.entropy_control.delta=0.01",
+                 "algo.entropy_control.init_coef=0.05")
+    try:
+        out = []
+        for _ in range(2):
+            stats = t.rl_step()
+            t.step += 1
+            out.append((stats["entropy"], stats["tokens"], stats["entropy_coef"], t.entropy_control.alpha,
+                        t.entropy_control.last_entropy))
+        return out
+    finally:
+        t.close()
+
+
+def test_data_parallel_ranks_set_the_same_coefficient(tmp_path):
+    """At DP=2 the ranks train on different prompts, so their own entropies differ; the controller sees the
+    batch's (the token-weighted mean of the two), and both ranks hold the same alpha and coefficient."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_dp_job, 2, (str(tmp_path),))
+    for step in range(2):
+        (h0, n0, c0, a0, l0), (h1, n1, c1, a1, l1) = out[0][step], out[1][step]
+        assert h0 != h1  # each rank's share
+        assert (c0, a0, l0) == (c1, a1, l1)
+        assert l0 == pytest.approx((h0 * n0 + h1 * n1) / (n0 + n1))
+    assert out[0][0][2] == 0.05  # the first step: init_coef
