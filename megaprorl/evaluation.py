@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .algo.passk import summarize_eval
 
+SOLVED = 1.0  # a response whose verifier reward reaches this is correct (summarize_eval's default threshold)
+
 
 @dataclass
 class EvalSet:
@@ -63,7 +65,7 @@ class PromptResult:
              "greedy_tokens": self.greedy_tokens, "greedy_finished": self.greedy_finished}
         if self.rewards:
             d.update(rewards=self.rewards, tokens=self.tokens, finished=self.finished,
-                     pass_rate=sum(1 for r in self.rewards if r >= 1.0) / len(self.rewards))
+                     pass_rate=sum(1 for r in self.rewards if r >= SOLVED) / len(self.rewards))
         if self.greedy_response is not None:
             d["greedy_response"] = self.greedy_response
         return d
@@ -87,13 +89,14 @@ def build_eval_sets(cfg, unnamed_records) -> List[EvalSet]:
 def set_metrics(es: EvalSet, rows: Sequence[PromptResult]) -> Dict[str, float]:
     """The metrics of one set from all of its prompts' rows (gathered over ranks), keys prefixed."""
     n = len(rows)
-    out: Dict[str, float] = {"accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n),
+    out: Dict[str, float] = {"accuracy": _greedy_accuracy(rows),
                              "n_prompts": n,
                              "response_tokens": sum(r.greedy_tokens for r in rows) / max(1, n),
                              "truncated": sum(1.0 for r in rows if not r.greedy_finished) / max(1, n)}
     sampled = [r for r in rows if r.rewards]
     if sampled:
-        summary = summarize_eval([(r.id, r.domain, r.rewards) for r in sampled], ks=tuple(es.ks))
+        summary = summarize_eval([(r.id, r.domain, r.rewards) for r in sampled], ks=tuple(es.ks),
+                                 correct_threshold=SOLVED)
         out.update(_flatten(summary))
         m = sum(len(r.tokens) for r in sampled)
         out["sample_response_tokens"] = sum(sum(r.tokens) for r in sampled) / m
@@ -110,7 +113,7 @@ def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult],
         return {}
     n = len(rows)
     means = [per_set.get(f"{es.prefix}pass@1", per_set[f"{es.prefix}accuracy"]) for es in sets]
-    return {"eval/accuracy": sum(1.0 for r in rows if r.greedy_reward >= 1.0) / max(1, n), "eval/n_prompts": n,
+    return {"eval/accuracy": _greedy_accuracy(rows), "eval/n_prompts": n,
             "eval/mean_pass@1": sum(means) / len(means)}
 
 
@@ -120,23 +123,27 @@ def write_rows(path: str, rows: Sequence[PromptResult]) -> str:
 
 
 def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
-    """``rows`` as JSON lines, written to a temporary name and renamed (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """``rows`` as JSON lines."""
+    return _write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def write_json(path: str, obj: Any) -> str:
-    """``obj`` as indented JSON, written to a temporary name and renamed."""
+    """``obj`` as indented JSON."""
+    return _write_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def _write_atomic(path: str, text: str) -> str:
+    """``text`` written to a temporary name and renamed, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
+        f.write(text)
     os.replace(tmp, path)
     return path
+
+
+def _greedy_accuracy(rows: Sequence[PromptResult]) -> float:
+    return sum(1.0 for r in rows if r.greedy_reward >= SOLVED) / max(1, len(rows))
 
 
 def _flatten(d: Dict, prefix: str = "") -> Dict:
