@@ -51,6 +51,14 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def _grouped(items, key) -> List[list]:
+    """``items`` grouped by ``key(item)``, the groups in the order of their first item, each in item order."""
+    groups: Dict[Any, list] = {}
+    for it in items:
+        groups.setdefault(key(it), []).append(it)
+    return list(groups.values())
+
+
 def _derive_seed(*parts) -> int:
     h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:7], "little")
@@ -266,40 +274,53 @@ class Trainer:
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, greedy: Optional[bool] = None) -> Dict:
         """Every evaluation set's greedy accuracy and, at evaluation sampling settings, pass@k
-        (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``."""
+        (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``.
+
+        The sets share ``generate`` calls: one greedy call for the sets of one token budget, one sampled call for
+        those of one budget and one sample count, each rollout scored as soon as it finishes.  Each prompt samples
+        from its own seed, a function of the run's seed, the set, the step and the prompt's row in the set: its
+        samples do not depend on which other sets or prompts share the call, nor on the data-parallel layout."""
         cfg = self.cfg
+        sets = self.eval_sets
+        mine = [es.records[dp_rank():: dp_world()] for es in sets]  # rank r evaluates rows r, r + world, ...
+        prompts = [[self.encode_prompt(r) for r in recs] for recs in mine]
+        rows: List[List[Optional[PromptResult]]] = [[None] * len(recs) for recs in mine]
+        for group in _grouped(range(len(sets)), lambda i: sets[i].max_new_tokens):
+            flat = [(i, k) for i in group for k in range(len(mine[i]))]
+            rollouts, scored, _, _ = self._generate_scored(
+                [mine[i][k] for i, k in flat], [prompts[i][k] for i, k in flat],
+                SamplingParams(max_new_tokens=sets[group[0]].max_new_tokens, n=1, greedy=True))
+            for (i, k), ro, sc in zip(flat, rollouts, scored):
+                rows[i][k] = PromptResult(sets[i].name, mine[i][k].get("id"), mine[i][k].get("domain", "?"),
+                                          float(sc.reward), len(ro.response_ids), bool(ro.finished),
+                                          greedy_response=(self.tokenizer.decode(ro.response_ids)
+                                                           if cfg.eval.write_responses else None))
+        sampled = [] if (greedy or cfg.eval.greedy) else [i for i, es in enumerate(sets) if es.samples_per_prompt > 1]
+        for group in _grouped(sampled, lambda i: (sets[i].max_new_tokens, sets[i].samples_per_prompt)):
+            flat = [(i, k) for i in group for k in range(len(mine[i]))]
+            es = sets[group[0]]
+            seeds = [_derive_seed(cfg.seed, "eval", sets[i].name, self.step, dp_rank() + k * dp_world())
+                     for i, k in flat]
+            params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seeds=seeds,
+                                    max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt)
+            rollouts, scored, _, _ = self._generate_scored([mine[i][k] for i, k in flat],
+                                                           [prompts[i][k] for i, k in flat], params)
+            for ro, sc in zip(rollouts, scored):
+                i, k = flat[ro.prompt_index]
+                rows[i][k].rewards.append(float(sc.reward))
+                rows[i][k].tokens.append(len(ro.response_ids))
+                rows[i][k].finished.append(bool(ro.finished))
+        # every rank's rows, back in each set's order
+        pairs = _gather_objects([((i, dp_rank() + k * dp_world()), row)
+                                 for i in range(len(sets)) for k, row in enumerate(rows[i])])
+        pairs.sort(key=lambda p: p[0])
         out: Dict = {}
-        self.engine.wake()
         every: List[PromptResult] = []
-        for es in self.eval_sets:
-            records = es.records[dp_rank():: dp_world()]
-            prompts = [self.encode_prompt(r) for r in records]
-            rollouts = self.engine.generate(prompts, SamplingParams(max_new_tokens=es.max_new_tokens, n=1,
-                                                                    greedy=True))
-            res = self._score(records, rollouts)
-            rows = [PromptResult(es.name, rec.get("id"), rec.get("domain", "?"), float(sc.reward),
-                                 len(ro.response_ids), bool(ro.finished),
-                                 greedy_response=(self.tokenizer.decode(ro.response_ids)
-                                                  if cfg.eval.write_responses else None))
-                    for rec, ro, sc in zip(records, rollouts, res)]
-            if es.samples_per_prompt > 1 and not (greedy or cfg.eval.greedy):
-                seed = (_derive_seed(cfg.seed, "eval", es.name, self.step, dp_rank()) if es.name
-                        else _derive_seed(cfg.seed, "eval", self.step, dp_rank()))
-                params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                                        max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt, seed=seed)
-                rollouts = self.engine.generate(prompts, params)
-                res = self._score([records[r.prompt_index] for r in rollouts], rollouts)
-                for ro, sc in zip(rollouts, res):
-                    row = rows[ro.prompt_index]
-                    row.rewards.append(float(sc.reward))
-                    row.tokens.append(len(ro.response_ids))
-                    row.finished.append(bool(ro.finished))
-            # every rank's rows, back in the set's order (rank r evaluated rows r, r + world, ...)
-            pairs = _gather_objects([(dp_rank() + k * dp_world(), row) for k, row in enumerate(rows)])
-            rows = [row for _, row in sorted(pairs, key=lambda p: p[0])]
-            out.update(set_metrics(es, rows))
-            every.extend(rows)
-        out.update(overall_metrics(self.eval_sets, every, out))
+        for i, es in enumerate(sets):
+            set_rows = [row for (j, _), row in pairs if j == i]
+            out.update(set_metrics(es, set_rows))
+            every.extend(set_rows)
+        out.update(overall_metrics(sets, every, out))
         self.eval_rows = every
         return out
 
@@ -319,6 +340,11 @@ class Trainer:
                 raise ConfigError(f"config key '{key}': {name!r} is not an evaluation metric; this run's are "
                                   f"{sorted(ev)}")
 
+    def _observe_stall(self, step: int, ev: Dict) -> None:
+        """Feed an evaluation to the reset controller's stall trigger (``algo.reference_reset.stall_evals``)."""
+        if self.cfg.algo.reference_reset.stall_evals > 0:
+            self.resets.observe_validation(step, ev[self.cfg.algo.reference_reset.stall_metric])
+
     def _rank_evaluation(self, ev: Dict) -> bool:
         """Place this step's evaluation among the ``checkpoint.keep_best`` best by ``checkpoint.best_metric``
         (ties: the earlier step first); True when it is one of them, so its checkpoint must be kept."""
@@ -333,13 +359,28 @@ class Trainer:
     def _best_listing(self) -> List[Dict]:
         return [{"step": st, "value": v, "path": ckpt.step_dir(self.ckpt_dir, st)} for v, st in self.best]
 
-    def _score(self, records: List[Dict], rollouts) -> List:
-        """The verifiers' results for ``rollouts`` (of ``records``), scored on the model-parallel group's first
-        rank and shared with the group."""
-        res = None
-        if self.scores_here:
-            res = self.rewards.score(records, [self.tokenizer.decode(r.response_ids) for r in rollouts])
-        return mp_broadcast_object(res)
+    def _generate_scored(self, records: List[Dict], prompts: List[List[int]], params: SamplingParams):
+        """Generate ``params.n`` rollouts of each prompt and score each (against ``records[r.prompt_index]``) as
+        soon as it finishes, while the others decode; the scores are computed on the model-parallel group's first
+        rank and shared with the group.  Returns (rollouts, scores, generation seconds, seconds waited for the
+        verifiers after the last rollout finished)."""
+        t = time.time()
+        self.engine.wake()
+        futures: Dict[int, Any] = {}
+
+        def score_when_finished(k: int, r) -> None:
+            if self.scores_here:
+                futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+
+        rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+        t_gen = time.time() - t
+        t = time.time()
+        for k, r in enumerate(rollouts):
+            if k not in futures:  # an engine that does not report rollouts as they finish
+                score_when_finished(k, r)
+        scored = mp_broadcast_object([futures[k].result()[0] for k in range(len(rollouts))]
+                                     if self.scores_here else None)
+        return rollouts, scored, t_gen, time.time() - t
 
     # ------------------------------------------------------------------------------ one RL step
     def _draw_groups(self) -> Tuple[List[Dict], Dict]:
@@ -364,30 +405,15 @@ class Trainer:
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, n=n,
                                     seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
-            t = time.time()
-            self.engine.wake()
-            futures: Dict[int, Any] = {}
-
-            def score_when_finished(k: int, r) -> None:  # verifiers run while the other rollouts decode
-                if self.scores_here:
-                    futures[k] = self.rewards.submit([records[r.prompt_index]],
-                                                     [self.tokenizer.decode(r.response_ids)])
-
             self.engine.record_routing = cfg.algo.moe_routing_replay  # training draws only, not evaluations
             try:
-                rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+                rollouts, scored, t_gen, t_wait = self._generate_scored(records, prompts, params)
             finally:
                 self.engine.record_routing = False
-            timings["rollout"] += time.time() - t
+            timings["rollout"] += t_gen
+            timings["reward"] += t_wait
             for k, v in (getattr(self.engine, "stats", None) or {}).items():
                 engine_stats[k] = engine_stats.get(k, 0) + v
-            t = time.time()  # the wait for the verifiers after the last rollout finished
-            for k, r in enumerate(rollouts):
-                if k not in futures:  # an engine that does not report rollouts as they finish
-                    score_when_finished(k, r)
-            scored = mp_broadcast_object([futures[k].result()[0] for k in range(len(rollouts))]
-                                         if self.scores_here else None)
-            timings["reward"] += time.time() - t
             rew = torch.tensor([s.reward for s in scored], dtype=torch.float32)
             lens = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float32)
             trunc = torch.tensor([not r.finished for r in rollouts])
@@ -738,6 +764,7 @@ class Trainer:
             if cfg.eval.at_start:
                 before = self.evaluate()
                 self._after_eval(before)
+                self._observe_stall(0, before)  # the starting point: later evaluations must beat it
                 self.eval_history.append({"step": 0, **before})
                 self._say(f"before RL: held-out greedy accuracy {before['eval/accuracy']:.3f} "
                           f"on {before['eval/n_prompts']} prompts" + self._set_accuracies(before))
@@ -763,7 +790,7 @@ class Trainer:
                     self._after_eval(ev)
                     stats.update(ev)
                     self.eval_history.append({"step": self.step, **ev})
-                    self.resets.observe_validation(self.step, ev[cfg.algo.reference_reset.stall_metric])
+                    self._observe_stall(self.step, ev)
                     if self._rank_evaluation(ev):
                         stats["checkpoint/best"] = 1.0
                 self.logger.log(self.step, _reduce_stats(stats))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,12 +106,13 @@ def _trainer(tmp_path, sets, *extra):
         "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "rewards.num_workers=0",
         "eval.greedy=false", *extra]))
 
-    def score(records, responses):
-        return [RewardResult({"yes": 1.0, "no": 0.0}.get(r["answer"], float(len(s) % 2 == 0)))
-                for r, s in zip(records, responses)]
+    def submit(records, responses):  # the pool's call (each rollout scored as soon as it finishes)
+        res = [RewardResult({"yes": 1.0, "no": 0.0}.get(r["answer"], float(len(s) % 2 == 0)))
+               for r, s in zip(records, responses)]
+        return SimpleNamespace(result=lambda: res)
 
     if t.rewards is not None:
-        t.rewards.score = score
+        t.rewards.submit = submit
     return t
 
 
@@ -158,28 +160,68 @@ def test_per_set_metrics_and_rows(tmp_path):
     assert j["pass_rate"] == sum(rows[3].rewards) / 4 and j["greedy_response"] == rows[3].greedy_response
 
 
+def test_sets_share_generate_calls_and_a_set_draws_the_same_alone(tmp_path):
+    """Sets of one token budget share the greedy call, and of one budget and sample count the sampled call; each
+    prompt samples from its own seed, so a set's rows are the same when it is evaluated alone."""
+    sets = _answers(tmp_path)  # a: 4 samples, budget 5 (rollout.max_new_tokens); b: 3 samples, budget 3
+    sets.append({"name": "c", "samples_per_prompt": 4,
+                 "path": write_jsonl(tmp_path / "c.jsonl", [{"domain": "math", "prompt": f"c{i}", "answer": "coin"}
+                                                           for i in range(4)])})
+    calls, drawn = [], {}  # drawn: (greedy, prompt ids) -> the responses' ids
+
+    def evaluate(t):
+        generate = t.engine.generate
+
+        def counted(prompts, params, on_finish=None):
+            calls.append((len(prompts), params.greedy, params.n, params.max_new_tokens))
+            out = generate(prompts, params, on_finish)
+            for r in out:
+                drawn.setdefault((params.greedy, tuple(prompts[r.prompt_index])), []).append(tuple(r.response_ids))
+            return out
+
+        t.engine.generate = counted
+        try:
+            return t.evaluate(), t.eval_rows
+        finally:
+            t.close()
+
+    ev, rows = evaluate(_trainer(tmp_path / "all", sets))
+    assert calls == [(9, True, 1, 5), (3, True, 1, 3), (9, False, 4, 5), (3, False, 3, 3)]
+    with_others = dict(drawn)
+    calls.clear()
+    drawn.clear()
+    ev_c, rows_c = evaluate(_trainer(tmp_path / "c_alone", sets[2:]))
+    assert calls == [(4, True, 1, 5), (4, False, 4, 5)]
+    assert len(drawn) == 8 and drawn == {k: with_others[k] for k in drawn}  # c's prompts' responses, token for token
+    sampled = [v for (greedy, _), v in drawn.items() if not greedy]
+    assert all(len(set(v)) > 1 for v in sampled) and len({v[0] for v in sampled}) == 4  # each prompt its own seed
+    draws = [(r.id, r.greedy_tokens, r.greedy_reward, r.tokens, r.rewards) for r in rows if r.set == "c"]
+    assert draws == [(r.id, r.greedy_tokens, r.greedy_reward, r.tokens, r.rewards) for r in rows_c]
+    assert {k: v for k, v in ev.items() if k.startswith("eval/c/")} == \
+        {k: v for k, v in ev_c.items() if k.startswith("eval/c/")}
+
+
 def test_data_parallel_evaluation_covers_each_prompt_once(tmp_path):
-    """At DP=2 each rank evaluates its share and both hold every prompt's row once; with rewards that depend on
-    the record only ("yes"/"no"), the metrics equal one rank's (greedy lengths too; sampled lengths differ, as
-    each rank samples with its own seed)."""
+    """At DP=2 each rank evaluates its share and both hold every prompt's row once, and the metrics and rows equal
+    one rank's: each prompt samples from its own seed, whichever rank draws it (the rewards of the "coin" prompts
+    depend on the sampled lengths)."""
     from dist_utils import run_distributed
 
     only = [{"name": "a", "path": write_jsonl(tmp_path / "y.jsonl", [
-        {"domain": "math", "prompt": f"y{i}", "answer": "yes" if i % 3 else "no"} for i in range(7)]),
+        {"domain": "math", "prompt": f"y{i}", "answer": ["no", "yes", "coin"][i % 3]} for i in range(7)]),
         "samples_per_prompt": 2, "ks": [1, 2]}]
     one = _trainer(tmp_path / "one", only)
     try:
         want = one.evaluate()
+        want_rows = [(r.set, r.id, r.greedy_reward, r.rewards) for r in one.eval_rows]
     finally:
         one.close()
     json.dump(only, open(tmp_path / "sets.json", "w"))
     out = run_distributed(_eval_dp_one_set, 2, (str(tmp_path),))
     for ev, rows in out:
         assert [r[1] for r in rows] == [f"y.jsonl:{i + 2}" for i in range(7)]  # in the file's order
-        assert set(ev) == set(want)
-        same = {k: v for k, v in want.items() if "/sample_" not in k}  # sampled lengths: each rank its own draws
-        assert {k: ev[k] for k in same} == pytest.approx(same)
-    assert out[0][1] == out[1][1]
+        assert ev == pytest.approx(want)
+        assert [tuple(r) for r in rows] == want_rows
 
 
 def _eval_dp_one_set(rank, world, tmp):
@@ -232,9 +274,10 @@ def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
     steps = [m for m in metrics if "eval/hard/accuracy" in m and "final_eval" not in m]
     assert all(m["eval/mean_pass@1"] == (m["eval/easy/accuracy"] + m["eval/hard/accuracy"]) / 2 for m in steps)
     assert [m["step"] for m in steps] == [0, 1, 2]
-    # the interval evaluations are watched (step 1 sets the best, step 2 stalls) and the reset is the next step's
+    # every evaluation is watched (the one before RL sets the best, step 1 stalls, and so does step 2 after the
+    # reset) and a stall's reset is the next step's
     assert [m.get("reference_reset_trigger") for m in metrics if m["step"] and "final_eval" not in m] == \
-        [None, None, "val_stall"]
+        [None, "val_stall", "val_stall"]
     summary = json.load(open(run / "summary.json"))
     assert set(summary["eval_sets"]) == {"easy", "hard"}
     assert "easy" in r.stdout and "hard" in r.stdout

@@ -106,6 +106,35 @@ def test_sampling_is_deterministic_under_a_seed(policy):
     assert len(a) == 15 and [r.prompt_index for r in a[:6]] == [0, 0, 0, 1, 1, 1]
 
 
+def test_per_prompt_seeds_make_a_prompts_samples_independent_of_the_call(policy):
+    """With ``SamplingParams.seeds`` a prompt's samples are a function of its own seed: the same alone, among other
+    prompts, or at another position; one seed per prompt, or a clear error."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=4)
+    prompts, seeds = _prompts(tok), [5, 6, 7, 8, 9]
+
+    def draw(idx):
+        out = eng.generate([prompts[i] for i in idx], SamplingParams(temperature=1.5, max_new_tokens=6, n=3,
+                                                                     seeds=[seeds[i] for i in idx]))
+        return _by_prompt(out, idx)
+
+    every = draw([0, 1, 2, 3, 4])
+    assert draw([3]) == {3: every[3]} and draw([4, 1]) == {4: every[4], 1: every[1]}
+    assert all(len(set(v)) > 1 for v in every.values())  # a prompt's samples differ
+    with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+        eng.generate(prompts, SamplingParams(seeds=[1, 2]))
+
+
+def _by_prompt(rollouts, idx):
+    out = {}
+    for r in rollouts:
+        out.setdefault(idx[r.prompt_index], []).append(tuple(r.response_ids))
+    return out
+
+
 def test_engine_logprobs_equal_teacher_forced(policy):
     """fp32, temperature 1: the engine's sampling log-probs (KV cache, left padding), laid out as the trainer's
     log-prob passes give them (``engine_logprobs``, what algo.old_logprobs=engine trains with), equal the policy's

@@ -317,11 +317,16 @@ def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran, layout)
 
 
 def test_request_params_and_outputs():
-    kw = request_params(SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=5, seed=3), 2, [7, 9], 0)
+    sp = SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=5, seed=3, n=4)
+    kw = request_params(sp, 0, 2, [7, 9], 0)
+    # every rollout of a call its own seed: two copies of one prompt must not draw the same response
+    assert [request_params(sp, i, s, [7], 0)["seed"] for i in range(2) for s in range(4)] == list(range(3, 11))
+    per_prompt = SamplingParams(n=2, seeds=[100, 7])  # per-prompt streams: (seed of the prompt, sample)
+    assert [request_params(per_prompt, i, s, [7], 0)["seed"] for i in range(2) for s in range(2)] == [100, 101, 7, 8]
     assert kw["seed"] == 5 and kw["temperature"] == 1.2 and kw["top_p"] == 0.9 and kw["top_k"] == 0
     assert kw["stop_token_ids"] == [7, 9] and kw["include_stop_str_in_output"] and kw["end_id"] == -1
     assert kw["max_tokens"] == 5 and kw["n"] == 1 and kw["logprobs"] == 1 and kw["pad_id"] == 0
-    greedy = request_params(SamplingParams(greedy=True), 0, [7], 0)
+    greedy = request_params(SamplingParams(greedy=True), 0, 0, [7], 0)
     assert greedy["top_k"] == 1
     # the simple format (one float per token) and the dict format (top-1 and the sampled token)
     done = to_rollout(0, [1], SimpleNamespace(token_ids=[4, 7], logprobs=[-0.5, -0.25], finish_reason="stop"), [7])

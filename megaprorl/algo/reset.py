@@ -31,7 +31,8 @@ class ReferenceResetConfig:
     kl_spike_factor: float = 0.0  # reset when KL > factor x running mean of KL; 0 = off
     kl_ema: float = 0.9  # weight of the past in the running mean of KL
     kl_warmup_steps: int = 10  # KL observations after a reset before a spike can trigger
-    stall_evals: int = 0  # reset after this many evaluations without improvement; 0 = off
+    # reset after this many evaluations without improvement (the one before RL sets the first best); 0 = off
+    stall_evals: int = 0
     stall_min_delta: float = 0.0  # an improvement must exceed the best by more than this
     stall_metric: str = "eval/accuracy"  # the validation metric watched for a stall (e.g. eval/aime24/pass@1)
     reset_optimizer: bool = False  # v1 clears the optimizer state on reset; v2 keeps it

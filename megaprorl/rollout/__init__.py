@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 
 @dataclass
@@ -14,6 +14,22 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     greedy: bool = False
     seed: int = 0
+    # one seed per prompt: prompt i's samples then draw from their own stream, whatever else shares the call
+    seeds: Optional[Sequence[int]] = None
+
+    def check(self, n_prompts: int) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seeds is not None and len(self.seeds) != n_prompts:
+            raise ValueError(f"SamplingParams.seeds holds {len(self.seeds)} seeds for {n_prompts} prompts")
+
+    def stream(self, prompt_index: int, sample: int) -> Tuple[int, int]:
+        """The (seed, counter) that sample ``sample`` of prompt ``prompt_index`` draws its tokens from: with
+        per-prompt ``seeds``, (seeds[prompt_index], sample), so the prompt's samples do not depend on the other
+        prompts of the call; else (seed, the rollout's index in the call, prompt_index * n + sample)."""
+        if self.seeds is not None:
+            return int(self.seeds[prompt_index]), sample
+        return int(self.seed), prompt_index * self.n + sample
 
 
 @dataclass

@@ -30,7 +30,9 @@ finished rows the same way.
 Every token is drawn by inverting its (temperature-scaled, top-p filtered) distribution's CDF at a
 uniform that is a hash of (seed, rollout index, token index), so a rollout's tokens are a function of
 the seed, its index and the weights: the same whatever the batch size, schedule or pipeline layout
-(up to the rounding of batched matmuls).
+(up to the rounding of batched matmuls).  With per-prompt seeds (``SamplingParams.seeds``), the pair is
+(the prompt's seed, the sample's index among its prompt's), so a prompt's samples are also the same
+whichever other prompts share the call (the evaluation sets share calls so).
 
 Decode steps (one token per row) skip Megatron's module plumbing when the model allows it
 (``lean_decode``, the local layer spec of the Qwen2 / Qwen3 / Llama shape): each layer is its norms, four
@@ -425,8 +427,7 @@ class MegatronEngine:
             raise RuntimeError("engine is asleep; call wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        params.check(len(prompts))
         items = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
         self.stats = dict.fromkeys(_STATS, 0)
         if not items:
@@ -614,6 +615,7 @@ class MegatronEngine:
         out: List[Optional[Rollout]] = [None] * len(items)
         stops = set(self.stop_ids)
         longest = max(len(p) for _, p in items)
+        streams = [params.stream(i, k - i * params.n) for k, (i, _) in enumerate(items)]  # items are prompt-major
         nxt_item = 0  # the next rollout to enter the cache
         cache: Optional[_Cache] = None
         z = None  # the last stage's logits [rows, V] for each row's next token
@@ -639,7 +641,7 @@ class MegatronEngine:
             # draw each running row's next token (the last stage draws; its pipeline receives them)
             nxt = lp = None
             if z is not None:
-                u = [draw_uniform(params.seed, cache.item[r], len(resp[cache.item[r]])) for r in live]
+                u = [draw_uniform(*streams[cache.item[r]], len(resp[cache.item[r]])) for r in live]
                 idx = torch.tensor(live, device=device)
                 nxt, lp = self._sample(z.index_select(0, idx), params, torch.tensor(u, dtype=torch.float64, device=device))
             nxt, lp = self._from_last_stage(nxt, lp, len(live))

@@ -130,11 +130,13 @@ def sleep_llm_kwargs(llm_args) -> Dict:
                             f"release its memory while the trainer runs: set rollout.trtllm_sleep=false, or {INSTALL}")
 
 
-def request_params(params: SamplingParams, sample: int, stop_ids: Sequence[int], pad_id: int) -> Dict:
-    """The keyword arguments of ``tensorrt_llm.SamplingParams`` for sample ``sample`` of a prompt: one response
-    per request (its own seed), stop tokens kept in the output, and the sampled token's log-prob (the engine's
-    ``make_sampling`` adds ``logprobs_mode=PROCESSED``)."""
-    kw = dict(max_tokens=int(params.max_new_tokens), n=1, seed=int(params.seed) + sample,
+def request_params(params: SamplingParams, prompt_index: int, sample: int, stop_ids: Sequence[int],
+                   pad_id: int) -> Dict:
+    """The keyword arguments of ``tensorrt_llm.SamplingParams`` for sample ``sample`` of prompt ``prompt_index``:
+    one response per request, its seed the sum of its stream's pair (``SamplingParams.stream``: distinct for every
+    rollout of a call, so two copies of one prompt draw differently too), stop tokens kept in the output, and the
+    sampled token's log-prob (the engine's ``make_sampling`` adds ``logprobs_mode=PROCESSED``)."""
+    kw = dict(max_tokens=int(params.max_new_tokens), n=1, seed=sum(params.stream(prompt_index, sample)),
               end_id=-1,  # stops come from stop_token_ids, whose token is kept (the end id's would be dropped)
               pad_id=int(pad_id),  # else it would be the end id, -1
               stop_token_ids=[int(i) for i in stop_ids], include_stop_str_in_output=True, detokenize=False,
@@ -304,6 +306,7 @@ class TrtllmEngine:
                                "wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
+        params.check(len(prompts))
         longest = max((len(p) for p in prompts), default=0)
         if self.max_seq_len and longest + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
@@ -330,11 +333,11 @@ class TrtllmEngine:
         each handed to ``on_finish`` as soon as it is in: the verifiers (which run on this rank) start on the
         first rollouts while the later ones decode."""
         futures = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             for s in range(params.n):
                 futures.append(self.llm.generate_async(
                     {"prompt_token_ids": [int(t) for t in p]},
-                    sampling_params=self.make_sampling(**request_params(params, s, self.stop_ids, self.pad_id))))
+                    sampling_params=self.make_sampling(**request_params(params, i, s, self.stop_ids, self.pad_id))))
         rollouts = []
         for k, fut in enumerate(futures):
             i = k // params.n
