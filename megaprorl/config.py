@@ -323,6 +323,9 @@ class LoggingConfig:
     # prompt groups per RL step whose samples (prompt, response, reward, shaped reward, advantage, length) go to
     # RUN/rollouts/step_XXXXXXXX.jsonl, taken evenly from the data-parallel ranks; 0: none, -1: every group
     rollouts: int = 0
+    # the device's peak TFLOP/s for perf/mfu_*; 0: the dense bf16 peak of a known GPU (H100, H200, A100, B200), none
+    # on others (perf/tflops_* are logged either way)
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -515,6 +518,7 @@ def validate(cfg: Config) -> None:
              "a fixed entropy bonus and algo.entropy_control (which sets the bonus each step) exclude each other")
     need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0 (0: off)")
     need(cfg.logging.rollouts >= -1, "logging.rollouts", "must be >= -1 (0: none, -1: every group)")
+    need(cfg.logging.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0 (0: from the device's name)")
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")

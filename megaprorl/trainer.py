@@ -35,6 +35,7 @@ from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .data.retire import SolvedPromptFilter
 from .evaluation import PromptResult, overall_metrics, set_metrics
+from .models.flops import peak_tflops, shape_of, train_flops
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import (dp_group, dp_rank, dp_world, init_distributed, max_over, mp_broadcast_object, mp_leader,
@@ -114,6 +115,9 @@ class Trainer:
                              loss_grad_mode=cfg.train.loss_grad_mode, routing_replay=cfg.algo.moe_routing_replay,
                              freeze_router=cfg.algo.moe_freeze_router, **head)
         self._say(describe_policy(cfg.model, cfg.parallel, self.policy.model))
+        self.flops_shape = shape_of(cfg.model, vocab)  # for perf/tflops_* and perf/mfu_*
+        self.peak_tflops = peak_tflops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
+                                       cfg.logging.peak_tflops)
         if load_src is not None:
             from .dist_ckpt import load_policy
 
@@ -584,6 +588,9 @@ class Trainer:
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
             self.entropy_control.observe(self._dp_mean(upd["entropy"], upd.get("tokens", 1.0)))
 
+        stats.update(self._perf_stats([len(r.prompt_ids) + len(r.response_ids) for r in rollouts],
+                                      stats["time/logprob_s"], stats["time/update_s"]))
+
         t = time.time()
         self.engine.update_weights(self.step + 1)
         stats["time/weight_sync_s"] = time.time() - t
@@ -591,6 +598,22 @@ class Trainer:
         stats["step_time_s"] = stats["time/step_s"]
         stats["tokens_per_s"] = n_response_tokens * dp_world() / max(stats["time/step_s"], 1e-9)
         return stats
+
+    def _perf_stats(self, seq_lens: List[int], t_logprob: float, t_update: float) -> Dict[str, float]:
+        """The model TFLOP/s per device of the step's update and of its log-prob passes and update together, and
+        their MFU when the device's peak is known (``logging.peak_tflops``, or a known GPU's dense bf16 peak): this
+        rank's sequences' model FLOPs (``megaprorl/models/flops.py``; a forward is a third of a forward and
+        backward) over its model-parallel group's devices.  Averaged over the data-parallel ranks when logged, which
+        gives all ranks' FLOPs over all devices, the ranks keeping step through the gradients' all-reduce."""
+        fb = train_flops(self.flops_shape, seq_lens)
+        n_fwd = (self.cfg.algo.old_logprobs == "recompute") + (self.reference is not None)
+        devices = self.cfg.parallel.tensor_parallel * self.cfg.parallel.pipeline_parallel
+        out = {"perf/tflops_update": fb / devices / max(t_update, 1e-9) / 1e12,
+               "perf/tflops_trainer": fb * (1 + n_fwd / 3) / devices / max(t_logprob + t_update, 1e-9) / 1e12}
+        if self.peak_tflops:
+            out.update({"perf/mfu_update": out["perf/tflops_update"] / self.peak_tflops,
+                        "perf/mfu_trainer": out["perf/tflops_trainer"] / self.peak_tflops})
+        return out
 
     def _write_rollouts(self, groups: List[Dict], batch: SeqBatch) -> None:
         """``logging.rollouts`` groups of this step (each rank its share), one JSON line per sample, to

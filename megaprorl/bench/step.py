@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from ..kernels import GRAD_MODES
+from ..models.flops import param_count, peak_tflops, train_flops_per_token
 
 _QWEN3 = dict(head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=True)
 _QWEN3_30B_A3B = dict(hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, vocab=151936,
@@ -57,45 +58,6 @@ PRESETS = {
     "qwen3-30b-a3b": dict(num_layers=48, **_QWEN3_30B_A3B),
     "qwen3-30b-a3b-8l": dict(num_layers=8, **_QWEN3_30B_A3B),
 }
-
-# Dense bf16 tensor-core peaks (no sparsity), for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
-
-def _head_dim(p: dict) -> int:
-    return p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
-
-
-def param_count(p: dict, active: bool = False) -> int:
-    """Parameters of a preset (the embedding once when tied); ``active``: an MoE model's per token (the router and
-    ``moe_topk`` of its experts)."""
-    h, f, L, V, hd = p["hidden_size"], p["ffn_hidden_size"], p["num_layers"], p["vocab"], _head_dim(p)
-    q, kv = hd * p["num_attention_heads"], hd * p["num_query_groups"]
-    experts = p.get("num_experts", 0)
-    mlp = 3 * h * f
-    if experts:
-        mlp = (p["moe_topk"] if active else experts) * 3 * h * p["moe_ffn_hidden_size"] + experts * h
-    per_layer = h * (q + 2 * kv) + q * h + mlp + 2 * h
-    per_layer += (q + 2 * kv) * p.get("add_qkv_bias", True) + 2 * hd * p.get("qk_norm", False)
-    return L * per_layer + (1 if p.get("tie_embeddings", False) else 2) * V * h + h
-
-
-def train_flops_per_token(p: dict, seq_len: int) -> float:
-    """6 x (the matmul parameters a token goes through: the layers, an MoE layer's active experts and router, and
-    the LM head, a tied one too; not the embedding lookup) plus attention (causal: 6 * L * s * heads * head_dim
-    per token for fwd+bwd of QK^T and AV, halved by causality)."""
-    matmul = param_count(p, active=True) - (0 if p.get("tie_embeddings", False) else p["vocab"] * p["hidden_size"])
-    return 6.0 * matmul + 6.0 * p["num_layers"] * seq_len * p["num_attention_heads"] * _head_dim(p)
-
-
-def peak_tflops(device_name: str, override: float) -> float:
-    if override:
-        return override
-    for k, v in PEAK_TFLOPS.items():
-        if k in device_name:
-            return v
-    return 0.0
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megaprorl bench step", description=__doc__,
