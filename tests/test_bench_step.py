@@ -14,7 +14,7 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
     from megaprorl.bench.step import main
 
     out = tmp_path / "bench_step.json"
-    assert main(["--preset", "tiny", "--repeats", "1", "--out", str(out), *extra]) == 0
+    assert main(["--preset", "tiny", "--repeats", "1", "--out", str(out), "--peak-tflops", "2", *extra]) == 0
     rep = json.loads(out.read_text())
     preset = extra[extra.index("--preset") + 1] if "--preset" in extra else "tiny"
     assert rep["preset"] == preset
@@ -23,6 +23,10 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
         assert t[phase] >= 0.0, phase
     assert t["logprob"] > 0 and t["update"] > 0 and t["tokens"] > 0
     assert rep["tokens_per_s_trainer"] > 0
+    # MFU: the step's model FLOPs (each sequence's attention by its own length) over the time and the peak
+    assert t["flops"] > 0 and rep["mfu_update"] == pytest.approx(t["flops"] / t["update"] / 2e12)
+    n_fwd = 1 + ("--no-reference" not in extra)
+    assert rep["mfu_trainer"] == pytest.approx(t["flops"] * (1 + n_fwd / 3) / (t["logprob"] + t["update"]) / 2e12)
     from megaprorl.bench.step import PRESETS, param_count
 
     # the refit stream sends every parameter of the HF checkpoint once (no vocab padding), in bf16
@@ -61,7 +65,8 @@ def test_preset_parameter_counts_are_the_models(preset):
     import torch
 
     transformers = pytest.importorskip("transformers")
-    from megaprorl.bench.step import PRESETS, param_count, train_flops_per_token
+    from megaprorl.bench.step import PRESETS
+    from megaprorl.models.flops import param_count, train_flops_per_token
     from megaprorl.models.convert import hf_config_from_model_config
 
     p = PRESETS[preset]

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from ..kernels import GRAD_MODES
-from ..models.flops import param_count, peak_tflops, train_flops_per_token
+from ..models.flops import param_count, peak_tflops, train_flops
 
 _QWEN3 = dict(head_dim=128, qk_norm=True, add_qkv_bias=False, tie_embeddings=True)
 _QWEN3_30B_A3B = dict(hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, vocab=151936,
@@ -230,7 +230,9 @@ def main(argv=None) -> int:
         t["weight_sync"] = time.perf_counter() - t0
         t["total"] = sum(t.values())
         t["response_tokens"] = float(batch.loss_mask.sum())
-        t["tokens"] = float(sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts))
+        lens = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        t["tokens"] = float(sum(lens))
+        t["flops"] = train_flops(p, lens)  # one forward and backward over the step's sequences, each its own length
         return t
 
     try:
@@ -244,12 +246,14 @@ def main(argv=None) -> int:
     med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     med["response_tokens"] *= info.dp  # every data-parallel rank ran a batch of the same size
     med["tokens"] *= info.dp
+    med["flops"] *= info.dp
     device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     peak = peak_tflops(device_name, args.peak_tflops)
-    # training FLOPs: one fwd+bwd (update) and 2 forward passes (old + reference): 6N + 2 * 2N per token
+    # training FLOPs: one fwd+bwd (update) and 2 forward passes (old + reference), a forward a third of a fwd+bwd;
+    # attention by each sequence's own length (until 2026-12-07 by the longest's, which overstated --ragged MFU)
     n_fwd = 1 + (reference is not None)
-    flops_train = med["tokens"] * train_flops_per_token(p, seq_len)
-    flops_fwd = med["tokens"] * train_flops_per_token(p, seq_len) / 3.0 * n_fwd
+    flops_train = med["flops"]
+    flops_fwd = med["flops"] / 3.0 * n_fwd
     world_peak = peak * 1e12 * info.world_size
     mfu_update = flops_train / med["update"] / world_peak if peak else None
     mfu_trainer = (flops_train + flops_fwd) / (med["logprob"] + med["update"]) / world_peak if peak else None
