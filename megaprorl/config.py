@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from .algo.dynamic_sampling import DynamicSamplingConfig
 from .algo.entropy_control import EntropyControlConfig
 from .algo.length_penalty import LengthPenaltyConfig
-from .algo.loss import RATIO_LEVELS
+from .algo.loss import AGGREGATIONS, RATIO_LEVELS
 from .algo.reset import ReferenceResetConfig
 from .algo.rollout_correction import LEVELS as RC_LEVELS
 from .algo.rollout_correction import MODES as RC_MODES
@@ -194,7 +194,8 @@ class LossConfig:
     eps_high: float = 0.28
     dual_clip: Optional[float] = None
     ratio_log_clamp: float = 20.0
-    aggregation: str = "token-mean"  # token-mean | sequence-mean
+    # token-mean | sequence-mean | token-sum-norm (Dr. GRPO: each response's token sum / rollout.max_new_tokens)
+    aggregation: str = "token-mean"
     entropy_coef: float = 0.0
     # token (PPO's per-token ratio) | sequence (GSPO-token: each token takes its sequence's geometric-mean ratio,
     # clipped per sequence; GSPO's own bounds are ~3e-4 / 4e-4 with aggregation sequence-mean)
@@ -553,8 +554,7 @@ def validate(cfg: Config) -> None:
         need(rc.mode != "mask" or (rc.cap_low or 1.0 / rc.cap) < rc.cap, "algo.rollout_correction.cap_low",
              f"the band kept, [{rc.cap_low or 1.0 / rc.cap:g}, {rc.cap:g}], is empty")
         need(rc.log_ratio_clamp > 0, "algo.rollout_correction.log_ratio_clamp", "must be > 0")
-    need(cfg.algo.loss.aggregation in ("token-mean", "sequence-mean"), "algo.loss.aggregation",
-         "must be token-mean or sequence-mean")
+    need(cfg.algo.loss.aggregation in AGGREGATIONS, "algo.loss.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     need(cfg.algo.loss.ratio_level in RATIO_LEVELS, "algo.loss.ratio_level", "must be token or sequence")
     need(cfg.algo.kl.estimator in ("k1", "k2", "k3"), "algo.kl.estimator", "must be k1, k2 or k3")
     need(cfg.algo.kl.placement in ("loss", "reward"), "algo.kl.placement", "must be loss or reward")

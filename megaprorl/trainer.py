@@ -657,7 +657,8 @@ class Trainer:
                                   dtype=torch.float64, device=self.device)
             if dist.is_initialized() and dp_world() > 1:
                 dist.all_reduce(counts, group=dp_group())
-            mb.weights = aggregation_weights(mb.loss_mask, cfg.algo.loss.aggregation, float(counts[0]), float(counts[1]))
+            mb.weights = aggregation_weights(mb.loss_mask, cfg.algo.loss.aggregation, float(counts[0]), float(counts[1]),
+                                             norm_length=cfg.rollout.max_new_tokens)
             s = self.policy.train_step(mb, self.spec, cfg.train.micro_batch_size, temperature=cfg.rollout.temperature)
             for k, v in s.items():
                 agg[k] = agg.get(k, 0.0) + v / n_mini

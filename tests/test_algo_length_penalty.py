@@ -124,14 +124,17 @@ TINY = ["warmstart.steps=5", "train.prompts_per_step=4", "train.mini_batch_promp
         "algo.loss.aggregation=sequence-mean"]
 
 
-def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatch):
-    """Every third rollout reported truncated, the others finished: its row of the loss mask, its advantages and its loss weights are
-    zero; the other rows keep their mask, and the sequence-mean counts only them."""
+@pytest.mark.parametrize("aggregation", ["sequence-mean", "token-sum-norm"])
+def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatch, aggregation):
+    """Every third rollout reported truncated, the others finished: its row of the loss mask, its advantages and its
+    loss weights are zero; the other rows keep their mask, and the sequence-mean (or Dr. GRPO's token sum over the
+    response budget) counts only them."""
     from megaprorl.config import load_config
     from megaprorl.policy import build_seq_batch
     from megaprorl.trainer import Trainer
 
-    t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), [f"output_dir={tmp_path}", *TINY]))
+    t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), [f"output_dir={tmp_path}", *TINY,
+                                                                          f"algo.loss.aggregation={aggregation}"]))
     seen = {}
     generate = t.engine.generate
 
@@ -173,4 +176,7 @@ def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatc
     assert int(emptied.sum()) == int(truncated.sum())
     assert torch.equal(w[emptied], torch.zeros_like(w[emptied]))
     kept = int((~emptied).sum())
-    torch.testing.assert_close(w[~emptied].sum(-1), torch.full((kept,), 1.0 / kept))
+    if aggregation == "sequence-mean":
+        torch.testing.assert_close(w[~emptied].sum(-1), torch.full((kept,), 1.0 / kept))
+    else:  # every kept token weighs 1 / (rollout.max_new_tokens x the kept responses), whatever its length
+        torch.testing.assert_close(w, m / t.cfg.rollout.max_new_tokens / kept)

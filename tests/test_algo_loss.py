@@ -221,12 +221,18 @@ def test_aggregation_weights_by_hand():
     # sequence-mean over 3 sequences: row 0: 1/2/3, row 2: 1/3/3, all-masked row: 0 (no division by 0)
     w = aggregation_weights(mask, "sequence-mean", 5, 3)
     torch.testing.assert_close(w, torch.tensor([[1 / 6, 1 / 6, 0], [0, 0, 0], [1 / 9, 1 / 9, 1 / 9]]))
+    # token-sum-norm (Dr. GRPO) with a budget of 4 tokens over 3 sequences: 1/4/3 on every valid token
+    w = aggregation_weights(mask, "token-sum-norm", 5, 3, norm_length=4)
+    torch.testing.assert_close(w, torch.tensor([[1 / 12, 1 / 12, 0], [0, 0, 0], [1 / 12, 1 / 12, 1 / 12]]))
     # nothing valid anywhere: zeros, not nan
     z = torch.zeros(2, 3)
     assert torch.equal(aggregation_weights(z, "token-mean", 0, 0), z)
     assert torch.equal(aggregation_weights(z, "sequence-mean", 0, 0), z)
-    with pytest.raises(ValueError):
+    assert torch.equal(aggregation_weights(z, "token-sum-norm", 0, 0, norm_length=4), z)
+    with pytest.raises(ValueError, match="expected one of token-mean, sequence-mean, token-sum-norm"):
         aggregation_weights(mask, "sum", 5, 3)
+    with pytest.raises(ValueError, match="needs norm_length > 0"):
+        aggregation_weights(mask, "token-sum-norm", 5, 3)
 
 
 # ------------------------------------------------------------------------------ batch-split invariance
@@ -245,7 +251,7 @@ def _random_batch(seed, b, length, v):
 
 def _loss_and_grad(logits, tokens, old, ref, adv, mask, spec, mode, n_tok, n_seq):
     x = logits.detach().clone().requires_grad_(True)
-    w = aggregation_weights(mask, mode, n_tok, n_seq)
+    w = aggregation_weights(mask, mode, n_tok, n_seq, norm_length=mask.shape[-1])
     v = x.shape[-1]
     loss, *_ = policy_loss_from_logits(x.reshape(-1, v), tokens.reshape(-1), old.reshape(-1), ref.reshape(-1),
                                        adv.reshape(-1), w.reshape(-1), spec)
@@ -258,7 +264,7 @@ SPEC = LossSpec(eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_esti
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), b=st.integers(1, 6), length=st.integers(1, 5),
-       mode=st.sampled_from(["token-mean", "sequence-mean"]), data=st.data())
+       mode=st.sampled_from(["token-mean", "sequence-mean", "token-sum-norm"]), data=st.data())
 def test_loss_invariant_to_micro_batching(seed, b, length, mode, data):
     logits, tokens, old, ref, adv, mask = _random_batch(seed, b, length, 7)
     n_tok, n_seq = float(mask.sum()), float(b)  # global counts
@@ -297,7 +303,7 @@ def _dp_loss_worker(rank, world, seed, mode, zero_row):
     return total, grad
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "sequence-mean"])
+@pytest.mark.parametrize("mode", ["token-mean", "sequence-mean", "token-sum-norm"])
 def test_loss_invariant_over_two_dp_ranks(mode):
     logits, tokens, old, ref, adv, mask = _random_batch(7, 6, 4, 5)
     mask[2] = 0  # an all-masked row on rank 0
@@ -347,7 +353,7 @@ def test_sequence_level_ratio_by_hand():
         LossSpec(ratio_level="sentence")
 
 
-def test_ratio_level_config():
+def test_ratio_level_and_aggregation_config():
     import os
 
     from megaprorl.config import ConfigError, load_config
@@ -356,3 +362,7 @@ def test_ratio_level_config():
     assert load_config(demo, ["algo.loss.ratio_level=sequence"]).algo.loss.ratio_level == "sequence"
     with pytest.raises(ConfigError, match="'algo.loss.ratio_level': must be token or sequence"):
         load_config(demo, ["algo.loss.ratio_level=sentence"])
+    assert load_config(demo, ["algo.loss.aggregation=token-sum-norm"]).algo.loss.aggregation == "token-sum-norm"
+    with pytest.raises(ConfigError, match="'algo.loss.aggregation': must be one of token-mean, sequence-mean, "
+                                          "token-sum-norm"):
+        load_config(demo, ["algo.loss.aggregation=seq-mean-token-sum"])

@@ -181,11 +181,19 @@ def policy_loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor, old_logp
     return loss, logp, entropy, parts["kl"]
 
 
-def aggregation_weights(mask: torch.Tensor, mode: str, n_valid_tokens: float, n_sequences: float) -> torch.Tensor:
+AGGREGATIONS = ("token-mean", "sequence-mean", "token-sum-norm")
+
+
+def aggregation_weights(mask: torch.Tensor, mode: str, n_valid_tokens: float, n_sequences: float,
+                        norm_length: float = 0.0) -> torch.Tensor:
     """Per-token loss weights for a [B, L] mask.
 
     ``token-mean``: every valid token of the global batch counts equally (the ProRL default);
-    ``sequence-mean``: each sequence's token mean, averaged over the global batch's sequences.
+    ``sequence-mean``: each sequence's token mean, averaged over the global batch's sequences;
+    ``token-sum-norm``: each sequence's token sum divided by the constant ``norm_length`` (the response budget),
+    averaged over the global batch's sequences (Dr. GRPO, Liu et al. 2025): a token's weight depends on neither
+    its response's length nor the batch's, so long responses are not down-weighted per token as under
+    ``sequence-mean`` nor is the step's size set by the batch's token count as under ``token-mean``.
     ``n_valid_tokens`` / ``n_sequences`` are global-batch counts (all micro-batches and DP ranks).
     """
     m = mask.float()
@@ -194,4 +202,8 @@ def aggregation_weights(mask: torch.Tensor, mode: str, n_valid_tokens: float, n_
     if mode == "sequence-mean":
         lens = m.sum(-1, keepdim=True).clamp_min(1.0)
         return m / lens / max(float(n_sequences), 1.0)
-    raise ValueError(f"unknown loss aggregation {mode!r}; expected 'token-mean' or 'sequence-mean'")
+    if mode == "token-sum-norm":
+        if norm_length <= 0:
+            raise ValueError(f"loss aggregation 'token-sum-norm' needs norm_length > 0, got {norm_length}")
+        return m / float(norm_length) / max(float(n_sequences), 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
