@@ -644,6 +644,9 @@ def _validate_eval(e: EvalConfig, need) -> None:
     need(all(k >= 1 for k in e.ks), "eval.ks", f"every k must be >= 1, got {list(e.ks)}")
     need(not (e.sets and e.source), "eval.source",
          "names a training source to sample for validation; eval.sets replaces it: give one or the other")
+    need(not (e.sets and e.n_prompts != EvalConfig.n_prompts), "eval.n_prompts",
+         f"{e.n_prompts} has no effect under eval.sets (it sizes the eval.source / built-in set); give each set its "
+         "own n_prompts (0: every row)")
     seen = set()
     for i, s in enumerate(e.sets):
         key = f"eval.sets[{i}]"

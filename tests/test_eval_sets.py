@@ -80,6 +80,8 @@ def test_set_errors_name_the_key_and_the_file(tmp_path):
     ([{"name": "a", "type": "builtin", "n_prompts": 2, "ks": [0]}], [], r"'eval.sets\[0\].ks'"),
     ([{"name": "a", "type": "builtin", "n_prompts": 2}], ["eval.source=val"], r"'eval.source': .*one or the other"),
     ([{"name": "a", "type": "builtin", "n_prompts": 2, "shuffle": True}], [], r"eval.sets\[0\].shuffle"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2}], ["eval.n_prompts=100"],
+     r"'eval.n_prompts': 100 has no effect under eval.sets .*give each set its own n_prompts"),
 ])
 def test_config_errors_name_the_key(tmp_path, sets, extra, match):
     from megaprorl.config import ConfigError, load_config
