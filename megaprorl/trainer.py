@@ -38,8 +38,8 @@ from .evaluation import PromptResult, overall_metrics, set_metrics
 from .models.flops import peak_tflops, shape_of, train_flops
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
-from .parallel import (dp_group, dp_rank, dp_world, init_distributed, max_over, mp_broadcast_object, mp_leader,
-                       tp_rank, wide_expert_group)
+from .parallel import (dp_group, dp_rank, dp_weighted_mean, dp_world, init_distributed, max_over, mp_broadcast_object,
+                       mp_leader, tp_rank, wide_expert_group)
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
@@ -586,7 +586,7 @@ class Trainer:
         stats["time/update_s"] = time.time() - t
         stats.update(upd)
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
-            self.entropy_control.observe(self._dp_mean(upd["entropy"], upd.get("tokens", 1.0)))
+            self.entropy_control.observe(dp_weighted_mean(upd["entropy"], upd.get("tokens", 1.0), self.device))
 
         stats.update(self._perf_stats([len(r.prompt_ids) + len(r.response_ids) for r in rollouts],
                                       stats["time/logprob_s"], stats["time/update_s"]))
@@ -683,7 +683,7 @@ class Trainer:
         if self.reference is None:
             return None
         if "kl_ref" in stats:  # every rank must decide alike: the KL of the whole batch, not of the rank's share
-            self.resets.observe_kl(self.step, self._dp_mean(stats["kl_ref"], stats.get("tokens", 1.0)))
+            self.resets.observe_kl(self.step, dp_weighted_mean(stats["kl_ref"], stats.get("tokens", 1.0), self.device))
         trigger = self.resets.should_reset(self.step)
         if trigger:
             self.reference.load_weights_from(self.policy)
@@ -691,15 +691,6 @@ class Trainer:
                 self.policy.reset_optimizer()
             self.resets.record_reset(self.step, trigger)
         return trigger
-
-    def _dp_mean(self, value: float, weight: float) -> float:
-        """The ``weight``-weighted mean of a per-rank ``value`` over the data-parallel ranks (each rank's own
-        statistics describe its share of the batch; a decision taken on them must be the same on every rank)."""
-        if not dist.is_initialized() or dp_world() == 1:
-            return float(value)
-        t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=dp_group())
-        return float(t[0] / t[1]) if float(t[1]) > 0 else float(value)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:

@@ -126,6 +126,16 @@ def max_over(value: int, group, device) -> int:
     return int(t.item())
 
 
+def dp_weighted_mean(value: float, weight: float, device) -> float:
+    """The ``weight``-weighted mean of a per-rank ``value`` over the data-parallel ranks: each rank's statistics
+    describe its share of the batch, and a decision taken on them must be the same on every rank."""
+    if not dist.is_initialized() or dp_world() == 1:
+        return float(value)
+    t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=dp_group())
+    return float(t[0] / t[1]) if float(t[1]) > 0 else float(value)
+
+
 def tp_group():
     from megatron.core import parallel_state as mps
 
