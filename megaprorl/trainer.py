@@ -154,6 +154,7 @@ class Trainer:
         self.source = self._build_source()  # (before the reward pool: a bad data file fails with nothing to close)
         self.eval_sets = evaluation.build_eval_sets(cfg, self._build_eval_records)
         self.eval_rows: List[PromptResult] = []
+        self.eval_time_s = 0.0  # the last evaluation's
         self.rewards = RewardPool(cfg.rewards) if self.scores_here else None
         self.length_schedule = LengthPenaltySchedule(cfg.algo.length_penalty)
         self.resets = ReferenceResetController(cfg.algo.reference_reset)
@@ -285,6 +286,7 @@ class Trainer:
         from its own seed, a function of the run's seed, the set, the step and the prompt's row in the set: its
         samples do not depend on which other sets or prompts share the call, nor on the data-parallel layout."""
         cfg = self.cfg
+        t0 = time.time()
         sets = self.eval_sets
         mine = [es.records[dp_rank():: dp_world()] for es in sets]  # rank r evaluates rows r, r + world, ...
         prompts = [[self.encode_prompt(r) for r in recs] for recs in mine]
@@ -325,6 +327,7 @@ class Trainer:
             out.update(set_metrics(es, set_rows))
             every.extend(set_rows)
         out.update(overall_metrics(sets, every, out))
+        self.eval_time_s = time.time() - t0  # generation and scoring of every set, logged as time/eval_s
         self.eval_rows = every
         return out
 
@@ -789,7 +792,7 @@ class Trainer:
                                 config=asdict(cfg))
         start = self.eval_history[0] if self.eval_history and self.eval_history[0]["step"] == 0 else {}
         if not resume and start:
-            self.logger.log(0, start)
+            self.logger.log(0, {**start, "time/eval_s": self.eval_time_s})
         exit_code = 0
         t_run = time.time()
         try:
@@ -804,6 +807,7 @@ class Trainer:
                     ev = self.evaluate()
                     self._after_eval(ev)
                     stats.update(ev)
+                    stats["time/eval_s"] = self.eval_time_s
                     self.eval_history.append({"step": self.step, **ev})
                     self._observe_stall(self.step, ev)
                     if self._rank_evaluation(ev):
@@ -831,7 +835,8 @@ class Trainer:
         if self.is_main:
             self.logger.enabled = True
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **after, "final_eval": 1}) + "\n")
+                f.write(json.dumps({"step": self.step, **after, "time/eval_s": self.eval_time_s,
+                                    "final_eval": 1}) + "\n")
         self.save_checkpoint()
         summary.update({"rl_time_s": time.time() - t_run, "steps": self.step,
                         "accuracy_before": start.get("eval/accuracy"),

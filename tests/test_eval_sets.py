@@ -276,6 +276,9 @@ def test_a_run_writes_each_evaluation_and_resets_on_a_set_metric(tmp_path):
     steps = [m for m in metrics if "eval/hard/accuracy" in m and "final_eval" not in m]
     assert all(m["eval/mean_pass@1"] == (m["eval/easy/accuracy"] + m["eval/hard/accuracy"]) / 2 for m in steps)
     assert [m["step"] for m in steps] == [0, 1, 2]
+    timed = [m for m in metrics if "eval/hard/accuracy" in m]  # and the final evaluation's row
+    assert len(timed) == 4 and all(m["time/eval_s"] > 0 for m in timed)
+    assert not any("time/eval_s" in m for m in metrics if "eval/hard/accuracy" not in m)
     # every evaluation is watched (the one before RL sets the best, step 1 stalls, and so does step 2 after the
     # reset) and a stall's reset is the next step's
     assert [m.get("reference_reset_trigger") for m in metrics if m["step"] and "final_eval" not in m] == \

@@ -125,7 +125,7 @@ def _cleanup(proc):
 
 
 def _comparable(row):
-    return {k: v for k, v in row.items() if not k.startswith("time/") and k not in TIMING_KEYS}
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/")) and k not in TIMING_KEYS}
 
 
 def _assert_same_rows(resumed_dir, reference_rows, from_step):
