@@ -663,7 +663,7 @@ def _validate_eval(e: EvalConfig, need) -> None:
 
 # metric names directly under eval/ that a set's name must not shadow
 _EVAL_RESERVED = ("accuracy", "n_prompts", "by_domain", "mean_reward", "n_problems", "n_samples", "response_tokens",
-                  "truncated")
+                  "truncated", "reward_errors")
 
 
 def to_yaml(cfg: Config) -> str:

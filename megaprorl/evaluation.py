@@ -15,6 +15,7 @@ Per set, from every prompt's greedy response and, when ``samples_per_prompt`` > 
     truncated           fraction of greedy responses that hit the budget without an end token
     pass@k, mean_reward, n_problems, n_samples, by_domain/...      over the samples (algo/passk.py)
     sample_response_tokens, sample_truncated                       the same two over the samples
+    reward_errors       responses (greedy and sampled) whose verifier failed (crashed, timed out): scored 0
 
 The trainer gathers one row per prompt over the data-parallel ranks (``PromptResult``); these rows are what
 ``RUN/eval/step_XXXXXXXX.jsonl`` holds (``eval.write_results``) and ``megaprorl eval --per-prompt`` writes.
@@ -59,6 +60,12 @@ class PromptResult:
     tokens: List[int] = field(default_factory=list)
     finished: List[bool] = field(default_factory=list)
     greedy_response: Optional[str] = None  # with eval.write_responses
+    greedy_error: Optional[str] = None  # the verifier's error on the greedy response (it then scored 0)
+    errors: List[str] = field(default_factory=list)  # the verifier's errors on the sampled responses
+
+    @property
+    def n_errors(self) -> int:
+        return len(self.errors) + (self.greedy_error is not None)
 
     def to_json(self) -> Dict[str, Any]:
         d = {"set": self.set, "id": self.id, "domain": self.domain, "greedy_reward": self.greedy_reward,
@@ -66,6 +73,10 @@ class PromptResult:
         if self.rewards:
             d.update(rewards=self.rewards, tokens=self.tokens, finished=self.finished,
                      pass_rate=sum(1 for r in self.rewards if r >= SOLVED) / len(self.rewards))
+        if self.greedy_error is not None:
+            d["greedy_error"] = self.greedy_error
+        if self.errors:
+            d["errors"] = self.errors
         if self.greedy_response is not None:
             d["greedy_response"] = self.greedy_response
         return d
@@ -92,7 +103,8 @@ def set_metrics(es: EvalSet, rows: Sequence[PromptResult]) -> Dict[str, float]:
     out: Dict[str, float] = {"accuracy": _greedy_accuracy(rows),
                              "n_prompts": n,
                              "response_tokens": sum(r.greedy_tokens for r in rows) / max(1, n),
-                             "truncated": sum(1.0 for r in rows if not r.greedy_finished) / max(1, n)}
+                             "truncated": sum(1.0 for r in rows if not r.greedy_finished) / max(1, n),
+                             "reward_errors": sum(r.n_errors for r in rows)}
     sampled = [r for r in rows if r.rewards]
     if sampled:
         summary = summarize_eval([(r.id, r.domain, r.rewards) for r in sampled], ks=tuple(es.ks),
@@ -107,14 +119,14 @@ def set_metrics(es: EvalSet, rows: Sequence[PromptResult]) -> Dict[str, float]:
 def overall_metrics(sets: Sequence[EvalSet], rows: Sequence[PromptResult],
                     per_set: Dict[str, float]) -> Dict[str, float]:
     """Over the named sets (the unnamed set has its own): ``eval/accuracy`` and ``eval/n_prompts`` over every
-    prompt, and ``eval/mean_pass@1``, the mean over the sets of each one's pass@1 (its greedy accuracy when it
-    does not sample), as papers average benchmarks."""
+    prompt, ``eval/mean_pass@1``, the mean over the sets of each one's pass@1 (its greedy accuracy when it
+    does not sample), as papers average benchmarks, and ``eval/reward_errors`` over every response."""
     if len(sets) == 1 and not sets[0].name:
         return {}
     n = len(rows)
     means = [per_set.get(f"{es.prefix}pass@1", per_set[f"{es.prefix}accuracy"]) for es in sets]
     return {"eval/accuracy": _greedy_accuracy(rows), "eval/n_prompts": n,
-            "eval/mean_pass@1": sum(means) / len(means)}
+            "eval/mean_pass@1": sum(means) / len(means), "eval/reward_errors": sum(r.n_errors for r in rows)}
 
 
 def write_rows(path: str, rows: Sequence[PromptResult]) -> str:

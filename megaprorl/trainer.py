@@ -300,7 +300,8 @@ class Trainer:
                 rows[i][k] = PromptResult(sets[i].name, mine[i][k].get("id"), mine[i][k].get("domain", "?"),
                                           float(sc.reward), len(ro.response_ids), bool(ro.finished),
                                           greedy_response=(self.tokenizer.decode(ro.response_ids)
-                                                           if cfg.eval.write_responses else None))
+                                                           if cfg.eval.write_responses else None),
+                                          greedy_error=sc.error)
         sampled = [] if (greedy or cfg.eval.greedy) else [i for i, es in enumerate(sets) if es.samples_per_prompt > 1]
         for group in _grouped(sampled, lambda i: (sets[i].max_new_tokens, sets[i].samples_per_prompt)):
             flat = [(i, k) for i in group for k in range(len(mine[i]))]
@@ -316,6 +317,8 @@ class Trainer:
                 rows[i][k].rewards.append(float(sc.reward))
                 rows[i][k].tokens.append(len(ro.response_ids))
                 rows[i][k].finished.append(bool(ro.finished))
+                if sc.error is not None:
+                    rows[i][k].errors.append(sc.error)
         # every rank's rows, back in each set's order
         pairs = _gather_objects([((i, dp_rank() + k * dp_world()), row)
                                  for i in range(len(sets)) for k, row in enumerate(rows[i])])
@@ -328,6 +331,12 @@ class Trainer:
             every.extend(set_rows)
         out.update(overall_metrics(sets, every, out))
         self.eval_time_s = time.time() - t0  # generation and scoring of every set, logged as time/eval_s
+        failed = [(row, e) for row in every for e in ([row.greedy_error] if row.greedy_error else []) + row.errors]
+        if failed:  # scored 0: a broken verifier or sandbox must not pass for a policy that cannot solve the set
+            per_set = {es.name or "eval": sum(row.n_errors for row in every if row.set == es.name) for es in sets}
+            row, err = failed[0]
+            self._warn(f"[eval] {len(failed)} responses' verifiers failed and scored 0 ("
+                       + ", ".join(f"{k}: {v}" for k, v in per_set.items() if v) + f"); e.g. {row.id}: {err}")
         self.eval_rows = every
         return out
 

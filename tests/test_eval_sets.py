@@ -95,7 +95,7 @@ def test_config_errors_name_the_key(tmp_path, sets, extra, match):
 # ------------------------------------------------------------------ metrics through the trainer
 def _trainer(tmp_path, sets, *extra):
     """A tiny demo policy whose verifier is replaced: a record answering "yes" scores 1, "no" 0, and "coin" 1 when
-    the response has an even number of characters (so samples of one prompt differ)."""
+    the response has an even number of characters (so samples of one prompt differ); on "boom" it fails."""
     from megaprorl.config import load_config
     from megaprorl.rewards.base import RewardResult
     from megaprorl.trainer import Trainer
@@ -109,7 +109,8 @@ def _trainer(tmp_path, sets, *extra):
         "eval.greedy=false", *extra]))
 
     def submit(records, responses):  # the pool's call (each rollout scored as soon as it finishes)
-        res = [RewardResult({"yes": 1.0, "no": 0.0}.get(r["answer"], float(len(s) % 2 == 0)))
+        res = [RewardResult(0.0, error="worker crashed: boom") if r["answer"] == "boom" else
+               RewardResult({"yes": 1.0, "no": 0.0}.get(r["answer"], float(len(s) % 2 == 0)))
                for r, s in zip(records, responses)]
         return SimpleNamespace(result=lambda: res)
 
@@ -201,6 +202,29 @@ def test_sets_share_generate_calls_and_a_set_draws_the_same_alone(tmp_path):
     assert draws == [(r.id, r.greedy_tokens, r.greedy_reward, r.tokens, r.rewards) for r in rows_c]
     assert {k: v for k, v in ev.items() if k.startswith("eval/c/")} == \
         {k: v for k, v in ev_c.items() if k.startswith("eval/c/")}
+
+
+def test_verifier_failures_are_counted_shown_and_warned(tmp_path, capsys):
+    """A response whose verifier fails scores 0 and is counted per set and over all sets (eval/.../reward_errors),
+    its error is in the prompt's row, and the evaluation warns with the counts and an example."""
+    sets = [{"name": "ok", "samples_per_prompt": 2,
+             "path": write_jsonl(tmp_path / "ok.jsonl", [{"domain": "math", "prompt": "o", "answer": "yes"}])},
+            {"name": "broken", "samples_per_prompt": 3,
+             "path": write_jsonl(tmp_path / "x.jsonl", [{"domain": "stem", "prompt": f"x{i}", "answer": a}
+                                                       for i, a in enumerate(["boom", "yes", "boom"])])}]
+    t = _trainer(tmp_path, sets)
+    try:
+        ev = t.evaluate()
+        rows = [r.to_json() for r in t.eval_rows]
+    finally:
+        t.close()
+    assert ev["eval/ok/reward_errors"] == 0 and ev["eval/broken/reward_errors"] == 2 * (1 + 3)
+    assert ev["eval/reward_errors"] == 8 and ev["eval/broken/accuracy"] == pytest.approx(1 / 3)
+    assert [(r.get("greedy_error"), r.get("errors")) for r in rows] == [
+        (None, None), ("worker crashed: boom", ["worker crashed: boom"] * 3), (None, None),
+        ("worker crashed: boom", ["worker crashed: boom"] * 3)]
+    out = capsys.readouterr().out
+    assert "[eval] 8 responses' verifiers failed and scored 0 (broken: 8); e.g. x.jsonl:2: worker crashed: boom" in out
 
 
 def test_data_parallel_evaluation_covers_each_prompt_once(tmp_path):
