@@ -103,6 +103,45 @@ def test_crashes_are_counted_not_fatal():
         assert st["crashes"] == 2 and st["errors"] == 3
 
 
+def test_workers_outlive_the_trainers_signals():
+    """SLURM's SIGTERM / SIGUSR1 (and Ctrl-C's SIGINT) reach the whole process group: the workers ignore them, so
+    the trainer can checkpoint and close the pool; the pool alone ends its workers."""
+    import signal
+
+    with RewardPool(RewardConfig(num_workers=2, timeout_s=5.0)) as pool:
+        assert pool.score([{"domain": "math", "answer": "1"}] * 2, ["\\boxed{1}"] * 2)[0].reward == 1.0
+        pids = [w.proc.pid for w in pool._workers]
+        for pid in pids:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert [w.proc.pid for w in pool._workers] == pids and all(w.proc.is_alive() for w in pool._workers)
+        assert pool.score([{"domain": "math", "answer": "2"}], ["\\boxed{2}"])[0].reward == 1.0
+        assert pool.stats()["crashes"] == 0
+
+
+def test_a_failed_restart_leaves_a_slot_that_is_filled_later(monkeypatch, caplog):
+    """A worker that cannot be restarted (the start raises, e.g. a dead forkserver) leaves the pool one worker
+    short, logged, not broken: the next rounds start it, scoring goes on, and close() ends cleanly (before, the
+    stopped worker stayed listed and its closed process object broke the dispatcher and close())."""
+    with RewardPool(RewardConfig(num_workers=1, timeout_s=5.0)) as pool:
+        start, fails = pool._start_worker, [2]
+
+        def flaky():
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError("forkserver gone")
+            return start()
+
+        monkeypatch.setattr(pool, "_start_worker", flaky)
+        res = pool.submit([{"domain": "t_crash"}, {"domain": "math", "answer": "3"}],
+                          ["a", "\\boxed{3}"]).result(timeout=60)  # the old pool never scored the second
+        assert res[0].error.startswith("crash") and res[1].reward == 1.0 and fails == [0]
+        assert len(pool._workers) == 1 and pool.stats()["restarts"] == 1
+        assert "cannot start a reward worker; retrying" in caplog.text
+    assert pool._workers == []
+
+
 def test_extra_verifier_module_and_record_module(tmp_path, monkeypatch):
     mod = tmp_path / "mpr_extra_verifier_mod.py"
     mod.write_text("from megaprorl.rewards import register_verifier\n"

@@ -55,7 +55,10 @@ def _import_modules(mods: Sequence[str]) -> None:
 
 
 def _worker_main(conn, cfg_dict: Dict[str, Any], modules: List[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the pool ends its workers (a message, or SIGKILL); signals meant for the trainer (Ctrl-C, SLURM's SIGTERM or
+    # SIGUSR1 to the process group) must not kill them while the trainer checkpoints and closes the pool
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     cfg = RewardConfig(**cfg_dict)
     _import_modules(modules)
     conn.send("ready")  # imports done: time limits start counting from here
@@ -104,7 +107,7 @@ class RewardFuture:
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "task", "deadline", "started", "n_done", "ready")
+    __slots__ = ("proc", "conn", "task", "deadline", "started", "n_done", "ready", "stopped")
 
     def __init__(self, proc, conn):
         self.proc = proc
@@ -114,6 +117,7 @@ class _Worker:
         self.started = 0.0
         self.n_done = 0
         self.ready = False
+        self.stopped = False
 
 
 def _close_at_exit(ref):
@@ -241,6 +245,9 @@ class RewardPool:
         return _Worker(p, parent)
 
     def _stop_worker(self, w: _Worker, graceful: bool = False) -> None:
+        if w.stopped:  # once: its process object is closed after
+            return
+        w.stopped = True
         if graceful and w.proc.is_alive():
             try:
                 w.conn.send(None)
@@ -262,13 +269,23 @@ class RewardPool:
         except ValueError:
             pass
 
-    def _replace(self, w: _Worker) -> _Worker:
+    def _replace(self, w: _Worker) -> None:
+        """Stop ``w`` and start a worker in its place; when the start fails (e.g. the forkserver is gone), the
+        slot stays empty and ``_top_up`` retries it."""
         self._stop_worker(w)
-        nw = self._start_worker()
-        self._workers[self._workers.index(w)] = nw
-        with self._stats_lock:
-            self._stats["restarts"] += 1
-        return nw
+        self._workers.remove(w)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Start workers until there are ``num_workers`` (a failed start is logged and retried next round)."""
+        while len(self._workers) < self.cfg.num_workers and not self._closed:
+            try:
+                self._workers.append(self._start_worker())
+            except Exception:  # noqa: BLE001 - the dispatcher must not die; the next round retries
+                logger.exception("cannot start a reward worker; retrying")
+                return
+            with self._stats_lock:
+                self._stats["restarts"] += 1
 
     def _deliver(self, fut: RewardFuture, i: int, record: Any, res: RewardResult, kind: str = "") -> None:
         with self._stats_lock:
@@ -296,7 +313,7 @@ class RewardPool:
         return t
 
     def _assign(self) -> None:
-        for w in self._workers:
+        for w in list(self._workers):
             if w.task is not None or not w.ready:
                 continue
             with self._qlock:
@@ -323,6 +340,7 @@ class RewardPool:
     def _loop(self) -> None:
         while not self._closed:
             try:
+                self._top_up()
                 self._assign()
                 busy = [w for w in self._workers if w.task is not None]
                 now = time.monotonic()
@@ -375,5 +393,7 @@ class RewardPool:
                         self._deliver(fut, i, rec, RewardResult(
                             0.0, {}, f"timeout: scoring took longer than {limit:.1f} s"), kind="timeouts")
             except Exception:  # noqa: BLE001 - the dispatcher must not die
+                if self._closed:  # close() is stopping the workers under it
+                    return
                 logger.exception("reward pool dispatcher error")
                 time.sleep(0.1)
