@@ -18,7 +18,7 @@ INTERPRET = {"TRITON_INTERPRET": "1", "MEGAPRORL_TRITON_BLOCK_V": "16"}
 def _batch(tok):
     from test_packing import _batch as packing_batch
 
-    return packing_batch(tok, n=6, seed=7)  # 6 rows: equal micro-batches of 2, as PP needs
+    return packing_batch(tok, n=6, seed=7)  # 6 rows: 3 micro-batches of 2
 
 
 def _job(rank, world, tp, pp, backend, pack, tie, divisible=8):

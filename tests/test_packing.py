@@ -239,11 +239,9 @@ def test_pack_micro_batches_layout():
             assert mask.tolist() == batch.loss_mask[r, : n - 1].tolist() + [0.0]
             assert p.field("advantages", "cpu")[s: s + n - 1].tolist() == batch.advantages[r, : n - 1].tolist()
         assert p.field("old_logp", "cpu") is None
-    # deterministic, and equal shapes when pipeline parallelism asks for them
+    # deterministic
     again = pack_micro_batches(batch, max_tokens=8, pad_id=0, pad_multiple=4)
     assert [p.rows for p in again] == [p.rows for p in packs]
-    eq = pack_micro_batches(batch, max_tokens=8, pad_id=0, equal_length=True)
-    assert len({p.seq_len for p in eq}) == 1
     # scatter puts per-token values back at [row, :n-1]
     out = torch.full(batch.loss_mask.shape, -1.0)
     for p in packs:
@@ -299,22 +297,35 @@ def test_packed_per_sequence_attention_equals_each_sequence_alone():
 def test_padded_micro_batch_views_the_logits_and_drops_the_placeholder_column():
     """Right-padded micro-batches hand the loss every position as a view of the logits (no [b, L-1, V]
     copy); the last position of each row has a placeholder target and zero mask/weight, and
-    scatter_into drops it."""
+    scatter_into drops it.  The rows go longest first, each micro-batch cut to its own longest row."""
     from megaprorl.models.tokenizer import CharTokenizer
-    from megaprorl.policy.micro import padded_micro_batches
+    from megaprorl.policy.micro import padded_micro_batches, seq_lengths
 
     tok = CharTokenizer()
     batch = _batch(tok, n=5)
     B, L = batch.tokens.shape
+    lengths = seq_lengths(batch)
+    assert len(set(lengths.tolist())) > 2  # ragged, so the cut matters
     mbs = padded_micro_batches(batch, 3, tok.pad_id)
-    mb = mbs[0]
-    logits = torch.randn(3, L, 11)
-    assert mb.flat_logits(logits).data_ptr() == logits.data_ptr() and mb.flat_logits(logits).shape == (3 * L, 11)
-    t = mb.targets("cpu").reshape(3, L)
-    assert torch.equal(t[:, :-1], batch.tokens[:3, 1:])
-    for name in ("loss_mask", "weights", "advantages"):
-        f = mb.field(name, "cpu").reshape(3, L)
-        assert torch.equal(f[:, :-1], getattr(batch, name)[:3]) and torch.all(f[:, -1] == 0)
+    assert torch.equal(torch.cat([mb.rows for mb in mbs]), torch.sort(-lengths, stable=True).indices)
+    assert [mb.seq_len for mb in mbs] == [int(lengths[mb.rows].max()) for mb in mbs] and mbs[1].seq_len < L
+    for mb in mbs:
+        n, Lm = len(mb), mb.seq_len
+        rows = mb.rows
+        logits = torch.randn(n, Lm, 11)
+        assert mb.flat_logits(logits).data_ptr() == logits.data_ptr() and mb.flat_logits(logits).shape == (n * Lm, 11)
+        t = mb.targets("cpu").reshape(n, Lm)
+        assert torch.equal(t[:, :-1], batch.tokens[rows, 1:Lm])
+        for name in ("loss_mask", "weights", "advantages"):
+            f = mb.field(name, "cpu").reshape(n, Lm)
+            full = getattr(batch, name)[rows]
+            assert torch.equal(f[:, :-1], full[:, :Lm - 1]) and torch.all(f[:, -1] == 0)
+            assert torch.all(full[:, Lm - 1:] == 0)  # what the cut drops is padding
     out = torch.zeros(B, L - 1)
-    mb.scatter_into(out, torch.arange(3 * L, dtype=torch.float32))
-    assert torch.equal(out[:3], torch.arange(3 * L, dtype=torch.float32).reshape(3, L)[:, :-1])
+    for mb in mbs:
+        mb.scatter_into(out, torch.arange(len(mb) * mb.seq_len, dtype=torch.float32) + 1)
+    for mb in mbs:  # each row's own positions (< its length - 1); 0 past its end, as a pack leaves them
+        want = (torch.arange(len(mb) * mb.seq_len, dtype=torch.float32) + 1).reshape(len(mb), mb.seq_len)[:, :-1]
+        own = torch.arange(mb.seq_len - 1)[None] < (lengths[mb.rows] - 1)[:, None]
+        assert torch.equal(out[mb.rows, :mb.seq_len - 1], want * own) and torch.all(out[mb.rows, mb.seq_len - 1:] == 0)
+

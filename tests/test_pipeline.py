@@ -1,5 +1,6 @@
 """Pipeline parallelism (PP=2 over gloo) through Megatron's schedule equals PP=1: log-probs, loss,
-gradient norm and the updated weights, with right-padded and with packed micro-batches."""
+gradient norm and the updated weights, with right-padded and with packed micro-batches, each of its own length
+(the stages exchange the activations' shapes)."""
 
 import copy
 
@@ -64,13 +65,15 @@ def _pp_job(rank, world, state, batch, pack, tie):
     assert set(own) == set(mine), (sorted(own), sorted(mine))
     pol.model.load_state_dict(mine, strict=False)
     lp, ent = pol.logprobs(batch, 2, with_entropy=True)
+    variable = pol.model.config.variable_seq_lengths  # the micro-batches' shapes differ: exchanged per send
     batch.old_logp = lp
     batch.ref_logp = lp + 0.02
     stats = pol.train_step(batch, LossSpec(kl_coef=0.1, eps_low=0.2, eps_high=0.28), 2)
     params = {k: v.detach().clone() for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
     sft = pol.sft_step(batch, 2)  # the warm-start's supervised step goes through the same schedule
     sft_params = {k: v.detach().clone() for k, v in pol.model.state_dict().items() if not k.endswith("_extra_state")}
-    return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params, sft=sft, sft_params=sft_params)
+    return dict(stage=stage, lp=lp, ent=ent, stats=stats, params=params, sft=sft, sft_params=sft_params,
+                variable=variable)
 
 
 @pytest.mark.parametrize("pack,tie", [(0, False), (20, False), (0, True)], ids=["padded", "packed", "tied"])
@@ -92,6 +95,7 @@ def test_pipeline_parallel_equals_single_stage(pack, tie):
 
     outs = run_distributed(_pp_job, 2, (state, batch, pack, tie))
     assert sorted(o["stage"] for o in outs) == [0, 1]
+    assert all(o["variable"] for o in outs)  # ragged rows: micro-batches (padded or packed) of their own lengths
     for o in outs:  # every stage gets the last stage's results
         torch.testing.assert_close(o["lp"], lp, rtol=0, atol=2e-5)
         torch.testing.assert_close(o["ent"], ent, rtol=0, atol=2e-5)

@@ -407,8 +407,7 @@ class Policy:
         if self.pcfg.sequence_parallel and self.pcfg.tensor_parallel > 1:
             mult = mult * self.pcfg.tensor_parallel // math.gcd(mult, self.pcfg.tensor_parallel)
         if self.pack_tokens:
-            micro = pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult,
-                                       equal_length=self.pcfg.pipeline_parallel > 1)
+            micro = pack_micro_batches(batch, self.pack_tokens, self.pad_id, pad_multiple=mult)
         else:
             micro = padded_micro_batches(batch, micro_batch_size, self.pad_id, pad_multiple=mult)
         group = wide_expert_group()
@@ -436,8 +435,10 @@ class Policy:
             return out, lambda output: loss_fn(mb, output)
 
         L = max(mb.seq_len for mb in micro)
-        if self.pcfg.pipeline_parallel > 1 and any(mb.seq_len != L or len(mb) != len(micro[0]) for mb in micro):
-            raise ValueError("pipeline parallelism needs equal micro-batch shapes; pad to one length")
+        # micro-batches of their own lengths (and row counts): the stages exchange each activation's shape before
+        # it (Megatron's variable_seq_lengths, one small message more per send); equal shapes skip that
+        self.model.config.variable_seq_lengths = (self.pcfg.pipeline_parallel > 1 and any(
+            mb.seq_len != L or len(mb) != len(micro[0]) for mb in micro))
         fb = get_forward_backward_func()
         model = self.ddp if (self.ddp is not None and not forward_only) else self.model
         try:

@@ -15,7 +15,9 @@ never care which it is:
 
 ``pack_micro_batches`` bins sequences first-fit-decreasing into packs of at most ``max_tokens``
 tokens (a longer sequence gets a pack of its own), each pack padded to a multiple of
-``pad_multiple`` (or all to one length when pipeline parallelism needs equal shapes).
+``pad_multiple``; ``padded_micro_batches`` takes the rows longest first, each micro-batch cut to its
+longest row.  Micro-batches of different shapes go through a pipeline too: the stages exchange each
+activation's shape first (``Policy._run_schedule``).
 """
 
 from __future__ import annotations
@@ -86,7 +88,11 @@ class PaddedMicro:
 
     def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
         v = values.reshape(self.n_rows, self.seq_len).to(out.device)
-        out[self.rows] = v[:, : min(out.shape[1], self.seq_len - 1)]  # drop the placeholder and length padding
+        w = min(out.shape[1], self.seq_len - 1)  # drop the placeholder and length padding
+        # each row's own positions only, as a pack writes them: past a row's end out keeps its 0, whatever the
+        # micro-batch's length (the padding's values would depend on it)
+        real = self.real_tokens()[:, 1: w + 1].to(out.device)
+        out[self.rows, :w] = torch.where(real, v[:, :w], torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 class PackedMicro:
@@ -176,25 +182,44 @@ class IdleMicro(PaddedMicro):
 
 
 def padded_micro_batches(batch, micro_batch_size: int, pad_id: int = 0, pad_multiple: int = 1) -> List[PaddedMicro]:
-    """Slices of ``micro_batch_size`` rows; with ``pad_multiple > 1`` the sequence length is padded up to
-    a multiple of it (FP8 GEMMs need the token count divisible by 16)."""
-    L = batch.tokens.shape[1]
-    extra = -L % max(1, int(pad_multiple))
-    if extra:
-        pad = lambda x, v: None if x is None else torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
-        routing = getattr(batch, "routing", None)
-        if routing is not None:  # the padding's filler experts, 0..k-1
-            B, _, n_layers, k = routing.shape
-            routing = torch.cat([routing, torch.arange(k, dtype=routing.dtype).expand(B, extra, n_layers, k)], 1)
-        batch = type(batch)(pad(batch.tokens, pad_id), pad(batch.loss_mask, 0.0), pad(batch.old_logp, 0.0),
-                            pad(batch.ref_logp, 0.0), pad(batch.advantages, 0.0), pad(batch.weights, 0.0),
-                            batch.lengths, routing)
+    """Micro-batches of ``micro_batch_size`` rows, the rows taken longest first so that rows of like length share
+    one, each cut to its own longest row: no forward runs over another micro-batch's padding (until 2026-12-07
+    every micro-batch had the whole batch's length, so at micro-batch size 1 a 1K-token sequence of a batch that
+    held an 8K one ran 8K positions; pipeline stages now exchange each micro-batch's shape).  The length is padded
+    up to a multiple of ``pad_multiple`` (FP8 GEMMs need the token count divisible by 16; sequence parallelism
+    by TP)."""
+    mult = max(1, int(pad_multiple))
     n = len(batch)
+    lengths = seq_lengths(batch)
+    order = sorted(range(n), key=lambda i: (-int(lengths[i]), i))
     out = []
     for i in range(0, n, micro_batch_size):
-        rows = torch.arange(i, min(i + micro_batch_size, n))
-        out.append(PaddedMicro(batch.slice(slice(i, min(i + micro_batch_size, n))), rows))
+        rows = torch.tensor(order[i: i + micro_batch_size], dtype=torch.long)
+        L = max(2, int(lengths[rows].max()))
+        out.append(PaddedMicro(_with_length(batch.slice(rows), -(-L // mult) * mult, pad_id), rows))
     return out
+
+
+def _with_length(batch, L: int, pad_id: int):
+    """``batch`` cut or right-padded to ``L`` positions (the per-token fields to ``L - 1``): padding tokens, zero
+    mask, log-probs, advantages and weights, and the routing's filler experts 0..k-1."""
+    cur = batch.tokens.shape[1]
+    if L == cur:
+        return batch
+
+    def fit(x, n, value):
+        if x is None or n <= x.shape[1]:
+            return None if x is None else x[:, :n]
+        return torch.nn.functional.pad(x, (0, n - x.shape[1]), value=value)
+
+    routing = getattr(batch, "routing", None)
+    if routing is not None:
+        B, _, n_layers, k = routing.shape
+        routing = (routing[:, :L] if L <= cur else
+                   torch.cat([routing, torch.arange(k, dtype=routing.dtype).expand(B, L - cur, n_layers, k)], 1))
+    return type(batch)(fit(batch.tokens, L, pad_id), fit(batch.loss_mask, L - 1, 0.0), fit(batch.old_logp, L - 1, 0.0),
+                       fit(batch.ref_logp, L - 1, 0.0), fit(batch.advantages, L - 1, 0.0),
+                       fit(batch.weights, L - 1, 0.0), batch.lengths, routing)
 
 
 def _bins(lengths: List[int], max_tokens: int) -> List[List[int]]:
@@ -214,8 +239,7 @@ def _bins(lengths: List[int], max_tokens: int) -> List[List[int]]:
     return [sorted(b) for b in bins]
 
 
-def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 1,
-                       equal_length: bool = False) -> List[PackedMicro]:
+def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 1) -> List[PackedMicro]:
     """Pack the rows of a right-padded ``SeqBatch`` into micro-batches of at most ``max_tokens`` tokens."""
     if max_tokens <= 0:
         raise ValueError(f"pack_micro_batches: max_tokens must be positive, got {max_tokens}")
@@ -223,12 +247,10 @@ def pack_micro_batches(batch, max_tokens: int, pad_id: int, pad_multiple: int = 
     bins = _bins(lengths, max_tokens)
     mult = max(1, int(pad_multiple))
     sizes = [sum(lengths[i] for i in b) for b in bins]
-    target = max(sizes) if equal_length else None
     tokens_cpu = batch.tokens.cpu()
     packs = []
     for b, used in zip(bins, sizes):
-        t = target if target is not None else used
-        t = -(-t // mult) * mult
+        t = -(-used // mult) * mult
         tok = torch.full((t,), pad_id, dtype=torch.long)
         tgt = torch.full((t,), pad_id, dtype=torch.long)
         pos = torch.zeros(t, dtype=torch.long)
