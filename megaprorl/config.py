@@ -243,6 +243,9 @@ class TrainConfig:
     steps: int = 100  # RL steps
     prompts_per_step: int = 256  # B: groups per RL step (after dynamic sampling)
     mini_batch_prompts: int = 64  # prompts per optimizer step (v1: 256 / 64 = 4 updates per RL step)
+    # passes over each RL step's batch, each in its own mini-batch order, against the same old log-probs
+    # (PPO's epochs; ProRL: 1)
+    ppo_epochs: int = 1
     micro_batch_size: int = 8  # sequences per forward/backward
     logprob_micro_batch_size: int = 16
     # > 0: pack sequences end to end into micro-batches of at most this many tokens (Megatron THD packed
@@ -571,6 +574,7 @@ def validate(cfg: Config) -> None:
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
+    need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
     from .models.rope import rope_scaling_spec
 
     try:

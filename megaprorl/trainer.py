@@ -657,10 +657,13 @@ class Trainer:
         n = cfg.rollout.n_samples
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
         per = max(1, n_groups // n_mini)
-        order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(
-            _derive_seed(cfg.seed, "order", self.step, dp_rank())))
+        epochs = cfg.train.ppo_epochs
+        total = n_mini * epochs
         agg: Dict[str, float] = {}
-        for m in range(n_mini):
+        for e, m in ((e, m) for e in range(epochs) for m in range(n_mini)):
+            if m == 0:  # each pass over the batch in its own mini-batch order
+                order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(
+                    _derive_seed(cfg.seed, "order", self.step, dp_rank(), *([e] if e else []))))
             gsel = order[m * per: (m + 1) * per] if m < n_mini - 1 else order[m * per:]
             idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
             mb = batch.slice(idx)
@@ -673,10 +676,10 @@ class Trainer:
                                              norm_length=cfg.rollout.max_new_tokens)
             s = self.policy.train_step(mb, self.spec, cfg.train.micro_batch_size, temperature=cfg.rollout.temperature)
             for k, v in s.items():
-                agg[k] = agg.get(k, 0.0) + v / n_mini
+                agg[k] = agg.get(k, 0.0) + v / total
             if s["skipped_update"]:
                 self.nonfinite_in_a_row += 1
-                self._warn(f"[non-finite] RL step {self.step + 1}, optimizer step {m + 1}/{n_mini}: loss "
+                self._warn(f"[non-finite] RL step {self.step + 1}, optimizer step {e * n_mini + m + 1}/{total}: loss "
                            f"{s.get('loss', float('nan')):.4g}, grad norm {s['grad_norm']:.4g}; update skipped "
                            f"({self.nonfinite_in_a_row} in a row, the run stops at "
                            f"{cfg.train.optim.max_nonfinite_in_a_row})")
@@ -686,8 +689,8 @@ class Trainer:
                         f"(RL step {self.step + 1}); stopping. Lower train.optim.lr or check the data.")
             else:
                 self.nonfinite_in_a_row = 0
-        agg["optimizer_steps"] = float(n_mini)
-        agg["skipped_updates"] = agg.pop("skipped_update") * n_mini
+        agg["optimizer_steps"] = float(total)
+        agg["skipped_updates"] = agg.pop("skipped_update") * total
         return agg
 
     # ------------------------------------------------------------------------------ resets
