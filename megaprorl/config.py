@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from .algo.dynamic_sampling import DynamicSamplingConfig
 from .algo.entropy_control import EntropyControlConfig
-from .algo.length_penalty import LengthPenaltyConfig
+from .algo.length_penalty import LengthPenaltyConfig, OverlongPenaltyConfig
 from .algo.loss import AGGREGATIONS, RATIO_LEVELS
 from .algo.reset import ReferenceResetConfig
 from .algo.rollout_correction import LEVELS as RC_LEVELS
@@ -230,6 +230,8 @@ class AlgoConfig:
     length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
     # DAPO's overlong filtering: responses truncated at rollout.max_new_tokens take no part in the loss
     overlong_filter: bool = False
+    # DAPO's soft overlong punishment: 0 down to -factor over the last `buffer` tokens of rollout.max_new_tokens
+    overlong_penalty: OverlongPenaltyConfig = field(default_factory=OverlongPenaltyConfig)
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
     # the gap between the engine's sampling distribution and the trainer's old policy: each token's policy-
     # gradient term weighted by pi_old / pi_engine, truncated or masked (TIS / MIS; needs old_logprobs=recompute)
@@ -575,6 +577,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
+    op = cfg.algo.overlong_penalty
+    need(0 <= op.buffer <= cfg.rollout.max_new_tokens, "algo.overlong_penalty.buffer",
+         f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}] (0: off), got {op.buffer}")
+    need(op.factor >= 0, "algo.overlong_penalty.factor", f"must be >= 0, got {op.factor}")
     from .models.rope import rope_scaling_spec
 
     try:

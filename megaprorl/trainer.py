@@ -27,7 +27,7 @@ from . import evaluation
 from .algo.advantages import compute_advantages
 from .algo.dynamic_sampling import DynamicSampler
 from .algo.entropy_control import EntropyController
-from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong
+from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong, overlong_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
 from .algo.reset import ReferenceResetController
 from .algo.rollout_correction import mismatch_stats, rollout_correction_weights
@@ -435,6 +435,9 @@ class Trainer:
             trunc = torch.tensor([not r.finished for r in rollouts])
             shaped = (apply_length_penalty(rew, lens, trunc, cfg.algo.length_penalty, max_length=cfg.rollout.max_new_tokens)
                       if penalty_on else rew.clone())
+            op = cfg.algo.overlong_penalty
+            if op.buffer:  # DAPO's soft overlong punishment, on the length-shaped reward
+                shaped = shaped + overlong_penalty(lens, cfg.rollout.max_new_tokens, op.buffer, op.factor)
             raw_rewards += rew.tolist()
             for r, s_ in zip(rollouts, scored):
                 dom = records[r.prompt_index].get("domain", "?")

@@ -180,3 +180,51 @@ def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatc
         torch.testing.assert_close(w[~emptied].sum(-1), torch.full((kept,), 1.0 / kept))
     else:  # every kept token weighs 1 / (rollout.max_new_tokens x the kept responses), whatever its length
         torch.testing.assert_close(w, m / t.cfg.rollout.max_new_tokens / kept)
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong punishment, budget 10, buffer 4: 0 up to 6 tokens, then -factor x (L - 6) / 4."""
+    from megaprorl.algo.length_penalty import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([0, 6, 7, 8, 10, 12]), 10, 4, 0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))
+    assert overlong_penalty(torch.tensor([3]), 3, 3, 1.0).item() == -1.0  # the whole budget as the buffer
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="overlong buffer must be in"):
+            overlong_penalty(torch.tensor([1]), 10, bad, 1.0)
+
+
+def test_trainer_adds_the_overlong_penalty_to_the_shaped_reward(tmp_path, monkeypatch):
+    """Responses cut to lengths 1..4 of a 4-token budget with a 2-token buffer and factor 1.5: each one's shaped
+    reward (what dynamic sampling and the advantages see) is its verifier reward plus 0, 0, -0.75 and -1.5."""
+    import json
+
+    from megaprorl.config import ConfigError, load_config
+    from megaprorl.trainer import Trainer
+
+    extra = [f"output_dir={tmp_path}", "warmstart.steps=0", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+             "rollout.n_samples=4", "rollout.max_new_tokens=4", "logging.progress=false", "model.num_layers=1",
+             "model.hidden_size=32", "model.ffn_hidden_size=64", "rewards.num_workers=0", "logging.rollouts=-1",
+             "algo.dynamic_sampling.enabled=false", "algo.overlong_penalty.buffer=2", "algo.overlong_penalty.factor=1.5"]
+    t = Trainer(load_config(os.path.join(ROOT, "examples", "demo.yaml"), extra))
+    generate = t.engine.generate
+
+    def cut(prompts, params, on_finish=None):
+        out = generate(prompts, params)
+        for i, r in enumerate(out):  # lengths 1, 2, 3, 4 in every group
+            n = 1 + i % 4
+            r.response_ids, r.logprobs, r.finished = r.response_ids[:n], r.logprobs[:n], n < 4
+        return out
+
+    try:
+        monkeypatch.setattr(t.engine, "generate", cut)
+        t.rl_step()
+    finally:
+        t.close()
+    rows = [json.loads(x) for x in open(os.path.join(t.run_dir, "rollouts", "step_00000001.jsonl"))]
+    assert len(rows) == 16
+    want = {1: 0.0, 2: 0.0, 3: -0.75, 4: -1.5}
+    for r in rows:
+        assert r["shaped_reward"] == pytest.approx(r["reward"] + want[r["response_tokens"]])
+    with pytest.raises(ConfigError, match="'algo.overlong_penalty.buffer': must be in \\[0, rollout.max_new_tokens=4\\]"):
+        load_config(os.path.join(ROOT, "examples", "demo.yaml"), extra[:-2] + ["algo.overlong_penalty.buffer=5"])

@@ -8,8 +8,8 @@ from .advantages import (ESTIMATORS, compute_advantages, fold_kl_into_rewards, g
                          returns_to_go, whiten)
 from .entropy_control import EntropyControlConfig, EntropyController
 from .dynamic_sampling import DynamicSampler, DynamicSamplingConfig, group_has_signal, groups_with_signal
-from .length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, apply_length_penalty, cosine_fn,
-                             filter_overlong)
+from .length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, OverlongPenaltyConfig, apply_length_penalty,
+                             cosine_fn, filter_overlong, overlong_penalty)
 from .loss import (KL_ESTIMATORS, RATIO_LEVELS, LossSpec, aggregation_weights, clipped_pg_loss, kl_estimate,
                    logprob_entropy_from_logits, per_token_loss, policy_loss_from_logits, sequence_level_pg_loss,
                    sequence_log_ratio, sequence_ratio_old_logp)
@@ -22,7 +22,8 @@ __all__ = [
     "whiten",
     "EntropyControlConfig", "EntropyController",
     "DynamicSampler", "DynamicSamplingConfig", "group_has_signal", "groups_with_signal",
-    "LengthPenaltyConfig", "LengthPenaltySchedule", "apply_length_penalty", "cosine_fn", "filter_overlong",
+    "LengthPenaltyConfig", "LengthPenaltySchedule", "OverlongPenaltyConfig", "apply_length_penalty", "cosine_fn",
+    "filter_overlong", "overlong_penalty",
     "KL_ESTIMATORS", "LossSpec", "aggregation_weights", "clipped_pg_loss", "kl_estimate",
     "logprob_entropy_from_logits", "per_token_loss", "policy_loss_from_logits", "RATIO_LEVELS",
     "sequence_level_pg_loss", "sequence_log_ratio", "sequence_ratio_old_logp",

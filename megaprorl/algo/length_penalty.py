@@ -53,6 +53,25 @@ def cosine_fn(length, max_length, r0: float, rL: float):
     return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * x))
 
 
+@dataclass
+class OverlongPenaltyConfig:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): added to the reward of a response whose length
+    enters the last ``buffer`` tokens of the budget L_max, growing linearly to ``-factor`` at L_max (a truncated
+    response is at L_max).  0 = off."""
+
+    buffer: int = 0  # L_cache, in tokens (DAPO: 4096 of a 20480-token budget)
+    factor: float = 1.0  # the penalty at the budget
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
+    """-factor * clamp((L - (L_max - buffer)) / buffer, 0, 1) per response length L [N] (float32): 0 up to
+    L_max - buffer, -factor at L_max and beyond."""
+    if buffer <= 0 or buffer > max_length:
+        raise ValueError(f"the overlong buffer must be in [1, max_length={max_length}], got {buffer}")
+    over = (lengths.double() - float(max_length - buffer)) / float(buffer)
+    return (-float(factor) * over.clamp(0.0, 1.0)).float()
+
+
 def filter_overlong(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """DAPO's overlong filtering: the loss mask [B, L] with the rows of truncated responses (no end token within
     the budget) zeroed, so that they take no part in the loss, its normaliser or the advantages' whitening; their
