@@ -495,9 +495,6 @@ def validate(cfg: Config) -> None:
              f"'trtllm' needs TensorRT-LLM, which is not installed: {INSTALL}")
         need(not cfg.rollout.cuda_graphs, "rollout.cuda_graphs",
              "graphs the embedded engine's decode step; TensorRT-LLM has its own (rollout.engine=trtllm)")
-        need(cfg.rollout.max_new_tokens < cfg.model.max_position_embeddings, "rollout.max_new_tokens",
-             f"{cfg.rollout.max_new_tokens} leaves no room for a prompt in TensorRT-LLM's max_seq_len, "
-             f"model.max_position_embeddings={cfg.model.max_position_embeddings} (rollout.engine=trtllm)")
         need(cfg.algo.old_logprobs != "engine" or cfg.rollout.top_p == 1.0, "algo.old_logprobs",
              "'engine' with rollout.engine=trtllm needs rollout.top_p=1: TensorRT-LLM's processed log-probs under "
              "top-p are renormalised over the kept tokens, the trainer's are of the whole distribution")
@@ -577,6 +574,12 @@ def validate(cfg: Config) -> None:
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
+    room = cfg.model.max_position_embeddings
+    budgets = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)]
+    budgets += [(f"eval.sets[{i}].max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.eval.sets)]
+    for key, n in budgets:  # prompt + response must fit the positions the model is built for
+        need(n < room, key, f"{n} leaves no room for a prompt under model.max_position_embeddings={room} (the "
+                            "longest sequence the model is built for; TensorRT-LLM's max_seq_len)")
     op = cfg.algo.overlong_penalty
     need(0 <= op.buffer <= cfg.rollout.max_new_tokens, "algo.overlong_penalty.buffer",
          f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}] (0: off), got {op.buffer}")

@@ -153,6 +153,7 @@ class Trainer:
         self.scores_here = not dist.is_initialized() or dist.get_rank() == mp_leader()
         self.source = self._build_source()  # (before the reward pool: a bad data file fails with nothing to close)
         self.eval_sets = evaluation.build_eval_sets(cfg, self._build_eval_records)
+        self.eval_prompts = self._encode_eval_prompts()
         self.eval_rows: List[PromptResult] = []
         self.eval_time_s = 0.0  # the last evaluation's
         self.rewards = RewardPool(cfg.rewards) if self.scores_here else None
@@ -247,6 +248,25 @@ class Trainer:
     def encode_prompt(self, record: Dict) -> List[int]:
         return self.tokenizer.encode_prompt(record)
 
+    def _encode_eval_prompts(self) -> List[List[List[int]]]:
+        """Every evaluation set's prompts, encoded once; a prompt whose response budget would run past
+        ``model.max_position_embeddings`` is an error now, not at the first evaluation hours into the run."""
+        room = self.cfg.model.max_position_embeddings
+        out = []
+        for i, es in enumerate(self.eval_sets):
+            prompts = [self.encode_prompt(r) for r in es.records]
+            over = [(len(p), r.get("id")) for p, r in zip(prompts, es.records) if len(p) + es.max_new_tokens > room]
+            if over:
+                key = f"eval.sets[{i}] ({es.name})" if es.name else "eval.source / the built-in set"
+                longest = max(n for n, _ in over)
+                raise ConfigError(
+                    f"config key '{key}': {len(over)} prompts of up to {longest} tokens + a response budget of "
+                    f"{es.max_new_tokens} exceed model.max_position_embeddings={room} (e.g. row {over[0][1]}, "
+                    f"{over[0][0]} tokens): raise model.max_position_embeddings, lower the set's max_new_tokens, "
+                    "or leave those rows out")
+            out.append(prompts)
+        return out
+
     # ------------------------------------------------------------------------------ warm start
     def warmstart(self) -> Dict:
         """Short supervised fine-tuning on the built-in task's answers, with the new policy's (fresh)
@@ -289,7 +309,7 @@ class Trainer:
         t0 = time.time()
         sets = self.eval_sets
         mine = [es.records[dp_rank():: dp_world()] for es in sets]  # rank r evaluates rows r, r + world, ...
-        prompts = [[self.encode_prompt(r) for r in recs] for recs in mine]
+        prompts = [p[dp_rank():: dp_world()] for p in self.eval_prompts]
         rows: List[List[Optional[PromptResult]]] = [[None] * len(recs) for recs in mine]
         for group in _grouped(range(len(sets)), lambda i: sets[i].max_new_tokens):
             flat = [(i, k) for i in group for k in range(len(mine[i]))]
@@ -510,7 +530,9 @@ class Trainer:
         """``k`` training records from the sources and their encoded prompts, leaving out (and counting) those
         retired as solved (``data.retire_solved_after``) and those longer than ``data.max_prompt_tokens``, with
         others drawn in their place."""
-        limit = self.cfg.data.max_prompt_tokens
+        # the prompt and its response budget must fit the positions the model is built for
+        room = self.cfg.model.max_position_embeddings - self.cfg.rollout.max_new_tokens
+        limit = min(self.cfg.data.max_prompt_tokens or room, room)
         records: List[Dict] = []
         prompts: List[List[int]] = []
         skipped = {"long": 0, "retired": 0}
@@ -530,8 +552,11 @@ class Trainer:
                                   f"for {k} groups were retired as solved ({len(self.retired.retired)} retired in "
                                   f"all): the pool is used up; add prompts, or raise it (0: never retire)")
             if skipped["long"] > 100 * k + 1000:
-                raise ConfigError(f"config key 'data.max_prompt_tokens': {skipped['long']} of the prompts drawn for "
-                                  f"{k} groups were longer than {limit} tokens; raise it (or 0: no limit)")
+                key = ("data.max_prompt_tokens" if limit == self.cfg.data.max_prompt_tokens
+                       else "model.max_position_embeddings")
+                raise ConfigError(f"config key '{key}': {skipped['long']} of the prompts drawn for {k} groups were "
+                                  f"longer than {limit} tokens (model.max_position_embeddings - rollout.max_new_tokens "
+                                  f"= {room}); raise it (data.max_prompt_tokens: or 0, no limit of its own)")
         return records, prompts, skipped
 
     def rl_step(self) -> Dict:

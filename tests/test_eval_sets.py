@@ -82,6 +82,9 @@ def test_set_errors_name_the_key_and_the_file(tmp_path):
     ([{"name": "a", "type": "builtin", "n_prompts": 2, "shuffle": True}], [], r"eval.sets\[0\].shuffle"),
     ([{"name": "a", "type": "builtin", "n_prompts": 2}], ["eval.n_prompts=100"],
      r"'eval.n_prompts': 100 has no effect under eval.sets .*give each set its own n_prompts"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2, "max_new_tokens": 64}], [],
+     r"'eval.sets\[0\].max_new_tokens': 64 leaves no room for a prompt under model.max_position_embeddings=64"),
+    ([{"name": "a", "type": "builtin", "n_prompts": 2}], ["eval.max_new_tokens=70"], r"'eval.max_new_tokens': 70"),
 ])
 def test_config_errors_name_the_key(tmp_path, sets, extra, match):
     from megaprorl.config import ConfigError, load_config
@@ -202,6 +205,19 @@ def test_sets_share_generate_calls_and_a_set_draws_the_same_alone(tmp_path):
     assert draws == [(r.id, r.greedy_tokens, r.greedy_reward, r.tokens, r.rewards) for r in rows_c]
     assert {k: v for k, v in ev.items() if k.startswith("eval/c/")} == \
         {k: v for k, v in ev_c.items() if k.startswith("eval/c/")}
+
+
+def test_a_prompt_that_cannot_fit_its_budget_fails_at_start_up(tmp_path):
+    """An evaluation prompt whose set's response budget would run past model.max_position_embeddings is an error
+    when the trainer is built (not at the first evaluation), naming the set and the row."""
+    from megaprorl.config import ConfigError
+
+    rows = [{"domain": "math", "prompt": "short", "answer": "1"}, {"domain": "math", "prompt": "x" * 62, "answer": "2"}]
+    sets = [{"name": "fits", "path": write_jsonl(tmp_path / "f.jsonl", rows[:1])},
+            {"name": "long", "path": write_jsonl(tmp_path / "l.jsonl", rows), "max_new_tokens": 5}]
+    with pytest.raises(ConfigError, match=r"'eval.sets\[1\] \(long\)': 1 prompts of up to \d+ tokens \+ a response "
+                                          r"budget of 5 exceed model.max_position_embeddings=64 \(e.g. row l.jsonl:3"):
+        _trainer(tmp_path, sets)
 
 
 def test_verifier_failures_are_counted_shown_and_warned(tmp_path, capsys):

@@ -443,6 +443,22 @@ def test_overlong_prompts_are_skipped_counted_and_replaced(tmp_path):
     t.close()
 
 
+def test_prompts_whose_budget_runs_past_the_models_positions_are_skipped(tmp_path):
+    """A training prompt whose response budget would run past ``model.max_position_embeddings`` is skipped and
+    counted as data.max_prompt_tokens skips (10 positions, a 5-token budget: prompts of at most 5 tokens), and a
+    budget that leaves no prompt room is an error naming the key."""
+    fit = ["model.max_position_embeddings=10", "eval.max_new_tokens=4", "train.steps=1"]
+    t = _trainer(tmp_path, *fit, "rollout.max_new_tokens=5")
+    groups, stats = t._draw_groups()
+    assert len(groups) == t.cfg.train.prompts_per_step and stats["data/skipped_long_prompts"] > 0
+    assert all(len(r.prompt_ids) + 5 <= 10 for g in groups for r in g["rollouts"])
+    t.close()
+    t = _trainer(tmp_path / "b", *fit, "rollout.max_new_tokens=8")
+    with pytest.raises(ConfigError, match="'model.max_position_embeddings': .* longer than 2 tokens"):
+        t._draw_groups()
+    t.close()
+
+
 def _tp2_with_a_rank_dependent_verifier(rank, world, out_dir):
     """One RL step and one evaluation at TP=2, with a verifier whose answer depends on the rank it runs on (what a
     time limit hit on one rank and not on the other does to a reward)."""
