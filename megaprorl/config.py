@@ -85,7 +85,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int = 2  # grouped-query attention; = heads for MHA
     head_dim: int = 0  # channels per attention head; 0 = hidden_size / num_attention_heads (Qwen3 sets 128)
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 32768
     rotary_base: float = 1000000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-6

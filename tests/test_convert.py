@@ -642,7 +642,7 @@ def test_cli_round_trip_and_errors(setup, tmp_path, capsys):
     # the model.* section it wrote (and printed) is a run config that passes the trainer's check
     from megaprorl.config import load_config
 
-    cfg = load_config(os.path.join(mdir, C.MODEL_YAML))
+    cfg = load_config(os.path.join(mdir, C.MODEL_YAML), ["rollout.max_new_tokens=16"])  # the tiny model: 64 positions
     assert cfg.model.hf_path == cfg.model.tokenizer == os.path.abspath(hf_dir)
     C.check_model_config(cfg.model, C.load_hf_config(hf_dir), hf_dir)
     assert "model:\n  num_layers: 2\n" in capsys.readouterr().out
