@@ -16,3 +16,10 @@ timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-
 timeout 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 --prompt-len 256 \
   --response-len 256 --micro-batch-size 4 --repeats 1 --out "$OUT/bench_step_rollout.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_rollout.log"
 timeout 120 python3 -m megaprorl.cli train examples/demo.yaml output_dir=/tmp/runs train.steps=20 logging.progress=false 2>&1 | grep -v -i warn | tail -15 | tee "$OUT/demo_gpu.log"
+# padded micro-batches cut to their own length (2026-12-07) against packs, on ragged 8K rows (docs/benchmarks.md)
+for layout in padded packed; do
+  extra=(); [ "$layout" = packed ] && extra=(--pack-tokens 8192)
+  timeout 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-samples 4 --prompt-len 1024 \
+    --response-len 7168 --micro-batch-size 1 --skip-rollout --ragged --recompute selective --repeats 2 "${extra[@]}" \
+    --out "$OUT/bench_step_8k_ragged_$layout.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_8k_ragged_$layout.log"
+done
