@@ -129,6 +129,9 @@ class ParallelConfig:
     # share them); attention and the dense parts stay split over all tensor_parallel ranks
     expert_parallel: int = 1
     timeout_s: float = 1800.0  # collective timeout: a dead rank brings the job down instead of hanging
+    # at data-parallel > 1: share each step's prompt groups out afresh so that every rank gets about the same model
+    # FLOPs in every mini-batch (each rank draws its own; the longest responses can land on one)
+    balance_batch: bool = True
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")

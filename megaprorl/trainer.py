@@ -40,6 +40,7 @@ from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
 from .parallel import (dp_group, dp_rank, dp_weighted_mean, dp_world, init_distributed, max_over, mp_broadcast_object,
                        mp_leader, tp_rank, wide_expert_group)
+from .parallel import balance
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
@@ -97,6 +98,12 @@ class Trainer:
                                      cfg.parallel.timeout_s, seed=cfg.seed,
                                      expert_parallel=cfg.parallel.expert_parallel)
         self.device = self.info.device
+        for key, v in (("train.prompts_per_step", cfg.train.prompts_per_step),
+                       ("train.mini_batch_prompts", cfg.train.mini_batch_prompts)):
+            if v % dp_world():  # each rank draws its share of the step's groups, and of every mini-batch
+                raise ConfigError(f"config key '{key}': {v} prompts do not split evenly over the {dp_world()} "
+                                  "data-parallel ranks (world size / (tensor_parallel x pipeline_parallel)); make it a "
+                                  "multiple of their number")
         # init_distributed seeds torch; seed Python's and NumPy's global generators too (per rank), else
         # they start from OS entropy and a checkpoint carries one process's random state into the next
         random.seed(_derive_seed(cfg.seed, "python", self.info.rank))
@@ -563,6 +570,10 @@ class Trainer:
         cfg = self.cfg
         t_step = time.time()
         groups, stats = self._draw_groups()
+        balanced = False
+        if dp_world() > 1:  # how evenly the ranks' groups load them; shared out afresh (parallel.balance_batch)
+            groups, balanced, bal_stats = self._balance_groups(groups)
+            stats.update(bal_stats)
         n = cfg.rollout.n_samples
         rollouts = [r for g in groups for r in g["rollouts"]]
         batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
@@ -622,7 +633,7 @@ class Trainer:
         if self.entropy_control.enabled:  # the bonus set from the last step's entropy (algo/entropy_control.py)
             self.spec = dataclasses.replace(self.spec, entropy_coef=self.entropy_control.coef())
             stats["entropy_coef"] = self.spec.entropy_coef
-        upd = self._optimizer_steps(batch, len(groups))
+        upd = self._optimizer_steps(batch, len(groups), keep_order=balanced)
         stats["time/update_s"] = time.time() - t
         stats.update(upd)
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
@@ -680,19 +691,62 @@ class Trainer:
         if self.is_main:
             evaluation.write_jsonl(os.path.join(self.run_dir, "rollouts", f"step_{self.step + 1:08d}.jsonl"), rows)
 
-    def _optimizer_steps(self, batch: SeqBatch, n_groups: int) -> Dict:
+    def _group_order(self, n_groups: int, rank: int, epoch: int = 0) -> torch.Tensor:
+        """The order in which a rank's groups are cut into mini-batches in a pass over the step's batch."""
+        return torch.randperm(n_groups, generator=torch.Generator().manual_seed(
+            _derive_seed(self.cfg.seed, "order", self.step, rank, *([epoch] if epoch else []))))
+
+    def _balance_groups(self, groups: List[Dict]) -> Tuple[List[Dict], bool, Dict[str, float]]:
+        """At DP > 1: the ranks' loads (model FLOPs of their groups' sequences) in each mini-batch of the step
+        as drawn, and with ``parallel.balance_batch`` the groups shared out afresh so that each rank gets the same
+        number and about the same FLOPs in every mini-batch (``parallel/balance.py``); the groups that change rank
+        travel to it.  Returns (this rank's groups, in mini-batch order when balanced; whether balanced; stats:
+        ``dp/load_imbalance`` (the mini-batches' slowest rank's load summed, over their mean load summed: the
+        update's time over an even split's), ``dp/load_imbalance_drawn`` (the same as drawn) and
+        ``dp/groups_moved``)."""
+        cfg = self.cfg
+        world, me = dp_world(), dp_rank()
+        n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+        mine = [train_flops(self.flops_shape, [len(r.prompt_ids) + len(r.response_ids) for r in g["rollouts"]])
+                for g in groups]
+        costs = _gather_objects([mine])
+        sizes = balance.mini_batch_sizes(len(groups), n_mini)
+        bounds = [sum(sizes[:m]) for m in range(n_mini + 1)]
+        drawn = [self._group_order(len(groups), r).tolist() for r in range(world)]
+        stats = {"dp/load_imbalance_drawn": balance.step_imbalance(
+            [[sum(costs[r][i] for i in drawn[r][bounds[m]:bounds[m + 1]]) for m in range(n_mini)]
+             for r in range(world)])}
+        if not cfg.parallel.balance_batch:
+            stats["dp/load_imbalance"] = stats["dp/load_imbalance_drawn"]
+            return groups, False, stats
+        layout = balance.plan(costs, n_mini, _derive_seed(cfg.seed, "balance", self.step))
+        stats["dp/load_imbalance"] = balance.step_imbalance(
+            [[sum(costs[src][i] for src, i in layout[r][bounds[m]:bounds[m + 1]]) for m in range(n_mini)]
+             for r in range(world)])
+        stats["dp/groups_moved"] = sum(src != r for r in range(world) for src, _ in layout[r])
+        send: List[list] = [[] for _ in range(world)]
+        for r in range(world):
+            if r != me:
+                send[r] = [(i, groups[i]) for src, i in layout[r] if src == me]
+        got = {(src, i): g for src, part in enumerate(balance.exchange_objects(send, dp_group())) for i, g in part}
+        return [groups[i] if src == me else got[(src, i)] for src, i in layout[me]], True, stats
+
+    def _optimizer_steps(self, batch: SeqBatch, n_groups: int, keep_order: bool = False) -> Dict:
+        """The step's optimizer steps: ``train.ppo_epochs`` passes over the batch, each cut into the mini-batches
+        in its own random order of the groups (``keep_order``: the first pass in the batch's order, which
+        ``_balance_groups`` made)."""
         cfg = self.cfg
         n = cfg.rollout.n_samples
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-        per = max(1, n_groups // n_mini)
+        sizes = balance.mini_batch_sizes(n_groups, n_mini)
         epochs = cfg.train.ppo_epochs
         total = n_mini * epochs
         agg: Dict[str, float] = {}
         for e, m in ((e, m) for e in range(epochs) for m in range(n_mini)):
             if m == 0:  # each pass over the batch in its own mini-batch order
-                order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(
-                    _derive_seed(cfg.seed, "order", self.step, dp_rank(), *([e] if e else []))))
-            gsel = order[m * per: (m + 1) * per] if m < n_mini - 1 else order[m * per:]
+                order = (torch.arange(n_groups) if keep_order and e == 0
+                         else self._group_order(n_groups, dp_rank(), e))
+            gsel = order[sum(sizes[:m]): sum(sizes[:m + 1])]
             idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
             mb = batch.slice(idx)
             # the valid tokens and the sequences that have any (a row the overlong filter emptied counts in neither)
