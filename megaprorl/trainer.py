@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import evaluation
-from .algo.advantages import compute_advantages
+from .algo.advantages import group_baseline_advantages, token_advantages
 from .algo.dynamic_sampling import DynamicSampler
 from .algo.entropy_control import EntropyController
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong, overlong_penalty
@@ -51,6 +51,21 @@ EXIT_REQUEUE = 3  # the trainer checkpointed after SIGTERM/SIGUSR1 and asks to b
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class _Seq:
+    """One response of the step's batch with what the update and the rollout log need of its group; it may
+    train on another data-parallel rank than the one that drew it (``parallel.balance_batch``)."""
+
+    rollout: Any
+    reward: float
+    shaped: float
+    adv: float  # its group-baseline advantage (float64 precision), before whitening
+    rank: int  # where it was drawn: that rank, its group's index there, its sample index in the group
+    group: int
+    sample: int
+    meta: Dict[str, Any]  # the record's id, domain and source
 
 
 def _grouped(items, key) -> List[list]:
@@ -570,12 +585,22 @@ class Trainer:
         cfg = self.cfg
         t_step = time.time()
         groups, stats = self._draw_groups()
-        balanced = False
-        if dp_world() > 1:  # how evenly the ranks' groups load them; shared out afresh (parallel.balance_batch)
-            groups, balanced, bal_stats = self._balance_groups(groups)
-            stats.update(bal_stats)
         n = cfg.rollout.n_samples
-        rollouts = [r for g in groups for r in g["rollouts"]]
+        shaped = torch.cat([g["shaped"] for g in groups])
+        stats["shaped_reward"] = float(shaped.mean())
+        stats["reward_errors"] = sum(g["errors"] for g in groups)
+        # each response's advantage against its group, here where the whole group was drawn (then it may move)
+        seq_adv = group_baseline_advantages(shaped.double(), torch.arange(len(groups)).repeat_interleave(n),
+                                            cfg.algo.advantage)
+        seqs = [_Seq(r, float(g["reward"][j]), float(g["shaped"][j]), float(seq_adv[gi * n + j]), dp_rank(), gi, j,
+                     {k: g["record"].get(k) for k in ("id", "domain", "source")})
+                for gi, g in enumerate(groups) for j, r in enumerate(g["rollouts"])]
+        unit, balanced = n, False  # the mini-batches are cut in whole groups, or in responses once balanced
+        if dp_world() > 1:  # how evenly the ranks' responses load them; shared out afresh (parallel.balance_batch)
+            seqs, balanced, bal_stats = self._balance(seqs)
+            stats.update(bal_stats)
+            unit = 1 if balanced else n
+        rollouts = [q.rollout for q in seqs]
         batch = build_seq_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                 self.tokenizer.pad_id)
         n_response_tokens = float(batch.loss_mask.sum())
@@ -585,9 +610,6 @@ class Trainer:
             stats["overlong_filtered_frac"] = float(truncated.float().mean())
         if cfg.algo.moe_routing_replay:  # the policy's forwards send each token to the experts it was sampled with
             batch.routing = routing_batch([r.extra["routing"] for r in rollouts], batch.tokens)
-        shaped = torch.cat([g["shaped"] for g in groups])
-        stats["shaped_reward"] = float(shaped.mean())
-        stats["reward_errors"] = sum(g["errors"] for g in groups)
         self.engine.sleep()
 
         t = time.time()
@@ -607,16 +629,15 @@ class Trainer:
         stats["time/logprob_s"] = time.time() - t
 
         mask = batch.loss_mask
-        group_ids = torch.arange(len(groups)).repeat_interleave(n)
         kl_in_reward = None
         if self.reference is not None and cfg.algo.kl.placement == "reward":
             kl_tok = kl_estimate(batch.old_logp, batch.ref_logp, cfg.algo.kl.estimator, cfg.algo.kl.log_ratio_clamp,
                                  cfg.algo.kl.output_clamp) * mask
             kl_in_reward = cfg.algo.kl.coef * kl_tok
         dev = self.device  # collectives run on the backend's device (NCCL: GPU tensors)
-        batch.advantages = compute_advantages(
-            shaped.to(dev), group_ids.to(dev), mask.to(dev), cfg.algo.advantage, cfg.algo.whiten_advantages,
-            group=dp_group() if dp_world() > 1 else None,
+        batch.advantages = token_advantages(
+            torch.tensor([q.adv for q in seqs], dtype=torch.float64, device=dev), mask.to(dev),
+            cfg.algo.whiten_advantages, group=dp_group() if dp_world() > 1 else None,
             token_penalty=None if kl_in_reward is None else kl_in_reward.to(dev)).cpu()
         rc = cfg.algo.rollout_correction
         if rc.level:  # the engine sampled from pi_engine, not pi_old: importance-weight the policy gradient
@@ -626,14 +647,14 @@ class Trainer:
             stats.update(rc_stats)
 
         if cfg.logging.rollouts:
-            self._write_rollouts(groups, batch)
+            self._write_rollouts(seqs, batch)
 
         t = time.time()
         stats["lr"] = self.policy.schedule_lr(self.step + 1, cfg.train.steps)  # train.optim's schedule
         if self.entropy_control.enabled:  # the bonus set from the last step's entropy (algo/entropy_control.py)
             self.spec = dataclasses.replace(self.spec, entropy_coef=self.entropy_control.coef())
             stats["entropy_coef"] = self.spec.entropy_coef
-        upd = self._optimizer_steps(batch, len(groups), keep_order=balanced)
+        upd = self._optimizer_steps(batch, unit, keep_order=balanced)
         stats["time/update_s"] = time.time() - t
         stats.update(upd)
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
@@ -666,88 +687,87 @@ class Trainer:
                         "perf/mfu_trainer": out["perf/tflops_trainer"] / self.peak_tflops})
         return out
 
-    def _write_rollouts(self, groups: List[Dict], batch: SeqBatch) -> None:
-        """``logging.rollouts`` groups of this step (each rank its share), one JSON line per sample, to
-        RUN/rollouts/step_XXXXXXXX.jsonl (the step being taken, counted from 1)."""
+    def _write_rollouts(self, seqs: List["_Seq"], batch: SeqBatch) -> None:
+        """``logging.rollouts`` groups of this step (each rank's share of the groups as drawn), one JSON line per
+        sample, to RUN/rollouts/step_XXXXXXXX.jsonl (the step being taken, counted from 1)."""
         want = self.cfg.logging.rollouts
-        take = len(groups) if want < 0 else min(len(groups), -(-want // dp_world()))
-        n = self.cfg.rollout.n_samples
+        n_groups = len(seqs) // self.cfg.rollout.n_samples
+        take = n_groups if want < 0 else min(n_groups, -(-want // dp_world()))
         rows = []
         if self.scores_here:  # one rank of each model-parallel group: they hold the same samples
-            for gi in range(take):
-                g = groups[gi]
-                rec = g["record"]
-                for j, r in enumerate(g["rollouts"]):
-                    row = gi * n + j
-                    m = batch.loss_mask[row]
-                    rows.append({"step": self.step + 1, "rank": dp_rank(), "group": gi, "sample": j,
-                                 "id": rec.get("id"), "domain": rec.get("domain"), "source": rec.get("source"),
-                                 "prompt": self.tokenizer.decode(r.prompt_ids),
-                                 "response": self.tokenizer.decode(r.response_ids),
-                                 "reward": float(g["reward"][j]), "shaped_reward": float(g["shaped"][j]),
-                                 "advantage": float((batch.advantages[row] * m).sum() / m.sum().clamp_min(1)),
-                                 "response_tokens": len(r.response_ids), "finished": bool(r.finished)})
-        rows = _gather_objects(rows)
+            for row, q in enumerate(seqs):  # wherever a response trains, it is written as drawn
+                if q.group >= take:
+                    continue
+                r = q.rollout
+                m = batch.loss_mask[row]
+                rows.append({"step": self.step + 1, "rank": q.rank, "group": q.group, "sample": q.sample, **q.meta,
+                             "prompt": self.tokenizer.decode(r.prompt_ids),
+                             "response": self.tokenizer.decode(r.response_ids),
+                             "reward": q.reward, "shaped_reward": q.shaped,
+                             "advantage": float((batch.advantages[row] * m).sum() / m.sum().clamp_min(1)),
+                             "response_tokens": len(r.response_ids), "finished": bool(r.finished)})
+        rows = sorted(_gather_objects(rows), key=lambda x: (x["rank"], x["group"], x["sample"]))
         if self.is_main:
             evaluation.write_jsonl(os.path.join(self.run_dir, "rollouts", f"step_{self.step + 1:08d}.jsonl"), rows)
 
-    def _group_order(self, n_groups: int, rank: int, epoch: int = 0) -> torch.Tensor:
-        """The order in which a rank's groups are cut into mini-batches in a pass over the step's batch."""
-        return torch.randperm(n_groups, generator=torch.Generator().manual_seed(
+    def _group_order(self, n_units: int, rank: int, epoch: int = 0) -> torch.Tensor:
+        """The order in which a rank's groups (or responses) are cut into mini-batches in a pass over its batch."""
+        return torch.randperm(n_units, generator=torch.Generator().manual_seed(
             _derive_seed(self.cfg.seed, "order", self.step, rank, *([epoch] if epoch else []))))
 
-    def _balance_groups(self, groups: List[Dict]) -> Tuple[List[Dict], bool, Dict[str, float]]:
-        """At DP > 1: the ranks' loads (model FLOPs of their groups' sequences) in each mini-batch of the step
-        as drawn, and with ``parallel.balance_batch`` the groups shared out afresh so that each rank gets the same
-        number and about the same FLOPs in every mini-batch (``parallel/balance.py``); the groups that change rank
-        travel to it.  Returns (this rank's groups, in mini-batch order when balanced; whether balanced; stats:
-        ``dp/load_imbalance`` (the mini-batches' slowest rank's load summed, over their mean load summed: the
-        update's time over an even split's), ``dp/load_imbalance_drawn`` (the same as drawn) and
-        ``dp/groups_moved``)."""
+    def _balance(self, seqs: List["_Seq"]) -> Tuple[List["_Seq"], bool, Dict[str, float]]:
+        """At DP > 1: the ranks' loads (model FLOPs of their responses) in each mini-batch of the step as drawn,
+        and with ``parallel.balance_batch`` the responses shared out afresh so that each rank gets the same number
+        and about the same FLOPs in every mini-batch, each mini-batch still the whole groups of the step's
+        random order (``parallel/balance.py``); the responses that change rank travel to it.  Returns (this
+        rank's responses, in mini-batch order when balanced; whether balanced; stats: ``dp/load_imbalance`` (the
+        mini-batches' slowest rank's load summed, over their mean load summed: the update's time over an even
+        split's), ``dp/load_imbalance_drawn`` (the same as drawn) and ``dp/responses_moved``)."""
         cfg = self.cfg
-        world, me = dp_world(), dp_rank()
+        world, me, n = dp_world(), dp_rank(), cfg.rollout.n_samples
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-        mine = [train_flops(self.flops_shape, [len(r.prompt_ids) + len(r.response_ids) for r in g["rollouts"]])
-                for g in groups]
+        mine = [train_flops(self.flops_shape, [len(q.rollout.prompt_ids) + len(q.rollout.response_ids)]) for q in seqs]
         costs = _gather_objects([mine])
-        sizes = balance.mini_batch_sizes(len(groups), n_mini)
+        n_groups = len(seqs) // n
+        sizes = balance.mini_batch_sizes(n_groups, n_mini)
         bounds = [sum(sizes[:m]) for m in range(n_mini + 1)]
-        drawn = [self._group_order(len(groups), r).tolist() for r in range(world)]
+        drawn = [self._group_order(n_groups, r).tolist() for r in range(world)]
         stats = {"dp/load_imbalance_drawn": balance.step_imbalance(
-            [[sum(costs[r][i] for i in drawn[r][bounds[m]:bounds[m + 1]]) for m in range(n_mini)]
-             for r in range(world)])}
+            [[sum(costs[r][g * n + j] for g in drawn[r][bounds[m]:bounds[m + 1]] for j in range(n))
+              for m in range(n_mini)] for r in range(world)])}
         if not cfg.parallel.balance_batch:
             stats["dp/load_imbalance"] = stats["dp/load_imbalance_drawn"]
-            return groups, False, stats
-        layout = balance.plan(costs, n_mini, _derive_seed(cfg.seed, "balance", self.step))
+            return seqs, False, stats
+        layout = balance.plan(costs, n_mini, _derive_seed(cfg.seed, "balance", self.step), group_size=n)
         stats["dp/load_imbalance"] = balance.step_imbalance(
-            [[sum(costs[src][i] for src, i in layout[r][bounds[m]:bounds[m + 1]]) for m in range(n_mini)]
+            [[sum(costs[src][i] for src, i in layout[r][bounds[m] * n:bounds[m + 1] * n]) for m in range(n_mini)]
              for r in range(world)])
-        stats["dp/groups_moved"] = sum(src != r for r in range(world) for src, _ in layout[r])
+        stats["dp/responses_moved"] = sum(src != r for r in range(world) for src, _ in layout[r])
         send: List[list] = [[] for _ in range(world)]
         for r in range(world):
             if r != me:
-                send[r] = [(i, groups[i]) for src, i in layout[r] if src == me]
-        got = {(src, i): g for src, part in enumerate(balance.exchange_objects(send, dp_group())) for i, g in part}
-        return [groups[i] if src == me else got[(src, i)] for src, i in layout[me]], True, stats
+                send[r] = [(i, seqs[i]) for src, i in layout[r] if src == me]
+        got = {(src, i): q for src, part in enumerate(balance.exchange_objects(send, dp_group())) for i, q in part}
+        return [seqs[i] if src == me else got[(src, i)] for src, i in layout[me]], True, stats
 
-    def _optimizer_steps(self, batch: SeqBatch, n_groups: int, keep_order: bool = False) -> Dict:
+    def _optimizer_steps(self, batch: SeqBatch, unit: int, keep_order: bool = False) -> Dict:
         """The step's optimizer steps: ``train.ppo_epochs`` passes over the batch, each cut into the mini-batches
-        in its own random order of the groups (``keep_order``: the first pass in the batch's order, which
-        ``_balance_groups`` made)."""
+        in its own random order of its units of ``unit`` consecutive rows (a group's responses, or one response
+        once ``_balance`` spread them); ``keep_order``: the first pass in the batch's order, which ``_balance``
+        made."""
         cfg = self.cfg
-        n = cfg.rollout.n_samples
+        n_units = len(batch) // unit
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-        sizes = balance.mini_batch_sizes(n_groups, n_mini)
+        sizes = balance.mini_batch_sizes(n_units, n_mini)
         epochs = cfg.train.ppo_epochs
         total = n_mini * epochs
         agg: Dict[str, float] = {}
         for e, m in ((e, m) for e in range(epochs) for m in range(n_mini)):
             if m == 0:  # each pass over the batch in its own mini-batch order
-                order = (torch.arange(n_groups) if keep_order and e == 0
-                         else self._group_order(n_groups, dp_rank(), e))
+                order = (torch.arange(n_units) if keep_order and e == 0
+                         else self._group_order(n_units, dp_rank(), e))
             gsel = order[sum(sizes[:m]): sum(sizes[:m + 1])]
-            idx = (gsel[:, None] * n + torch.arange(n)[None]).reshape(-1)
+            idx = (gsel[:, None] * unit + torch.arange(unit)[None]).reshape(-1)
             mb = batch.slice(idx)
             # the valid tokens and the sequences that have any (a row the overlong filter emptied counts in neither)
             counts = torch.tensor([float(mb.loss_mask.sum()), float((mb.loss_mask.sum(-1) > 0).sum())],

@@ -153,9 +153,9 @@ def test_trainer_leaves_truncated_responses_out_of_the_loss(tmp_path, monkeypatc
         monkeypatch.setattr(t.engine, "generate", generate_some_truncated)
         real_steps = t._optimizer_steps
 
-        def optimizer_steps(batch, n_groups):
+        def optimizer_steps(batch, *a, **k):
             seen["batch"] = batch
-            return real_steps(batch, n_groups)
+            return real_steps(batch, *a, **k)
 
         monkeypatch.setattr(t, "_optimizer_steps", optimizer_steps)
         monkeypatch.setattr(t.policy, "train_step", train_step)

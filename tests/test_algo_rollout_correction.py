@@ -146,7 +146,7 @@ def test_trainer_trains_on_the_weighted_advantages(tmp_path, monkeypatch):
     import megaprorl.trainer as trainer_mod
 
     seen = {}
-    real_engine_logprobs, real_advantages = trainer_mod.engine_logprobs, trainer_mod.compute_advantages
+    real_engine_logprobs, real_advantages = trainer_mod.engine_logprobs, trainer_mod.token_advantages
 
     def shifted(rollouts, batch):
         out = real_engine_logprobs(rollouts, batch)
@@ -162,12 +162,12 @@ def test_trainer_trains_on_the_weighted_advantages(tmp_path, monkeypatch):
         seen["adv"] = real_advantages(*a, **k).clone()
         return seen["adv"]
 
-    def optimizer_steps(batch, n_groups):
+    def optimizer_steps(batch, *a, **k):
         seen["trained"], seen["old"], seen["mask"] = batch.advantages.clone(), batch.old_logp.clone(), batch.loss_mask
         return {}
 
     monkeypatch.setattr(trainer_mod, "engine_logprobs", shifted)
-    monkeypatch.setattr(trainer_mod, "compute_advantages", advantages)
+    monkeypatch.setattr(trainer_mod, "token_advantages", advantages)
     t = trainer_mod.Trainer(load_config(DEMO, [f"output_dir={tmp_path}", *TINY, "algo.rollout_correction.level=token"]))
     try:
         monkeypatch.setattr(t, "_optimizer_steps", optimizer_steps)

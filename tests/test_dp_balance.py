@@ -1,4 +1,4 @@
-"""parallel.balance_batch: the step's prompt groups shared out over the data-parallel ranks by model FLOPs."""
+"""parallel.balance_batch: the step's responses shared out over the data-parallel ranks by model FLOPs."""
 
 import os
 import random
@@ -71,40 +71,68 @@ def test_step_imbalance():
     assert step_imbalance([[0.0], [0.0]]) == 1.0
 
 
-def _chunks(world, n, n_mini, seed):
-    """The groups of each mini-batch as the plan cuts them: the seed's order of all ranks' groups."""
-    items = [(r, i) for r in range(world) for i in range(n)]
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+def _chunks(world, n, n_mini, seed, group_size):
+    """The items of each mini-batch as the plan cuts them: whole groups, in the seed's order of all ranks'."""
+    groups = [(r, g) for r in range(world) for g in range(n // group_size)]
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     out, start = [], 0
-    for size in mini_batch_sizes(n, n_mini):
-        out.append({items[k] for k in order[start:start + size * world]})
+    for size in mini_batch_sizes(n // group_size, n_mini):
+        out.append({(r, g * group_size + j) for r, g in (groups[k] for k in order[start:start + size * world])
+                    for j in range(group_size)})
         start += size * world
     return out
 
 
-@pytest.mark.parametrize("world,n,n_mini", [(2, 4, 1), (2, 8, 2), (4, 8, 4), (3, 6, 2)])
-def test_plan_gives_each_rank_its_share_of_every_mini_batch(world, n, n_mini):
+@pytest.mark.parametrize("world,n,n_mini,group_size", [(2, 4, 1, 1), (2, 8, 2, 1), (4, 8, 4, 1), (3, 6, 2, 1),
+                                                       (2, 8, 2, 2), (4, 8, 2, 2), (3, 12, 2, 3)])
+def test_plan_gives_each_rank_its_share_of_every_mini_batch(world, n, n_mini, group_size):
     rng = random.Random(world * 100 + n)
     # rank 0 drew every long response: as drawn, it carries most of the step
     costs = [[(50.0 if r == 0 else 1.0) * (1 + rng.random()) for _ in range(n)] for r in range(world)]
-    layout = plan(costs, n_mini, seed=7)
-    assert layout == plan(costs, n_mini, seed=7)  # every rank computes the same plan
+    layout = plan(costs, n_mini, seed=7, group_size=group_size)
+    assert layout == plan(costs, n_mini, seed=7, group_size=group_size)  # every rank computes the same plan
     assert sorted(it for part in layout for it in part) == [(r, i) for r in range(world) for i in range(n)]
-    sizes = mini_batch_sizes(n, n_mini)
+    sizes = [s * group_size for s in mini_batch_sizes(n // group_size, n_mini)]
     bounds = [sum(sizes[:m]) for m in range(n_mini + 1)]
-    for m, chunk in enumerate(_chunks(world, n, n_mini, 7)):
+    chunks = _chunks(world, n, n_mini, 7, group_size)
+    for m, chunk in enumerate(chunks):
         shares = [layout[r][bounds[m]:bounds[m + 1]] for r in range(world)]
         assert all(len(s) == sizes[m] for s in shares)
-        assert {it for s in shares for it in s} == chunk  # the mini-batch's groups, shared out
+        assert {it for s in shares for it in s} == chunk  # the mini-batch's whole groups, shared out
     loads = [[sum(costs[s][i] for s, i in layout[r][bounds[m]:bounds[m + 1]]) for m in range(n_mini)]
              for r in range(world)]
     drawn = [[sum(costs[r][i] for i in range(bounds[m], bounds[m + 1])) for m in range(n_mini)]
              for r in range(world)]
     assert step_imbalance(drawn) > 1.5
     assert step_imbalance(loads) < step_imbalance(drawn)
-    for m, chunk in enumerate(_chunks(world, n, n_mini, 7)):  # each mini-batch near its best split
+    for m, chunk in enumerate(chunks):  # each mini-batch near its best split
         best = _best_max_load([costs[r][i] for r, i in sorted(chunk)], world, sizes[m])
         assert max(loads[r][m] for r in range(world)) <= 1.1 * best
+
+
+def test_responses_even_out_what_whole_groups_cannot():
+    """Two ranks, one group each per mini-batch: as whole groups the long group's rank carries it alone; as
+    responses each rank trains half of each group."""
+    costs = [[10.0, 10.0, 10.0, 10.0], [1.0, 1.0, 1.0, 1.0]]  # rank 0's group (4 responses), rank 1's
+    whole = plan([[40.0], [4.0]], 1, seed=0)  # each group one item
+    assert step_imbalance([[40.0 if p == [(0, 0)] else 4.0] for p in whole]) == pytest.approx(40 / 22)
+    spread = plan(costs, 1, seed=0, group_size=4)
+    loads = [sum(costs[s][i] for s, i in p) for p in spread]
+    assert loads == [22.0, 22.0] and step_imbalance([[x] for x in loads]) == 1.0
+
+
+def test_split_even_is_fast_at_prorl_scale():
+    """ProRL at 32 ranks: a mini-batch of 64 groups x 16 responses split 32 ways; every rank plans 4 of them
+    each step, in Python.  A bound, not a timing test: it must not take seconds."""
+    import time
+
+    rng = random.Random(1)
+    costs = [rng.lognormvariate(7, 1) for _ in range(64 * 16)]
+    t = time.perf_counter()
+    lists = split_even(costs, 32, 32)
+    loads = [sum(costs[i] for i in lst) for lst in lists]
+    assert max(loads) / (sum(loads) / 32) < 1.02
+    assert time.perf_counter() - t < 5.0
 
 
 def test_each_list_goes_to_the_rank_that_drew_most_of_it():
@@ -116,8 +144,10 @@ def test_each_list_goes_to_the_rank_that_drew_most_of_it():
 
 
 def test_plan_rejects_unequal_counts():
-    with pytest.raises(ValueError, match="same number of groups"):
+    with pytest.raises(ValueError, match="same number of items"):
         plan([[1.0, 2.0], [1.0]], 1, seed=0)
+    with pytest.raises(ValueError, match="not groups of 2"):
+        plan([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], 1, seed=0, group_size=2)
 
 
 def _exchange_job(rank, world):
@@ -152,7 +182,8 @@ def _dp_job(rank, world, tmp, balance, mini, swap=False):
     if swap:  # every group to the other rank: the whole exchange and the reassembly in use
         from megaprorl.parallel import balance as bal
 
-        bal.plan = lambda costs, n_mini, seed: [[(1 - r, i) for i in range(len(costs[0]))] for r in range(2)]
+        bal.plan = lambda costs, n_mini, seed, group_size: [[(1 - r, i) for i in range(len(costs[0]))]
+                                                            for r in range(2)]
     t = _trainer(Path(tmp) / f"{balance}_{mini}_r{rank}", f"parallel.balance_batch={balance}",
                  f"train.mini_batch_prompts={mini}")
     seen = []
@@ -192,9 +223,9 @@ def test_balanced_batch_trains_the_same_sequences(tmp_path, mini, swap):
         assert [len(mb) for mb in out[0][1]] == [len(mb) for mb in out[1][1]] == [mini // 2 * 2] * (8 // mini)
     s_on, s_off = on[0][0], off[0][0]
     assert s_on["dp/load_imbalance_drawn"] == s_off["dp/load_imbalance_drawn"] == s_off["dp/load_imbalance"]
-    assert "dp/groups_moved" in s_on and "dp/groups_moved" not in s_off
+    assert "dp/responses_moved" in s_on and "dp/responses_moved" not in s_off
     if swap:
-        assert s_on["dp/groups_moved"] == 8
+        assert s_on["dp/responses_moved"] == 16
     else:
         assert 1.0 <= s_on["dp/load_imbalance"] <= s_on["dp/load_imbalance_drawn"]
     assert torch.equal(on[0][2], on[1][2])  # the ranks hold one model

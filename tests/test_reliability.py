@@ -241,13 +241,13 @@ def poison(monkeypatch):
     import megaprorl.trainer as tr
 
     state = {"on": False}
-    real = tr.compute_advantages
+    real = tr.token_advantages
 
-    def compute_advantages(*a, **k):
+    def token_advantages(*a, **k):
         adv = real(*a, **k)
         return torch.full_like(adv, float("nan")) if state["on"] else adv
 
-    monkeypatch.setattr(tr, "compute_advantages", compute_advantages)
+    monkeypatch.setattr(tr, "token_advantages", token_advantages)
     return state
 
 

@@ -5,7 +5,7 @@ No I/O; the only distributed calls are collectives over a process group passed a
 """
 
 from .advantages import (ESTIMATORS, compute_advantages, fold_kl_into_rewards, group_baseline_advantages,
-                         returns_to_go, whiten)
+                         returns_to_go, token_advantages, whiten)
 from .entropy_control import EntropyControlConfig, EntropyController
 from .dynamic_sampling import DynamicSampler, DynamicSamplingConfig, group_has_signal, groups_with_signal
 from .length_penalty import (LengthPenaltyConfig, LengthPenaltySchedule, OverlongPenaltyConfig, apply_length_penalty,
@@ -19,7 +19,7 @@ from .reset import TRIGGERS, ReferenceResetConfig, ReferenceResetController
 
 __all__ = [
     "ESTIMATORS", "compute_advantages", "fold_kl_into_rewards", "group_baseline_advantages", "returns_to_go",
-    "whiten",
+    "token_advantages", "whiten",
     "EntropyControlConfig", "EntropyController",
     "DynamicSampler", "DynamicSamplingConfig", "group_has_signal", "groups_with_signal",
     "LengthPenaltyConfig", "LengthPenaltySchedule", "OverlongPenaltyConfig", "apply_length_penalty", "cosine_fn",

@@ -138,6 +138,25 @@ def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return g.to(token_rewards.dtype if token_rewards.is_floating_point() else torch.float32)
 
 
+def token_advantages(seq_adv: torch.Tensor, mask: torch.Tensor, whiten: bool = True, group=None,
+                     token_penalty: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
+    """Token advantages [N, L] (float32) from each response's scalar advantage [N] (steps 2 and 3 of
+    ``compute_advantages``).  Nothing here looks at the groups, so the responses may sit on any rank: the
+    trainer computes the group baselines where the groups were drawn and spreads the responses over the
+    data-parallel ranks before this (``parallel.balance_batch``)."""
+    m = mask.to(torch.bool)
+    if m.dim() != 2 or m.shape[0] != seq_adv.shape[0]:
+        raise ValueError(f"mask {tuple(m.shape)} must be [N, L] with N = len(advantages) = {seq_adv.shape[0]}")
+    adv = seq_adv.double()
+    if token_penalty is not None:
+        tok = returns_to_go(fold_kl_into_rewards(adv, m, token_penalty.double(), beta=1.0), m)
+    else:
+        tok = torch.where(m, adv[:, None].expand(m.shape), torch.zeros(m.shape, dtype=torch.float64, device=m.device))
+    if whiten:
+        tok = _whiten(tok, m, group=group, eps=eps)
+    return tok.float()
+
+
 def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor,
                        estimator: str = "reinforce_pp_baseline", whiten: bool = True, group=None,
                        token_penalty: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
@@ -155,10 +174,4 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, mask: tor
     if m.dim() != 2 or m.shape[0] != rewards.shape[0]:
         raise ValueError(f"mask {tuple(m.shape)} must be [N, L] with N = len(rewards) = {rewards.shape[0]}")
     adv = group_baseline_advantages(rewards.double(), group_ids, estimator)
-    if token_penalty is not None:
-        tok = returns_to_go(fold_kl_into_rewards(adv, m, token_penalty.double(), beta=1.0), m)
-    else:
-        tok = torch.where(m, adv[:, None].expand(m.shape), torch.zeros(m.shape, dtype=torch.float64, device=m.device))
-    if whiten:
-        tok = _whiten(tok, m, group=group, eps=eps)
-    return tok.float()
+    return token_advantages(adv, m, whiten, group, token_penalty, eps)

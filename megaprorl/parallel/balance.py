@@ -1,26 +1,31 @@
-"""Balancing an RL step's prompt groups over the data-parallel ranks (``parallel.balance_batch``).
+"""Balancing an RL step's responses over the data-parallel ranks (``parallel.balance_batch``).
 
 Each data-parallel rank draws its own prompt groups, so one rank can hold the step's longest responses while
 another holds short ones; every log-prob pass and every mini-batch's gradient all-reduce then waits for the
-rank with the most work.  The ranks instead share the step's groups out afresh: the step's groups in one
-random order (the same on every rank) are cut into the step's mini-batches, and each mini-batch's groups are
-split over the ranks so that each rank gets the same number of groups and about the same model FLOPs.  Whole
-groups move, so each group's samples stay together (their advantages are computed per group), and the loss
-normalisers, which count tokens over all ranks, are unchanged: a mini-batch's gradient is the same sum
-whichever rank holds which of its groups.
+rank with the most work.  The ranks instead share the step's responses out afresh: the step's groups, in one
+random order (the same on every rank), are cut into the step's mini-batches, and each mini-batch's responses
+are split over the ranks so that each rank gets the same number and about the same model FLOPs.  A
+mini-batch still holds whole groups, spread over the ranks; each response carries the advantage its group gave
+it where the group was drawn, and the loss normalisers count tokens over all ranks, so a mini-batch's gradient
+is the same sum whichever rank holds which response.
 
-The plan is computed from the gathered group costs by every rank alike; only the groups that change rank
-travel (``exchange_objects``), and each split keeps as many groups where they were drawn as it can.
+Responses, not whole groups, are the unit: at 32 data-parallel ranks, ProRL's 64 prompts per mini-batch are 2
+groups per rank, too coarse to even out (a simulation with heavy-tailed lengths: the update 1.47x an even
+split's with whole groups, where responses reach 1.0x; ``docs/parallelism.md``).
+
+The plan is computed from the gathered costs by every rank alike; only the responses that change rank travel
+(``exchange_objects``), and each split goes to the rank that drew most of it.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-Item = Tuple[int, int]  # (rank the group was drawn on, its index there)
+Item = Tuple[int, int]  # (rank an item was drawn on, its index there)
 
 
 def mini_batch_sizes(n_groups: int, n_mini: int) -> List[int]:
@@ -33,9 +38,9 @@ def mini_batch_sizes(n_groups: int, n_mini: int) -> List[int]:
 
 def split_even(costs: Sequence[float], parts: int, size: int) -> List[List[int]]:
     """Split the items ``costs`` (``parts * size`` of them) into ``parts`` lists of ``size`` items each with
-    loads (cost sums) as even as it finds: largest first onto the lightest list that has room, then pairwise
-    swaps between the heaviest and the lightest list while one lowers the larger of the two.  Deterministic:
-    ties go to the lower index."""
+    loads (cost sums) as even as it finds: largest first onto the lightest list that has room, then swaps
+    between the heaviest and the lightest list, each the pair that lowers the larger of the two most, while one
+    does and they differ by more than 0.1%.  Deterministic: ties go to the lower index."""
     if len(costs) != parts * size:
         raise ValueError(f"split_even: {len(costs)} items do not make {parts} lists of {size}")
     lists: List[List[int]] = [[] for _ in range(parts)]
@@ -44,16 +49,23 @@ def split_even(costs: Sequence[float], parts: int, size: int) -> List[List[int]]
         p = min((p for p in range(parts) if len(lists[p]) < size), key=lambda p: (loads[p], p))
         lists[p].append(i)
         loads[p] += costs[i]
-    for _ in range(4 * len(costs)):
+    for _ in range(len(costs)):
         hi = max(range(parts), key=lambda p: (loads[p], -p))
         lo = min(range(parts), key=lambda p: (loads[p], p))
         gap = loads[hi] - loads[lo]
-        best, best_d = None, 0.0
+        if gap <= 1e-3 * loads[hi]:  # within 0.1%: even enough, and the swaps' gains only shrink from here
+            break
+        low = sorted(lists[lo], key=lambda b: (costs[b], b))
+        low_costs = [costs[b] for b in low]
+        best, best_gain = None, 0.0
         for a in lists[hi]:
-            for b in lists[lo]:
-                d = costs[a] - costs[b]  # moving a down and b up narrows the gap by 2d
-                if 0 < d < gap and min(d, gap - d) > best_d:
-                    best, best_d = (a, b), min(d, gap - d)
+            # swapping a (down) with b (up) moves d = cost a - cost b and lowers the pair's larger load by
+            # min(d, gap - d): best at d = gap / 2, so look at the two b around cost a - gap / 2
+            k = bisect.bisect_left(low_costs, costs[a] - gap / 2)
+            for b in low[max(k - 1, 0):k + 1]:
+                d = costs[a] - costs[b]
+                if 0 < d < gap and min(d, gap - d) > best_gain:
+                    best, best_gain = (a, b), min(d, gap - d)
         if best is None:
             break
         a, b = best
@@ -82,23 +94,27 @@ def _label(lists: List[List[Item]], costs: dict) -> List[List[Item]]:
     return out
 
 
-def plan(costs: List[List[float]], n_mini: int, seed: int) -> List[List[Item]]:
-    """The balanced layout of a step: ``costs[r][i]`` is the cost of group i drawn on rank r (every rank the
-    same number).  Returns, per rank, the groups it trains, in order: its share of mini-batch 0, then of
-    mini-batch 1, ... (``mini_batch_sizes`` of them each, as it would cut its own groups)."""
+def plan(costs: List[List[float]], n_mini: int, seed: int, group_size: int = 1) -> List[List[Item]]:
+    """The balanced layout of a step: ``costs[r][i]`` is the cost of item i drawn on rank r (every rank the same
+    number), whose groups are ``group_size`` consecutive items.  The groups, in the seed's order, are cut into
+    mini-batches of ``mini_batch_sizes`` groups per rank; each mini-batch's items are split over the ranks.
+    Returns, per rank, the items it trains: its share of mini-batch 0, then of mini-batch 1, ..."""
     world = len(costs)
     n = len(costs[0])
     if any(len(c) != n for c in costs):
-        raise ValueError("balance plan: every rank must hold the same number of groups")
-    items = [(r, i) for r in range(world) for i in range(n)]
-    cost = {(r, i): float(costs[r][i]) for r, i in items}
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        raise ValueError("balance plan: every rank must hold the same number of items")
+    if n % group_size:
+        raise ValueError(f"balance plan: {n} items are not groups of {group_size}")
+    groups = [(r, g) for r in range(world) for g in range(n // group_size)]
+    cost = {(r, i): float(costs[r][i]) for r in range(world) for i in range(n)}
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     out: List[List[Item]] = [[] for _ in range(world)]
     start = 0
-    for size in mini_batch_sizes(n, n_mini):
-        chunk = [items[k] for k in order[start:start + size * world]]
+    for size in mini_batch_sizes(n // group_size, n_mini):
+        chunk = [(r, g * group_size + j) for r, g in (groups[k] for k in order[start:start + size * world])
+                 for j in range(group_size)]
         start += size * world
-        lists = [[chunk[k] for k in lst] for lst in split_even([cost[it] for it in chunk], world, size)]
+        lists = [[chunk[k] for k in lst] for lst in split_even([cost[it] for it in chunk], world, size * group_size)]
         for r, lst in enumerate(_label(lists, cost)):
             out[r] += lst
     return out
