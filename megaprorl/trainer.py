@@ -1015,6 +1015,12 @@ def engine_logprobs(rollouts, batch: SeqBatch) -> torch.Tensor:
 _SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_retired")
 
 
+# timings whose slowest rank is logged beside their mean (as <key>_max): the step waits for that rank, so the
+# gap between the two is the time lost to uneven work (parallel.balance_batch evens out the log-prob passes and
+# the update; the rollouts stay as drawn)
+_MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s")
+
+
 def _summed(key: str) -> bool:
     return key in _SUMMED_STATS or key.startswith("reward_errors/")
 
@@ -1024,7 +1030,8 @@ def _reduce_stats(stats: Dict) -> Dict:
 
     Ranks may report different keys (a rank can draw no prompt of some domain, so it has no
     ``reward/<domain>``): each key is averaged over the ranks that report it.  The counts of the step's
-    batch (``_SUMMED_STATS``) are summed instead.
+    batch (``_SUMMED_STATS``) are summed instead; the timings of ``_MAXED_STATS`` also give their slowest
+    rank's, as ``<key>_max``.
     """
     if not dist.is_initialized() or dp_world() == 1:
         return stats
@@ -1034,6 +1041,8 @@ def _reduce_stats(stats: Dict) -> Dict:
     for k in sorted(set().union(*per_rank)):
         vals = [d[k] for d in per_rank if k in d]
         out[k] = sum(vals) if _summed(k) else sum(vals) / len(vals)
+        if k in _MAXED_STATS:
+            out[k + "_max"] = max(vals)
     return out
 
 
