@@ -176,7 +176,7 @@ def _trainer(tmp, *extra):
         "algo.dynamic_sampling.enabled=false", *extra]))
 
 
-def _dp_job(rank, world, tmp, balance, mini, swap=False):
+def _dp_job(rank, world, tmp, balance, mini, swap=False, extra=()):
     from pathlib import Path
 
     if swap:  # every group to the other rank: the whole exchange and the reassembly in use
@@ -185,7 +185,7 @@ def _dp_job(rank, world, tmp, balance, mini, swap=False):
         bal.plan = lambda costs, n_mini, seed, group_size: [[(1 - r, i) for i in range(len(costs[0]))]
                                                             for r in range(2)]
     t = _trainer(Path(tmp) / f"{balance}_{mini}_r{rank}", f"parallel.balance_batch={balance}",
-                 f"train.mini_batch_prompts={mini}")
+                 f"train.mini_batch_prompts={mini}", *extra)
     seen = []
     real = t.policy.train_step
 
@@ -232,6 +232,28 @@ def test_balanced_batch_trains_the_same_sequences(tmp_path, mini, swap):
     if mini == 8:
         assert s_on["grad_norm"] == pytest.approx(s_off["grad_norm"], rel=1e-5)
         torch.testing.assert_close(on[0][2], off[0][2], rtol=0, atol=1e-6)
+
+
+def test_balanced_batch_under_pipeline_parallelism(tmp_path):
+    """PP=2 x DP=2, every response sent to the other replica: each stage's ranks exchange with their own
+    data-parallel peers; both stages of a replica train the same responses in the same order (else the schedule
+    would pair activations of different sequences), and with one mini-batch the weights after the step equal
+    the unbalanced run's."""
+    from dist_utils import run_distributed
+
+    pp = ("parallel.pipeline_parallel=2", "model.num_layers=2")
+    on = run_distributed(_dp_job, 4, (str(tmp_path), True, 8, True, pp))
+    off = run_distributed(_dp_job, 4, (str(tmp_path), False, 8, False, pp))
+    assert on[0][0]["dp/responses_moved"] == 16
+    # ranks r and r + 2: the two stages of data-parallel replica r (Megatron's order: TP, then DP, then PP)
+    for out in (on, off):
+        for r in range(2):
+            assert out[r][1] == out[r + 2][1]  # the two stages of a replica trained the same sequences
+    assert sorted(s for r in (0, 1) for mb in on[r][1] for s in mb) == sorted(
+        s for r in (0, 1) for mb in off[r][1] for s in mb)
+    assert on[0][0]["grad_norm"] == pytest.approx(off[0][0]["grad_norm"], rel=1e-5)
+    for r in range(4):
+        torch.testing.assert_close(on[r][2], off[r][2], rtol=0, atol=1e-6)
 
 
 def _uneven_job(rank, world, tmp):
