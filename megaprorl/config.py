@@ -577,6 +577,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
+    ds = cfg.algo.dynamic_sampling
+    need(not (ds.enabled and ds.share_over_dp) or cfg.parallel.balance_batch, "algo.dynamic_sampling.share_over_dp",
+         "needs parallel.balance_batch (the ranks' shares of the pool differ until the batch is shared out); "
+         "set both false to draw and train per rank")
     room = cfg.model.max_position_embeddings
     budgets = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)]
     budgets += [(f"eval.sets[{i}].max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.eval.sets)]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import evaluation
 from .algo.advantages import group_baseline_advantages, token_advantages
-from .algo.dynamic_sampling import DynamicSampler
+from .algo.dynamic_sampling import DynamicSampler, draw_size
 from .algo.entropy_control import EntropyController
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong, overlong_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
@@ -446,7 +446,9 @@ class Trainer:
         cfg = self.cfg
         n = cfg.rollout.n_samples
         b_local = cfg.train.prompts_per_step // dp_world()
-        sampler: DynamicSampler[Dict] = DynamicSampler(b_local, cfg.algo.dynamic_sampling)
+        ds = cfg.algo.dynamic_sampling
+        sampler: DynamicSampler[Dict] = DynamicSampler(b_local, ds)
+        pooled = dp_world() > 1 and ds.enabled and ds.share_over_dp
         timings = {"rollout": 0.0, "reward": 0.0}
         engine_stats: Dict[str, float] = {}  # the embedded engine's counters, summed over the draws
         raw_rewards: List[float] = []
@@ -456,8 +458,11 @@ class Trainer:
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
         skipped = {"long": 0, "retired": 0}
         outcomes = []  # (prompt key, solved by every sample) of each group drawn, for data.retire_solved_after
-        while self._keep_drawing(sampler):
-            records, prompts, skipped_now = self._sample_prompts(sampler.wanted())
+        while True:
+            k = self._pooled_draw(sampler) if pooled else sampler.next_draw() if self._keep_drawing(sampler) else 0
+            if not k:
+                break
+            records, prompts, skipped_now = self._sample_prompts(k)
             for k in skipped:
                 skipped[k] += skipped_now[k]
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -496,7 +501,10 @@ class Trainer:
             sampler.add(groups, shaped.view(len(records), n))  # signal is judged on the shaped rewards
             if self.retired.enabled:
                 outcomes += [self.retired.outcome(g["record"], g["reward"].tolist()) for g in groups]
-        kept = sampler.take()  # B_local groups, topped up with zero-signal ones if the draw bound was hit
+        if pooled:  # the ranks' groups with signal make the step's B together (the exchange evens the shares)
+            kept, pool_stats = self._take_pooled(sampler)
+        else:
+            kept, pool_stats = sampler.take(), {}  # B_local groups, topped up with zero-signal ones at the bound
         n_tok = max(len(lengths), 1)
         stats = {
             "reward": sum(raw_rewards) / max(len(raw_rewards), 1),
@@ -504,6 +512,7 @@ class Trainer:
             "response_length": sum(lengths) / n_tok,
             "truncated_frac": truncated_count / n_tok,
             **sampler.stats(),
+            **pool_stats,
             "length_penalty/on": float(penalty_on),
             "data/skipped_long_prompts": skipped["long"],
             "time/rollout_s": timings["rollout"],
@@ -531,6 +540,29 @@ class Trainer:
             stats[f"reward_errors/{dom}"] = err
             stats[f"response_length/{dom}"] = toks / max(cnt, 1)
         return kept, stats
+
+    def _pooled_draw(self, sampler: DynamicSampler) -> int:
+        """``algo.dynamic_sampling.share_over_dp``: this rank's share of the next draw of the ranks' pool (0: the
+        pool has the step's groups with signal, or the draw bound is reached).  Every rank draws the same number
+        in the same rounds (so the ranks whose experts meet in every forward keep step too)."""
+        kept, generated = [sum(x) for x in zip(*_gather_objects([(sampler.kept, sampler.generated)]))]
+        want = self.cfg.train.prompts_per_step
+        if kept >= want or sampler.draws >= sampler.max_draws:
+            return 0
+        ds = self.cfg.algo.dynamic_sampling
+        return -(-draw_size(want - kept, kept, generated, ds.oversample, want) // dp_world())
+
+    def _take_pooled(self, sampler: DynamicSampler) -> Tuple[List[Dict], Dict[str, float]]:
+        """This rank's part of the pool's ``train.prompts_per_step`` groups: groups with signal taken as evenly
+        over the ranks as they hold them, topped up (at the draw bound) with zero-signal ones the same way; the
+        shares may differ by rank (``_balance`` evens them out)."""
+        want = self.cfg.train.prompts_per_step
+        held = _gather_objects([(sampler.available, sampler.spare)])
+        with_signal = sum(a for a, _ in held)
+        mine = balance.even_take([a for a, _ in held], want)[dp_rank()]
+        if with_signal < want:
+            mine = held[dp_rank()][0] + balance.even_take([s for _, s in held], want - with_signal)[dp_rank()]
+        return sampler.take(mine), {"dynamic_sampling/surplus_groups": max(with_signal - want, 0)}
 
     def _keep_drawing(self, sampler: DynamicSampler) -> bool:
         """Whether this rank draws another round.  With the experts spread over data-parallel replicas
@@ -586,8 +618,10 @@ class Trainer:
         t_step = time.time()
         groups, stats = self._draw_groups()
         n = cfg.rollout.n_samples
-        shaped = torch.cat([g["shaped"] for g in groups])
-        stats["shaped_reward"] = float(shaped.mean())
+        # (a rank may hold no group here: the pooled draws' shares differ until _balance evens them out)
+        shaped = torch.cat([g["shaped"] for g in groups]) if groups else torch.zeros(0)
+        if groups:
+            stats["shaped_reward"] = float(shaped.mean())
         stats["reward_errors"] = sum(g["errors"] for g in groups)
         # each response's advantage against its group, here where the whole group was drawn (then it may move)
         seq_adv = group_baseline_advantages(shaped.double(), torch.arange(len(groups)).repeat_interleave(n),
@@ -728,13 +762,16 @@ class Trainer:
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
         mine = [train_flops(self.flops_shape, [len(q.rollout.prompt_ids) + len(q.rollout.response_ids)]) for q in seqs]
         costs = _gather_objects([mine])
-        n_groups = len(seqs) // n
-        sizes = balance.mini_batch_sizes(n_groups, n_mini)
+        drawn = []  # each rank's load per mini-batch were it to train what it drew, cut as it would cut it
+        for r in range(world):
+            g_r = len(costs[r]) // n
+            order = self._group_order(g_r, r).tolist()
+            b = [sum(balance.mini_batch_sizes(g_r, n_mini)[:m]) for m in range(n_mini + 1)]
+            drawn.append([sum(costs[r][g * n + j] for g in order[b[m]:b[m + 1]] for j in range(n))
+                          for m in range(n_mini)])
+        stats = {"dp/load_imbalance_drawn": balance.step_imbalance(drawn)}
+        sizes = balance.mini_batch_sizes(cfg.train.prompts_per_step // world, n_mini)
         bounds = [sum(sizes[:m]) for m in range(n_mini + 1)]
-        drawn = [self._group_order(n_groups, r).tolist() for r in range(world)]
-        stats = {"dp/load_imbalance_drawn": balance.step_imbalance(
-            [[sum(costs[r][g * n + j] for g in drawn[r][bounds[m]:bounds[m + 1]] for j in range(n))
-              for m in range(n_mini)] for r in range(world)])}
         if not cfg.parallel.balance_batch:
             stats["dp/load_imbalance"] = stats["dp/load_imbalance_drawn"]
             return seqs, False, stats

@@ -1,9 +1,12 @@
-"""How evenly the data-parallel ranks are loaded in an RL step's update, as drawn, with whole groups balanced,
-and with responses balanced (``parallel.balance_batch``): a simulation on made-up lengths, no model.
+"""Simulations of an RL step's data-parallel work, no model: (1) how evenly the ranks are loaded in the update,
+as drawn, with whole groups balanced and with responses balanced (``parallel.balance_batch``); (2) how many
+dynamic-sampling rounds a step takes, per rank or pooled over the ranks, drawing the missing groups or
+oversampling them (``algo.dynamic_sampling.share_over_dp`` / ``oversample``), with the trainer's own functions.
 
 Length model (an assumption, not measured): each prompt has a typical response length drawn log-uniformly
 between 300 tokens and the budget; its samples spread around it by a log-normal factor (sigma 0.5), capped at
-the budget; each sequence adds a 200-token prompt.  A rank's load is the tokens it trains.
+the budget; each sequence adds a 200-token prompt.  A rank's load is the tokens it trains.  Signal model: each
+group has signal with a fixed probability, independently.
 
     python scripts/balance_sim.py [--prompts 256] [--samples 16] [--mini-batches 4] [--budget 8192]
 """
@@ -16,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megaprorl.algo.dynamic_sampling import draw_size  # noqa: E402
 from megaprorl.parallel.balance import mini_batch_sizes, plan, step_imbalance  # noqa: E402
 
 
@@ -59,6 +63,41 @@ def main() -> None:
             rows.append((drawn, whole, resp, t))
         mean = [sum(r[k] for r in rows) / len(rows) for k in range(3)]
         print(f"{world:>9} {mean[0]:>9.3f} {mean[1]:>9.3f} {mean[2]:>10.3f} {max(r[3] for r in rows):>7.2f}")
+
+    sampling(a, rng)
+
+
+def sampling(a, rng, rates=(0.8, 0.6, 0.3), world=32, max_draws=5, trials=300) -> None:
+    """Dynamic sampling's rounds in a step at ``world`` ranks: the rounds the step waits for (per rank: its
+    slowest rank's), the prompts drawn, and the groups without signal that top the batch up at the draw bound."""
+    print(f"\ndynamic sampling at {world} ranks, {a.prompts} prompts a step, at most {max_draws} draws "
+          f"(mean of {trials} steps)")
+    print(f"{'signal':>7} {'draws':>24} {'rounds':>7} {'prompts':>8} {'topped up':>10}")
+    b = a.prompts // world
+    for p in rates:
+        for pooled in (False, True):
+            for over in (False, True):
+                rounds = drawn = short = 0
+                for _ in range(trials):
+                    if pooled:
+                        kept = gen = k = 0
+                        while kept < a.prompts and k < max_draws:
+                            w = -(-draw_size(a.prompts - kept, kept, gen, over, a.prompts) // world) * world
+                            kept += sum(rng.random() < p for _ in range(w))
+                            gen, k = gen + w, k + 1
+                        rounds, drawn, short = rounds + k, drawn + gen, short + max(a.prompts - kept, 0)
+                        continue
+                    slowest = 0
+                    for _ in range(world):
+                        kept = gen = k = 0
+                        while kept < b and k < max_draws:
+                            w = draw_size(b - kept, kept, gen, over, b)
+                            kept += sum(rng.random() < p for _ in range(w))
+                            gen, k = gen + w, k + 1
+                        slowest, drawn, short = max(slowest, k), drawn + gen, short + max(b - kept, 0)
+                    rounds += slowest
+                how = ("pooled" if pooled else "per rank") + (", oversampled" if over else "")
+                print(f"{p:>7.1f} {how:>24} {rounds / trials:>7.2f} {drawn / trials:>8.0f} {short / trials:>10.2f}")
 
 
 if __name__ == "__main__":

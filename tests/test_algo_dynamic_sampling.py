@@ -95,3 +95,24 @@ def test_sampler_errors_and_group_of_one():
         DynamicSampler(target_groups=-1)
     with pytest.raises(ValueError):
         DynamicSampler(1, DynamicSamplingConfig(max_extra_draws=-1))
+
+
+def test_draw_size_scales_the_missing_groups_by_the_signal_rate():
+    from megaprorl.algo.dynamic_sampling import draw_size
+
+    assert draw_size(8, 0, 0, True, 8) == 8  # the first draw: what is missing
+    assert draw_size(3, 5, 8, False, 8) == 3  # without oversampling: what is missing
+    assert draw_size(3, 5, 10, True, 8) == 6  # half the groups had signal: twice the missing
+    assert draw_size(3, 6, 8, True, 8) == 4  # 3 / 0.75
+    assert draw_size(6, 0, 8, True, 8) == 8  # no signal yet: the rate's floor (0.1), at most a full batch
+    assert draw_size(9, 0, 8, True, 8) == 9  # the cap never asks for fewer than are missing
+    assert draw_size(0, 8, 8, True, 8) == 0
+
+
+def test_sampler_next_draw_oversamples_unless_told_not_to():
+    s = DynamicSampler(target_groups=4, cfg=DynamicSamplingConfig(enabled=True, max_extra_draws=4))
+    s.add(["a", "b", "c", "d"], [[0, 1], [1, 1], [0, 0], [1, 0]])  # 2 of 4 with signal
+    assert s.wanted() == 2 and s.next_draw() == 4 and s.spare == 2
+    plain = DynamicSampler(target_groups=4, cfg=DynamicSamplingConfig(enabled=True, oversample=False))
+    plain.add(["a", "b", "c", "d"], [[0, 1], [1, 1], [0, 0], [1, 0]])
+    assert plain.next_draw() == 2

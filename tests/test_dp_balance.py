@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from megaprorl.parallel.balance import mini_batch_sizes, plan, split_even, step_imbalance
+from megaprorl.parallel.balance import even_take, mini_batch_sizes, plan, split_even, step_imbalance
 
 sys.path.insert(0, os.path.dirname(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,11 +143,28 @@ def test_each_list_goes_to_the_rank_that_drew_most_of_it():
     assert _label(lists, cost) == [[(0, 0), (1, 0)], [(1, 1), (0, 1)], [(2, 0), (2, 1)]]
 
 
-def test_plan_rejects_unequal_counts():
-    with pytest.raises(ValueError, match="same number of items"):
+def test_plan_rejects_counts_that_do_not_split():
+    with pytest.raises(ValueError, match="3 groups do not split evenly over 2 ranks"):
         plan([[1.0, 2.0], [1.0]], 1, seed=0)
     with pytest.raises(ValueError, match="not groups of 2"):
         plan([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], 1, seed=0, group_size=2)
+
+
+def test_plan_evens_out_ranks_that_drew_different_numbers():
+    """Pooled dynamic sampling leaves the ranks with different numbers of groups: 3, 0 and 3 groups of 2 make
+    two per rank, each mini-batch's whole groups spread over the ranks."""
+    costs = [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]]
+    layout = plan(costs, 2, seed=1, group_size=2)
+    assert [len(p) for p in layout] == [4, 4, 4]
+    assert sorted(it for p in layout for it in p) == [(r, i) for r in (0, 2) for i in range(6)]
+
+
+def test_even_take():
+    assert even_take([5, 0, 3], 6) == [3, 0, 3]
+    assert even_take([1, 10], 8) == [1, 7]
+    assert even_take([5, 5, 5], 7) == [3, 2, 2]
+    assert even_take([1, 2], 8) == [1, 2]  # all there are
+    assert even_take([4, 4], 0) == [0, 0]
 
 
 def _exchange_job(rank, world):
@@ -271,3 +288,66 @@ def test_mini_batches_that_do_not_split_over_the_ranks_are_a_config_error(tmp_pa
 
     out = run_distributed(_uneven_job, 2, (str(tmp_path),))
     assert all(o and "train.mini_batch_prompts" in o and "2 data-parallel ranks" in o for o in out)
+
+
+def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
+    """Rank 0's groups all have signal, rank 1's none: per rank, rank 1 draws to the bound and trains groups
+    without signal; pooled, rank 0's surplus makes the step's batch."""
+    from pathlib import Path
+
+    import megaprorl.trainer as tr
+    from megaprorl.rewards.base import RewardResult
+
+    real = tr.Trainer._generate_scored
+
+    def scored(self, records, prompts, params):
+        rollouts, scores, t_gen, t_wait = real(self, records, prompts, params)
+        n = params.n
+        fake = [RewardResult(float(rank in signal_ranks and k % n == 0)) for k in range(len(rollouts))]
+        return rollouts, fake, t_gen, t_wait
+
+    tr.Trainer._generate_scored = scored
+    t = _trainer(Path(tmp) / f"{share}_{len(signal_ranks)}_r{rank}", "algo.dynamic_sampling.enabled=true",
+                 "algo.dynamic_sampling.max_extra_draws=2", f"algo.dynamic_sampling.share_over_dp={share}",
+                 "train.mini_batch_prompts=8")
+    seen = []
+    real_step = t.policy.train_step
+
+    def spy(mb, *a, **k):
+        seen.append(len(mb))
+        return real_step(mb, *a, **k)
+
+    t.policy.train_step = spy
+    try:
+        return t.rl_step(), seen
+    finally:
+        t.close()
+
+
+def test_pooled_dynamic_sampling_fills_the_batch_from_any_rank(tmp_path):
+    from dist_utils import run_distributed
+
+    pooled = run_distributed(_pooled_job, 2, (str(tmp_path), True))
+    per_rank = run_distributed(_pooled_job, 2, (str(tmp_path), False))
+    # per rank: rank 1 draws to the bound (3 draws) and tops its 4 groups up with zero-signal ones
+    (s0, _), (s1, _) = per_rank
+    assert s0["dynamic_sampling/draws"] == 1 and s1["dynamic_sampling/draws"] == 3
+    assert s1["dynamic_sampling/filled_zero_signal"] == 4
+    # pooled: rank 0's 4 groups with signal are half the step's 8; the pool draws again (both ranks, the same
+    # number: 4 missing at a signal rate of 1/2 -> 8 prompts, 4 per rank), and rank 0's new 4 fill it
+    (p0, n0), (p1, n1) = pooled
+    assert p0["dynamic_sampling/draws"] == p1["dynamic_sampling/draws"] == 2
+    assert p0["dynamic_sampling/filled_zero_signal"] == p1["dynamic_sampling/filled_zero_signal"] == 0
+    assert p0["dynamic_sampling/surplus_groups"] == p1["dynamic_sampling/surplus_groups"] == 0
+    assert p0["dp/responses_moved"] == 8  # half of rank 0's 8 groups x 2 responses go to rank 1
+    assert n0 == n1 == [8]  # after the exchange each rank trains 4 groups x 2 responses
+
+
+def test_pooled_dynamic_sampling_tops_up_evenly_at_the_draw_bound(tmp_path):
+    """No group has signal anywhere: the pool draws to the bound (each extra draw a full batch, the rate's
+    floor scaled up to the cap) and every rank tops up its equal share with zero-signal groups."""
+    from dist_utils import run_distributed
+
+    for stats, seen in run_distributed(_pooled_job, 2, (str(tmp_path), True, ())):
+        assert stats["dynamic_sampling/draws"] == 3 and stats["dynamic_sampling/filled_zero_signal"] == 4
+        assert stats["dynamic_sampling/discarded_frac"] == 1.0 and seen == [8]

@@ -9,6 +9,7 @@ trainer's ``_draw_groups`` drives it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Generic, List, Optional, Sequence, TypeVar
 
@@ -17,10 +18,29 @@ import torch
 T = TypeVar("T")
 
 
+MIN_SIGNAL_RATE = 0.1  # the lowest signal rate an extra draw scales by (at most 10x the missing groups)
+
+
 @dataclass
 class DynamicSamplingConfig:
     enabled: bool = True
     max_extra_draws: int = 4  # extra generate+score rounds per RL step beyond the first
+    # an extra draw asks for the missing groups over the share of groups with signal seen so far in the step
+    # (at most a full batch), not for the missing groups alone: fewer rounds, each a whole generation's latency
+    oversample: bool = True
+    # at data-parallel > 1 the ranks draw as one pool: they stop together once the step has its groups with
+    # signal, whichever rank drew them (needs parallel.balance_batch, which then evens the ranks' shares out)
+    share_over_dp: bool = True
+
+
+def draw_size(missing: int, kept: int, generated: int, oversample: bool, cap: int) -> int:
+    """How many prompts the next draw asks for: ``missing``, or with ``oversample`` (after a first draw) the
+    missing groups over the signal rate seen so far, ``kept / generated`` (at least ``MIN_SIGNAL_RATE``), at
+    most ``max(cap, missing)``."""
+    if not oversample or generated == 0 or missing <= 0:
+        return max(missing, 0)
+    rate = max(kept / generated, MIN_SIGNAL_RATE)
+    return min(math.ceil(missing / rate - 1e-9), max(cap, missing))
 
 
 def groups_with_signal(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 0.0,
@@ -53,7 +73,7 @@ class DynamicSampler(Generic[T]):
 
         sampler = DynamicSampler(target_groups=B, cfg=cfg.algo.dynamic_sampling)
         while sampler.can_draw():
-            items, rewards = draw(sampler.wanted())     # one generate+score round
+            items, rewards = draw(sampler.next_draw())  # one generate+score round
             sampler.add(items, rewards)                  # rewards[i]: the rewards of group i
         batch = sampler.take()                           # B groups (topped up if the bound was hit)
 
@@ -96,8 +116,18 @@ class DynamicSampler(Generic[T]):
         return not self.is_full() and self.draws < self.max_draws
 
     def wanted(self) -> int:
-        """Groups still missing (the size of the next draw)."""
+        """Groups still missing."""
         return max(self.target - len(self._kept), 0)
+
+    def next_draw(self) -> int:
+        """The size of the next draw (``draw_size``: the missing groups, scaled up by ``cfg.oversample``)."""
+        return draw_size(self.wanted(), self.kept, self.generated, self.cfg.oversample and self.cfg.enabled,
+                         self.target)
+
+    @property
+    def spare(self) -> int:
+        """Zero-signal groups held now, for topping up."""
+        return len(self._spare)
 
     def add(self, items: Sequence[T], rewards: Sequence[Sequence[float]]) -> List[bool]:
         """One draw: sort its groups into kept / spare.  Returns the per-group signal flags."""

@@ -94,23 +94,37 @@ def _label(lists: List[List[Item]], costs: dict) -> List[List[Item]]:
     return out
 
 
+def even_take(available: Sequence[int], total: int) -> List[int]:
+    """How many of its ``available[r]`` items each rank gives so that they make ``total`` (or all there are)
+    spread as evenly as the availabilities allow; the lower ranks give the remainder."""
+    want = min(total, sum(available))
+    out = [0] * len(available)
+    while sum(out) < want:
+        open_ = [r for r in range(len(available)) if out[r] < available[r]]
+        share = max((want - sum(out)) // len(open_), 1)
+        for r in open_:
+            if sum(out) < want:
+                out[r] += min(share, available[r] - out[r], want - sum(out))
+    return out
+
+
 def plan(costs: List[List[float]], n_mini: int, seed: int, group_size: int = 1) -> List[List[Item]]:
-    """The balanced layout of a step: ``costs[r][i]`` is the cost of item i drawn on rank r (every rank the same
-    number), whose groups are ``group_size`` consecutive items.  The groups, in the seed's order, are cut into
-    mini-batches of ``mini_batch_sizes`` groups per rank; each mini-batch's items are split over the ranks.
-    Returns, per rank, the items it trains: its share of mini-batch 0, then of mini-batch 1, ..."""
+    """The balanced layout of a step: ``costs[r][i]`` is the cost of item i drawn on rank r, whose groups are
+    ``group_size`` consecutive items; the ranks may have drawn different numbers of groups, as long as they
+    split evenly over the ranks.  The groups, in the seed's order, are cut into mini-batches of
+    ``mini_batch_sizes`` groups per rank; each mini-batch's items are split over the ranks.  Returns, per rank,
+    the items it trains: its share of mini-batch 0, then of mini-batch 1, ..."""
     world = len(costs)
-    n = len(costs[0])
-    if any(len(c) != n for c in costs):
-        raise ValueError("balance plan: every rank must hold the same number of items")
-    if n % group_size:
-        raise ValueError(f"balance plan: {n} items are not groups of {group_size}")
-    groups = [(r, g) for r in range(world) for g in range(n // group_size)]
-    cost = {(r, i): float(costs[r][i]) for r in range(world) for i in range(n)}
+    if any(len(c) % group_size for c in costs):
+        raise ValueError(f"balance plan: {[len(c) for c in costs]} items are not groups of {group_size}")
+    groups = [(r, g) for r in range(world) for g in range(len(costs[r]) // group_size)]
+    if len(groups) % world:
+        raise ValueError(f"balance plan: {len(groups)} groups do not split evenly over {world} ranks")
+    cost = {(r, i): float(c) for r in range(world) for i, c in enumerate(costs[r])}
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     out: List[List[Item]] = [[] for _ in range(world)]
     start = 0
-    for size in mini_batch_sizes(n // group_size, n_mini):
+    for size in mini_batch_sizes(len(groups) // world, n_mini):
         chunk = [(r, g * group_size + j) for r, g in (groups[k] for k in order[start:start + size * world])
                  for j in range(group_size)]
         start += size * world
