@@ -1049,7 +1049,8 @@ def engine_logprobs(rollouts, batch: SeqBatch) -> torch.Tensor:
 
 # counts over the whole step's batch: summed over the data-parallel ranks, not averaged
 # and reward_errors/<domain>
-_SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_retired")
+_SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_retired",
+                 "dynamic_sampling/filled_zero_signal")
 
 
 # timings whose slowest rank is logged beside their mean (as <key>_max): the step waits for that rank, so the

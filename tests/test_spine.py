@@ -312,7 +312,8 @@ def _reduce_stats_worker(rank, world):
 
     init_distributed()
     stats = {"reward": float(rank), "reward/addition": 0.5 + rank, "trigger": "interval",
-             "reward_errors": 1 + rank, "data/skipped_long_prompts": 2 * rank, "time/update_s": 1.0 + 2 * rank}
+             "reward_errors": 1 + rank, "data/skipped_long_prompts": 2 * rank, "time/update_s": 1.0 + 2 * rank,
+             "dynamic_sampling/filled_zero_signal": 3 * rank}
     if rank == 1:  # only rank 1 drew a logic prompt this step
         stats["reward/logic"] = 0.25
         stats["reward_errors/logic"] = 3
@@ -327,6 +328,7 @@ def test_reduce_stats_over_dp_ranks_with_different_keys():
         assert out["reward/logic"] == 0.25 and out["trigger"] == "interval"
         # counts of the step's batch are summed over the ranks
         assert out["reward_errors"] == 3 and out["data/skipped_long_prompts"] == 2 and out["reward_errors/logic"] == 3
+        assert out["dynamic_sampling/filled_zero_signal"] == 3  # the step's batch's zero-signal groups, all ranks'
         # the update's mean time and its slowest rank's
         assert out["time/update_s"] == 2.0 and out["time/update_s_max"] == 3.0 and "reward_max" not in out
 
