@@ -459,10 +459,10 @@ class Trainer:
         skipped = {"long": 0, "retired": 0}
         outcomes = []  # (prompt key, solved by every sample) of each group drawn, for data.retire_solved_after
         while True:
-            k = self._pooled_draw(sampler) if pooled else sampler.next_draw() if self._keep_drawing(sampler) else 0
-            if not k:
+            size = self._pooled_draw(sampler) if pooled else sampler.next_draw() if self._keep_drawing(sampler) else 0
+            if not size:
                 break
-            records, prompts, skipped_now = self._sample_prompts(k)
+            records, prompts, skipped_now = self._sample_prompts(size)
             for k in skipped:
                 skipped[k] += skipped_now[k]
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -559,8 +559,9 @@ class Trainer:
         want = self.cfg.train.prompts_per_step
         held = _gather_objects([(sampler.available, sampler.spare)])
         with_signal = sum(a for a, _ in held)
-        mine = balance.even_take([a for a, _ in held], want)[dp_rank()]
-        if with_signal < want:
+        if with_signal >= want:
+            mine = balance.even_take([a for a, _ in held], want)[dp_rank()]
+        else:  # every group with signal, and the rest in zero-signal ones
             mine = held[dp_rank()][0] + balance.even_take([s for _, s in held], want - with_signal)[dp_rank()]
         return sampler.take(mine), {"dynamic_sampling/surplus_groups": max(with_signal - want, 0)}
 
@@ -765,19 +766,16 @@ class Trainer:
         drawn = []  # each rank's load per mini-batch were it to train what it drew, cut as it would cut it
         for r in range(world):
             g_r = len(costs[r]) // n
-            order = self._group_order(g_r, r).tolist()
-            b = [sum(balance.mini_batch_sizes(g_r, n_mini)[:m]) for m in range(n_mini + 1)]
-            drawn.append([sum(costs[r][g * n + j] for g in order[b[m]:b[m + 1]] for j in range(n))
-                          for m in range(n_mini)])
+            in_order = [costs[r][g * n + j] for g in self._group_order(g_r, r).tolist() for j in range(n)]
+            drawn.append(balance.mini_batch_loads(in_order, g_r, n_mini, n))
         stats = {"dp/load_imbalance_drawn": balance.step_imbalance(drawn)}
-        sizes = balance.mini_batch_sizes(cfg.train.prompts_per_step // world, n_mini)
-        bounds = [sum(sizes[:m]) for m in range(n_mini + 1)]
         if not cfg.parallel.balance_batch:
             stats["dp/load_imbalance"] = stats["dp/load_imbalance_drawn"]
             return seqs, False, stats
         layout = balance.plan(costs, n_mini, _derive_seed(cfg.seed, "balance", self.step), group_size=n)
+        b_local = cfg.train.prompts_per_step // world
         stats["dp/load_imbalance"] = balance.step_imbalance(
-            [[sum(costs[src][i] for src, i in layout[r][bounds[m] * n:bounds[m + 1] * n]) for m in range(n_mini)]
+            [balance.mini_batch_loads([costs[src][i] for src, i in layout[r]], b_local, n_mini, n)
              for r in range(world)])
         stats["dp/responses_moved"] = sum(src != r for r in range(world) for src, _ in layout[r])
         send: List[list] = [[] for _ in range(world)]
@@ -795,7 +793,7 @@ class Trainer:
         cfg = self.cfg
         n_units = len(batch) // unit
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-        sizes = balance.mini_batch_sizes(n_units, n_mini)
+        bounds = balance.mini_batch_bounds(n_units, n_mini)
         epochs = cfg.train.ppo_epochs
         total = n_mini * epochs
         agg: Dict[str, float] = {}
@@ -803,7 +801,7 @@ class Trainer:
             if m == 0:  # each pass over the batch in its own mini-batch order
                 order = (torch.arange(n_units) if keep_order and e == 0
                          else self._group_order(n_units, dp_rank(), e))
-            gsel = order[sum(sizes[:m]): sum(sizes[:m + 1])]
+            gsel = order[bounds[m]:bounds[m + 1]]
             idx = (gsel[:, None] * unit + torch.arange(unit)[None]).reshape(-1)
             mb = batch.slice(idx)
             # the valid tokens and the sequences that have any (a row the overlong filter emptied counts in neither)

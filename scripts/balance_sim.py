@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaprorl.algo.dynamic_sampling import draw_size  # noqa: E402
-from megaprorl.parallel.balance import mini_batch_sizes, plan, step_imbalance  # noqa: E402
+from megaprorl.parallel.balance import mini_batch_loads, plan, step_imbalance  # noqa: E402
 
 
 def main() -> None:
@@ -44,22 +44,19 @@ def main() -> None:
     print(f"{'DP ranks':>9} {'as drawn':>9} {'groups':>9} {'responses':>10} {'plan s':>7}")
     for world in a.worlds:
         b = a.prompts // world
-        sizes = mini_batch_sizes(b, a.mini_batches)
-        bd = [sum(sizes[:m]) for m in range(a.mini_batches + 1)]
         rows = []
         for step in range(a.steps):
             seq = [[x for _ in range(b) for x in group()] for _ in range(world)]
             grp = [[sum(c[k * n:(k + 1) * n]) for k in range(b)] for c in seq]
-            drawn = step_imbalance([[sum(grp[r][bd[m]:bd[m + 1]]) for m in range(a.mini_batches)]
-                                    for r in range(world)])
+            drawn = step_imbalance([mini_batch_loads(grp[r], b, a.mini_batches) for r in range(world)])
             lay = plan(grp, a.mini_batches, step)
-            whole = step_imbalance([[sum(grp[x][i] for x, i in lay[r][bd[m]:bd[m + 1]])
-                                     for m in range(a.mini_batches)] for r in range(world)])
+            whole = step_imbalance([mini_batch_loads([grp[x][i] for x, i in lay[r]], b, a.mini_batches)
+                                    for r in range(world)])
             t = time.perf_counter()
             lay = plan(seq, a.mini_batches, step, group_size=n)
             t = time.perf_counter() - t
-            resp = step_imbalance([[sum(seq[x][i] for x, i in lay[r][bd[m] * n:bd[m + 1] * n])
-                                    for m in range(a.mini_batches)] for r in range(world)])
+            resp = step_imbalance([mini_batch_loads([seq[x][i] for x, i in lay[r]], b, a.mini_batches, n)
+                                   for r in range(world)])
             rows.append((drawn, whole, resp, t))
         mean = [sum(r[k] for r in rows) / len(rows) for k in range(3)]
         print(f"{world:>9} {mean[0]:>9.3f} {mean[1]:>9.3f} {mean[2]:>10.3f} {max(r[3] for r in rows):>7.2f}")

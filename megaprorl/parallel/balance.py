@@ -10,8 +10,8 @@ it where the group was drawn, and the loss normalisers count tokens over all ran
 is the same sum whichever rank holds which response.
 
 Responses, not whole groups, are the unit: at 32 data-parallel ranks, ProRL's 64 prompts per mini-batch are 2
-groups per rank, too coarse to even out (a simulation with heavy-tailed lengths: the update 1.47x an even
-split's with whole groups, where responses reach 1.0x; ``docs/parallelism.md``).
+groups per rank, too coarse to even out (a simulation with heavy-tailed lengths: the update 1.45x an even
+split's with whole groups, where responses reach 1.00x; ``scripts/balance_sim.py``, ``docs/parallelism.md``).
 
 The plan is computed from the gathered costs by every rank alike; only the responses that change rank travel
 (``exchange_objects``), and each split goes to the rank that drew most of it.
@@ -34,6 +34,21 @@ def mini_batch_sizes(n_groups: int, n_mini: int) -> List[int]:
     per = max(1, n_groups // n_mini)
     sizes = [per] * (n_mini - 1)
     return sizes + [n_groups - sum(sizes)]
+
+
+def mini_batch_bounds(n_groups: int, n_mini: int) -> List[int]:
+    """Where each mini-batch of a rank's ``n_groups`` groups starts, and the end: ``n_mini + 1`` offsets."""
+    bounds = [0]
+    for size in mini_batch_sizes(n_groups, n_mini):
+        bounds.append(bounds[-1] + size)
+    return bounds
+
+
+def mini_batch_loads(costs: Sequence[float], n_groups: int, n_mini: int, group_size: int = 1) -> List[float]:
+    """The load of each mini-batch of a rank's items ``costs``, in the order it trains them: ``n_groups`` groups of
+    ``group_size`` items, cut as ``mini_batch_sizes``."""
+    b = mini_batch_bounds(n_groups, n_mini)
+    return [sum(costs[b[m] * group_size:b[m + 1] * group_size]) for m in range(n_mini)]
 
 
 def split_even(costs: Sequence[float], parts: int, size: int) -> List[List[int]]:
@@ -78,7 +93,7 @@ def split_even(costs: Sequence[float], parts: int, size: int) -> List[List[int]]
 
 
 def _label(lists: List[List[Item]], costs: dict) -> List[List[Item]]:
-    """Give each list to a rank, the rank that drew most of its cost first, so that the fewest groups move."""
+    """Give each list to a rank, the rank that drew most of its cost first, so that the fewest items move."""
     parts = len(lists)
     pairs = sorted(((-sum(costs[it] for it in lst if it[0] == r), p, r) for p, lst in enumerate(lists)
                     for r in range(parts)))
@@ -123,11 +138,11 @@ def plan(costs: List[List[float]], n_mini: int, seed: int, group_size: int = 1) 
     cost = {(r, i): float(c) for r in range(world) for i, c in enumerate(costs[r])}
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     out: List[List[Item]] = [[] for _ in range(world)]
-    start = 0
-    for size in mini_batch_sizes(len(groups) // world, n_mini):
-        chunk = [(r, g * group_size + j) for r, g in (groups[k] for k in order[start:start + size * world])
+    bounds = mini_batch_bounds(len(groups) // world, n_mini)
+    for m in range(n_mini):
+        size = bounds[m + 1] - bounds[m]
+        chunk = [(r, g * group_size + j) for r, g in (groups[k] for k in order[bounds[m] * world:bounds[m + 1] * world])
                  for j in range(group_size)]
-        start += size * world
         lists = [[chunk[k] for k in lst] for lst in split_even([cost[it] for it in chunk], world, size * group_size)]
         for r, lst in enumerate(_label(lists, cost)):
             out[r] += lst
