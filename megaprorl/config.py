@@ -265,6 +265,11 @@ class TrainConfig:
     # Triton fused LM head, token chunks of lm_head_token_chunk); rollouts and the SFT step keep logits
     fused_lm_head: bool = False
     lm_head_token_chunk: int = 2048
+    # host offload (megaprorl/policy/offload.py): the optimizer's state (Adam moments, fp32 main weights) and
+    # the gradient buffers in host memory outside the update, the reference's weights outside its log-prob
+    # pass, so that the rollouts' KV cache can use their device memory
+    offload_optimizer: bool = False
+    offload_reference: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -577,6 +582,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
+    need(not cfg.train.offload_reference or cfg.algo.kl.coef > 0, "train.offload_reference",
+         "there is no reference policy to offload (algo.kl.coef is 0)")
     ds = cfg.algo.dynamic_sampling
     need(not (ds.enabled and ds.share_over_dp) or cfg.parallel.balance_batch, "algo.dynamic_sampling.share_over_dp",
          "needs parallel.balance_batch (the ranks' shares of the pool differ until the batch is shared out); "

@@ -6,6 +6,7 @@ old / reference log-probs -> mini-batch optimizer steps -> weight sync -> refere
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -135,7 +136,7 @@ class Trainer:
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,
                              pack_tokens=cfg.train.pack_tokens, pad_id=self.tokenizer.pad_id,
                              loss_grad_mode=cfg.train.loss_grad_mode, routing_replay=cfg.algo.moe_routing_replay,
-                             freeze_router=cfg.algo.moe_freeze_router, **head)
+                             freeze_router=cfg.algo.moe_freeze_router, offload=cfg.train.offload_optimizer, **head)
         self._say(describe_policy(cfg.model, cfg.parallel, self.policy.model))
         self.flops_shape = shape_of(cfg.model, vocab)  # for perf/tflops_* and perf/mfu_*
         self.peak_tflops = peak_tflops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
@@ -156,8 +157,9 @@ class Trainer:
         if self.use_ref:
             self.reference = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device,
                                     cfg.train.kernel_backend, trainable=False, pack_tokens=cfg.train.pack_tokens,
-                                    pad_id=self.tokenizer.pad_id, **head)
+                                    pad_id=self.tokenizer.pad_id, offload=cfg.train.offload_reference, **head)
             self.reference.load_weights_from(self.policy)
+        self._offload()  # (before the engine: TensorRT-LLM sizes its KV cache by the memory free when it starts)
         self.engine = build_engine(cfg, self.policy, self.tokenizer)
         if cfg.rollout.continuous_batching and getattr(self.engine, "continuous", True) is False:
             from .rollout.megatron_engine import lean_decode_unsupported
@@ -303,17 +305,19 @@ class Trainer:
         gen = torch.Generator().manual_seed(_derive_seed(self.cfg.seed, "sft-order"))
         losses = []
         t0 = time.time()
-        for i in range(w.steps):
-            idx = torch.randint(0, len(examples), (w.batch_size,), generator=gen).tolist()
-            prompts = [self.encode_prompt(examples[j]) for j in idx]
-            answers = [self.tokenizer.encode(examples[j]["answer"]) + [self.tokenizer.eos_id] for j in idx]
-            batch = build_seq_batch(prompts, answers, self.tokenizer.pad_id)
-            lr = w.lr * min(1.0, (i + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * i / w.steps))
-            self.policy.set_lr(lr, weight_decay=0.0)
-            losses.append(self.policy.sft_step(batch, self.cfg.train.micro_batch_size))
+        with self.policy.on_device():
+            for i in range(w.steps):
+                idx = torch.randint(0, len(examples), (w.batch_size,), generator=gen).tolist()
+                prompts = [self.encode_prompt(examples[j]) for j in idx]
+                answers = [self.tokenizer.encode(examples[j]["answer"]) + [self.tokenizer.eos_id] for j in idx]
+                batch = build_seq_batch(prompts, answers, self.tokenizer.pad_id)
+                lr = w.lr * min(1.0, (i + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * i / w.steps))
+                self.policy.set_lr(lr, weight_decay=0.0)
+                losses.append(self.policy.sft_step(batch, self.cfg.train.micro_batch_size))
+            self.policy.reset_optimizer()
         if self.reference is not None:
-            self.reference.load_weights_from(self.policy)
-        self.policy.reset_optimizer()
+            with self.reference.on_device():
+                self.reference.load_weights_from(self.policy)
         self.engine.update_weights(self.step)  # an engine with its own copy of the weights samples the SFT'd policy
         return {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
                 "warmstart/time_s": time.time() - t0}
@@ -660,7 +664,8 @@ class Trainer:
                 stats.update(self.policy.last_expert_load)
             stats.update(mismatch_stats(batch.old_logp, engine_logp, batch.loss_mask))
         if self.reference is not None:
-            batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
+            with self.reference.on_device(changes=False):
+                batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
         stats["time/logprob_s"] = time.time() - t
 
         mask = batch.loss_mask
@@ -689,7 +694,8 @@ class Trainer:
         if self.entropy_control.enabled:  # the bonus set from the last step's entropy (algo/entropy_control.py)
             self.spec = dataclasses.replace(self.spec, entropy_coef=self.entropy_control.coef())
             stats["entropy_coef"] = self.spec.entropy_coef
-        upd = self._optimizer_steps(batch, unit, keep_order=balanced)
+        with self.policy.on_device():  # (train.offload_optimizer: the optimizer's state is on the host until now)
+            upd = self._optimizer_steps(batch, unit, keep_order=balanced)
         stats["time/update_s"] = time.time() - t
         stats.update(upd)
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
@@ -701,6 +707,7 @@ class Trainer:
         t = time.time()
         self.engine.update_weights(self.step + 1)
         stats["time/weight_sync_s"] = time.time() - t
+        stats.update(self._offload_stats())
         stats["time/step_s"] = time.time() - t_step
         stats["step_time_s"] = stats["time/step_s"]
         stats["tokens_per_s"] = n_response_tokens * dp_world() / max(stats["time/step_s"], 1e-9)
@@ -838,11 +845,39 @@ class Trainer:
             self.resets.observe_kl(self.step, dp_weighted_mean(stats["kl_ref"], stats.get("tokens", 1.0), self.device))
         trigger = self.resets.should_reset(self.step)
         if trigger:
-            self.reference.load_weights_from(self.policy)
+            with self.reference.on_device():
+                self.reference.load_weights_from(self.policy)
             if self.cfg.algo.reference_reset.reset_optimizer:
                 self.policy.reset_optimizer()
             self.resets.record_reset(self.step, trigger)
         return trigger
+
+    # ------------------------------------------------------------------------------ host offload
+    def _policies(self) -> List[Policy]:
+        return [self.policy] + ([self.reference] if self.reference is not None else [])
+
+    def _offload(self) -> None:
+        """train.offload_optimizer / offload_reference: the idle state to host memory (megaprorl/policy/offload.py);
+        it comes back only where it is used (the update, the reference's log-prob pass, resets, checkpoints)."""
+        for p in self._policies():
+            p.offload()
+
+    @contextlib.contextmanager
+    def _on_device(self, changes: bool = True):
+        """Everything offloaded on the device for the duration (Policy.on_device)."""
+        with contextlib.ExitStack() as stack:
+            for p in self._policies():
+                stack.enter_context(p.on_device(changes))
+            yield
+
+    def _offload_stats(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for name, p in zip(("optimizer", "reference"), self._policies()):
+            st = p.offload_stats()
+            if st:
+                out["time/offload_s"] = out.get("time/offload_s", 0.0) + st["seconds"]
+                out[f"offload/{name}_gib"] = st["gib"]
+        return out
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
@@ -856,10 +891,11 @@ class Trainer:
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
                          "best_checkpoints": self.best, "entropy_control": self.entropy_control.state_dict(),
                          "config": to_yaml(self.cfg)}
-        path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
-                         write_model=lambda d: save_policy(d, self.policy, self.reference,
-                                                           extra_common={"vocab_size": self.policy.vocab_size}),
-                         keep=[st for _, st in self.best])
+        with self._on_device():  # (copied back after: saving may build optimizer state Megatron had left lazy)
+            path = ckpt.save(self.ckpt_dir, self.step, rank_state, trainer_state, self.cfg.checkpoint.keep_last,
+                             write_model=lambda d: save_policy(d, self.policy, self.reference,
+                                                               extra_common={"vocab_size": self.policy.vocab_size}),
+                             keep=[st for _, st in self.best])
         self.saved_step = self.step
         if self.is_main and self.cfg.checkpoint.keep_best:
             evaluation.write_json(os.path.join(self.ckpt_dir, "best.json"),
@@ -871,7 +907,8 @@ class Trainer:
         if ckpt.has_model_dir(path):
             from .dist_ckpt import load_policy
 
-            load_policy(os.path.join(path, ckpt.MODEL_DIR), self.policy, self.reference)
+            with self._on_device():
+                load_policy(os.path.join(path, ckpt.MODEL_DIR), self.policy, self.reference)
         else:
             raise ValueError(f"{path}: no {ckpt.MODEL_DIR}/ directory (a checkpoint of megaprorl before distributed "
                              "checkpoints, whose torch AdamW state this version cannot load)")

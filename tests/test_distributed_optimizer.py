@@ -34,7 +34,7 @@ def _global_tokens():
     return sum(float(_batch(r, 1)[0].loss_mask.sum()) for r in (0, 1))
 
 
-def _policy(distributed, dtype="fp32", lr=1e-2):
+def _policy(distributed, dtype="fp32", lr=1e-2, **policy_kwargs):
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
 
@@ -45,7 +45,7 @@ def _policy(distributed, dtype="fp32", lr=1e-2):
     o.distributed_optimizer, o.lr, o.weight_decay = distributed, lr, 0.1
     from megaprorl.models.tokenizer import CharTokenizer
 
-    return Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch")
+    return Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch", **policy_kwargs)
 
 
 def _steps(pol, rank, n):

@@ -28,6 +28,7 @@ from ..algo.loss import LossSpec, sequence_ratio_old_logp
 from ..models.gpt import build_gpt, needs_explicit_causal_mask, use_transformer_engine
 from ..parallel import all_reduce_grad_tp, dp_group, max_over, tp_group, tp_rank, tp_world, wide_expert_group
 from .micro import IdleMicro, pack_micro_batches, padded_micro_batches
+from .offload import HostOffload
 
 
 @dataclass
@@ -206,7 +207,7 @@ class Policy:
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, vocab_size: int, device: torch.device,
                  kernel_backend: str = "auto", trainable: bool = True, pack_tokens: int = 0, pad_id: int = 0,
                  loss_grad_mode: str = "inplace", fused_lm_head: bool = False, lm_head_token_chunk: int = 2048,
-                 routing_replay: bool = False, freeze_router: bool = False):
+                 routing_replay: bool = False, freeze_router: bool = False, offload: bool = False):
         """``pack_tokens > 0`` packs sequences end to end into micro-batches of at most that many tokens
         (no compute on padding); 0 keeps right-padded micro-batches of ``micro_batch_size`` rows.
         ``loss_grad_mode`` (Triton loss only; see ``megaprorl.kernels.policy_loss``): ``inplace`` writes the
@@ -218,7 +219,10 @@ class Policy:
         exist; with the Triton backend the vocabulary is done in token chunks of ``lm_head_token_chunk``.
         The rollout engine and the SFT step still use logits.
         ``routing_replay`` (an MoE model): its forwards replay a batch's ``routing`` (``RoutingReplay``);
-        ``freeze_router``: its routers' weights take no gradient and no update (before the optimizer is built)."""
+        ``freeze_router``: its routers' weights take no gradient and no update (before the optimizer is built).
+        ``offload``: ``offload()`` moves the idle state to host memory (a trainable policy's optimizer state and
+        gradient buffers, a frozen one's weights) and ``on_device()`` brings it back for a while
+        (``megaprorl.policy.offload``)."""
         self.mcfg, self.pcfg, self.ocfg = model_cfg, parallel_cfg, optim_cfg
         self.device = device
         self.model = build_gpt(model_cfg, parallel_cfg, vocab_size, routing_replay=routing_replay)
@@ -251,6 +255,8 @@ class Policy:
         self.optimizer = None
         self.ddp = None
         self.distributed_optimizer = bool(getattr(optim_cfg, "distributed_optimizer", False))
+        self._offload = HostOffload() if offload else None
+        self._on_device_depth = 0
         if trainable:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -269,6 +275,8 @@ class Policy:
         construction, and again after warm-start and by v1-style reference resets."""
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        offloaded = self._offload is not None and self._offload.offloaded
+        self.restore()  # (the old state's storages refilled before they are dropped; the new one offloaded below)
         o, mc = self.ocfg, self.model.config
         cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=getattr(o, "min_lr", o.lr),
                               weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
@@ -280,6 +288,8 @@ class Policy:
         self._lr_scheduler = None  # built on the first schedule_lr for this optimizer's parameter groups
         self.set_lr(o.lr, o.weight_decay)
         self.updates = 0  # optimizer steps taken since this optimizer was built (or loaded)
+        if offloaded:
+            self.offload()
 
     def adam_states(self) -> List[Dict]:
         """This rank's Adam state dicts (``exp_avg``, ``exp_avg_sq``, ``step``), one per parameter it
@@ -596,6 +606,51 @@ class Policy:
             self.optimizer.step_with_ready_grads()  # Adam, main -> model weights, parameter all-gather
             self.updates += 1
         return grad_norm, finite
+
+    # ---------------------------------------------------------------------------------- host offload
+    def _offload_tensors(self):
+        """(keep, drop, spare) for ``HostOffload.offload``: a frozen policy's weights; a trainable one's
+        optimizer state and main weights (kept), its gradients (dropped), never its model's weights."""
+        weights = list(self.model.parameters())
+        if self.optimizer is None:
+            return weights, [], []
+        keep, drop = [], [b.grad_data for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+        for o in self.optimizer.chained_optimizers:
+            for g in o.optimizer.param_groups:
+                keep += g["params"]
+                drop += [p.grad for p in g["params"] if p.grad is not None]
+            keep += [v for st in o.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        return keep, drop, weights + list(self.model.buffers())
+
+    def offload(self, copy: bool = True) -> None:
+        """The idle state to host memory (with ``offload`` on; else nothing).  ``copy=False``: it did not
+        change since it came back, so the host copy is still current and only the device storage is freed."""
+        if self._offload is not None and self._on_device_depth == 0:
+            self._offload.offload(*self._offload_tensors(), copy=copy)
+
+    def restore(self) -> None:
+        if self._offload is not None:
+            self._offload.restore()
+
+    @contextlib.contextmanager
+    def on_device(self, changes: bool = True):
+        """The offloaded state on the device for the duration (nested uses: the outermost's), then offloaded
+        again; ``changes=False`` promises that nothing in it changes meanwhile (no copy back)."""
+        self.restore()
+        self._on_device_depth += 1
+        try:
+            yield
+        finally:
+            self._on_device_depth -= 1
+            self.offload(copy=changes)
+
+    def offload_stats(self) -> Dict[str, float]:
+        """The seconds spent offloading and restoring since the last call, and the bytes offloaded (GiB)."""
+        if self._offload is None:
+            return {}
+        s = self._offload.seconds
+        self._offload.seconds = 0.0
+        return {"seconds": s, "gib": self._offload.bytes / 2 ** 30}
 
     # ---------------------------------------------------------------------------------- weights
     def state_dict(self) -> Dict[str, torch.Tensor]:
