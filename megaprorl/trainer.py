@@ -621,7 +621,9 @@ class Trainer:
     def rl_step(self) -> Dict:
         cfg = self.cfg
         t_step = time.time()
+        self._peak_memory(None)
         groups, stats = self._draw_groups()
+        self._peak_memory("rollout", stats)
         n = cfg.rollout.n_samples
         # (a rank may hold no group here: the pooled draws' shares differ until _balance evens them out)
         shaped = torch.cat([g["shaped"] for g in groups]) if groups else torch.zeros(0)
@@ -667,6 +669,7 @@ class Trainer:
             with self.reference.on_device(changes=False):
                 batch.ref_logp = self.reference.logprobs(batch, mbs, temperature=temp)
         stats["time/logprob_s"] = time.time() - t
+        self._peak_memory("logprob", stats)
 
         mask = batch.loss_mask
         kl_in_reward = None
@@ -697,6 +700,7 @@ class Trainer:
         with self.policy.on_device():  # (train.offload_optimizer: the optimizer's state is on the host until now)
             upd = self._optimizer_steps(batch, unit, keep_order=balanced)
         stats["time/update_s"] = time.time() - t
+        self._peak_memory("update", stats)
         stats.update(upd)
         if self.entropy_control.enabled:  # the whole batch's entropy, so every rank sets the same coefficient
             self.entropy_control.observe(dp_weighted_mean(upd["entropy"], upd.get("tokens", 1.0), self.device))
@@ -869,6 +873,15 @@ class Trainer:
             for p in self._policies():
                 stack.enter_context(p.on_device(changes))
             yield
+
+    def _peak_memory(self, phase: Optional[str], stats: Optional[Dict] = None) -> None:
+        """On a GPU: ``memory/<phase>_peak_gib``, the most device memory held by tensors since the last call
+        (torch.cuda.max_memory_allocated; the KV cache, activations, logits, offloaded state when back)."""
+        if self.device.type != "cuda":
+            return
+        if phase is not None:
+            stats[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def _offload_stats(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
@@ -1090,8 +1103,9 @@ _SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_ret
 
 # timings whose slowest rank is logged beside their mean (as <key>_max): the step waits for that rank, so the
 # gap between the two is the time lost to uneven work (parallel.balance_batch evens out the log-prob passes and
-# the update; the rollouts stay as drawn)
-_MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s")
+# the update; the rollouts stay as drawn); and the GPU memory peaks, whose fullest rank is the one that fails
+_MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s", "memory/rollout_peak_gib",
+                "memory/logprob_peak_gib", "memory/update_peak_gib")
 
 
 def _summed(key: str) -> bool:
@@ -1103,8 +1117,8 @@ def _reduce_stats(stats: Dict) -> Dict:
 
     Ranks may report different keys (a rank can draw no prompt of some domain, so it has no
     ``reward/<domain>``): each key is averaged over the ranks that report it.  The counts of the step's
-    batch (``_SUMMED_STATS``) are summed instead; the timings of ``_MAXED_STATS`` also give their slowest
-    rank's, as ``<key>_max``.
+    batch (``_SUMMED_STATS``) are summed instead; the timings and memory peaks of ``_MAXED_STATS`` also give
+    their largest rank's, as ``<key>_max``.
     """
     if not dist.is_initialized() or dp_world() == 1:
         return stats

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 
-def _policy(distributed):
+def _policy(distributed, **policy_kwargs):
     from megaprorl.models.tokenizer import CharTokenizer
     from megaprorl.parallel import init_distributed
     from megaprorl.policy import Policy
@@ -22,7 +22,7 @@ def _policy(distributed):
     torch.manual_seed(5)
     m, p, o = tiny_policy_cfgs(params_dtype="bf16")
     o.distributed_optimizer, o.lr, o.weight_decay = distributed, 1e-4, 0.1
-    return Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch")
+    return Policy(m, p, o, CharTokenizer().vocab_size, info.device, "torch", **policy_kwargs)
 
 
 def _batch():
@@ -61,3 +61,23 @@ def test_distributed_optimizer_checkpoint_resumes_on_gpu(tmp_path):
     _train(b, 1)
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(x, y)
+
+
+def test_offload_frees_the_optimizer_state_and_trains_the_same_on_gpu():
+    """train.offload_optimizer on a GPU: the fp32 main weights, Adam moments and gradient buffer (16 bytes a
+    parameter) leave the device between updates and come back bit for bit (pinned host buffers)."""
+    plain = _policy(False)
+    off = _policy(False, offload=True)
+    n_params = sum(p.numel() for p in off.model.parameters())
+    norms = []
+    for _ in range(3):
+        with off.on_device():
+            norms += _train(off, 1)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        off.restore()
+        assert torch.cuda.memory_allocated() - held >= 16 * n_params  # main weights, two moments, gradients
+        off.offload(copy=False)
+    assert norms == _train(plain, 3)
+    assert all(torch.equal(a, b) for a, b in zip(off.model.parameters(), plain.model.parameters()))
+    assert all(h.is_pinned() for h in off._offload._host)
