@@ -15,6 +15,9 @@ timeout 200 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 4 --n-
   --out "$OUT/bench_step_8k_do.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_8k_do.log"
 timeout 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 --prompt-len 256 \
   --response-len 256 --micro-batch-size 4 --repeats 1 --out "$OUT/bench_step_rollout.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_rollout.log"
+# host offload (train.offload_optimizer / offload_reference, 2026-12-07): the rollout's memory peak and the copies' time
+timeout 150 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 --prompt-len 256 \
+  --response-len 256 --micro-batch-size 4 --repeats 1 --offload --out "$OUT/bench_step_rollout_offload.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_step_rollout_offload.log"
 timeout 120 python3 -m megaprorl.cli train examples/demo.yaml output_dir=/tmp/runs train.steps=20 logging.progress=false 2>&1 | grep -v -i warn | tail -15 | tee "$OUT/demo_gpu.log"
 # padded micro-batches cut to their own length (2026-12-07) against packs, on ragged 8K rows (docs/benchmarks.md)
 for layout in padded packed; do

@@ -5,7 +5,8 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer"],
+@pytest.mark.parametrize("extra", [[], ["--skip-rollout", "--ragged", "--pack-tokens", "64", "--distributed-optimizer",
+                                                     "--offload"],
                                    ["--preset", "tiny-qwen3", "--rollout-batch-size", "8", "--stop-rate", "0.1"],
                                    ["--prompts", "2", "--n-samples", "2", "--decode-attention", "triton"],
                                    ["--preset", "tiny-moe", "--prompts", "2", "--n-samples", "2"]],
@@ -34,6 +35,9 @@ def test_bench_step_tiny_writes_report(tmp_path, extra):
     assert rep["refit_stream"]["seconds"] > 0 and rep["refit_stream"]["buckets"] >= 1
     assert rep["distributed_optimizer"] == ("--distributed-optimizer" in extra)
     assert rep["pack_tokens"] == (64 if "--pack-tokens" in extra else 0)
+    assert rep["offload"] == ("--offload" in extra)
+    if rep["offload"]:  # the policy's optimizer state and gradients, then the reference's weights
+        assert len(rep["offload_gb"]) == 2 and min(rep["offload_gb"]) > 0 and t["offload"] > 0
     if "--skip-rollout" not in extra:
         assert t["rollout"] > 0  # the embedded engine decoded the responses
         assert rep["rollout_tokens_per_s"] > 0

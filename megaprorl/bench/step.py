@@ -111,6 +111,9 @@ def main(argv=None) -> int:
                          "at about that rate per token and spread over the budget as RL responses do (0: only "
                          "token 1, which a random policy of a large vocabulary almost never draws)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--offload", action="store_true",
+                    help="train.offload_optimizer and train.offload_reference: the optimizer's state, gradients and "
+                         "the reference's weights in host memory outside the update and the reference's pass")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--out", default="bench_step.json")
@@ -154,11 +157,14 @@ def main(argv=None) -> int:
                            expert_parallel=args.ep)
     ocfg = SimpleNamespace(lr=1e-6, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0,
                            distributed_optimizer=args.distributed_optimizer)
-    packing = dict(pack_tokens=args.pack_tokens, pad_id=0, fused_lm_head=args.fused_lm_head)
+    packing = dict(pack_tokens=args.pack_tokens, pad_id=0, fused_lm_head=args.fused_lm_head, offload=args.offload)
     policy = Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                     loss_grad_mode=args.loss_grad_mode, **packing)
     reference = None if args.no_reference else Policy(mcfg, pcfg, ocfg, p["vocab"], info.device, args.kernel_backend,
                                                        trainable=False, **packing)
+    held = [q for q in (policy, reference) if q is not None]
+    for q in held:  # (before the engine starts, as in the trainer)
+        q.offload()
     eos = 1
     if not 0.0 <= args.stop_rate < 1.0:
         raise SystemExit(f"--stop-rate must be in [0, 1), got {args.stop_rate}")
@@ -188,6 +194,8 @@ def main(argv=None) -> int:
         t = {}
         prompts = torch.randint(2, p["vocab"], (args.prompts, args.prompt_len), generator=gen).tolist()
         sync()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         if args.skip_rollout:
             resp = torch.randint(2, p["vocab"], (args.prompts * args.n_samples, args.response_len), generator=gen)
@@ -203,6 +211,7 @@ def main(argv=None) -> int:
                                                               temperature=1.0, seed=1))
         sync()
         t["rollout"] = time.perf_counter() - t0
+        rollout_peak = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else 0.0
         t0 = time.perf_counter()
         engine.sleep()  # the engine's memory released for the trainer (TensorRT-LLM; the embedded engine: nothing)
         sync()
@@ -215,20 +224,25 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         batch.old_logp = policy.logprobs(batch, args.micro_batch_size)
         if reference is not None:
-            batch.ref_logp = reference.logprobs(batch, args.micro_batch_size)
+            with reference.on_device(changes=False):
+                batch.ref_logp = reference.logprobs(batch, args.micro_batch_size)
         sync()
         t["logprob"] = time.perf_counter() - t0
         batch.advantages = (rewards - rewards.mean())[:, None].expand_as(batch.loss_mask).contiguous()
         batch.weights = aggregation_weights(batch.loss_mask, "token-mean", float(batch.loss_mask.sum()), len(batch))
         t0 = time.perf_counter()
-        policy.train_step(batch, spec, args.micro_batch_size)
+        with policy.on_device():
+            policy.train_step(batch, spec, args.micro_batch_size)
         sync()
         t["update"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         engine.update_weights()
         sync()
         t["weight_sync"] = time.perf_counter() - t0
+        # (the copies of --offload, inside the log-prob and update times above: not added to the total again)
         t["total"] = sum(t.values())
+        t["offload"] = sum(q.offload_stats().get("seconds", 0.0) for q in held)
+        t["rollout_peak_gb"] = rollout_peak
         t["response_tokens"] = float(batch.loss_mask.sum())
         lens = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
         t["tokens"] = float(sum(lens))
@@ -287,6 +301,8 @@ def main(argv=None) -> int:
         "engine": None if args.skip_rollout else dict(engine.stats),
         "mfu_update": mfu_update, "mfu_trainer": mfu_trainer, "peak_tflops": peak,
         "peak_memory_gb": peak_mem,
+        # --offload: GB in host memory outside their use (the optimizer's state and gradients; the reference)
+        "offload": args.offload, "offload_gb": [q.offload_stats().get("gib", 0.0) * 2 ** 30 / 1e9 for q in held],
         # one pass of convert.HFWeightStream in bf16 (what a refit by HF name costs on the trainer's side, before
         # the engine loads it; with --engine trtllm, weight_sync includes it)
         "refit_stream": refit,
@@ -302,6 +318,12 @@ def main(argv=None) -> int:
         for k in ("rollout", "sleep", "reward", "logprob", "update", "weight_sync", "total"):
             print(f"  {k:<14}{med[k]:>10.3f}{100 * med[k] / med['total']:>8.1f}%")
         print(f"  tokens/s (whole step) {res['tokens_per_s_step']:.0f}; trainer side {res['tokens_per_s_trainer']:.0f}")
+        if on_gpu:
+            print(f"  memory: rollout peak {med['rollout_peak_gb']:.2f} GB, step peak {peak_mem:.2f} GB")
+        if args.offload:
+            print(f"  offload: {' + '.join(f'{g:.2f}' for g in res['offload_gb'])} GB (optimizer and gradients"
+                  f"{', reference' if reference is not None else ''}) copied out and back in {med['offload']:.3f} s "
+                  "(within the log-prob and update times)")
         if res["rollout_tokens_per_s"] is not None and args.engine == "trtllm":
             print(f"  rollout (TensorRT-LLM): {res['rollout_tokens_per_s']:.0f} generated tokens/s; weight_sync is the "
                   f"refit in {engine.refit_buckets} buckets of {args.trtllm_bucket_mb:g} MB")
