@@ -238,6 +238,8 @@ class TrtllmEngine:
         tags = [t for t in self.released if t in tags]
         if not tags:
             return
+        if torch.cuda.is_available():  # the trainer's cached, unused blocks (the update's activations) back to the
+            torch.cuda.empty_cache()    # driver: the engine's workers map their memory again from what is free
         if self.is_leader:
             self.llm._collective_rpc("wakeup", args=(tags,))
         self._barrier()
