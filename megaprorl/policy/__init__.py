@@ -475,17 +475,24 @@ class Policy:
         logp_out = torch.zeros(B, L - 1)
         ent_out = torch.zeros(B, L - 1) if with_entropy else None
 
+        done = []  # (micro-batch, its log-probs, entropies): brought to the host together after the last one
+
         def loss_fn(mb, output):
             zeros = output.new_zeros(output.shape[0] * output.shape[1], dtype=torch.float32)  # one per position
             out = self._token_loss(mb, output, spec, zeros, None, zeros, zeros, temperature)
-            mb.scatter_into(logp_out, out.logp.cpu())
-            if with_entropy:
-                mb.scatter_into(ent_out, out.entropy.cpu())
+            done.append((mb, out.logp.detach().clone(), out.entropy.detach().clone() if with_entropy else None))
             return out.loss * 0.0, torch.tensor(1, dtype=torch.int), {}
 
         try:
             with self._fused_head():
                 self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=True)
+            # one copy to the host, not one per micro-batch: each would wait for its micro-batch to finish
+            # before the next one's kernels were launched
+            for k, out in ((1, logp_out), (2, ent_out)):
+                if out is not None and done:
+                    host = torch.cat([d[k].reshape(-1) for d in done]).cpu().split([d[k].numel() for d in done])
+                    for d, values in zip(done, host):
+                        d[0].scatter_into(out, values)
         finally:
             if self._expert_load is not None:
                 self._expert_load.close()
@@ -536,7 +543,7 @@ class Policy:
         with self._fused_head():
             self._run_schedule(self._micro_batches(batch, micro_batch_size), loss_fn, forward_only=False)
         grad_norm, finite = self._reduce_clip_step()
-        stats = _finish_stats(self._stats_from_last_stage(sums))
+        stats = _finish_stats(self._stats_from_last_stage(_floats(sums)))
         stats["grad_norm"] = grad_norm
         stats["skipped_update"] = 0.0 if finite else 1.0
         return stats
@@ -677,10 +684,11 @@ def _quiet_megatron_log(name: str):
         log.setLevel(level)
 
 
-def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec, ratio_old=None) -> None:
+def _accumulate_stats(sums: Dict[str, torch.Tensor], out, mb: SeqBatch, spec: LossSpec, ratio_old=None) -> None:
     """The step's loss statistics; the clip fractions from the ratios the loss clipped (``ratio_old``: the old
     log-probs it was given, the sequence-level ones under ``ratio_level`` sequence), the KL to the old policy
-    from the true old log-probs."""
+    from the true old log-probs.  Summed on the device in float64 (each micro-batch's fp32 sum widened, as a
+    Python float would be): ``_floats`` brings them to the host once, after the step's last micro-batch."""
     from ..algo.loss import clipped_pg_loss
 
     dev = out.logp.device
@@ -690,18 +698,26 @@ def _accumulate_stats(sums: Dict[str, float], out, mb: SeqBatch, spec: LossSpec,
                                   spec.ratio_log_clamp)
     log_ratio = (out.logp - old).clamp(-spec.ratio_log_clamp, spec.ratio_log_clamp)
     add = {
-        "tokens": float(m.sum()),
-        "loss": float(out.loss.detach()),
-        "entropy_sum": float((out.entropy * m).sum()),
-        "clip_low_sum": float((clo.float() * m).sum()),
-        "clip_high_sum": float((chi.float() * m).sum()),
+        "tokens": m.sum(),
+        "loss": out.loss.detach(),
+        "entropy_sum": (out.entropy * m).sum(),
+        "clip_low_sum": (clo.float() * m).sum(),
+        "clip_high_sum": (chi.float() * m).sum(),
         # k3 estimate of KL(pi_old || pi) from samples of pi_old
-        "approx_kl_old_sum": float(((torch.exp(log_ratio) - 1 - log_ratio) * m).sum()),
+        "approx_kl_old_sum": ((torch.exp(log_ratio) - 1 - log_ratio) * m).sum(),
     }
     if out.kl is not None:
-        add["kl_ref_sum"] = float((out.kl * m).sum())
+        add["kl_ref_sum"] = (out.kl * m).sum()
     for k, v in add.items():
-        sums[k] = sums.get(k, 0.0) + v
+        v = v.detach().double()
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _floats(sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """``_accumulate_stats``'s sums on the host, in one copy."""
+    if not sums:
+        return {}
+    return dict(zip(sums, torch.stack([v.reshape(()) for v in sums.values()]).tolist()))
 
 
 def _finish_stats(sums: Dict[str, float]) -> Dict[str, float]:
