@@ -29,6 +29,13 @@ import torch
 FIELDS = ("loss_mask", "old_logp", "ref_logp", "advantages", "weights")
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x`` on ``device``.  A host tensor goes to a GPU without blocking: PyTorch's blocking copy synchronises
+    the stream, so each micro-batch's inputs would wait for the previous micro-batch's kernels to finish before
+    the host could launch more.  (CUDA stages a pageable source before returning, so the copy is safe.)"""
+    return x.to(device, non_blocking=x.device.type == "cpu" and torch.device(device).type == "cuda")
+
+
 def seq_lengths(batch) -> torch.Tensor:
     """Real (unpadded) length of each row: ``batch.lengths`` when the builder recorded it, else one past
     the last response token (rows without any response token count as full length)."""
@@ -50,7 +57,7 @@ class PaddedMicro:
         return self.n_rows
 
     def model_inputs(self, device, attn_mask_fn, cpu_boundaries: bool = False):
-        tokens = self.batch.tokens.to(device)
+        tokens = to_device(self.batch.tokens, device)
         L = tokens.shape[1]
         pos = torch.arange(L, device=device)[None].expand(tokens.shape[0], -1)
         return tokens, pos, attn_mask_fn(L, device), None
@@ -74,7 +81,7 @@ class PaddedMicro:
 
     def targets(self, device) -> torch.Tensor:
         t = self.batch.tokens
-        return torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1).to(device)  # last column: a placeholder
+        return to_device(torch.cat([t[:, 1:], t[:, -1:]], 1).reshape(-1), device)  # last column: a placeholder
 
     def segments(self, device) -> torch.Tensor:
         """A sequence id per position of the flat per-token view: the row."""
@@ -84,7 +91,7 @@ class PaddedMicro:
         x = getattr(self.batch, name)
         if x is None:
             return None
-        return torch.cat([x, x.new_zeros(x.shape[0], 1)], 1).reshape(-1).to(device)
+        return to_device(torch.cat([x, x.new_zeros(x.shape[0], 1)], 1).reshape(-1), device)
 
     def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
         v = values.reshape(self.n_rows, self.seq_len).to(out.device)
@@ -113,7 +120,7 @@ class PackedMicro:
     def packed_seq_params(self, device, cpu_boundaries: bool = False):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = self.cu_seqlens.to(device)
+        cu = to_device(self.cu_seqlens, device)
         max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
         p = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
                             max_seqlen_kv=max_len)
@@ -124,7 +131,7 @@ class PackedMicro:
         return p
 
     def model_inputs(self, device, attn_mask_fn, cpu_boundaries: bool = False):
-        return (self.tokens.to(device), self.positions.to(device), None,
+        return (to_device(self.tokens, device), to_device(self.positions, device), None,
                 self.packed_seq_params(device, cpu_boundaries))
 
     def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -143,16 +150,16 @@ class PackedMicro:
         return self.routing[:, layer].chunk(tp, dim=0)[tp_rank].long()
 
     def targets(self, device) -> torch.Tensor:
-        return self._targets.to(device)
+        return to_device(self._targets, device)
 
     def segments(self, device) -> torch.Tensor:
         """A sequence id per position of the pack (the tail padding one of its own)."""
         cu = self.cu_seqlens.to(torch.long)
-        return torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(device)
+        return to_device(torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]), device)
 
     def field(self, name: str, device) -> Optional[torch.Tensor]:
         x = self.fields.get(name)
-        return None if x is None else x.to(device)
+        return None if x is None else to_device(x, device)
 
     def scatter_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
         values = values.to(out.device)
