@@ -161,6 +161,7 @@ class Trainer:
             self.reference.load_weights_from(self.policy)
         self._offload()  # (before the engine: TensorRT-LLM sizes its KV cache by the memory free when it starts)
         self.engine = build_engine(cfg, self.policy, self.tokenizer)
+        self._say(self._memory_line())
         if cfg.rollout.continuous_batching and getattr(self.engine, "continuous", True) is False:
             from .rollout.megatron_engine import lean_decode_unsupported
 
@@ -882,6 +883,28 @@ class Trainer:
         if phase is not None:
             stats[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _memory_line(self) -> str:
+        """What rank 0 holds, from its tensors (Policy.memory_bytes), and the embedded engine's KV cache per row."""
+        cfg = self.cfg
+        gib = lambda b: (f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.2f} MiB"  # noqa: E731
+                         if b >= 2 ** 20 else f"{b / 2 ** 10:.1f} KiB")
+        m = self.policy.memory_bytes()
+        off = " (in host memory outside the update)" if cfg.train.offload_optimizer else ""
+        parts = [f"weights {gib(m['weights'])}", f"gradients {gib(m['gradients'])}",
+                 f"optimizer {gib(m['optimizer'])} once Adam has stepped{off}"]
+        if self.reference is not None:
+            parts.append(f"reference {gib(self.reference.memory_bytes()['weights'])}"
+                         + (" (in host memory outside its pass)" if cfg.train.offload_reference else ""))
+        kv_row = getattr(self.engine, "kv_bytes_per_row", None)
+        if kv_row is not None:
+            n, r = cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens, cfg.rollout.batch_size
+            row = kv_row(n)
+            what = "the response budget + data.max_prompt_tokens" if cfg.data.max_prompt_tokens else \
+                "the response budget; prompts add theirs"
+            parts.append(f"KV cache {gib(row)} a row of {n} positions ({what}), {gib(row * r)} for "
+                         f"rollout.batch_size={r}")
+        return "memory on this rank: " + ", ".join(parts)
 
     def _offload_stats(self) -> Dict[str, float]:
         out: Dict[str, float] = {}

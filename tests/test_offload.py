@@ -63,7 +63,17 @@ def _offload_job(rank, world, distributed, dtype, offload):
             states = [v for st in pol.adam_states() for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
             freed.append(sum(_sizes(states)) == 0 and sum(_sizes([b.grad_data for b in pol.ddp.buffers])) == 0)
             weights_kept.append(all(n > 0 for n in _sizes(pol.model.parameters())))
-    return dict(norms=norms, freed=freed, weights_kept=weights_kept, gib=pol.offload_stats().get("gib", 0.0),
+    mem = pol.memory_bytes()
+    if not offload:  # what the state holds once Adam has stepped: every tensor counted once
+        main = [p for o in pol.optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
+        own = {p.untyped_storage().data_ptr() for p in pol.model.parameters()}
+        states = [v for st in pol.adam_states() for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        assert mem["optimizer"] == sum(size(v) for v in states) + sum(
+            size(p) for p in main if p.untyped_storage().data_ptr() not in own)
+        assert mem["gradients"] == sum(size(b.grad_data) for b in pol.ddp.buffers) > 0
+        assert mem["weights"] == sum(size(p) for p in pol.model.parameters())
+    return dict(norms=norms, freed=freed, weights_kept=weights_kept, gib=pol.offload_stats().get("gib", 0.0), mem=mem,
                 weights=[p.detach().clone() for p in pol.model.parameters()],
                 state=[v.clone() for st in pol.adam_states() for v in st.values() if torch.is_tensor(v)]
                 if not offload else _restored_state(pol))
@@ -85,6 +95,9 @@ def test_policy_trains_the_same_with_its_optimizer_offloaded(distributed, dtype)
         assert all(torch.equal(x, y) for x, y in zip(a["state"], b["state"]))
         assert b["freed"] == [True] * 3 and b["weights_kept"] == [True] * 3
         assert b["gib"] > 0
+        assert a["mem"] == b["mem"]  # counted alike, offloaded or not
+        # all that leaves is the optimizer and gradients (1 KiB of slack: Adam's step scalars)
+        assert 0 <= b["gib"] * 2 ** 30 - (b["mem"]["optimizer"] + b["mem"]["gradients"]) < 1024
 
 
 def test_trainer_offloads_while_generating_and_trains_the_same(tmp_path):
@@ -130,6 +143,9 @@ def test_trainer_offloads_while_generating_and_trains_the_same(tmp_path):
     assert [ref for _, ref, _ in off["seen"]] == [0] * len(off["seen"]) and min(w for _, _, w in off["seen"]) > 0
     assert off["stats"]["offload/optimizer_gib"] > 0 and off["stats"]["offload/reference_gib"] > 0
     assert "time/offload_s" in off["stats"] and "time/offload_s" not in plain["stats"]
+    line = off["t"]._memory_line()  # the start-up line: counted alike, and where each part sits
+    assert line.split(" (in host")[0] == plain["t"]._memory_line().split(" once Adam")[0] + " once Adam has stepped"
+    assert "(in host memory outside the update)" in line and "(in host memory outside its pass)" in line
     # a resumed offloading trainer holds the checkpoint's state (offloaded again once loaded)
     u = _trainer(tmp_path / "resumed", *common, "train.offload_optimizer=true", "train.offload_reference=true")
     u.load_checkpoint(off["path"])

@@ -651,6 +651,22 @@ class Policy:
             self._on_device_depth -= 1
             self.offload(copy=changes)
 
+    def memory_bytes(self) -> Dict[str, int]:
+        """What this rank holds of the policy, in bytes, counted from its tensors: ``weights``; for a trainable
+        policy also ``gradients`` (the DDP buffers, fp32) and ``optimizer`` as it will be once Adam has stepped:
+        the main weights that are not the model's own, and two fp32 moments per main weight (this rank's shard
+        under the distributed optimizer).  Counted the same whether or not the state is offloaded."""
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731  (offloaded storages are empty; shapes remain)
+        out = {"weights": sum(size(p) for p in self.model.parameters())}
+        if self.optimizer is None:
+            return out
+        own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        main = [p for o in self.optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
+        out["gradients"] = sum(size(b.grad_data) for b in self.ddp.buffers + self.ddp.expert_parallel_buffers)
+        out["optimizer"] = sum((0 if p.untyped_storage().data_ptr() in own else size(p)) + 2 * 4 * p.numel()
+                               for p in main)
+        return out
+
     def offload_stats(self) -> Dict[str, float]:
         """The seconds spent offloading and restoring since the last call, and the bytes offloaded (GiB)."""
         if self._offload is None:
