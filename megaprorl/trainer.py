@@ -43,6 +43,7 @@ from .parallel import (dp_group, dp_rank, dp_weighted_mean, dp_world, init_distr
                        mp_leader, tp_rank, wide_expert_group)
 from .parallel import balance
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
+from .policy.micro import seq_lengths
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
 from .runlog import RunLogger, plot_run
@@ -797,11 +798,26 @@ class Trainer:
         got = {(src, i): q for src, part in enumerate(balance.exchange_objects(send, dp_group())) for i, q in part}
         return [seqs[i] if src == me else got[(src, i)] for src, i in layout[me]], True, stats
 
+    def _balanced_order(self, batch: SeqBatch, n_mini: int, epoch: int) -> torch.Tensor:
+        """A later PPO pass over a balanced batch (``train.ppo_epochs`` > 1): this rank's responses in a fresh
+        random order, cut into ``n_mini`` equal counts of about equal model FLOPs (``balance.split_even``), the
+        cuts in random order.  Each rank's share of every mini-batch is then about its whole load over
+        ``n_mini``, as even over the ranks as ``_balance`` made the whole loads; a plain reshuffle would keep
+        only the sums even."""
+        n = len(batch)
+        perm = self._group_order(n, dp_rank(), epoch)
+        lens = seq_lengths(batch)
+        costs = [train_flops(self.flops_shape, [int(lens[i])]) for i in perm.tolist()]
+        lists = balance.split_even(costs, n_mini, n // n_mini)
+        cuts = torch.randperm(n_mini, generator=torch.Generator().manual_seed(
+            _derive_seed(self.cfg.seed, "cuts", self.step, dp_rank(), epoch)))
+        return torch.cat([perm[torch.tensor(lists[c], dtype=torch.long)] for c in cuts.tolist()])
+
     def _optimizer_steps(self, batch: SeqBatch, unit: int, keep_order: bool = False) -> Dict:
         """The step's optimizer steps: ``train.ppo_epochs`` passes over the batch, each cut into the mini-batches
         in its own random order of its units of ``unit`` consecutive rows (a group's responses, or one response
         once ``_balance`` spread them); ``keep_order``: the first pass in the batch's order, which ``_balance``
-        made."""
+        made, and the later ones cut by ``_balanced_order``."""
         cfg = self.cfg
         n_units = len(batch) // unit
         n_mini = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
@@ -811,8 +827,12 @@ class Trainer:
         agg: Dict[str, float] = {}
         for e, m in ((e, m) for e in range(epochs) for m in range(n_mini)):
             if m == 0:  # each pass over the batch in its own mini-batch order
-                order = (torch.arange(n_units) if keep_order and e == 0
-                         else self._group_order(n_units, dp_rank(), e))
+                if keep_order and e == 0:
+                    order = torch.arange(n_units)
+                elif keep_order:
+                    order = self._balanced_order(batch, n_mini, e)
+                else:
+                    order = self._group_order(n_units, dp_rank(), e)
             gsel = order[bounds[m]:bounds[m + 1]]
             idx = (gsel[:, None] * unit + torch.arange(unit)[None]).reshape(-1)
             mb = batch.slice(idx)

@@ -217,7 +217,7 @@ def _dp_job(rank, world, tmp, balance, mini, swap=False, extra=()):
     try:
         stats = t.rl_step()
         params = torch.cat([p.detach().flatten() for p in t.policy.model.parameters()])
-        return stats, seen, params
+        return stats, seen, params, t.flops_shape
     finally:
         t.close()
 
@@ -351,3 +351,47 @@ def test_pooled_dynamic_sampling_tops_up_evenly_at_the_draw_bound(tmp_path):
     for stats, seen in run_distributed(_pooled_job, 2, (str(tmp_path), True, ())):
         assert stats["dynamic_sampling/draws"] == 3 and stats["dynamic_sampling/filled_zero_signal"] == 4
         assert stats["dynamic_sampling/discarded_frac"] == 1.0 and seen == [8]
+
+
+def test_later_ppo_epochs_of_a_balanced_batch_train_every_response_once_per_pass(tmp_path):
+    """train.ppo_epochs=3 at DP=2, balanced: every pass trains each rank's responses once (the later passes cut
+    by ``Trainer._balanced_order``), each rank its equal share of every mini-batch."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_dp_job, 2, (str(tmp_path), True, 2, False, ("train.ppo_epochs=3", "warmstart.steps=0",
+                                                                     "rollout.max_new_tokens=24")))
+    n_mini = 4
+    for rank in out:
+        mbs = rank[1]
+        assert len(mbs) == 3 * n_mini and {len(mb) for mb in mbs} == {2}
+        passes = [sorted(s for mb in mbs[e * n_mini:(e + 1) * n_mini] for s in mb) for e in range(3)]
+        assert passes[0] == passes[1] == passes[2]
+        assert [mbs[e * n_mini:(e + 1) * n_mini] for e in (1, 2)] != [mbs[:n_mini]] * 2  # a pass's own cut
+
+
+def test_balanced_order_cuts_equal_loads_where_a_reshuffle_does_not(tmp_path):
+    """``_balanced_order`` on responses of very different lengths: a permutation, its ``n_mini`` cuts of equal
+    counts within 3% of each other's FLOPs, a new one each pass; the plain reshuffle it replaces is far from
+    even on the same batch (so each rank's share of a mini-batch followed its luck, not its whole load)."""
+    from megaprorl.models.flops import train_flops
+    from megaprorl.policy import build_seq_batch
+
+    t = _trainer(tmp_path, "warmstart.steps=0", "train.mini_batch_prompts=4")
+    try:
+        lengths = [40, 38, 35, 30, 28, 25, 22, 20, 18, 15, 12, 10, 8, 5, 3, 1]
+        batch = build_seq_batch([[3, 4]] * len(lengths), [[5] * n for n in lengths], 0)
+        cost = lambda idx: sum(train_flops(t.flops_shape, [2 + lengths[i]]) for i in idx)  # noqa: E731
+        n_mini, size = 4, 4
+
+        def spread(order):
+            loads = [cost(order[k * size:(k + 1) * size].tolist()) for k in range(n_mini)]
+            return max(loads) / min(loads)
+
+        orders = [t._balanced_order(batch, n_mini, e) for e in (1, 2)]
+        for order in orders:
+            assert sorted(order.tolist()) == list(range(len(lengths)))
+            assert spread(order) < 1.03  # measured: 1.016
+        assert not torch.equal(orders[0], orders[1])
+        assert spread(t._group_order(len(lengths), 0, 1)) > 1.3  # measured: 2.99
+    finally:
+        t.close()
