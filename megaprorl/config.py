@@ -183,6 +183,11 @@ class RolloutConfig:
     # token ids that also end a response, besides the tokenizer's EOS and the eos_token_id list of the
     # generation_config.json in model.tokenizer and model.hf_path
     stop_token_ids: List[int] = field(default_factory=list)
+    # embedded engine at data-parallel > 1: each round's prompts of all ranks in one pool, from which every rank's
+    # engine claims whole prompts whenever its rows are free (a counter in the job's TCP store), so a rank whose
+    # responses run short takes more; the ranks then hold different numbers of groups until parallel.balance_batch
+    # evens them out
+    share_prompts_over_dp: bool = False
     # engine=trtllm: the refit's bucket (full HF tensors shared with the engine's workers per call), and the share
     # of the GPU memory free after the engine loaded that its KV cache takes (the trainer shares the GPUs)
     trtllm_bucket_mb: int = 1024
@@ -588,6 +593,16 @@ def validate(cfg: Config) -> None:
     need(not (ds.enabled and ds.share_over_dp) or cfg.parallel.balance_batch, "algo.dynamic_sampling.share_over_dp",
          "needs parallel.balance_batch (the ranks' shares of the pool differ until the batch is shared out); "
          "set both false to draw and train per rank")
+    if cfg.rollout.share_prompts_over_dp:
+        need(cfg.rollout.engine == "megatron", "rollout.share_prompts_over_dp",
+             "needs rollout.engine=megatron (the embedded engine claims prompts as its rows free up)")
+        need(cfg.parallel.balance_batch, "rollout.share_prompts_over_dp",
+             "needs parallel.balance_batch (the ranks hold different numbers of groups until it evens them out)")
+        need(not (ds.enabled and not ds.share_over_dp), "rollout.share_prompts_over_dp",
+             "needs algo.dynamic_sampling.share_over_dp (one pool over the ranks) when dynamic sampling is on")
+        need(not (cfg.parallel.expert_parallel > 1 and cfg.parallel.tensor_parallel == 1),
+             "rollout.share_prompts_over_dp", "is not supported with experts across data-parallel replicas "
+             "(parallel.expert_parallel > 1 at parallel.tensor_parallel = 1)")
     room = cfg.model.max_position_embeddings
     budgets = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)]
     budgets += [(f"eval.sets[{i}].max_new_tokens", s.max_new_tokens) for i, s in enumerate(cfg.eval.sets)]

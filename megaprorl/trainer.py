@@ -423,11 +423,12 @@ class Trainer:
     def _best_listing(self) -> List[Dict]:
         return [{"step": st, "value": v, "path": ckpt.step_dir(self.ckpt_dir, st)} for v, st in self.best]
 
-    def _generate_scored(self, records: List[Dict], prompts: List[List[int]], params: SamplingParams):
+    def _generate_scored(self, records: List[Dict], prompts: List[List[int]], params: SamplingParams, claim=None):
         """Generate ``params.n`` rollouts of each prompt and score each (against ``records[r.prompt_index]``) as
         soon as it finishes, while the others decode; the scores are computed on the model-parallel group's first
         rank and shared with the group.  Returns (rollouts, scores, generation seconds, seconds waited for the
-        verifiers after the last rollout finished)."""
+        verifiers after the last rollout finished).  ``claim``: the engine decodes only the prompts it claims
+        (``_shared_round``)."""
         t = time.time()
         self.engine.wake()
         futures: Dict[int, Any] = {}
@@ -436,7 +437,10 @@ class Trainer:
             if self.scores_here:
                 futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
 
-        rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+        if claim is None:
+            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+        else:
+            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished, claim=claim)
         t_gen = time.time() - t
         t = time.time()
         for k, r in enumerate(rollouts):
@@ -454,7 +458,8 @@ class Trainer:
         b_local = cfg.train.prompts_per_step // dp_world()
         ds = cfg.algo.dynamic_sampling
         sampler: DynamicSampler[Dict] = DynamicSampler(b_local, ds)
-        pooled = dp_world() > 1 and ds.enabled and ds.share_over_dp
+        shared = dp_world() > 1 and cfg.rollout.share_prompts_over_dp  # the ranks' prompts decoded as one pool
+        pooled = dp_world() > 1 and ((ds.enabled and ds.share_over_dp) or shared)
         timings = {"rollout": 0.0, "reward": 0.0}
         engine_stats: Dict[str, float] = {}  # the embedded engine's counters, summed over the draws
         raw_rewards: List[float] = []
@@ -464,6 +469,7 @@ class Trainer:
         penalty_on = cfg.algo.length_penalty.enabled and self.length_schedule.is_on(self.step)
         skipped = {"long": 0, "retired": 0}
         outcomes = []  # (prompt key, solved by every sample) of each group drawn, for data.retire_solved_after
+        claimed = 0  # rollout.share_prompts_over_dp: the prompts this rank's engine decoded
         while True:
             size = self._pooled_draw(sampler) if pooled else sampler.next_draw() if self._keep_drawing(sampler) else 0
             if not size:
@@ -474,11 +480,21 @@ class Trainer:
             params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, n=n,
                                     seed=_derive_seed(cfg.seed, "rollout", self.step, sampler.draws, dp_rank()))
+            claim = None
+            if shared:
+                records, prompts, params.seeds, claim = self._shared_round(records, prompts, sampler.draws)
             self.engine.record_routing = cfg.algo.moe_routing_replay  # training draws only, not evaluations
             try:
-                rollouts, scored, t_gen, t_wait = self._generate_scored(records, prompts, params)
+                rollouts, scored, t_gen, t_wait = self._generate_scored(records, prompts, params, claim)
             finally:
                 self.engine.record_routing = False
+            if shared:  # this rank's groups: the prompts it claimed, in claim order
+                mine = list(dict.fromkeys(r.prompt_index for r in rollouts))
+                local = {g: j for j, g in enumerate(mine)}
+                records = [records[g] for g in mine]
+                for r in rollouts:
+                    r.prompt_index = local[r.prompt_index]
+                claimed += len(mine)
             timings["rollout"] += t_gen
             timings["reward"] += t_wait
             for k, v in (getattr(self.engine, "stats", None) or {}).items():
@@ -524,6 +540,8 @@ class Trainer:
             "time/rollout_s": timings["rollout"],
             "time/reward_s": timings["reward"],  # the wait for the verifiers once generation ended (they start earlier)
         }
+        if shared:
+            stats["rollout/prompts_claimed"] = claimed
         if engine_stats.get("tokens"):  # generated tokens per second of rollout time (either engine)
             stats["time/rollout_tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
         if engine_stats.get("decode_row_steps"):
@@ -546,6 +564,30 @@ class Trainer:
             stats[f"reward_errors/{dom}"] = err
             stats[f"response_length/{dom}"] = toks / max(cnt, 1)
         return kept, stats
+
+    def _shared_round(self, records: List[Dict], prompts: List[List[int]], draw: int):
+        """``rollout.share_prompts_over_dp``: every rank's prompts of this round in one list (rank by rank), each
+        with the seed of the rank that drew it and its place there (its samples do not depend on which rank
+        decodes it), and the claim function that hands them out: a counter per round in the job's TCP store,
+        read by each model-parallel group's first rank, which shares what it got with its group.  Returns
+        (records, prompts, seeds, claim)."""
+        parts = _gather_objects([(records, prompts)])
+        seeds = [_derive_seed(self.cfg.seed, "rollout", self.step, draw, r, i)
+                 for r, (recs, _) in enumerate(parts) for i in range(len(recs))]
+        records = [rec for recs, _ in parts for rec in recs]
+        prompts = [p for _, ps in parts for p in ps]
+        store = dist.distributed_c10d._get_default_store()
+        key = f"megaprorl/claims/{self.step}/{draw}"
+        leader = dist.get_rank() == mp_leader()
+
+        def claim(k: int) -> List[int]:
+            got = None
+            if leader:
+                end = store.add(key, k)  # atomic: the counter after this rank's k
+                got = list(range(min(end - k, len(prompts)), min(end, len(prompts))))
+            return mp_broadcast_object(got)
+
+        return records, prompts, seeds, claim
 
     def _pooled_draw(self, sampler: DynamicSampler) -> int:
         """``algo.dynamic_sampling.share_over_dp``: this rank's share of the next draw of the ranks' pool (0: the
@@ -1146,9 +1188,10 @@ _SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_ret
 
 # timings whose slowest rank is logged beside their mean (as <key>_max): the step waits for that rank, so the
 # gap between the two is the time lost to uneven work (parallel.balance_batch evens out the log-prob passes and
-# the update; the rollouts stay as drawn); and the GPU memory peaks, whose fullest rank is the one that fails
-_MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s", "memory/rollout_peak_gib",
-                "memory/logprob_peak_gib", "memory/update_peak_gib")
+# the update; the rollouts stay as drawn unless rollout.share_prompts_over_dp, whose claims per rank show how
+# it shared them out); and the GPU memory peaks, whose fullest rank is the one that fails
+_MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s", "rollout/prompts_claimed",
+                "memory/rollout_peak_gib", "memory/logprob_peak_gib", "memory/update_peak_gib")
 
 
 def _summed(key: str) -> bool:

@@ -1,14 +1,21 @@
 """Simulations of an RL step's data-parallel work, no model: (1) how evenly the ranks are loaded in the update,
 as drawn, with whole groups balanced and with responses balanced (``parallel.balance_batch``); (2) how many
 dynamic-sampling rounds a step takes, per rank or pooled over the ranks, drawing the missing groups or
-oversampling them (``algo.dynamic_sampling.share_over_dp`` / ``oversample``), with the trainer's own functions.
+oversampling them (``algo.dynamic_sampling.share_over_dp`` / ``oversample``), with the trainer's own functions;
+(3) how long a round's generation takes when each rank decodes the prompts it drew, or when the ranks claim
+prompts from one pool as their rows free up (``rollout.share_prompts_over_dp``).
+
+Generation model (3): each rank's engine has ``--rows`` KV-cache rows; a rollout holds a row for as many decode
+steps as it has response tokens, and a free row takes the next waiting rollout at once (continuous batching, no
+prefill cost, no admission threshold).  A rank that shares claims the next whole prompt of the pool whenever one
+of its rows is free and none of its rollouts waits, as the engine does.  The round ends when every rank is done.
 
 Length model (an assumption, not measured): each prompt has a typical response length drawn log-uniformly
 between 300 tokens and the budget; its samples spread around it by a log-normal factor (sigma 0.5), capped at
 the budget; each sequence adds a 200-token prompt.  A rank's load is the tokens it trains.  Signal model: each
 group has signal with a fixed probability, independently.
 
-    python scripts/balance_sim.py [--prompts 256] [--samples 16] [--mini-batches 4] [--budget 8192]
+    python scripts/balance_sim.py [--prompts 256] [--samples 16] [--mini-batches 4] [--budget 8192] [--rows 128]
 """
 
 import argparse
@@ -31,6 +38,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--worlds", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--rows", type=int, default=128, help="(3) KV-cache rows of each rank's engine")
     a = ap.parse_args()
     rng = random.Random(0)
     n = a.samples
@@ -62,6 +70,7 @@ def main() -> None:
         print(f"{world:>9} {mean[0]:>9.3f} {mean[1]:>9.3f} {mean[2]:>10.3f} {max(r[3] for r in rows):>7.2f}")
 
     sampling(a, rng)
+    generation(a, rng, group)
 
 
 def sampling(a, rng, rates=(0.8, 0.6, 0.3), world=32, max_draws=5, trials=300) -> None:
@@ -95,6 +104,43 @@ def sampling(a, rng, rates=(0.8, 0.6, 0.3), world=32, max_draws=5, trials=300) -
                     rounds += slowest
                 how = ("pooled" if pooled else "per rank") + (", oversampled" if over else "")
                 print(f"{p:>7.1f} {how:>24} {rounds / trials:>7.2f} {drawn / trials:>8.0f} {short / trials:>10.2f}")
+
+
+def generation(a, rng, group, trials: int = 20) -> None:
+    """(3): a round of ``--prompts`` prompts; its decode steps (the slowest rank's) when each rank decodes its
+    own ``prompts / world`` and when they claim from one pool, and the pool's over the own prompts'."""
+    import heapq
+
+    print(f"\ngeneration of {a.prompts} prompts x {a.samples} samples, {a.rows} rows a rank (decode steps of the "
+          f"round, mean of {trials})")
+    print(f"{'DP ranks':>9} {'own prompts':>12} {'one pool':>9} {'ratio':>6} {'even':>7}")
+    for world in a.worlds:
+        b = a.prompts // world
+        own_t = pool_t = even_t = 0.0
+        for _ in range(trials):
+            prompts = [[x - 200 for x in group()] for _ in range(a.prompts)]
+            own = 0
+            for r in range(world):  # each rank alone: its rollouts into its free rows, in order
+                free = [0] * a.rows
+                for length in (x for p in prompts[r * b:(r + 1) * b] for x in p):
+                    heapq.heappush(free, heapq.heappop(free) + length)
+                own = max(own, max(free))
+            rows = [(0, r, k) for r in range(world) for k in range(a.rows)]  # (free at, rank, row)
+            heapq.heapify(rows)
+            waiting = [[] for _ in range(world)]
+            nxt, end = 0, 0
+            while rows:
+                t, r, k = heapq.heappop(rows)
+                if not waiting[r] and nxt < len(prompts):  # a free row and nothing waiting: claim a prompt
+                    waiting[r], nxt = list(prompts[nxt]), nxt + 1
+                if waiting[r]:
+                    done = t + waiting[r].pop(0)
+                    end = max(end, done)
+                    heapq.heappush(rows, (done, r, k))
+            own_t, pool_t = own_t + own, pool_t + end
+            even_t += sum(x for p in prompts for x in p) / (world * a.rows)  # all work spread perfectly
+        print(f"{world:>9} {own_t / trials:>12.0f} {pool_t / trials:>9.0f} {pool_t / own_t:>6.2f} "
+              f"{even_t / trials:>7.0f}")
 
 
 if __name__ == "__main__":

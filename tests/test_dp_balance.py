@@ -290,6 +290,19 @@ def test_mini_batches_that_do_not_split_over_the_ranks_are_a_config_error(tmp_pa
     assert all(o and "train.mini_batch_prompts" in o and "2 data-parallel ranks" in o for o in out)
 
 
+def _mini_batch_sizes(t) -> list:
+    """The sizes of the mini-batches ``t``'s policy trains from now on (filled in as it trains them)."""
+    seen = []
+    real = t.policy.train_step
+
+    def spy(mb, *a, **k):
+        seen.append(len(mb))
+        return real(mb, *a, **k)
+
+    t.policy.train_step = spy
+    return seen
+
+
 def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
     """Rank 0's groups all have signal, rank 1's none: per rank, rank 1 draws to the bound and trains groups
     without signal; pooled, rank 0's surplus makes the step's batch."""
@@ -300,8 +313,8 @@ def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
 
     real = tr.Trainer._generate_scored
 
-    def scored(self, records, prompts, params):
-        rollouts, scores, t_gen, t_wait = real(self, records, prompts, params)
+    def scored(self, records, prompts, params, claim=None):
+        rollouts, scores, t_gen, t_wait = real(self, records, prompts, params, claim)
         n = params.n
         fake = [RewardResult(float(rank in signal_ranks and k % n == 0)) for k in range(len(rollouts))]
         return rollouts, fake, t_gen, t_wait
@@ -310,14 +323,7 @@ def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
     t = _trainer(Path(tmp) / f"{share}_{len(signal_ranks)}_r{rank}", "algo.dynamic_sampling.enabled=true",
                  "algo.dynamic_sampling.max_extra_draws=2", f"algo.dynamic_sampling.share_over_dp={share}",
                  "train.mini_batch_prompts=8")
-    seen = []
-    real_step = t.policy.train_step
-
-    def spy(mb, *a, **k):
-        seen.append(len(mb))
-        return real_step(mb, *a, **k)
-
-    t.policy.train_step = spy
+    seen = _mini_batch_sizes(t)
     try:
         return t.rl_step(), seen
     finally:
@@ -395,3 +401,64 @@ def test_balanced_order_cuts_equal_loads_where_a_reshuffle_does_not(tmp_path):
         assert spread(t._group_order(len(lengths), 0, 1)) > 1.3  # measured: 2.99
     finally:
         t.close()
+
+
+def _shared_job(rank, world, tmp, slow_rank):
+    """rollout.share_prompts_over_dp at DP=2 with one rank's decode steps slowed: what each rank generated, the
+    step's stats and the trained sequences."""
+    import time
+    from pathlib import Path
+
+    t = _trainer(Path(tmp) / f"slow{slow_rank}_r{rank}", "rollout.share_prompts_over_dp=true",
+                 "train.mini_batch_prompts=4", "rollout.batch_size=2", "rollout.max_new_tokens=8")
+    if rank == slow_rank:
+        step = t.engine._step
+
+        def slow_step(*a, **k):
+            time.sleep(0.05)
+            return step(*a, **k)
+
+        t.engine._step = slow_step
+    made = []
+    generate = t.engine.generate
+
+    def spy(prompts, params, **k):
+        out = generate(prompts, params, **k)
+        made.extend((tuple(r.prompt_ids), tuple(r.response_ids)) for r in out)
+        return out
+
+    t.engine.generate = spy
+    seen = _mini_batch_sizes(t)
+    try:
+        stats = t.rl_step()
+        return made, stats, seen
+    finally:
+        t.close()
+
+
+def test_shared_prompts_go_to_the_rank_with_free_rows(tmp_path):
+    """rollout.share_prompts_over_dp: the ranks' prompts of a round are one pool, claimed as rows free up.  With
+    rank 1 slowed, rank 0 decodes more of them, and the other way round; either way every prompt is decoded once
+    with the same tokens (per-prompt seeds: whoever decodes it), and after the exchange both ranks train their
+    equal share of every mini-batch."""
+    from dist_utils import run_distributed
+
+    runs = {slow: run_distributed(_shared_job, 2, (str(tmp_path), slow)) for slow in (1, 0)}
+    made = {slow: sorted(m for rank in out for m in rank[0]) for slow, out in runs.items()}
+    assert made[1] == made[0] and len(made[1]) == 8 * 2  # 8 prompts x 2 samples, each once
+    for slow, out in runs.items():
+        claimed = [len(rank[0]) // 2 for rank in out]
+        assert sum(claimed) == 8 and claimed[1 - slow] > claimed[slow], (slow, claimed)
+        assert [rank[1]["rollout/prompts_claimed"] for rank in out] == claimed
+        assert [rank[2] for rank in out] == [[4, 4], [4, 4]]  # each rank: 2 groups' responses per mini-batch
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["parallel.balance_batch=false", "algo.dynamic_sampling.enabled=false"], "needs parallel.balance_batch"),
+    (["algo.dynamic_sampling.enabled=true", "algo.dynamic_sampling.share_over_dp=false"], "share_over_dp"),
+    (["model.num_experts=4", "model.moe_topk=2", "parallel.expert_parallel=2"], "experts across data-parallel")])
+def test_shared_prompts_config_errors(extra, why):
+    from megaprorl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"rollout.share_prompts_over_dp.*{why}"):
+        load_config(os.path.join(ROOT, "examples", "demo.yaml"), ["rollout.share_prompts_over_dp=true", *extra])

@@ -430,6 +430,44 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
+def test_claimed_prompts_draw_the_tokens_of_the_whole_call(policy, continuous):
+    """generate(claim=...) (rollout.share_prompts_over_dp): two engines ("ranks") share one call's prompts through
+    one counter, each decoding only what it claims when rows are free.  Every prompt is decoded once, by one of
+    them; with per-prompt seeds each rollout has the tokens and log-probs it has in the whole call on one engine.
+    The first rank takes its claims first, the second after it; both claim more as rows free up."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    prompts = _prompts(tok) + [tok.encode(s) for s in ["2+2=", "40+2=", "123+456=", "8+9=", "77+7="]]
+    params = SamplingParams(max_new_tokens=30, n=3, temperature=1.5, seeds=[100 + i for i in range(len(prompts))])
+    every = 3 if continuous else 0
+    want = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=6, compact_every=every).generate(prompts, params)
+    counter, asked = [0], []
+
+    def claim(k):
+        got = list(range(counter[0], min(counter[0] + k, len(prompts))))
+        counter[0] += k
+        asked.append(k)
+        return got
+
+    got = []
+    for _ in range(2):  # one after the other: the first claims until its rows stay full, then runs dry
+        eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=6, compact_every=every)
+        got.append(eng.generate(prompts, params, claim=claim))
+        assert eng.stats["rollouts"] == len(got[-1])
+    first, second = ([r.prompt_index for r in g] for g in got)
+    assert sorted(first + second) == [r.prompt_index for r in want]  # each prompt once, by one of them
+    assert first and not second  # the first engine took every prompt; the second found none left
+    by_prompt = {(r.prompt_index, k % 3): r for k, r in enumerate(got[0])}
+    for k, w in enumerate(want):
+        g = by_prompt[(w.prompt_index, k % 3)]
+        assert g.response_ids == w.response_ids and g.finished == w.finished
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    assert asked[0] == 2 and len(asked) > 2  # 6 rows of 3 samples, then more as rows freed up
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
 def test_prefill_in_chunks_draws_the_same_tokens(policy, continuous):
     """rollout.prefill_tokens: an admission's distinct prompts prefilled in several forwards (each padded to
     the admission's longest prompt) give one forward's tokens and log-probs, in more prefill forwards."""

@@ -419,18 +419,25 @@ class MegatronEngine:
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], params: SamplingParams,
-                 on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
+                 on_finish: Optional[Callable[[int, Rollout], None]] = None,
+                 claim: Optional[Callable[[int], List[int]]] = None) -> List[Rollout]:
         """``params.n`` rollouts per prompt, prompt-major; ``on_finish(index, rollout)`` is called for each as
         soon as it has finished (a stop token or the budget), in the order they finish, so that its scoring
-        can start while the others decode."""
+        can start while the others decode.
+
+        ``claim`` (prompts shared by the data-parallel ranks, ``rollout.share_prompts_over_dp``): decode only the
+        prompts that ``claim(k)`` hands out (up to ``k`` indices into ``prompts`` each call; fewer once they run
+        out), asked for whenever rows are free and no claimed rollout waits, so a rank whose rollouts finish
+        sooner takes more prompts.  Returns the claimed prompts' rollouts, prompt-major in claim order, each
+        with its index into ``prompts``.  Every rank of a model-parallel group must be handed the same indices."""
         if not self._awake:
             raise RuntimeError("engine is asleep; call wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
         params.check(len(prompts))
-        items = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
+        items = [] if claim is not None else [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
         self.stats = dict.fromkeys(_STATS, 0)
-        if not items:
+        if not items and (claim is None or not prompts):
             if self._expert_group is not None:  # nothing to decode here: run the forwards the others need
                 was_training = self.policy.model.training
                 self.policy.model.eval()
@@ -440,7 +447,6 @@ class MegatronEngine:
                 finally:
                     self.policy.model.train(was_training)
             return []
-        self.stats["rollouts"] = len(items)
         model = self.policy.model
         was_training = model.training
         model.eval()
@@ -452,7 +458,9 @@ class MegatronEngine:
                 replay.record()
                 self._routing_log = []
             with _fp8_off(model.config), _sequence_parallel_off(model):
-                out = self._decode(items, params, on_finish)
+                pull = None if claim is None else \
+                    (lambda k: [(i, list(prompts[i])) for i in claim(-(-k // params.n)) for _ in range(params.n)])
+                out = self._decode(items, params, on_finish, pull, max(len(p) for p in prompts))
                 self._drain()
             if replay is not None:
                 self._attach_routing(out, replay.layers)
@@ -464,8 +472,10 @@ class MegatronEngine:
             self._graph_pool = None  # the call's graphs went with its caches
             if self.pp > 1:
                 model.set_input_tensor(None)
+        self.stats["rollouts"] = len(out)
         lens, rows = [len(r.response_ids) for r in out], self.stats["rows"]
-        self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1) for c in (lens[s: s + rows] for s in range(0, len(lens), rows)))
+        self.stats["dense_row_steps"] = sum(len(c) * (max(c) - 1)
+                                            for c in (lens[s: s + rows] for s in range(0, len(lens), max(rows, 1))))
         return out
 
     def _any_forward(self, mine: bool) -> bool:
@@ -604,17 +614,20 @@ class MegatronEngine:
                        group=mps.get_pipeline_model_parallel_group())
         return buf[0].long(), buf[1].float()
 
-    def _decode(self, items, params: SamplingParams, on_finish=None) -> List[Rollout]:
+    def _decode(self, items, params: SamplingParams, on_finish=None, pull=None, longest: int = 0) -> List[Rollout]:
         """Every rollout of ``items`` ([(prompt index, prompt ids)], in order) decoded through one KV cache of
         at most ``batch_size`` rows: rollouts enter it in order when rows are free (a prefill per
-        admission), leave it at a stop token or the token budget."""
+        admission), leave it at a stop token or the token budget.  ``pull(rows)``: more items, asked for when
+        rows could take them and none waits, until it gives none (``generate``'s ``claim``); ``longest``: the
+        longest prompt it may give."""
         device = self.policy.device
         N = int(params.max_new_tokens)
+        items = list(items)
         resp = [[] for _ in items]
         lps = [[] for _ in items]
         out: List[Optional[Rollout]] = [None] * len(items)
         stops = set(self.stop_ids)
-        longest = max(len(p) for _, p in items)
+        longest = max([longest] + [len(p) for _, p in items])
         streams = [params.stream(i, k - i * params.n) for k, (i, _) in enumerate(items)]  # items are prompt-major
         nxt_item = 0  # the next rollout to enter the cache
         cache: Optional[_Cache] = None
@@ -622,7 +635,18 @@ class MegatronEngine:
         last = []  # each row's last token (the next decode step's input)
         while True:
             live = [] if cache is None else cache.live()
-            if nxt_item < len(items) and (not live or (self.continuous and self._acts(len(cache.free()), cache.rows))):
+            admit = not live or (self.continuous and self._acts(len(cache.free()), cache.rows))
+            if pull is not None and admit and nxt_item == len(items):  # claim rollouts for the free rows
+                new = pull(self.batch_size if not live else len(cache.free()))
+                if not new:
+                    pull = None  # none left to claim: from here on as if all had been given at the start
+                for k, (i, p) in enumerate(new):  # whole prompts, their n samples in a row
+                    streams.append(params.stream(i, k % params.n))
+                    items.append((i, p))
+                    resp.append([])
+                    lps.append([])
+                    out.append(None)
+            if nxt_item < len(items) and admit:
                 if not live:  # a new cache: the first batch (in lock-step batching, every batch)
                     rows = min(self.batch_size, len(items) - nxt_item)
                     seq = (longest if self.continuous else max(len(p) for _, p in items[nxt_item: nxt_item + rows])) + N
@@ -665,7 +689,8 @@ class MegatronEngine:
             if not live:
                 continue  # the next batch, or the end
             free = cache.rows - len(live)
-            if free and (nxt_item == len(items) or not self.continuous) and self._acts(free, cache.rows):
+            waiting = nxt_item < len(items) or pull is not None
+            if free and (not waiting or not self.continuous) and self._acts(free, cache.rows):
                 last, z = self._compact(cache, last), None
             z = self._step(cache, last)
             if self._routing_log is not None:  # the tokens just fed: each live row's last, at its position
