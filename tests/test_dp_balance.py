@@ -403,14 +403,14 @@ def test_balanced_order_cuts_equal_loads_where_a_reshuffle_does_not(tmp_path):
         t.close()
 
 
-def _shared_job(rank, world, tmp, slow_rank):
+def _shared_job(rank, world, tmp, slow_rank, extra=()):
     """rollout.share_prompts_over_dp at DP=2 with one rank's decode steps slowed: what each rank generated, the
     step's stats and the trained sequences."""
     import time
     from pathlib import Path
 
     t = _trainer(Path(tmp) / f"slow{slow_rank}_r{rank}", "rollout.share_prompts_over_dp=true",
-                 "train.mini_batch_prompts=4", "rollout.batch_size=2", "rollout.max_new_tokens=8")
+                 "train.mini_batch_prompts=4", "rollout.batch_size=2", "rollout.max_new_tokens=8", *extra)
     if rank == slow_rank:
         step = t.engine._step
 
@@ -451,6 +451,19 @@ def test_shared_prompts_go_to_the_rank_with_free_rows(tmp_path):
         assert sum(claimed) == 8 and claimed[1 - slow] > claimed[slow], (slow, claimed)
         assert [rank[1]["rollout/prompts_claimed"] for rank in out] == claimed
         assert [rank[2] for rank in out] == [[4, 4], [4, 4]]  # each rank: 2 groups' responses per mini-batch
+
+
+def test_shared_prompts_under_tensor_parallelism(tmp_path):
+    """TP=2 x DP=2: each tensor-parallel pair claims through its first rank, which shares the claim with its
+    pair, so both ranks of a pair decode the same prompts (every prompt once per pair); a slowed pair (rank 1
+    slows its pair's lock-step decode) claims fewer."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_shared_job, 4, (str(tmp_path), 1, ("parallel.tensor_parallel=2",)))
+    made = [sorted(rank[0]) for rank in out]
+    assert made[0] == made[1] and made[2] == made[3]  # a pair's ranks: the same rollouts
+    assert len(made[0]) + len(made[2]) == 8 * 2 and len(made[2]) > len(made[0])
+    assert not set(made[0]) & set(made[2])
 
 
 @pytest.mark.parametrize("extra,why", [
