@@ -542,6 +542,10 @@ class Trainer:
         }
         if shared:
             stats["rollout/prompts_claimed"] = claimed
+        if dp_world() > 1:  # the share of all ranks' groups (each rank's share, averaged, would weigh the ranks
+            # alike though they drew different numbers: per-rank draws, shared prompts)
+            discarded, generated = [sum(x) for x in zip(*_gather_objects([(sampler.discarded, sampler.generated)]))]
+            stats["dynamic_sampling/discarded_frac"] = discarded / max(generated, 1)
         if engine_stats.get("tokens"):  # generated tokens per second of rollout time (either engine)
             stats["time/rollout_tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
         if engine_stats.get("decode_row_steps"):

@@ -339,6 +339,8 @@ def test_pooled_dynamic_sampling_fills_the_batch_from_any_rank(tmp_path):
     (s0, _), (s1, _) = per_rank
     assert s0["dynamic_sampling/draws"] == 1 and s1["dynamic_sampling/draws"] == 3
     assert s1["dynamic_sampling/filled_zero_signal"] == 4
+    # of all 16 groups drawn, rank 1's 12 had no signal: the same figure on both ranks (not 0/4 and 12/12)
+    assert s0["dynamic_sampling/discarded_frac"] == s1["dynamic_sampling/discarded_frac"] == 12 / 16
     # pooled: rank 0's 4 groups with signal are half the step's 8; the pool draws again (both ranks, the same
     # number: 4 missing at a signal rate of 1/2 -> 8 prompts, 4 per rank), and rank 0's new 4 fill it
     (p0, n0), (p1, n1) = pooled
