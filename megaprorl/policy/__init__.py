@@ -615,18 +615,24 @@ class Policy:
         return grad_norm, finite
 
     # ---------------------------------------------------------------------------------- host offload
+    def _main_params(self) -> List[torch.Tensor]:
+        """The parameters the optimizer steps: fp32 main weights (this rank's shards under the distributed
+        optimizer), or the model's own weights where they are fp32 and not sharded."""
+        return [p for o in self.optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
+
+    def _grad_buffers(self) -> List[torch.Tensor]:
+        """DDP's contiguous fp32 gradient buffers (the ``main_grad`` of every parameter is a view into one)."""
+        return [b.grad_data for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+
     def _offload_tensors(self):
         """(keep, drop, spare) for ``HostOffload.offload``: a frozen policy's weights; a trainable one's
         optimizer state and main weights (kept), its gradients (dropped), never its model's weights."""
         weights = list(self.model.parameters())
         if self.optimizer is None:
             return weights, [], []
-        keep, drop = [], [b.grad_data for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
-        for o in self.optimizer.chained_optimizers:
-            for g in o.optimizer.param_groups:
-                keep += g["params"]
-                drop += [p.grad for p in g["params"] if p.grad is not None]
-            keep += [v for st in o.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        main = self._main_params()
+        keep = main + [v for st in self.adam_states() for v in st.values() if torch.is_tensor(v)]
+        drop = self._grad_buffers() + [p.grad for p in main if p.grad is not None]
         return keep, drop, weights + list(self.model.buffers())
 
     def offload(self, copy: bool = True) -> None:
@@ -661,10 +667,9 @@ class Policy:
         if self.optimizer is None:
             return out
         own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        main = [p for o in self.optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
-        out["gradients"] = sum(size(b.grad_data) for b in self.ddp.buffers + self.ddp.expert_parallel_buffers)
+        out["gradients"] = sum(size(g) for g in self._grad_buffers())
         out["optimizer"] = sum((0 if p.untyped_storage().data_ptr() in own else size(p)) + 2 * 4 * p.numel()
-                               for p in main)
+                               for p in self._main_params())
         return out
 
     def offload_stats(self) -> Dict[str, float]:
