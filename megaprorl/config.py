@@ -116,7 +116,7 @@ class ModelConfig:
     attention: str = "sdpa"  # local spec's core attention: sdpa (torch SDPA / flash) | megatron
     fp8: str = ""  # "" | e4m3 | hybrid (needs TransformerEngine)
     fp8_recipe: str = "delayed"
-    recompute_granularity: str = ""  # "" | selective | full
+    recompute_granularity: str = ""  # "" | selective (the core attention) | full (every layer)
 
 
 @dataclass
@@ -493,6 +493,16 @@ def _load_yaml_chain(path: str, seen: tuple):
     return OmegaConf.merge(parent, cfg)
 
 
+def _local_spec(m: ModelConfig) -> bool:
+    """The model is built with Megatron's local layer spec (as ``megaprorl.models.gpt.use_transformer_engine``
+    decides, without importing TransformerEngine: ``auto`` takes TE on a CUDA machine where it is installed)."""
+    if m.transformer_impl != "auto":
+        return m.transformer_impl == "local"
+    import torch
+
+    return importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
+
+
 def validate(cfg: Config) -> None:
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
@@ -500,8 +510,6 @@ def validate(cfg: Config) -> None:
 
     need(cfg.rollout.engine in ("megatron", "trtllm"), "rollout.engine", "must be 'megatron' or 'trtllm'")
     if cfg.rollout.engine == "trtllm":
-        import importlib.util
-
         from .rollout.trtllm_engine import INSTALL
 
         need(importlib.util.find_spec("tensorrt_llm") is not None, "rollout.engine",
@@ -582,8 +590,9 @@ def validate(cfg: Config) -> None:
     need(cfg.train.loss_grad_mode in GRAD_MODES, "train.loss_grad_mode", f"must be one of {', '.join(GRAD_MODES)}")
     need(cfg.train.lm_head_token_chunk >= 1, "train.lm_head_token_chunk", "must be >= 1")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
-    need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and cfg.model.transformer_impl == "local"),
-         "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec")
+    need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and _local_spec(cfg.model)),
+         "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec "
+         "(model.attention=megatron is the local spec's attention, which takes only a dense mask)")
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
          f"must divide train.prompts_per_step ({cfg.train.prompts_per_step})")
     need(cfg.train.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (ProRL: 1)")
@@ -627,6 +636,19 @@ def validate(cfg: Config) -> None:
     need(cfg.model.num_query_groups % cfg.parallel.tensor_parallel == 0 or cfg.model.num_query_groups == 0,
          "parallel.tensor_parallel", "must divide model.num_query_groups")
     m = cfg.model
+    for key, value, allowed in (("params_dtype", m.params_dtype, ("fp32", "bf16", "fp16")),
+                                ("transformer_impl", m.transformer_impl, ("auto", "local", "transformer_engine")),
+                                ("attention", m.attention, ("sdpa", "megatron")),
+                                ("recompute_granularity", m.recompute_granularity, ("", "selective", "full")),
+                                ("fp8", m.fp8, ("", "e4m3", "hybrid")),
+                                ("fp8_recipe", m.fp8_recipe, ("delayed",))):
+        need(value in allowed, f"model.{key}", f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if m.fp8:
+        need(m.transformer_impl != "local", "model.fp8", "needs the TransformerEngine layer spec "
+             "(model.transformer_impl: auto or transformer_engine), not the local one")
+        need(importlib.util.find_spec("transformer_engine") is not None, "model.fp8",
+             "needs TransformerEngine, which is not installed: pip install -e .[gpu] (transformer-engine[pytorch]) "
+             "on a CUDA machine")
     need(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense model)")
     need(m.num_experts > 0 or not cfg.algo.moe_routing_replay, "algo.moe_routing_replay",
          "needs an MoE model (model.num_experts > 0)")

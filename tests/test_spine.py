@@ -62,6 +62,19 @@ def test_config_semantic_errors():
         load_config(DEMO, ["model.rope_scaling={rope_type: linear, factor: 0}"])
     with pytest.raises(ConfigError, match="model.rope_scaling.factr"):
         load_config(DEMO, ["model.rope_scaling.factr=2"])
+    # the model's choices are checked with the config, not when the model is built (a typo in a 16K recipe
+    # must not surface after the job has queued and loaded)
+    for key, bad in (("params_dtype", "fp64"), ("transformer_impl", "te"), ("attention", "flash"),
+                     ("recompute_granularity", "ful"), ("fp8", "e5m2"), ("fp8_recipe", "mxfp8")):
+        with pytest.raises(ConfigError, match=f"'model.{key}': must be one of .*, got '{bad}'"):
+            load_config(DEMO, [f"model.{key}={bad}"])
+    with pytest.raises(ConfigError, match="'model.fp8': needs the TransformerEngine layer spec"):
+        load_config(DEMO, ["model.fp8=hybrid", "model.transformer_impl=local"])
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match=r"'model.fp8': needs TransformerEngine, which is not installed: pip"):
+            load_config(DEMO, ["model.fp8=hybrid"])
 
     assert rope_scaling_spec(load_config(DEMO).model.rope_scaling) == {}  # none by default
     cfg = load_config(DEMO, ["model.rope_scaling.rope_type=llama3", "model.rope_scaling.factor=32"])  # Llama-3.2's

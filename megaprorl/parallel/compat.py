@@ -28,6 +28,11 @@ Megatron-core 0.16 assumes CUDA in a few places that matter for a small policy t
    torch view whose ``torch.cuda`` streams and events do nothing, and its host copy turns CPU tensors into
    numpy arrays as the CUDA copy does.
 
+8. Activation recomputation (``model.recompute_granularity``): Megatron's ``CheckpointFunction`` saves the
+   CUDA generator's state with the CPU one's in the forward and restores both around the recomputed
+   forward.  Without CUDA there is no CUDA generator: its state is ``None`` and restoring it does nothing
+   (the CPU generator's is saved and restored as before).
+
 ``install()`` is idempotent and does nothing at all when CUDA is available, so GPU runs execute
 Megatron unmodified.
 """
@@ -127,6 +132,10 @@ def install() -> None:
 
     mdisp.torch = _CpuStreamsTorchView()
     mdisp.maybe_move_tensor_to_cpu = _host_copy
+
+    # 8. Activation recomputation saves and restores the CUDA generator's state.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 class _CpuStream:
