@@ -82,6 +82,20 @@ def _in_process_results_queue() -> None:
         fa._results_queue = queue.Queue()
 
 
+def _drop_nonpersistent_param_state(optimizer_sd: Dict) -> Dict:
+    """The distributed optimizer's ``fully_reshardable`` state is gathered to data-parallel rank 0, which saves it
+    as sharded entries; on the other ranks ``param_state`` is ``None`` (or a ``LocalNonpersistentObject``), which
+    nothing writes.  Megatron's save compares the ranks' unsharded entries and so warned at every save that rank 1's
+    differ from rank 0's ("Keys only on 1: [('optimizer', 'param_state')]").  That save-time entry is dropped here
+    (a load builds its own state dict, where the ``None`` is needed)."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    state = optimizer_sd.get("param_state", ...)
+    if state is None or isinstance(state, LocalNonpersistentObject):
+        optimizer_sd = {k: v for k, v in optimizer_sd.items() if k != "param_state"}
+    return optimizer_sd
+
+
 def save_policy(directory: str, policy, reference=None, extra_common: Optional[Dict] = None) -> None:
     """Collective over all ranks: write ``directory`` (which must not hold another checkpoint)."""
     from megatron.core import dist_checkpointing
@@ -91,7 +105,8 @@ def save_policy(directory: str, policy, reference=None, extra_common: Optional[D
     model_sd = _model_sharded(policy.model)
     sd: Dict = {"model": model_sd}
     if policy.optimizer is not None and policy.updates > 0:
-        sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, metadata=_optimizer_metadata(policy))
+        sd["optimizer"] = _drop_nonpersistent_param_state(
+            policy.optimizer.sharded_state_dict(model_sd, metadata=_optimizer_metadata(policy)))
         sd[KIND_KEY] = _optimizer_kind(policy)
         sd[UPDATES_KEY] = policy.updates
     if reference is not None:
