@@ -416,9 +416,11 @@ def _open_free_dicts(node) -> None:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, text: Optional[str] = None,
-                where: str = "") -> Config:
+                where: str = "", installed: bool = True) -> Config:
     """Structured config from defaults <- YAML file (or the YAML ``text``, e.g. a checkpoint's resolved
-    config; ``where`` names it in errors) <- dotted ``key=value`` overrides."""
+    config; ``where`` names it in errors) <- dotted ``key=value`` overrides.  ``installed=False`` skips the
+    checks of what this machine has installed (TransformerEngine for FP8, TensorRT-LLM, wandb): for a saved
+    config that is read, not run (``megaprorl convert checkpoint-to-hf`` of an FP8 run on a machine without TE)."""
     base = OmegaConf.structured(Config)
     OmegaConf.set_struct(base, True)
     _open_free_dicts(base)
@@ -449,7 +451,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         cfg = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         raise _explain(e, path or "config") from None
-    validate(cfg)
+    validate(cfg, installed)
     return cfg
 
 
@@ -493,17 +495,18 @@ def _load_yaml_chain(path: str, seen: tuple):
     return OmegaConf.merge(parent, cfg)
 
 
-def _local_spec(m: ModelConfig) -> bool:
+def _local_spec(m: ModelConfig, installed: bool = True) -> bool:
     """The model is built with Megatron's local layer spec (as ``megaprorl.models.gpt.use_transformer_engine``
-    decides, without importing TransformerEngine: ``auto`` takes TE on a CUDA machine where it is installed)."""
-    if m.transformer_impl != "auto":
+    decides, without importing TransformerEngine: ``auto`` takes TE on a CUDA machine where it is installed;
+    ``installed=False``: whatever this machine has, ``auto`` counts as TE's)."""
+    if m.transformer_impl != "auto" or not installed:
         return m.transformer_impl == "local"
     import torch
 
     return importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, installed: bool = True) -> None:
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}': {msg}")
@@ -512,7 +515,7 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.engine == "trtllm":
         from .rollout.trtllm_engine import INSTALL
 
-        need(importlib.util.find_spec("tensorrt_llm") is not None, "rollout.engine",
+        need(not installed or importlib.util.find_spec("tensorrt_llm") is not None, "rollout.engine",
              f"'trtllm' needs TensorRT-LLM, which is not installed: {INSTALL}")
         need(not cfg.rollout.cuda_graphs, "rollout.cuda_graphs",
              "graphs the embedded engine's decode step; TensorRT-LLM has its own (rollout.engine=trtllm)")
@@ -559,7 +562,7 @@ def validate(cfg: Config) -> None:
         why = cuda_graphs_problem(cfg.rollout.decode_attention, cfg.parallel.pipeline_parallel, cfg.model.num_experts)
         need(why is None, "rollout.cuda_graphs", why or "")
     need(cfg.rollout.prefill_tokens >= 0, "rollout.prefill_tokens", "must be >= 0 (0 = one forward per admission)")
-    if cfg.logging.wandb_project:
+    if cfg.logging.wandb_project and installed:
         require_wandb()
     need(cfg.algo.advantage in ("reinforce_pp_baseline", "grpo", "rloo"), "algo.advantage",
          "must be reinforce_pp_baseline, grpo or rloo")
@@ -590,7 +593,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.loss_grad_mode in GRAD_MODES, "train.loss_grad_mode", f"must be one of {', '.join(GRAD_MODES)}")
     need(cfg.train.lm_head_token_chunk >= 1, "train.lm_head_token_chunk", "must be >= 1")
     need(cfg.train.pack_tokens >= 0, "train.pack_tokens", "must be >= 0 (0 = right-padded micro-batches)")
-    need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and _local_spec(cfg.model)),
+    need(not (cfg.train.pack_tokens and cfg.model.attention == "megatron" and _local_spec(cfg.model, installed)),
          "train.pack_tokens", "packed sequences need model.attention=sdpa or the TransformerEngine spec "
          "(model.attention=megatron is the local spec's attention, which takes only a dense mask)")
     need(cfg.train.prompts_per_step % cfg.train.mini_batch_prompts == 0, "train.mini_batch_prompts",
@@ -646,7 +649,7 @@ def validate(cfg: Config) -> None:
     if m.fp8:
         need(m.transformer_impl != "local", "model.fp8", "needs the TransformerEngine layer spec "
              "(model.transformer_impl: auto or transformer_engine), not the local one")
-        need(importlib.util.find_spec("transformer_engine") is not None, "model.fp8",
+        need(not installed or importlib.util.find_spec("transformer_engine") is not None, "model.fp8",
              "needs TransformerEngine, which is not installed: pip install -e .[gpu] (transformer-engine[pytorch]) "
              "on a CUDA machine")
     need(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense model)")

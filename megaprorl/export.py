@@ -47,7 +47,7 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, hf_config_dir: str = 
     if not text:
         raise ConversionError(f"{tjson} holds no run config (a checkpoint of an older megaprorl)")
     try:
-        cfg = load_config(text=text, where=f"{tjson} (config)")
+        cfg = load_config(text=text, where=f"{tjson} (config)", installed=False)  # read here, not run
     except ConfigError as e:
         raise ConversionError(str(e)) from None
     mcfg = _readable_here(cfg.model, log)

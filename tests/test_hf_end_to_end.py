@@ -272,8 +272,9 @@ def test_demo_policy_exports_as_hf(tmp_path, family):
     if family != "qwen2":
         return
 
-    # the same checkpoint, as a TransformerEngine FP8 run would have written it (its tensors carry the same
-    # names under either spec; only trainer.json's config differs): without TE it exports through the local
+    # the same checkpoint, as a TransformerEngine FP8 run with TensorRT-LLM rollouts would have written it (its
+    # tensors carry the same names under either spec; only trainer.json's config differs): without TE or
+    # TensorRT-LLM installed (a config that needs them is refused for training) it exports through the local
     # spec to the same files
     from megaprorl.checkpoint import resolve_checkpoint
     from megaprorl.config import load_config, to_yaml
@@ -283,6 +284,7 @@ def test_demo_policy_exports_as_hf(tmp_path, family):
     state = json.load(open(tj))
     cfg_te = load_config(text=state["config"])
     cfg_te.model.transformer_impl, cfg_te.model.fp8 = "transformer_engine", "hybrid"
+    cfg_te.rollout.engine = "trtllm"
     state["config"] = to_yaml(cfg_te)
     json.dump(state, open(tj, "w"))
     out_te = str(tmp_path / "demo_hf_te")
