@@ -7,7 +7,8 @@
 #   1b. `bench decode-attention`: the engine's masked SDPA decode attention against the Triton kernel
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
 #   3. `bench step` at 8K for the 1.5B shape with Megatron's distributed optimizer
-#   4. `bench step` at 16K with train.fused_lm_head (no [T, V] logits), one timed step
+#   4. `bench step` at 16K with train.fused_lm_head (no [T, V] logits) and full recomputation, one timed step
+#      (selective recomputation saves ~nothing with SDPA: tests/test_recompute.py)
 #   5. scripts/attn_probe.py (which attention path packed sequences should take)
 #   6. `bench step` with rollouts, the shape of session 1's engine figure (64 rows x 256 tokens, 14.9 s then),
 #      after the decode changes of 2026-12-02; near the end, so a call cut off at its timeout loses only these
@@ -37,7 +38,7 @@ step bench_step_8k_do 130 python3 -m megaprorl.bench.step --preset qwen2-1.5b --
   --out "$OUT/bench_step_8k_do.json"
 step bench_step_16k_fused 100 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 2 --n-samples 2 \
   --prompt-len 1024 --response-len 15360 --micro-batch-size 1 --skip-rollout --repeats 1 --distributed-optimizer \
-  --recompute selective --fused-lm-head --out "$OUT/bench_step_16k_fused.json"
+  --recompute full --fused-lm-head --out "$OUT/bench_step_16k_fused.json"
 step attn_probe 45 python3 scripts/attn_probe.py --iters 2 --out "$OUT/attn_probe.json"
 step bench_step_rollout 60 python3 -m megaprorl.bench.step --preset qwen2-1.5b --prompts 16 --n-samples 4 \
   --prompt-len 256 --response-len 256 --repeats 1 --out "$OUT/bench_step_rollout.json"

@@ -45,3 +45,39 @@ def test_recomputed_activations_give_the_same_gradients(granularity, pack, monke
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     for a, b in zip(recomputed.logprobs(batch, 4, with_entropy=True), plain.logprobs(batch, 4, with_entropy=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _saved_bytes(pol, batch, spec) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during the forward passes of one update
+    (what the backward will need: the activations), the weights aside."""
+    weights = {p.untyped_storage().data_ptr() for p in pol.model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if torch._C._current_graph_task_id() == -1:  # in a forward (the backward's recomputed forwards free theirs)
+            s = t.untyped_storage()
+            if s.data_ptr() not in weights:
+                saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    pol.optimizer.step_with_ready_grads = lambda: True
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pol.train_step(batch, spec, micro_batch_size=len(batch))  # one micro-batch: every storage alive at once
+    return sum(saved.values())
+
+
+def test_what_each_granularity_saves():
+    """What the backward keeps, counted from the saved tensors.  `full` keeps each layer's input and recomputes
+    the rest.  `selective` recomputes the core attention only: with SDPA (flash-style: inputs, output and
+    log-sum-exp) that saves the log-sum-exp alone, since the projections around it keep q, k, v and the output
+    as theirs; it costs the attention's forward again for ~nothing (Megatron warns so for TransformerEngine's
+    fused attention too).  The recipe examples therefore use no recomputation at 8K and `full` at 16K."""
+    from megaprorl.algo.loss import LossSpec
+
+    spec = LossSpec(kl_coef=0.1)
+    sizes = {}
+    for granularity in ("", "selective", "full"):
+        pol, tok = tiny_policy({"recompute_granularity": granularity, "num_layers": 4})
+        sizes[granularity] = _saved_bytes(pol, _batch(tok), spec)
+    assert 0.98 * sizes[""] <= sizes["selective"] < sizes[""]
+    assert sizes["full"] < 0.5 * sizes[""]
