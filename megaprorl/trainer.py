@@ -330,36 +330,44 @@ class Trainer:
         (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``.
 
         The sets share ``generate`` calls: one greedy call for the sets of one token budget, one sampled call for
-        those of one budget and one sample count, each rollout scored as soon as it finishes.  Each prompt samples
-        from its own seed, a function of the run's seed, the set, the step and the prompt's row in the set: its
-        samples do not depend on which other sets or prompts share the call, nor on the data-parallel layout."""
+        those of one budget and one sample count, all decoded together (``generate_many``), each rollout scored as
+        soon as it finishes.  Each prompt samples from its own seed, a function of the run's seed, the set, the
+        step and the prompt's row in the set: its samples do not depend on which other sets or prompts share the
+        call, nor on the data-parallel layout."""
         cfg = self.cfg
         t0 = time.time()
         sets = self.eval_sets
         mine = [es.records[dp_rank():: dp_world()] for es in sets]  # rank r evaluates rows r, r + world, ...
         prompts = [p[dp_rank():: dp_world()] for p in self.eval_prompts]
         rows: List[List[Optional[PromptResult]]] = [[None] * len(recs) for recs in mine]
+        # one greedy call for the sets of one token budget, one sampled call for those of one budget and one
+        # sample count; all decoded together (one KV cache, one tail)
+        calls, done = [], []
         for group in _grouped(range(len(sets)), lambda i: sets[i].max_new_tokens):
             flat = [(i, k) for i in group for k in range(len(mine[i]))]
-            rollouts, scored, _, _ = self._generate_scored(
-                [mine[i][k] for i, k in flat], [prompts[i][k] for i, k in flat],
-                SamplingParams(max_new_tokens=sets[group[0]].max_new_tokens, n=1, greedy=True))
-            for (i, k), ro, sc in zip(flat, rollouts, scored):
-                rows[i][k] = PromptResult(sets[i].name, mine[i][k].get("id"), mine[i][k].get("domain", "?"),
-                                          float(sc.reward), len(ro.response_ids), bool(ro.finished),
-                                          greedy_response=(self.tokenizer.decode(ro.response_ids)
-                                                           if cfg.eval.write_responses else None),
-                                          greedy_error=sc.error)
+            calls.append(([mine[i][k] for i, k in flat], [prompts[i][k] for i, k in flat],
+                          SamplingParams(max_new_tokens=sets[group[0]].max_new_tokens, n=1, greedy=True)))
+            done.append((True, flat))
         sampled = [] if (greedy or cfg.eval.greedy) else [i for i, es in enumerate(sets) if es.samples_per_prompt > 1]
         for group in _grouped(sampled, lambda i: (sets[i].max_new_tokens, sets[i].samples_per_prompt)):
             flat = [(i, k) for i in group for k in range(len(mine[i]))]
             es = sets[group[0]]
             seeds = [_derive_seed(cfg.seed, "eval", sets[i].name, self.step, dp_rank() + k * dp_world())
                      for i, k in flat]
-            params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seeds=seeds,
-                                    max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt)
-            rollouts, scored, _, _ = self._generate_scored([mine[i][k] for i, k in flat],
-                                                           [prompts[i][k] for i, k in flat], params)
+            calls.append(([mine[i][k] for i, k in flat], [prompts[i][k] for i, k in flat],
+                          SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seeds=seeds,
+                                         max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt)))
+            done.append((False, flat))
+        out, scores, _, _ = self._generate_scored_calls(calls) if calls else ([], [], 0, 0)
+        for (is_greedy, flat), rollouts, scored in zip(done, out, scores):
+            if is_greedy:
+                for (i, k), ro, sc in zip(flat, rollouts, scored):
+                    rows[i][k] = PromptResult(sets[i].name, mine[i][k].get("id"), mine[i][k].get("domain", "?"),
+                                              float(sc.reward), len(ro.response_ids), bool(ro.finished),
+                                              greedy_response=(self.tokenizer.decode(ro.response_ids)
+                                                               if cfg.eval.write_responses else None),
+                                              greedy_error=sc.error)
+                continue
             for ro, sc in zip(rollouts, scored):
                 i, k = flat[ro.prompt_index]
                 rows[i][k].rewards.append(float(sc.reward))
@@ -429,26 +437,37 @@ class Trainer:
         rank and shared with the group.  Returns (rollouts, scores, generation seconds, seconds waited for the
         verifiers after the last rollout finished).  ``claim``: the engine decodes only the prompts it claims
         (``_shared_round``)."""
+        out, scored, t_gen, t_wait = self._generate_scored_calls([(records, prompts, params)], claim)
+        return out[0], scored[0], t_gen, t_wait
+
+    def _generate_scored_calls(self, calls: List[Tuple[List[Dict], List[List[int]], SamplingParams]], claim=None):
+        """``_generate_scored`` of several calls [(records, prompts, params)] decoded together (the engine's
+        ``generate_many``): (rollouts per call, scores per call, generation seconds, seconds waited)."""
         t = time.time()
         self.engine.wake()
-        futures: Dict[int, Any] = {}
+        futures: Dict[Tuple[int, int], Any] = {}
 
-        def score_when_finished(k: int, r) -> None:
+        def score_when_finished(c: int, k: int, r) -> None:
             if self.scores_here:
-                futures[k] = self.rewards.submit([records[r.prompt_index]], [self.tokenizer.decode(r.response_ids)])
+                futures[(c, k)] = self.rewards.submit([calls[c][0][r.prompt_index]],
+                                                      [self.tokenizer.decode(r.response_ids)])
 
-        if claim is None:
-            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished)
+        if len(calls) == 1:
+            _, prompts, params = calls[0]
+            kw = {} if claim is None else {"claim": claim}
+            out = [self.engine.generate(prompts, params, on_finish=lambda k, r: score_when_finished(0, k, r), **kw)]
         else:
-            rollouts = self.engine.generate(prompts, params, on_finish=score_when_finished, claim=claim)
+            out = self.engine.generate_many([(prompts, params) for _, prompts, params in calls],
+                                            on_finish=score_when_finished)
         t_gen = time.time() - t
         t = time.time()
-        for k, r in enumerate(rollouts):
-            if k not in futures:  # an engine that does not report rollouts as they finish
-                score_when_finished(k, r)
-        scored = mp_broadcast_object([futures[k].result()[0] for k in range(len(rollouts))]
-                                     if self.scores_here else None)
-        return rollouts, scored, t_gen, time.time() - t
+        for c, rollouts in enumerate(out):
+            for k, r in enumerate(rollouts):
+                if (c, k) not in futures:  # an engine that does not report rollouts as they finish
+                    score_when_finished(c, k, r)
+        scored = mp_broadcast_object([[futures[(c, k)].result()[0] for k in range(len(rollouts))]
+                                      for c, rollouts in enumerate(out)] if self.scores_here else None)
+        return out, scored, t_gen, time.time() - t
 
     # ------------------------------------------------------------------------------ one RL step
     def _draw_groups(self) -> Tuple[List[Dict], Dict]:

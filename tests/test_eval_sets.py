@@ -167,37 +167,39 @@ def test_per_set_metrics_and_rows(tmp_path):
 
 
 def test_sets_share_generate_calls_and_a_set_draws_the_same_alone(tmp_path):
-    """Sets of one token budget share the greedy call, and of one budget and sample count the sampled call; each
-    prompt samples from its own seed, so a set's rows are the same when it is evaluated alone."""
+    """Sets of one token budget share the greedy call, and of one budget and sample count the sampled call, and the
+    calls are decoded together (one generate_many); each prompt samples from its own seed, so a set's rows are the
+    same when it is evaluated alone."""
     sets = _answers(tmp_path)  # a: 4 samples, budget 5 (rollout.max_new_tokens); b: 3 samples, budget 3
     sets.append({"name": "c", "samples_per_prompt": 4,
                  "path": write_jsonl(tmp_path / "c.jsonl", [{"domain": "math", "prompt": f"c{i}", "answer": "coin"}
                                                            for i in range(4)])})
-    calls, drawn = [], {}  # drawn: (greedy, prompt ids) -> the responses' ids
+    calls, drawn = [], {}  # calls: per engine call, its calls; drawn: (greedy, prompt ids) -> the responses' ids
 
     def evaluate(t):
-        generate = t.engine.generate
+        generate_many = t.engine.generate_many
 
-        def counted(prompts, params, on_finish=None):
-            calls.append((len(prompts), params.greedy, params.n, params.max_new_tokens))
-            out = generate(prompts, params, on_finish)
-            for r in out:
-                drawn.setdefault((params.greedy, tuple(prompts[r.prompt_index])), []).append(tuple(r.response_ids))
+        def counted(many, on_finish=None):
+            calls.append([(len(prompts), params.greedy, params.n, params.max_new_tokens) for prompts, params in many])
+            out = generate_many(many, on_finish)
+            for (prompts, params), rollouts in zip(many, out):
+                for r in rollouts:
+                    drawn.setdefault((params.greedy, tuple(prompts[r.prompt_index])), []).append(tuple(r.response_ids))
             return out
 
-        t.engine.generate = counted
+        t.engine.generate_many = counted
         try:
             return t.evaluate(), t.eval_rows
         finally:
             t.close()
 
     ev, rows = evaluate(_trainer(tmp_path / "all", sets))
-    assert calls == [(9, True, 1, 5), (3, True, 1, 3), (9, False, 4, 5), (3, False, 3, 3)]
+    assert calls == [[(9, True, 1, 5), (3, True, 1, 3), (9, False, 4, 5), (3, False, 3, 3)]]
     with_others = dict(drawn)
     calls.clear()
     drawn.clear()
     ev_c, rows_c = evaluate(_trainer(tmp_path / "c_alone", sets[2:]))
-    assert calls == [(4, True, 1, 5), (4, False, 4, 5)]
+    assert calls == [[(4, True, 1, 5), (4, False, 4, 5)]]
     assert len(drawn) == 8 and drawn == {k: with_others[k] for k in drawn}  # c's prompts' responses, token for token
     sampled = [v for (greedy, _), v in drawn.items() if not greedy]
     assert all(len(set(v)) > 1 for v in sampled) and len({v[0] for v in sampled}) == 4  # each prompt its own seed

@@ -443,6 +443,47 @@ def test_continuous_batching_refills_finished_rows(policy, greedy):
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
+def test_calls_decoded_together_draw_the_tokens_of_each_call(policy, continuous):
+    """generate_many (an evaluation's greedy and sampled sets in one KV cache): three calls with their own
+    budgets, sample counts, temperatures and seeds, among them a greedy one and one that repeats a prompt of
+    another, give each call's rollouts as generate gives them (tokens, ends, log-probs within 1e-6), reported
+    as they finish
+    with their call and place, in fewer decode steps than the calls one after another."""
+    from megaprorl.rollout import SamplingParams
+    from megaprorl.rollout.megatron_engine import MegatronEngine
+
+    pol, tok = policy
+    p = _prompts(tok) + [tok.encode(s) for s in ["2+2=", "40+2=", "123+456="]]
+    calls = [(p[:4], SamplingParams(max_new_tokens=12, greedy=True)),
+             (p[2:7], SamplingParams(max_new_tokens=30, n=3, temperature=1.5, top_p=0.9, seeds=[50, 51, 52, 53, 54])),
+             (p[6:], SamplingParams(max_new_tokens=20, n=2, temperature=0.8, seed=9))]
+    every = 3 if continuous else 0
+    eng = MegatronEngine(pol, tok.eos_id, tok.pad_id, batch_size=7, compact_every=every)
+    want, steps = [], 0
+    for prompts, params in calls:
+        want.append(eng.generate(prompts, params))
+        steps += eng.stats["decode_steps"]
+    reported = {}
+    got = eng.generate_many(calls, on_finish=lambda c, k, r: reported.setdefault((c, k), r))
+    assert [len(g) for g in got] == [4, 15, 4] and len(reported) == 23
+    for c, (g_call, w_call) in enumerate(zip(got, want)):
+        for k, (g, w) in enumerate(zip(g_call, w_call)):
+            assert reported[(c, k)] is g
+            assert (g.prompt_index, g.prompt_ids, g.response_ids, g.finished) == \
+                (w.prompt_index, w.prompt_ids, w.response_ids, w.finished)
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-6)
+    assert max(len(r.response_ids) for r in got[1]) > 20  # past the other calls' budgets
+    assert eng.stats["rollouts"] == 23
+    if continuous:  # one tail; lock-step batching decodes the calls one after another (a batch lasts as long as
+        assert eng.stats["decode_steps"] < steps, (eng.stats, steps)  # its longest rollout, so budgets are not mixed)
+    else:
+        assert eng.stats["decode_steps"] == steps
+    assert eng.stats["prefill_rows"] < 23  # a prompt's samples admitted together share its prefill
+    with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
+        eng.generate_many([(p[:4], SamplingParams(seeds=[1, 2]))])
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "lock-step"])
 def test_claimed_prompts_draw_the_tokens_of_the_whole_call(policy, continuous):
     """generate(claim=...) (rollout.share_prompts_over_dp): two engines ("ranks") share one call's prompts through
     one counter, each decoding only what it claims when rows are free.  Every prompt is decoded once, by one of

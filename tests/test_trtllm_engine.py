@@ -192,6 +192,13 @@ def _one(rank, hf_dir, tp, pp):
     out["finished"] = finished
     if eng.is_leader:
         out["after_second"] = {k: v.clone() for k, v in eng.llm.model.state_dict().items()}
+    # several calls submitted together (an evaluation's greedy and sampled sets): each as generate gives it
+    greedy = SamplingParams(max_new_tokens=4, greedy=True)
+    reported = {}
+    out["many"] = eng.generate_many([(prompts, params), ([[7, 8]], greedy)],
+                                    on_finish=lambda c, k, r: reported.setdefault((c, k), r))
+    out["many_alone"] = eng.generate([[7, 8]], greedy)
+    out["many_reported"] = sorted(reported)
     eng.sleep()  # and awake again with no refit between (an evaluation after a checkpoint): the weights are back
     eng.wake()
     out["after_nap"] = eng.generate(prompts, params)
@@ -311,6 +318,12 @@ def test_rollouts_reach_every_rank_with_the_sampled_tokens_logprobs(ran, layout)
         torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(want), atol=1e-5, rtol=0)
         assert r.finished == (r.response_ids[-1] in (EOS, 9)) and len(r.response_ids) <= 6
     assert rs[0].response_ids != rs[1].response_ids  # each sample its own seed
+    for r in (r0, r1):  # generate_many: each call's rollouts as generate gives them, reported with call and place
+        assert [(x.prompt_index, x.response_ids, x.logprobs) for x in r["many"][0]] == \
+            [(x.prompt_index, x.response_ids, x.logprobs) for x in rs]
+        assert [(x.prompt_index, x.response_ids) for x in r["many"][1]] == \
+            [(x.prompt_index, x.response_ids) for x in r["many_alone"]]
+        assert r["many_reported"] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
     # the leader (where the trainer's verifiers run) hands each rollout on as soon as its result is in
     first = r0["events"][:8]
     assert first == [e for k in range(4) for e in (("result", k), ("finished", k))], first

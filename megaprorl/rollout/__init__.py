@@ -51,6 +51,11 @@ class Engine(Protocol):
         """``params.n`` rollouts per prompt, ordered prompt-major (prompt 0's n samples first);
         ``on_finish(index, rollout)``, when given, for each rollout as soon as it has finished."""
 
+    def generate_many(self, calls: Sequence[Tuple[List[List[int]], SamplingParams]],
+                      on_finish: Optional[Callable[[int, int, Rollout], None]] = None) -> List[List[Rollout]]:
+        """Several ``generate`` calls [(prompts, params)] decoded together; one list of rollouts per call, each as
+        ``generate`` returns it; ``on_finish(call, index, rollout)``."""
+
     def update_weights(self, step: Optional[int] = None) -> None:
         """Make the engine sample from the trainer's current weights."""
 

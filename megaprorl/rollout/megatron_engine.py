@@ -68,7 +68,7 @@ recomputes the old-policy log-probs that the loss uses.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -430,14 +430,68 @@ class MegatronEngine:
         out), asked for whenever rows are free and no claimed rollout waits, so a rank whose rollouts finish
         sooner takes more prompts.  Returns the claimed prompts' rollouts, prompt-major in claim order, each
         with its index into ``prompts``.  Every rank of a model-parallel group must be handed the same indices."""
+        self._check_call(prompts, params)
+        items = [] if claim is not None else [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
+        streams = [] if claim is not None else [params.stream(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        pull = None if claim is None or not prompts else \
+            (lambda k: [(i, list(prompts[i])) for i in claim(-(-k // params.n)) for _ in range(params.n)])
+        return self._run(items, [params], [0] * len(items), streams, on_finish, pull,
+                         max((len(p) for p in prompts), default=0))
+
+    @torch.no_grad()
+    def generate_many(self, calls: Sequence[Tuple[List[List[int]], SamplingParams]],
+                      on_finish: Optional[Callable[[int, int, Rollout], None]] = None) -> List[List[Rollout]]:
+        """Several ``generate`` calls decoded together through one KV cache: ``calls`` [(prompts, params)], each
+        with its own sampling settings and token budget.  Returns one list per call, as ``generate(prompts,
+        params)`` returns it: the same tokens and log-probs, since each rollout draws from its own stream and its
+        rows' results do not depend on the others in the cache.  ``on_finish(call, index, rollout)`` as each
+        finishes.  The calls share one admission order and one tail (the last long rollouts decoding with most
+        rows empty), where one call after another has a tail each: an evaluation's greedy and sampled sets.
+        Lock-step batching (``continuous=False``) decodes the calls one after another: a batch lasts as long as
+        its longest rollout, so mixing budgets in a batch would only lengthen it."""
+        calls = [(prompts, params) for prompts, params in calls]
+        if not self.continuous:
+            out, stats = [], dict.fromkeys(_STATS, 0)
+            for c, (prompts, params) in enumerate(calls):
+                cb = None if on_finish is None else (lambda k, r, c=c: on_finish(c, k, r))
+                out.append(self.generate(prompts, params, on_finish=cb))
+                for key, v in self.stats.items():
+                    stats[key] = max(stats[key], v) if key in ("rows", "kv_cache_bytes") else stats[key] + v
+            self.stats = stats
+            return out
+        items, streams, pidx, where, local = [], [], [], [], []
+        base = 0
+        for c, (prompts, params) in enumerate(calls):
+            self._check_call(prompts, params)
+            for i, p in enumerate(prompts):
+                for s in range(params.n):
+                    where.append((c, i * params.n + s))
+                    local.append(i)
+                    items.append((base + i, list(p)))  # a prompt index unique over the calls: its own prefill
+                    streams.append(params.stream(i, s))
+                    pidx.append(c)
+            base += len(prompts)
+        cb = None if on_finish is None else (lambda k, r: on_finish(where[k][0], where[k][1], r))
+        flat = self._run(items, [params for _, params in calls], pidx, streams, cb, None,
+                         max((len(p) for prompts, _ in calls for p in prompts), default=0), local)
+        out: List[List[Rollout]] = [[None] * (len(prompts) * params.n) for prompts, params in calls]
+        for (c, j), r in zip(where, flat):
+            out[c][j] = r
+        return out
+
+    def _check_call(self, prompts: List[List[int]], params: SamplingParams) -> None:
         if not self._awake:
             raise RuntimeError("engine is asleep; call wake() before generate()")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt given to the rollout engine")
         params.check(len(prompts))
-        items = [] if claim is not None else [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
+
+    def _run(self, items, plist: List[SamplingParams], pidx: List[int], streams, on_finish, pull, longest: int,
+             local: Optional[List[int]] = None) -> List[Rollout]:
+        """The body of ``generate`` and ``generate_many``: decode ``items`` (``_decode``) with the model in eval
+        mode, FP8 and sequence parallelism off, MoE routing recorded when asked; the call's stats."""
         self.stats = dict.fromkeys(_STATS, 0)
-        if not items and (claim is None or not prompts):
+        if not items and pull is None:
             if self._expert_group is not None:  # nothing to decode here: run the forwards the others need
                 was_training = self.policy.model.training
                 self.policy.model.eval()
@@ -458,9 +512,7 @@ class MegatronEngine:
                 replay.record()
                 self._routing_log = []
             with _fp8_off(model.config), _sequence_parallel_off(model):
-                pull = None if claim is None else \
-                    (lambda k: [(i, list(prompts[i])) for i in claim(-(-k // params.n)) for _ in range(params.n)])
-                out = self._decode(items, params, on_finish, pull, max(len(p) for p in prompts))
+                out = self._decode(items, plist, pidx, streams, on_finish, pull, longest, local)
                 self._drain()
             if replay is not None:
                 self._attach_routing(out, replay.layers)
@@ -614,21 +666,23 @@ class MegatronEngine:
                        group=mps.get_pipeline_model_parallel_group())
         return buf[0].long(), buf[1].float()
 
-    def _decode(self, items, params: SamplingParams, on_finish=None, pull=None, longest: int = 0) -> List[Rollout]:
+    def _decode(self, items, plist: List[SamplingParams], pidx: List[int], streams, on_finish=None, pull=None,
+                longest: int = 0, local: Optional[List[int]] = None) -> List[Rollout]:
         """Every rollout of ``items`` ([(prompt index, prompt ids)], in order) decoded through one KV cache of
         at most ``batch_size`` rows: rollouts enter it in order when rows are free (a prefill per
-        admission), leave it at a stop token or the token budget.  ``pull(rows)``: more items, asked for when
-        rows could take them and none waits, until it gives none (``generate``'s ``claim``); ``longest``: the
-        longest prompt it may give."""
+        admission), leave it at a stop token or its token budget.  Item ``k`` samples with ``plist[pidx[k]]``
+        from ``streams[k]``; its rollout's ``prompt_index`` is ``local[k]`` (default: its prompt index).
+        ``pull(rows)``: more items (sampled with ``plist[0]``), asked for when rows could take them and none
+        waits, until it gives none (``generate``'s ``claim``); ``longest``: the longest prompt it may give."""
         device = self.policy.device
-        N = int(params.max_new_tokens)
-        items = list(items)
+        items, pidx, streams = list(items), list(pidx), list(streams)
+        budget = [int(plist[c].max_new_tokens) for c in pidx]
+        N = max([int(p.max_new_tokens) for p in plist])  # the KV cache's room for responses
         resp = [[] for _ in items]
         lps = [[] for _ in items]
         out: List[Optional[Rollout]] = [None] * len(items)
         stops = set(self.stop_ids)
         longest = max([longest] + [len(p) for _, p in items])
-        streams = [params.stream(i, k - i * params.n) for k, (i, _) in enumerate(items)]  # items are prompt-major
         nxt_item = 0  # the next rollout to enter the cache
         cache: Optional[_Cache] = None
         z = None  # the last stage's logits [rows, V] for each row's next token
@@ -641,7 +695,9 @@ class MegatronEngine:
                 if not new:
                     pull = None  # none left to claim: from here on as if all had been given at the start
                 for k, (i, p) in enumerate(new):  # whole prompts, their n samples in a row
-                    streams.append(params.stream(i, k % params.n))
+                    streams.append(plist[0].stream(i, k % plist[0].n))
+                    pidx.append(0)
+                    budget.append(int(plist[0].max_new_tokens))
                     items.append((i, p))
                     resp.append([])
                     lps.append([])
@@ -649,10 +705,11 @@ class MegatronEngine:
             if nxt_item < len(items) and admit:
                 if not live:  # a new cache: the first batch (in lock-step batching, every batch)
                     rows = min(self.batch_size, len(items) - nxt_item)
-                    seq = (longest if self.continuous else max(len(p) for _, p in items[nxt_item: nxt_item + rows])) + N
+                    batch = range(nxt_item, nxt_item + rows)
+                    seq = (longest + N if self.continuous else max(len(items[k][1]) + budget[k] for k in batch))
                     rows = self._rows_that_fit(rows, seq)
-                    if not self.continuous:  # the batch's own longest prompt
-                        seq = max(len(p) for _, p in items[nxt_item: nxt_item + rows]) + N
+                    if not self.continuous:  # the batch's own longest prompt and budget
+                        seq = max(len(items[k][1]) + budget[k] for k in range(nxt_item, nxt_item + rows))
                     self.stats["rows"] = self.stats["rows"] or rows
                     self.stats["kv_cache_bytes"] = max(self.stats["kv_cache_bytes"], rows * self.kv_bytes_per_row(seq))
                     cache, z, last = _Cache(rows, seq), None, [self.pad_id] * rows
@@ -665,9 +722,7 @@ class MegatronEngine:
             # draw each running row's next token (the last stage draws; its pipeline receives them)
             nxt = lp = None
             if z is not None:
-                u = [draw_uniform(*streams[cache.item[r]], len(resp[cache.item[r]])) for r in live]
-                idx = torch.tensor(live, device=device)
-                nxt, lp = self._sample(z.index_select(0, idx), params, torch.tensor(u, dtype=torch.float64, device=device))
+                nxt, lp = self._sample_rows(z, live, [cache.item[r] for r in live], plist, pidx, streams, resp)
             nxt, lp = self._from_last_stage(nxt, lp, len(live))
             nxt_l, lp_l = nxt.tolist(), lp.tolist()  # the step's device->host copy
             self.stats["tokens"] += len(live)
@@ -676,8 +731,9 @@ class MegatronEngine:
                 resp[k].append(tok)
                 lps[k].append(l)
                 last[r] = tok
-                if tok in stops or len(resp[k]) == N:
-                    out[k] = Rollout(prompt_index=items[k][0], prompt_ids=list(items[k][1]), response_ids=resp[k],
+                if tok in stops or len(resp[k]) == budget[k]:
+                    out[k] = Rollout(prompt_index=items[k][0] if local is None else local[k],
+                                     prompt_ids=list(items[k][1]), response_ids=resp[k],
                                      logprobs=lps[k], finished=tok in stops)
                     if on_finish is not None:
                         on_finish(k, out[k])
@@ -881,6 +937,26 @@ class MegatronEngine:
         out = mem.new_zeros(mem.shape[0], len(keep), *mem.shape[2:])
         out[:filled] = mem[:filled].index_select(1, keep)
         return out
+
+    def _sample_rows(self, z: torch.Tensor, live: List[int], ks: List[int], plist: List[SamplingParams],
+                     pidx: List[int], streams, resp) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next token and its log-prob of each running row ``live`` (rollout ``ks[j]`` in row ``live[j]``),
+        each drawn from the row's logits with its rollout's sampling settings at its stream's next uniform: one
+        draw per settings among the rows (every row of a ``generate`` call shares one)."""
+        device = self.policy.device
+        u = torch.tensor([draw_uniform(*streams[k], len(resp[k])) for k in ks], dtype=torch.float64, device=device)
+        groups = sorted({pidx[k] for k in ks})
+        if len(groups) == 1:
+            return self._sample(z.index_select(0, torch.tensor(live, device=device)), plist[groups[0]], u)
+        nxt = torch.empty(len(live), dtype=torch.long, device=device)
+        lp = torch.empty(len(live), dtype=torch.float32, device=device)
+        for c in groups:
+            js = torch.tensor([j for j, k in enumerate(ks) if pidx[k] == c], device=device)
+            n_c, lp_c = self._sample(z.index_select(0, torch.tensor(live, device=device).index_select(0, js)),
+                                     plist[c], u.index_select(0, js))
+            nxt.index_copy_(0, js, n_c)
+            lp.index_copy_(0, js, lp_c.to(lp.dtype))
+        return nxt, lp
 
     @staticmethod
     def _sample(z: torch.Tensor, params: SamplingParams, u: torch.Tensor):

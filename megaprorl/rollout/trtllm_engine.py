@@ -36,7 +36,7 @@ It has not run against TensorRT-LLM: no wheel installs on these machines.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -301,51 +301,65 @@ class TrtllmEngine:
 
     def generate(self, prompts: List[List[int]], params: SamplingParams,
                  on_finish: Optional[Callable[[int, Rollout], None]] = None) -> List[Rollout]:
+        cb = None if on_finish is None else (lambda c, k, r: on_finish(k, r))
+        return self.generate_many([(prompts, params)], on_finish=cb)[0]
+
+    def generate_many(self, calls: Sequence[Tuple[List[List[int]], SamplingParams]],
+                      on_finish: Optional[Callable[[int, int, Rollout], None]] = None) -> List[List[Rollout]]:
+        """Several ``generate`` calls' requests submitted to the engine together (each with its own sampling
+        settings), so its in-flight batching decodes them as one pool; one list of rollouts per call, as
+        ``generate`` returns it; ``on_finish(call, index, rollout)``."""
         if self.weights_version is None:
             raise RuntimeError("the TensorRT-LLM engine holds dummy weights until update_weights() is called")
         if self.released:
             raise RuntimeError(f"the TensorRT-LLM engine is asleep ({', '.join(self.released)} released); call "
                                "wake() before generate()")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt given to the rollout engine")
-        params.check(len(prompts))
-        longest = max((len(p) for p in prompts), default=0)
-        if self.max_seq_len and longest + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
-                             f"TensorRT-LLM engine's max_seq_len {self.max_seq_len} (model.max_position_embeddings); "
-                             f"data.max_prompt_tokens={self.max_seq_len - params.max_new_tokens} skips such prompts")
+        calls = [(prompts, params) for prompts, params in calls]
+        for prompts, params in calls:
+            if any(len(p) == 0 for p in prompts):
+                raise ValueError("empty prompt given to the rollout engine")
+            params.check(len(prompts))
+            longest = max((len(p) for p in prompts), default=0)
+            if self.max_seq_len and longest + params.max_new_tokens > self.max_seq_len:
+                raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
+                                 f"TensorRT-LLM engine's max_seq_len {self.max_seq_len} "
+                                 f"(model.max_position_embeddings); data.max_prompt_tokens="
+                                 f"{self.max_seq_len - params.max_new_tokens} skips such prompts")
         rollouts = None
         if self.is_leader:
             try:
-                rollouts = self._generate_on_leader(prompts, params, on_finish)
+                rollouts = self._generate_on_leader(calls, on_finish)
             except Exception as e:  # noqa: BLE001 - every rank of the group raises it, none waits on the broadcast
                 rollouts = RuntimeError(f"TensorRT-LLM generation failed on the group's leader (rank {self.leader}): "
                                         f"{type(e).__name__}: {e}")
         rollouts = self._broadcast(rollouts)
         if isinstance(rollouts, BaseException):
             raise rollouts
-        self.stats = {"rollouts": float(len(rollouts)), "tokens": float(sum(len(r.response_ids) for r in rollouts))}
+        flat = [r for rs in rollouts for r in rs]
+        self.stats = {"rollouts": float(len(flat)), "tokens": float(sum(len(r.response_ids) for r in flat))}
         if on_finish is not None and not self.is_leader:
-            for k, r in enumerate(rollouts):
-                on_finish(k, r)
+            for c, rs in enumerate(rollouts):
+                for k, r in enumerate(rs):
+                    on_finish(c, k, r)
         return rollouts
 
-    def _generate_on_leader(self, prompts, params: SamplingParams, on_finish) -> List[Rollout]:
-        """Every request submitted at once (``generate_async``), then taken in order as ``LLM.generate`` does,
-        each handed to ``on_finish`` as soon as it is in: the verifiers (which run on this rank) start on the
-        first rollouts while the later ones decode."""
+    def _generate_on_leader(self, calls, on_finish) -> List[List[Rollout]]:
+        """Every request of every call submitted at once (``generate_async``), then taken in order as
+        ``LLM.generate`` does, each handed to ``on_finish`` as soon as it is in: the verifiers (which run on this
+        rank) start on the first rollouts while the later ones decode."""
         futures = []
-        for i, p in enumerate(prompts):
-            for s in range(params.n):
-                futures.append(self.llm.generate_async(
-                    {"prompt_token_ids": [int(t) for t in p]},
-                    sampling_params=self.make_sampling(**request_params(params, i, s, self.stop_ids, self.pad_id))))
-        rollouts = []
-        for k, fut in enumerate(futures):
-            i = k // params.n
-            rollouts.append(to_rollout(i, prompts[i], fut.result().outputs[0], self.stop_ids))
+        for c, (prompts, params) in enumerate(calls):
+            for i, p in enumerate(prompts):
+                for s in range(params.n):
+                    futures.append((c, i, self.llm.generate_async(
+                        {"prompt_token_ids": [int(t) for t in p]},
+                        sampling_params=self.make_sampling(**request_params(params, i, s, self.stop_ids,
+                                                                            self.pad_id)))))
+        rollouts: List[List[Rollout]] = [[] for _ in calls]
+        for c, i, fut in futures:
+            rollouts[c].append(to_rollout(i, calls[c][0][i], fut.result().outputs[0], self.stop_ids))
             if on_finish is not None:
-                on_finish(k, rollouts[-1])
+                on_finish(c, len(rollouts[c]) - 1, rollouts[c][-1])
         return rollouts
 
 
