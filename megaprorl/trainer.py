@@ -330,8 +330,8 @@ class Trainer:
         (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``.
 
         The sets share ``generate`` calls: one greedy call for the sets of one token budget, one sampled call for
-        those of one budget and one sample count, all decoded together (``generate_many``), each rollout scored as
-        soon as it finishes.  Each prompt samples from its own seed, a function of the run's seed, the set, the
+        those of one budget and one sample count, the calls of one budget decoded together (``generate_many``), each
+        rollout scored as soon as it finishes.  Each prompt samples from its own seed, a function of the run's seed, the set, the
         step and the prompt's row in the set: its samples do not depend on which other sets or prompts share the
         call, nor on the data-parallel layout."""
         cfg = self.cfg
@@ -341,7 +341,7 @@ class Trainer:
         prompts = [p[dp_rank():: dp_world()] for p in self.eval_prompts]
         rows: List[List[Optional[PromptResult]]] = [[None] * len(recs) for recs in mine]
         # one greedy call for the sets of one token budget, one sampled call for those of one budget and one
-        # sample count; all decoded together (one KV cache, one tail)
+        # sample count
         calls, done = [], []
         for group in _grouped(range(len(sets)), lambda i: sets[i].max_new_tokens):
             flat = [(i, k) for i in group for k in range(len(mine[i]))]
@@ -358,7 +358,14 @@ class Trainer:
                           SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seeds=seeds,
                                          max_new_tokens=es.max_new_tokens, n=es.samples_per_prompt)))
             done.append((False, flat))
-        out, scores, _, _ = self._generate_scored_calls(calls) if calls else ([], [], 0, 0)
+        # the calls of one budget decoded together (a KV cache's rows are sized for the longest budget in it, so
+        # budgets are not mixed: a short budget's calls keep the rows that fit them)
+        out, scores = [None] * len(calls), [None] * len(calls)
+        for budget in dict.fromkeys(params.max_new_tokens for _, _, params in calls):
+            idx = [j for j, (_, _, params) in enumerate(calls) if params.max_new_tokens == budget]
+            got, got_scores, _, _ = self._generate_scored_calls([calls[j] for j in idx])
+            for j, g, sc in zip(idx, got, got_scores):
+                out[j], scores[j] = g, sc
         for (is_greedy, flat), rollouts, scored in zip(done, out, scores):
             if is_greedy:
                 for (i, k), ro, sc in zip(flat, rollouts, scored):
