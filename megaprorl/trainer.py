@@ -330,10 +330,10 @@ class Trainer:
         (megaprorl/evaluation.py); the prompts' rows are left in ``self.eval_rows``.
 
         The sets share ``generate`` calls: one greedy call for the sets of one token budget, one sampled call for
-        those of one budget and one sample count, the calls of one budget decoded together (``generate_many``), each
-        rollout scored as soon as it finishes.  Each prompt samples from its own seed, a function of the run's seed, the set, the
-        step and the prompt's row in the set: its samples do not depend on which other sets or prompts share the
-        call, nor on the data-parallel layout."""
+        those of one budget and one sample count, the calls of one budget decoded together (``generate_many``),
+        each rollout scored as soon as it finishes.  Each prompt samples from its own seed, a function of the
+        run's seed, the set, the step and the prompt's row in the set: its samples do not depend on which other
+        sets or prompts share the call, nor on the data-parallel layout."""
         cfg = self.cfg
         t0 = time.time()
         sets = self.eval_sets

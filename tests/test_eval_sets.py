@@ -168,8 +168,8 @@ def test_per_set_metrics_and_rows(tmp_path):
 
 def test_sets_share_generate_calls_and_a_set_draws_the_same_alone(tmp_path):
     """Sets of one token budget share the greedy call, and of one budget and sample count the sampled call, and the
-    calls of one budget are decoded together (one generate_many); each prompt samples from its own seed, so a set's rows are the
-    same when it is evaluated alone."""
+    calls of one budget are decoded together (one generate_many); each prompt samples from its own seed, so a set's
+    rows are the same when it is evaluated alone."""
     sets = _answers(tmp_path)  # a: 4 samples, budget 5 (rollout.max_new_tokens); b: 3 samples, budget 3
     sets.append({"name": "c", "samples_per_prompt": 4,
                  "path": write_jsonl(tmp_path / "c.jsonl", [{"domain": "math", "prompt": f"c{i}", "answer": "coin"}

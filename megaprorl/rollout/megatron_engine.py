@@ -432,7 +432,8 @@ class MegatronEngine:
         with its index into ``prompts``.  Every rank of a model-parallel group must be handed the same indices."""
         self._check_call(prompts, params)
         items = [] if claim is not None else [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
-        streams = [] if claim is not None else [params.stream(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        streams = [] if claim is not None else \
+            [params.stream(i, s) for i in range(len(prompts)) for s in range(params.n)]
         pull = None if claim is None or not prompts else \
             (lambda k: [(i, list(prompts[i])) for i in claim(-(-k // params.n)) for _ in range(params.n)])
         return self._run(items, [params], [0] * len(items), streams, on_finish, pull,
@@ -450,6 +451,8 @@ class MegatronEngine:
         Lock-step batching (``continuous=False``) decodes the calls one after another: a batch lasts as long as
         its longest rollout, so mixing budgets in a batch would only lengthen it."""
         calls = [(prompts, params) for prompts, params in calls]
+        for prompts, params in calls:  # every call checked before any is decoded
+            self._check_call(prompts, params)
         if not self.continuous:
             out, stats = [], dict.fromkeys(_STATS, 0)
             for c, (prompts, params) in enumerate(calls):
@@ -462,7 +465,6 @@ class MegatronEngine:
         items, streams, pidx, where, local = [], [], [], [], []
         base = 0
         for c, (prompts, params) in enumerate(calls):
-            self._check_call(prompts, params)
             for i, p in enumerate(prompts):
                 for s in range(params.n):
                     where.append((c, i * params.n + s))
@@ -946,14 +948,14 @@ class MegatronEngine:
         device = self.policy.device
         u = torch.tensor([draw_uniform(*streams[k], len(resp[k])) for k in ks], dtype=torch.float64, device=device)
         groups = sorted({pidx[k] for k in ks})
+        rows = z.index_select(0, torch.tensor(live, device=device))
         if len(groups) == 1:
-            return self._sample(z.index_select(0, torch.tensor(live, device=device)), plist[groups[0]], u)
+            return self._sample(rows, plist[groups[0]], u)
         nxt = torch.empty(len(live), dtype=torch.long, device=device)
         lp = torch.empty(len(live), dtype=torch.float32, device=device)
         for c in groups:
             js = torch.tensor([j for j, k in enumerate(ks) if pidx[k] == c], device=device)
-            n_c, lp_c = self._sample(z.index_select(0, torch.tensor(live, device=device).index_select(0, js)),
-                                     plist[c], u.index_select(0, js))
+            n_c, lp_c = self._sample(rows.index_select(0, js), plist[c], u.index_select(0, js))
             nxt.index_copy_(0, js, n_c)
             lp.index_copy_(0, js, lp_c.to(lp.dtype))
         return nxt, lp
