@@ -123,8 +123,10 @@ def _generate(pol, tok, lean=True, continuous=True, prefill_tokens=0):
                          continuous=continuous, prefill_tokens=prefill_tokens)
     assert eng.lean_decode == lean and eng.continuous == (lean and continuous)
     prompts = [tok.encode(s) for s in PROMPTS]
-    return [[(r.response_ids, r.logprobs, r.finished) for r in eng.generate(prompts, SamplingParams(**sp))]
-            for sp in SAMPLING]
+    calls = [(prompts, SamplingParams(**sp)) for sp in SAMPLING]
+    alone = [eng.generate(prompts, params) for _, params in calls]
+    together = eng.generate_many(calls)  # the calls through one KV cache (an evaluation's greedy and sampled sets)
+    return [[(r.response_ids, r.logprobs, r.finished) for r in run] for run in alone + together]
 
 
 def _pp_engine_job(rank, world, state):
@@ -145,11 +147,16 @@ def _pp_engine_job(rank, world, state):
 
 def test_embedded_engine_pipeline_parallel_equals_single_stage():
     """PP=2: each stage decodes its own layers with its own KV cache; every rank returns PP=1's rollouts, also
-    with the prefills in forwards of one prompt each (every stage runs the same chunks)."""
+    with the prefills in forwards of one prompt each (every stage runs the same chunks); the greedy and sampled
+    calls decoded together (generate_many) draw what each draws alone."""
     ref_pol, tok = tiny_policy()
     state = {k: v.clone() for k, v in ref_pol.state_dict().items()}
     want = _generate(ref_pol, tok)
     assert any(len(r[0]) > 1 for r in want[0])
+    n = len(SAMPLING)  # generate_many's rollouts = each call's alone (the tokens; log-probs within 1e-6)
+    assert [[r[0] for r in run] for run in want[n:]] == [[r[0] for r in run] for run in want[:n]]
+    for g_run, w_run in zip(want[n:], want[:n]):
+        assert [r[1] for r in g_run] == [pytest.approx(r[1], abs=1e-6) for r in w_run]
     for got in (g for pair in run_distributed(_pp_engine_job, 2, (state,)) for g in pair):
         for g_runs, w_runs in zip(got, want):
             assert [r[0] for r in g_runs] == [r[0] for r in w_runs]  # identical tokens (same seeded draws)
@@ -221,7 +228,8 @@ def test_embedded_engine_at_tp2_pp2_equals_one_rank(tp_pp_runs):
     (tied embeddings: the last stage samples with its copy of the embedding), Qwen3 (head_dim 32 for
     hidden 64 / 4 heads, per-head q/k norms) and the MoE families (also with two whole experts on each TP rank:
     parallel.expert_parallel=2) loaded and sharded by the converter: every rank returns the
-    single-rank rollouts (greedy and seeded sampling; vocab-parallel logits gathered on the last stage of
+    single-rank rollouts (greedy and seeded sampling, alone and decoded together; vocab-parallel logits gathered
+    on the last stage of
     each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
     decode stage) are transformers' for the same tokens.  One job per layout for the models."""
     hf_dirs, hf, want, got_all = tp_pp_runs
