@@ -228,9 +228,8 @@ def test_embedded_engine_at_tp2_pp2_equals_one_rank(tp_pp_runs):
     (tied embeddings: the last stage samples with its copy of the embedding), Qwen3 (head_dim 32 for
     hidden 64 / 4 heads, per-head q/k norms) and the MoE families (also with two whole experts on each TP rank:
     parallel.expert_parallel=2) loaded and sharded by the converter: every rank returns the
-    single-rank rollouts (greedy and seeded sampling, alone and decoded together; vocab-parallel logits gathered
-    on the last stage of
-    each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
+    single-rank rollouts (greedy and seeded sampling, alone and decoded together; vocab-parallel logits
+    gathered on the last stage of each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
     decode stage) are transformers' for the same tokens.  One job per layout for the models."""
     hf_dirs, hf, want, got_all = tp_pp_runs
     want = {family: w[0] for family, w in want.items()}
