@@ -602,6 +602,8 @@ def validate(cfg: Config, installed: bool = True) -> None:
     need(not cfg.train.offload_reference or cfg.algo.kl.coef > 0, "train.offload_reference",
          "there is no reference policy to offload (algo.kl.coef is 0)")
     ds = cfg.algo.dynamic_sampling
+    need(not ds.first_draw_oversample or ds.enabled, "algo.dynamic_sampling.first_draw_oversample",
+         "needs algo.dynamic_sampling.enabled (it sizes dynamic sampling's first draw)")
     need(not (ds.enabled and ds.share_over_dp) or cfg.parallel.balance_batch, "algo.dynamic_sampling.share_over_dp",
          "needs parallel.balance_batch (the ranks' shares of the pool differ until the batch is shared out); "
          "set both false to draw and train per rank")

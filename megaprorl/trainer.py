@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import evaluation
 from .algo.advantages import group_baseline_advantages, token_advantages
-from .algo.dynamic_sampling import DynamicSampler, draw_size
+from .algo.dynamic_sampling import DynamicSampler, draw_size, first_draw_size, running_signal_rate
 from .algo.entropy_control import EntropyController
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong, overlong_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
@@ -196,6 +196,7 @@ class Trainer:
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0
+        self.signal_rate: Optional[float] = None  # algo.dynamic_sampling.first_draw_oversample's running mean
         self.eval_history: List[Dict] = []
         self.best: List[Tuple[float, int]] = []  # (checkpoint.best_metric, step) of the best evaluations, best first
         self.preempt = _Preemption()
@@ -483,7 +484,7 @@ class Trainer:
         n = cfg.rollout.n_samples
         b_local = cfg.train.prompts_per_step // dp_world()
         ds = cfg.algo.dynamic_sampling
-        sampler: DynamicSampler[Dict] = DynamicSampler(b_local, ds)
+        sampler: DynamicSampler[Dict] = DynamicSampler(b_local, ds, first_rate=self.signal_rate)
         shared = dp_world() > 1 and cfg.rollout.share_prompts_over_dp  # the ranks' prompts decoded as one pool
         pooled = dp_world() > 1 and ((ds.enabled and ds.share_over_dp) or shared)
         timings = {"rollout": 0.0, "reward": 0.0}
@@ -568,10 +569,15 @@ class Trainer:
         }
         if shared:
             stats["rollout/prompts_claimed"] = claimed
+        discarded, generated = sampler.discarded, sampler.generated
         if dp_world() > 1:  # the share of all ranks' groups (each rank's share, averaged, would weigh the ranks
             # alike though they drew different numbers: per-rank draws, shared prompts)
             discarded, generated = [sum(x) for x in zip(*_gather_objects([(sampler.discarded, sampler.generated)]))]
             stats["dynamic_sampling/discarded_frac"] = discarded / max(generated, 1)
+        if ds.enabled and ds.first_draw_oversample:
+            # the running signal rate over all ranks' groups, which the next step's first draw scales by
+            self.signal_rate = running_signal_rate(self.signal_rate, generated - discarded, generated)
+            stats["dynamic_sampling/signal_rate"] = self.signal_rate
         if engine_stats.get("tokens"):  # generated tokens per second of rollout time (either engine)
             stats["time/rollout_tokens_per_s"] = engine_stats["tokens"] / max(timings["rollout"], 1e-9)
         if engine_stats.get("decode_row_steps"):
@@ -628,6 +634,8 @@ class Trainer:
         if kept >= want or sampler.draws >= sampler.max_draws:
             return 0
         ds = self.cfg.algo.dynamic_sampling
+        if sampler.draws == 0 and sampler.first_rate is not None:  # the pool's first draw, by the steps' rate
+            return -(-first_draw_size(want, sampler.first_rate, sampler.max_draws * want) // dp_world())
         return -(-draw_size(want - kept, kept, generated, ds.oversample, want) // dp_world())
 
     def _take_pooled(self, sampler: DynamicSampler) -> Tuple[List[Dict], Dict[str, float]]:
@@ -1017,6 +1025,7 @@ class Trainer:
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
+                         "signal_rate": self.signal_rate,
                          "best_checkpoints": self.best, "entropy_control": self.entropy_control.state_dict(),
                          "config": to_yaml(self.cfg)}
         with self._on_device():  # (copied back after: saving may build optimizer state Megatron had left lazy)
@@ -1051,6 +1060,7 @@ class Trainer:
         self.length_schedule.load_state_dict(tstate["length_penalty"])
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
+        self.signal_rate = tstate.get("signal_rate")
         self.best = [(float(v), int(st)) for v, st in tstate.get("best_checkpoints", [])]
         self.entropy_control.load_state_dict(tstate.get("entropy_control", {}))
         self.retired.load_state_dict(tstate.get("retired_prompts", {}))

@@ -1,7 +1,8 @@
 """Simulations of an RL step's data-parallel work, no model: (1) how evenly the ranks are loaded in the update,
 as drawn, with whole groups balanced and with responses balanced (``parallel.balance_batch``); (2) how many
 dynamic-sampling rounds a step takes, per rank or pooled over the ranks, drawing the missing groups or
-oversampling them (``algo.dynamic_sampling.share_over_dp`` / ``oversample``), with the trainer's own functions;
+oversampling them, the first draw too (``algo.dynamic_sampling.share_over_dp`` / ``oversample`` /
+``first_draw_oversample``), with the trainer's own functions;
 (3) how long a round's generation takes when each rank decodes the prompts it drew, or when the ranks claim
 prompts from one pool as their rows free up (``rollout.share_prompts_over_dp``).
 
@@ -16,6 +17,7 @@ the budget; each sequence adds a 200-token prompt.  A rank's load is the tokens 
 group has signal with a fixed probability, independently.
 
     python scripts/balance_sim.py [--prompts 256] [--samples 16] [--mini-batches 4] [--budget 8192] [--rows 128]
+                                  [--parts 1 2 3]
 """
 
 import argparse
@@ -26,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megaprorl.algo.dynamic_sampling import draw_size  # noqa: E402
+from megaprorl.algo.dynamic_sampling import draw_size, first_draw_size, running_signal_rate  # noqa: E402
 from megaprorl.parallel.balance import mini_batch_loads, plan, step_imbalance  # noqa: E402
 
 
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--worlds", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--rows", type=int, default=128, help="(3) KV-cache rows of each rank's engine")
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], help="which simulations to run")
     a = ap.parse_args()
     rng = random.Random(0)
     n = a.samples
@@ -47,30 +50,33 @@ def main() -> None:
         typical = math.exp(rng.uniform(math.log(300), math.log(a.budget)))
         return [min(a.budget, int(typical * math.exp(rng.gauss(0, 0.5)))) + 200 for _ in range(n)]
 
-    print(f"{a.prompts} prompts x {n} samples, {a.mini_batches} mini-batches, budget {a.budget}; the update's time "
-          f"over an even split's (mean of {a.steps} steps)")
-    print(f"{'DP ranks':>9} {'as drawn':>9} {'groups':>9} {'responses':>10} {'plan s':>7}")
-    for world in a.worlds:
-        b = a.prompts // world
-        rows = []
-        for step in range(a.steps):
-            seq = [[x for _ in range(b) for x in group()] for _ in range(world)]
-            grp = [[sum(c[k * n:(k + 1) * n]) for k in range(b)] for c in seq]
-            drawn = step_imbalance([mini_batch_loads(grp[r], b, a.mini_batches) for r in range(world)])
-            lay = plan(grp, a.mini_batches, step)
-            whole = step_imbalance([mini_batch_loads([grp[x][i] for x, i in lay[r]], b, a.mini_batches)
-                                    for r in range(world)])
-            t = time.perf_counter()
-            lay = plan(seq, a.mini_batches, step, group_size=n)
-            t = time.perf_counter() - t
-            resp = step_imbalance([mini_batch_loads([seq[x][i] for x, i in lay[r]], b, a.mini_batches, n)
-                                   for r in range(world)])
-            rows.append((drawn, whole, resp, t))
-        mean = [sum(r[k] for r in rows) / len(rows) for k in range(3)]
-        print(f"{world:>9} {mean[0]:>9.3f} {mean[1]:>9.3f} {mean[2]:>10.3f} {max(r[3] for r in rows):>7.2f}")
+    if 1 in a.parts:
+        print(f"{a.prompts} prompts x {n} samples, {a.mini_batches} mini-batches, budget {a.budget}; the update's time "
+              f"over an even split's (mean of {a.steps} steps)")
+        print(f"{'DP ranks':>9} {'as drawn':>9} {'groups':>9} {'responses':>10} {'plan s':>7}")
+        for world in a.worlds:
+            b = a.prompts // world
+            rows = []
+            for step in range(a.steps):
+                seq = [[x for _ in range(b) for x in group()] for _ in range(world)]
+                grp = [[sum(c[k * n:(k + 1) * n]) for k in range(b)] for c in seq]
+                drawn = step_imbalance([mini_batch_loads(grp[r], b, a.mini_batches) for r in range(world)])
+                lay = plan(grp, a.mini_batches, step)
+                whole = step_imbalance([mini_batch_loads([grp[x][i] for x, i in lay[r]], b, a.mini_batches)
+                                        for r in range(world)])
+                t = time.perf_counter()
+                lay = plan(seq, a.mini_batches, step, group_size=n)
+                t = time.perf_counter() - t
+                resp = step_imbalance([mini_batch_loads([seq[x][i] for x, i in lay[r]], b, a.mini_batches, n)
+                                       for r in range(world)])
+                rows.append((drawn, whole, resp, t))
+            mean = [sum(r[k] for r in rows) / len(rows) for k in range(3)]
+            print(f"{world:>9} {mean[0]:>9.3f} {mean[1]:>9.3f} {mean[2]:>10.3f} {max(r[3] for r in rows):>7.2f}")
 
-    sampling(a, rng)
-    generation(a, rng, group)
+    if 2 in a.parts:
+        sampling(a, rng)
+    if 3 in a.parts:
+        generation(a, rng, group)
 
 
 def sampling(a, rng, rates=(0.8, 0.6, 0.3), world=32, max_draws=5, trials=300) -> None:
@@ -104,6 +110,22 @@ def sampling(a, rng, rates=(0.8, 0.6, 0.3), world=32, max_draws=5, trials=300) -
                     rounds += slowest
                 how = ("pooled" if pooled else "per rank") + (", oversampled" if over else "")
                 print(f"{p:>7.1f} {how:>24} {rounds / trials:>7.2f} {drawn / trials:>8.0f} {short / trials:>10.2f}")
+        # pooled and oversampled, the first draw sized by the running signal rate of the steps before
+        # (algo.dynamic_sampling.first_draw_oversample; the first step of the simulation has no rate yet)
+        rounds = drawn = short = 0
+        rate = None
+        for _ in range(trials):
+            kept = gen = k = 0
+            while kept < a.prompts and k < max_draws:
+                size = (first_draw_size(a.prompts, rate, max_draws * a.prompts) if k == 0
+                        else draw_size(a.prompts - kept, kept, gen, True, a.prompts))
+                w = -(-size // world) * world
+                kept += sum(rng.random() < p for _ in range(w))
+                gen, k = gen + w, k + 1
+            rate = running_signal_rate(rate, kept, gen)
+            rounds, drawn, short = rounds + k, drawn + gen, short + max(a.prompts - kept, 0)
+        print(f"{p:>7.1f} {'pooled, oversampled, 1st':>24} {rounds / trials:>7.2f} {drawn / trials:>8.0f} "
+              f"{short / trials:>10.2f}")
 
 
 def generation(a, rng, group, trials: int = 20) -> None:

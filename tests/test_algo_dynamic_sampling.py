@@ -116,3 +116,35 @@ def test_sampler_next_draw_oversamples_unless_told_not_to():
     plain = DynamicSampler(target_groups=4, cfg=DynamicSamplingConfig(enabled=True, oversample=False))
     plain.add(["a", "b", "c", "d"], [[0, 1], [1, 1], [0, 0], [1, 0]])
     assert plain.next_draw() == 2
+
+
+def test_first_draw_oversample_scales_the_first_draw_by_the_steps_signal_rate():
+    """algo.dynamic_sampling.first_draw_oversample: a step's first draw asks for the fewest prompts whose groups
+    with signal reach B with ~90% probability at the running signal rate of the steps before (B before any step;
+    the rate at least MIN_SIGNAL_RATE, the draw at most the cap); later draws as before."""
+    import math
+
+    from megaprorl.algo.dynamic_sampling import (FIRST_DRAW_Z, SIGNAL_RATE_MEMORY, DynamicSampler,
+                                                 DynamicSamplingConfig, draw_size, first_draw_size,
+                                                 running_signal_rate)
+
+    def enough(n, p, b):  # n p - z sqrt(n p (1 - p)) >= b: b groups with signal at ~90%
+        return n * p - FIRST_DRAW_Z * math.sqrt(n * p * (1 - p)) >= b - 1e-9
+
+    for b, p in ((8, 0.5), (8, 0.3), (64, 0.5), (256, 0.6), (256, 0.8)):
+        n = first_draw_size(b, p, 10 ** 6)
+        assert enough(n, p, b) and not enough(n - 1, p, b), (b, p, n)
+    assert first_draw_size(8, 0.5, 40) == 23 and first_draw_size(256, 0.6, 2000) == 449  # B / p: 16, 427
+    assert first_draw_size(8, None, 40) == 8 and first_draw_size(8, 1.0, 40) == 8
+    assert first_draw_size(8, 0.01, 400) == first_draw_size(8, 0.1, 400) == 123 and first_draw_size(8, 0.01, 40) == 40
+    assert running_signal_rate(None, 3, 4) == 0.75 and running_signal_rate(0.5, 0, 0) == 0.5
+    assert running_signal_rate(0.5, 1, 4) == pytest.approx(SIGNAL_RATE_MEMORY * 0.5 + (1 - SIGNAL_RATE_MEMORY) * 0.25)
+    on = DynamicSamplingConfig(max_extra_draws=4, first_draw_oversample=True)
+    s = DynamicSampler(8, on, first_rate=0.5)
+    assert s.next_draw() == 23
+    s.add(list(range(23)), [[0.0, 1.0]] * 4 + [[1.0, 1.0]] * 19)  # 4 groups with signal
+    assert s.next_draw() == draw_size(4, 4, 23, True, 8) == 8  # an extra draw as before
+    assert DynamicSampler(8, on, first_rate=None).next_draw() == 8  # the run's first step: no rate yet
+    assert DynamicSampler(8, DynamicSamplingConfig(), first_rate=0.5).next_draw() == 8  # option off
+    off = DynamicSamplingConfig(enabled=False, first_draw_oversample=True)
+    assert DynamicSampler(8, off, first_rate=0.5).next_draw() == 8

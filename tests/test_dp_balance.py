@@ -303,9 +303,9 @@ def _mini_batch_sizes(t) -> list:
     return seen
 
 
-def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
+def _pooled_job(rank, world, tmp, share, signal_ranks=(0,), steps=1, extra=()):
     """Rank 0's groups all have signal, rank 1's none: per rank, rank 1 draws to the bound and trains groups
-    without signal; pooled, rank 0's surplus makes the step's batch."""
+    without signal; pooled, rank 0's surplus makes the step's batch.  ``steps`` > 1: every step's stats."""
     from pathlib import Path
 
     import megaprorl.trainer as tr
@@ -322,9 +322,11 @@ def _pooled_job(rank, world, tmp, share, signal_ranks=(0,)):
     tr.Trainer._generate_scored = scored
     t = _trainer(Path(tmp) / f"{share}_{len(signal_ranks)}_r{rank}", "algo.dynamic_sampling.enabled=true",
                  "algo.dynamic_sampling.max_extra_draws=2", f"algo.dynamic_sampling.share_over_dp={share}",
-                 "train.mini_batch_prompts=8")
+                 "train.mini_batch_prompts=8", *extra)
     seen = _mini_batch_sizes(t)
     try:
+        if steps > 1:
+            return [t.rl_step() for _ in range(steps)]
         return t.rl_step(), seen
     finally:
         t.close()
@@ -349,6 +351,21 @@ def test_pooled_dynamic_sampling_fills_the_batch_from_any_rank(tmp_path):
     assert p0["dynamic_sampling/surplus_groups"] == p1["dynamic_sampling/surplus_groups"] == 0
     assert p0["dp/responses_moved"] == 8  # half of rank 0's 8 groups x 2 responses go to rank 1
     assert n0 == n1 == [8]  # after the exchange each rank trains 4 groups x 2 responses
+
+
+def test_first_draw_sized_by_the_signal_rate_of_the_steps_before(tmp_path):
+    """algo.dynamic_sampling.first_draw_oversample, pooled over two ranks (rank 0's groups have signal, rank 1's
+    none): the first step draws the batch (8: 4 with signal) and once more (8: 4 with signal), a signal rate of
+    8/16; the next step's first draw asks for 23 prompts (8 groups with signal at ~90% at a rate of 0.5), 12 a
+    rank, and rank 0's 12 fill the batch in that one draw, 4 to spare.  The rate is the same on both ranks."""
+    from dist_utils import run_distributed
+
+    for stats in run_distributed(_pooled_job, 2, (str(tmp_path), True, (0,), 2,
+                                                  ["algo.dynamic_sampling.first_draw_oversample=true"])):
+        assert [s["dynamic_sampling/draws"] for s in stats] == [2, 1]
+        assert [s["dynamic_sampling/signal_rate"] for s in stats] == [0.5, 0.5]
+        assert [s["dynamic_sampling/discarded_frac"] for s in stats] == [0.5, 0.5]
+        assert stats[1]["dynamic_sampling/filled_zero_signal"] == 0 and stats[1]["dynamic_sampling/surplus_groups"] == 4
 
 
 def test_pooled_dynamic_sampling_tops_up_evenly_at_the_draw_bound(tmp_path):

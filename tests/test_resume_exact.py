@@ -3,10 +3,11 @@
 
 Every run is a ``python -m megaprorl.cli train`` subprocess on the tiny demo config (single-digit
 addition, so the warm-started policy earns some reward) with everything that carries state across
-steps switched on: warm-start, dynamic sampling (extra draws move the prompt stream), the
-length-penalty on/off schedule, in-loop evaluation, reference resets with the interval, KL-spike and
-validation-stall triggers armed (the controller's EMA, counters and pending list), two optimizer
-steps per RL step (AdamW moments), a reward worker process.
+steps switched on: warm-start, dynamic sampling (extra draws move the prompt stream; the first draw
+sized by the running signal rate of the steps before), the length-penalty on/off schedule, in-loop
+evaluation, reference resets with the interval, KL-spike and validation-stall triggers armed (the
+controller's EMA, counters and pending list), two optimizer steps per RL step (AdamW moments), a reward
+worker process.
 
 Compared from the resume point on: every per-step metric in ``metrics.jsonl`` except wall-clock
 timings must be *equal* (not close), each step must appear exactly once, and the final checkpoint's
@@ -36,6 +37,7 @@ CONFIG = [f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last
           "algo.reference_reset.interval=3", "algo.reference_reset.kl_spike_factor=3",
           "algo.reference_reset.kl_warmup_steps=2", "algo.reference_reset.stall_evals=1",
           "algo.length_penalty.enabled=true", "algo.length_penalty.on_steps=2", "algo.length_penalty.off_steps=3",
+          "algo.dynamic_sampling.first_draw_oversample=true",
           "rewards.num_workers=1", "logging.plot=false", "logging.progress=false", "logging.tensorboard=false"]
 # wall-clock measurements: the only metrics allowed to differ between two runs of the same seed
 TIMING_KEYS = ("step_time_s", "tokens_per_s")

@@ -19,6 +19,8 @@ T = TypeVar("T")
 
 
 MIN_SIGNAL_RATE = 0.1  # the lowest signal rate an extra draw scales by (at most 10x the missing groups)
+SIGNAL_RATE_MEMORY = 0.7  # first_draw_oversample: the weight of the past in the running mean of the signal rate
+FIRST_DRAW_Z = 1.28  # first_draw_oversample: the first draw has the batch's groups with ~90% probability
 
 
 @dataclass
@@ -31,6 +33,11 @@ class DynamicSamplingConfig:
     # at data-parallel > 1 the ranks draw as one pool: they stop together once the step has its groups with
     # signal, whichever rank drew them (needs parallel.balance_batch, which then evens the ranks' shares out)
     share_over_dp: bool = True
+    # the first draw of a step asks for enough prompts that, at the signal rate of the steps before (a running
+    # mean of the share of groups with signal), B of them have signal with ~90% probability, instead of B: fewer
+    # extra rounds, each a whole generation's latency (its tail); groups with signal beyond B are dropped as an
+    # extra draw's are
+    first_draw_oversample: bool = False
 
 
 def draw_size(missing: int, kept: int, generated: int, oversample: bool, cap: int) -> int:
@@ -41,6 +48,27 @@ def draw_size(missing: int, kept: int, generated: int, oversample: bool, cap: in
         return max(missing, 0)
     rate = max(kept / generated, MIN_SIGNAL_RATE)
     return min(math.ceil(missing / rate - 1e-9), max(cap, missing))
+
+
+def first_draw_size(target: int, rate: Optional[float], cap: int) -> int:
+    """The first draw of a step: the fewest prompts N whose groups with signal, each with probability ``rate``
+    (at least ``MIN_SIGNAL_RATE``), reach ``target`` with ~90% probability (binomial, normal approximation:
+    N p - z sqrt(N p (1 - p)) = target, z = ``FIRST_DRAW_Z``), so that one draw usually fills the batch; at
+    most ``cap``; ``target`` itself before any step has a rate."""
+    if rate is None or target <= 0:
+        return max(target, 0)
+    p = min(max(rate, MIN_SIGNAL_RATE), 1.0)
+    spread = FIRST_DRAW_Z * math.sqrt(p * (1 - p))
+    root = (spread + math.sqrt(spread * spread + 4 * p * target)) / (2 * p)  # sqrt(N)
+    return max(target, min(math.ceil(root * root - 1e-9), cap))
+
+
+def running_signal_rate(previous: Optional[float], kept: int, generated: int) -> Optional[float]:
+    """The running mean of the share of groups with signal after a step that kept ``kept`` of ``generated``."""
+    if generated <= 0:
+        return previous
+    rate = kept / generated
+    return rate if previous is None else SIGNAL_RATE_MEMORY * previous + (1 - SIGNAL_RATE_MEMORY) * rate
 
 
 def groups_with_signal(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 0.0,
@@ -83,7 +111,8 @@ class DynamicSampler(Generic[T]):
     (without), ``filled`` (zero-signal groups used to top up in ``take``).
     """
 
-    def __init__(self, target_groups: int, cfg: Optional[DynamicSamplingConfig] = None, tol: float = 0.0):
+    def __init__(self, target_groups: int, cfg: Optional[DynamicSamplingConfig] = None, tol: float = 0.0,
+                 first_rate: Optional[float] = None):
         if target_groups < 0:
             raise ValueError("target_groups must be >= 0")
         self.cfg = cfg if cfg is not None else DynamicSamplingConfig()
@@ -91,6 +120,8 @@ class DynamicSampler(Generic[T]):
             raise ValueError("algo.dynamic_sampling.max_extra_draws must be >= 0")
         self.target = int(target_groups)
         self.tol = tol
+        # cfg.first_draw_oversample: the signal rate of the steps before, which the first draw scales by
+        self.first_rate = first_rate if (self.cfg.enabled and self.cfg.first_draw_oversample) else None
         self._kept: List[T] = []
         self._spare: List[T] = []
         self.draws = 0
@@ -120,7 +151,10 @@ class DynamicSampler(Generic[T]):
         return max(self.target - len(self._kept), 0)
 
     def next_draw(self) -> int:
-        """The size of the next draw (``draw_size``: the missing groups, scaled up by ``cfg.oversample``)."""
+        """The size of the next draw (``draw_size``: the missing groups, scaled up by ``cfg.oversample``; the
+        first, with ``cfg.first_draw_oversample``, by the steps' signal rate: ``first_draw_size``)."""
+        if self.draws == 0 and self.first_rate is not None:
+            return first_draw_size(self.wanted(), self.first_rate, self.max_draws * self.target)
         return draw_size(self.wanted(), self.kept, self.generated, self.cfg.oversample and self.cfg.enabled,
                          self.target)
 
