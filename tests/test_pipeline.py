@@ -113,7 +113,7 @@ PROMPTS = ["1+2=", "13+45=", "7+88=", "99+1=", "5+5="]
 SAMPLING = [dict(max_new_tokens=6, n=2, temperature=1.0, top_p=0.9, seed=5), dict(max_new_tokens=5, greedy=True)]
 
 
-def _generate(pol, tok, lean=True, continuous=True, prefill_tokens=0):
+def _generate(pol, tok, lean=True, continuous=True, prefill_tokens=0, together=True):
     from megaprorl.rollout import SamplingParams
     from megaprorl.rollout.megatron_engine import MegatronEngine
 
@@ -124,9 +124,10 @@ def _generate(pol, tok, lean=True, continuous=True, prefill_tokens=0):
     assert eng.lean_decode == lean and eng.continuous == (lean and continuous)
     prompts = [tok.encode(s) for s in PROMPTS]
     calls = [(prompts, SamplingParams(**sp)) for sp in SAMPLING]
-    alone = [eng.generate(prompts, params) for _, params in calls]
-    together = eng.generate_many(calls)  # the calls through one KV cache (an evaluation's greedy and sampled sets)
-    return [[(r.response_ids, r.logprobs, r.finished) for r in run] for run in alone + together]
+    runs = [eng.generate(prompts, params) for _, params in calls]
+    if together:  # the calls through one KV cache (an evaluation's greedy and sampled sets)
+        runs += eng.generate_many(calls)
+    return [[(r.response_ids, r.logprobs, r.finished) for r in run] for run in runs]
 
 
 def _pp_engine_job(rank, world, state):
@@ -193,7 +194,8 @@ def _tp_pp_engine_job(rank, world, hf_dirs, tp, pp):
         stream = C.HFWeightStream(pol.model, hf_config)  # what a refit by HF name receives; the second run
         streamed = [[[(n, t.clone()) for n, t in b] for b in stream.buckets(STREAM_BUCKET, dtype=dtype)]
                     for dtype in (None, torch.bfloat16)]  # reuses the first one's names and shapes
-        out[name] = (_generate(pol, tok), streamed)  # lean decode steps, continuous batching (MoE too)
+        # lean decode steps, continuous batching (MoE too); the calls decoded together for one dense family
+        out[name] = (_generate(pol, tok, together=name == "qwen2"), streamed)
         del pol
         mps.destroy_model_parallel()
     return out
@@ -228,7 +230,7 @@ def test_embedded_engine_at_tp2_pp2_equals_one_rank(tp_pp_runs):
     (tied embeddings: the last stage samples with its copy of the embedding), Qwen3 (head_dim 32 for
     hidden 64 / 4 heads, per-head q/k norms) and the MoE families (also with two whole experts on each TP rank:
     parallel.expert_parallel=2) loaded and sharded by the converter: every rank returns the
-    single-rank rollouts (greedy and seeded sampling, alone and decoded together; vocab-parallel logits
+    single-rank rollouts (greedy and seeded sampling; for Qwen2 also decoded together; vocab-parallel logits
     gathered on the last stage of each TP rank), and the single-rank log-probs (the prefill on Megatron's forward, the steps on the lean
     decode stage) are transformers' for the same tokens.  One job per layout for the models."""
     hf_dirs, hf, want, got_all = tp_pp_runs
