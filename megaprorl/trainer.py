@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import evaluation
 from .algo.advantages import group_baseline_advantages, token_advantages
-from .algo.dynamic_sampling import DynamicSampler, draw_size, first_draw_size, running_signal_rate
+from .algo.dynamic_sampling import DynamicSampler, running_signal_rate
 from .algo.entropy_control import EntropyController
 from .algo.length_penalty import LengthPenaltySchedule, apply_length_penalty, filter_overlong, overlong_penalty
 from .algo.loss import LossSpec, aggregation_weights, kl_estimate
@@ -633,10 +633,7 @@ class Trainer:
         want = self.cfg.train.prompts_per_step
         if kept >= want or sampler.draws >= sampler.max_draws:
             return 0
-        ds = self.cfg.algo.dynamic_sampling
-        if sampler.draws == 0 and sampler.first_rate is not None:  # the pool's first draw, by the steps' rate
-            return -(-first_draw_size(want, sampler.first_rate, sampler.max_draws * want) // dp_world())
-        return -(-draw_size(want - kept, kept, generated, ds.oversample, want) // dp_world())
+        return -(-sampler.draw_for(want, kept, kept, generated) // dp_world())
 
     def _take_pooled(self, sampler: DynamicSampler) -> Tuple[List[Dict], Dict[str, float]]:
         """This rank's part of the pool's ``train.prompts_per_step`` groups: groups with signal taken as evenly

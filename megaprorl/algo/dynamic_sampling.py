@@ -151,12 +151,17 @@ class DynamicSampler(Generic[T]):
         return max(self.target - len(self._kept), 0)
 
     def next_draw(self) -> int:
-        """The size of the next draw (``draw_size``: the missing groups, scaled up by ``cfg.oversample``; the
-        first, with ``cfg.first_draw_oversample``, by the steps' signal rate: ``first_draw_size``)."""
+        """The size of this sampler's next draw (``draw_for`` its own counts)."""
+        return self.draw_for(self.target, len(self._kept), self.kept, self.generated)
+
+    def draw_for(self, target: int, held: int, kept: int, generated: int) -> int:
+        """The size of the next draw of a pool that wants ``target`` groups with signal, holds ``held`` of them
+        and has kept ``kept`` of the ``generated`` groups it drew this step (this sampler's own, or the
+        data-parallel ranks' together): ``draw_size`` (the missing groups, scaled up by ``cfg.oversample``); the
+        first, with ``cfg.first_draw_oversample``, by the steps' signal rate: ``first_draw_size``."""
         if self.draws == 0 and self.first_rate is not None:
-            return first_draw_size(self.wanted(), self.first_rate, self.max_draws * self.target)
-        return draw_size(self.wanted(), self.kept, self.generated, self.cfg.oversample and self.cfg.enabled,
-                         self.target)
+            return first_draw_size(max(target - held, 0), self.first_rate, self.max_draws * target)
+        return draw_size(max(target - held, 0), kept, generated, self.cfg.oversample and self.cfg.enabled, target)
 
     @property
     def spare(self) -> int:

@@ -431,13 +431,10 @@ class MegatronEngine:
         sooner takes more prompts.  Returns the claimed prompts' rollouts, prompt-major in claim order, each
         with its index into ``prompts``.  Every rank of a model-parallel group must be handed the same indices."""
         self._check_call(prompts, params)
-        items = [] if claim is not None else [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
-        streams = [] if claim is not None else \
-            [params.stream(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        items, streams, pidx, _, _ = self._flatten([] if claim is not None else [(prompts, params)])
         pull = None if claim is None or not prompts else \
             (lambda k: [(i, list(prompts[i])) for i in claim(-(-k // params.n)) for _ in range(params.n)])
-        return self._run(items, [params], [0] * len(items), streams, on_finish, pull,
-                         max((len(p) for p in prompts), default=0))
+        return self._run(items, [params], pidx, streams, on_finish, pull, max((len(p) for p in prompts), default=0))
 
     @torch.no_grad()
     def generate_many(self, calls: Sequence[Tuple[List[List[int]], SamplingParams]],
@@ -462,17 +459,7 @@ class MegatronEngine:
                     stats[key] = max(stats[key], v) if key in ("rows", "kv_cache_bytes") else stats[key] + v
             self.stats = stats
             return out
-        items, streams, pidx, where, local = [], [], [], [], []
-        base = 0
-        for c, (prompts, params) in enumerate(calls):
-            for i, p in enumerate(prompts):
-                for s in range(params.n):
-                    where.append((c, i * params.n + s))
-                    local.append(i)
-                    items.append((base + i, list(p)))  # a prompt index unique over the calls: its own prefill
-                    streams.append(params.stream(i, s))
-                    pidx.append(c)
-            base += len(prompts)
+        items, streams, pidx, where, local = self._flatten(calls)
         cb = None if on_finish is None else (lambda k, r: on_finish(where[k][0], where[k][1], r))
         flat = self._run(items, [params for _, params in calls], pidx, streams, cb, None,
                          max((len(p) for prompts, _ in calls for p in prompts), default=0), local)
@@ -480,6 +467,25 @@ class MegatronEngine:
         for (c, j), r in zip(where, flat):
             out[c][j] = r
         return out
+
+    @staticmethod
+    def _flatten(calls):
+        """The rollouts of ``calls`` [(prompts, params)] in decode order (call by call, prompt-major): their items
+        (prompt index, prompt ids), the index being unique over the calls (each prompt of each call has its own
+        prefill); their streams; their call; their (call, place in the call's list); their prompt's index in
+        its call."""
+        items, streams, pidx, where, local = [], [], [], [], []
+        base = 0
+        for c, (prompts, params) in enumerate(calls):
+            for i, p in enumerate(prompts):
+                for s in range(params.n):
+                    items.append((base + i, list(p)))
+                    streams.append(params.stream(i, s))
+                    pidx.append(c)
+                    where.append((c, i * params.n + s))
+                    local.append(i)
+            base += len(prompts)
+        return items, streams, pidx, where, local
 
     def _check_call(self, prompts: List[List[int]], params: SamplingParams) -> None:
         if not self._awake:
