@@ -44,6 +44,7 @@ from .parallel import (dp_group, dp_rank, dp_weighted_mean, dp_world, init_distr
 from .parallel import balance
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .policy.micro import seq_lengths
+from .host import host_stats
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
 from .runlog import RunLogger, plot_run
@@ -1133,6 +1134,7 @@ class Trainer:
                     self._observe_stall(self.step, ev)
                     if self._rank_evaluation(ev):
                         stats["checkpoint/best"] = 1.0
+                stats.update(host_stats(self.rewards.worker_pids() if self.rewards is not None else ()))
                 self.logger.log(self.step, _reduce_stats(stats))
                 if ((cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                         or stats.get("checkpoint/best")):
@@ -1226,9 +1228,12 @@ _SUMMED_STATS = ("reward_errors", "data/skipped_long_prompts", "data/skipped_ret
 # timings whose slowest rank is logged beside their mean (as <key>_max): the step waits for that rank, so the
 # gap between the two is the time lost to uneven work (parallel.balance_batch evens out the log-prob passes and
 # the update; the rollouts stay as drawn unless rollout.share_prompts_over_dp, whose claims per rank show how
-# it shared them out); and the GPU memory peaks, whose fullest rank is the one that fails
+# it shared them out); the GPU memory peaks, whose fullest rank is the one that fails; and what each process holds
+# on its host (megaprorl/host.py), where a leak on one rank shows first
 _MAXED_STATS = ("time/rollout_s", "time/logprob_s", "time/update_s", "rollout/prompts_claimed",
-                "memory/rollout_peak_gib", "memory/logprob_peak_gib", "memory/update_peak_gib")
+                "memory/rollout_peak_gib", "memory/logprob_peak_gib", "memory/update_peak_gib",
+                "memory/host_rss_gib", "memory/reward_workers_rss_gib", "host/open_fds", "host/threads",
+                "host/descendants")
 
 
 def _summed(key: str) -> bool:

@@ -71,6 +71,7 @@ def test_parallel_order_and_async_submit():
         assert [r.reward for r in res] == [1.0] * 4
         # parallel: the samples were spread over both workers (not a wall-clock bound, which load can break)
         assert len({r.parts["pid"] for r in res}) == 2 and os.getpid() not in {r.parts["pid"] for r in res}
+        assert sorted(pool.worker_pids()) == sorted({r.parts["pid"] for r in res})  # (their memory is logged)
         assert [r.reward for r in mixed.result(timeout=20)] == [1.0, 0.0]
         assert pool.score([], []) == []
         with pytest.raises(ValueError):

@@ -255,6 +255,9 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert steps[0]["time/rollout_tokens_per_s"] > 0 and steps[0]["rollout/decode_steps"] >= 1
     assert 0 < steps[0]["rollout/row_utilisation"] <= 1
     assert steps[0]["optimizer_steps"] == 2.0
+    # what the trainer process and its reward workers hold on the host (a leak shows as a slope over a long run)
+    assert 0 < steps[0]["memory/host_rss_gib"] < 8 and 0 < steps[0]["memory/reward_workers_rss_gib"] < 8
+    assert steps[0]["host/open_fds"] > 3 and steps[0]["host/threads"] >= 1 and steps[0]["host/descendants"] >= 1
     assert (run / "config.yaml").exists() and (run / "curves.png").stat().st_size > 1000
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
     summary = json.loads((run / "summary.json").read_text())

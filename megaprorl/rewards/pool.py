@@ -190,6 +190,10 @@ class RewardPool:
         with self._stats_lock:
             return dict(self._stats)
 
+    def worker_pids(self) -> List[int]:
+        """The live worker processes' ids (for their memory in the run's metrics: megaprorl/host.py)."""
+        return [w.proc.pid for w in list(self._workers) if w.proc is not None and w.proc.pid]
+
     def close(self) -> None:
         if self._closed:
             return
