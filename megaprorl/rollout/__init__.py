@@ -44,6 +44,15 @@ class Rollout:
     extra: dict = field(default_factory=dict)
 
 
+def each_rollout(calls: Sequence[Tuple[List[List[int]], SamplingParams]]):
+    """The rollouts of ``generate_many``'s calls in their order (call by call, prompt-major), as
+    (call, prompt's index in its call, sample, prompt, params); each engine lays its requests out from this."""
+    for c, (prompts, params) in enumerate(calls):
+        for i, p in enumerate(prompts):
+            for s in range(params.n):
+                yield c, i, s, p, params
+
+
 @runtime_checkable
 class Engine(Protocol):
     def generate(self, prompts: List[List[int]], params: SamplingParams,

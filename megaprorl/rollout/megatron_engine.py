@@ -76,7 +76,7 @@ import torch.distributed as dist
 
 from ..config import DECODE_ATTENTION
 from ..parallel import max_over, wide_expert_group
-from . import Rollout, SamplingParams
+from . import Rollout, SamplingParams, each_rollout
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -475,16 +475,15 @@ class MegatronEngine:
         prefill); their streams; their call; their (call, place in the call's list); their prompt's index in
         its call."""
         items, streams, pidx, where, local = [], [], [], [], []
-        base = 0
-        for c, (prompts, params) in enumerate(calls):
-            for i, p in enumerate(prompts):
-                for s in range(params.n):
-                    items.append((base + i, list(p)))
-                    streams.append(params.stream(i, s))
-                    pidx.append(c)
-                    where.append((c, i * params.n + s))
-                    local.append(i)
-            base += len(prompts)
+        base = [0]  # each call's first prompt's index over the calls
+        for prompts, _ in calls:
+            base.append(base[-1] + len(prompts))
+        for c, i, s, p, params in each_rollout(calls):
+            items.append((base[c] + i, list(p)))
+            streams.append(params.stream(i, s))
+            pidx.append(c)
+            where.append((c, i * params.n + s))
+            local.append(i)
         return items, streams, pidx, where, local
 
     def _check_call(self, prompts: List[List[int]], params: SamplingParams) -> None:

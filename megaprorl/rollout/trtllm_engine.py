@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import Rollout, SamplingParams
+from . import Rollout, SamplingParams, each_rollout
 
 INSTALL = ("pip install tensorrt-llm (NVIDIA's wheel for your CUDA; a 1.x release whose SamplingParams has "
            "logprobs_mode and whose llmapi has rlhf_utils.WorkerExtension) and ray")
@@ -347,14 +347,10 @@ class TrtllmEngine:
         """Every request of every call submitted at once (``generate_async``), then taken in order as
         ``LLM.generate`` does, each handed to ``on_finish`` as soon as it is in: the verifiers (which run on this
         rank) start on the first rollouts while the later ones decode."""
-        futures = []
-        for c, (prompts, params) in enumerate(calls):
-            for i, p in enumerate(prompts):
-                for s in range(params.n):
-                    futures.append((c, i, self.llm.generate_async(
-                        {"prompt_token_ids": [int(t) for t in p]},
-                        sampling_params=self.make_sampling(**request_params(params, i, s, self.stop_ids,
-                                                                            self.pad_id)))))
+        futures = [(c, i, self.llm.generate_async(
+            {"prompt_token_ids": [int(t) for t in p]},
+            sampling_params=self.make_sampling(**request_params(params, i, s, self.stop_ids, self.pad_id))))
+            for c, i, s, p, params in each_rollout(calls)]
         rollouts: List[List[Rollout]] = [[] for _ in calls]
         for c, i, fut in futures:
             rollouts[c].append(to_rollout(i, calls[c][0][i], fut.result().outputs[0], self.stop_ids))
