@@ -195,6 +195,13 @@ def reference(tmp_path_factory):
     assert len(resets) >= 2 and len({t for _, t in resets}) >= 2, resets
     assert {r.get("length_penalty/on") for r in rows if "reward" in r} == {0.0, 1.0}
     assert any(r.get("dynamic_sampling/draws", 1) > 1 for r in rows)
+    # and a run of evaluations, checkpoints and resets leaks no descriptor and no process: from step 3 on (one of
+    # each done) every step ends with the same open files and the same processes below the trainer
+    steady = [r for r in rows if "host/open_fds" in r and r["step"] >= 3]
+    assert len(steady) == STEPS - 2
+    assert len({r["host/open_fds"] for r in steady}) == 1, [r["host/open_fds"] for r in steady]
+    # (the reward worker, the forkserver it comes from, and multiprocessing's resource tracker)
+    assert {r["host/descendants"] for r in steady} == {3.0}
     return run_dir, rows
 
 
