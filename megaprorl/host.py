@@ -7,8 +7,7 @@ of steps, long after the step that leaked.  ``host_stats`` gives, each step:
 - ``memory/reward_workers_rss_gib``: the reward pool's worker processes' together;
 - ``host/open_fds``, ``host/threads``: the trainer process's;
 - ``host/descendants``: live processes below the trainer (reward workers, the forkserver and multiprocessing's
-  resource tracker, sandboxed programs
-  still running; a zombie counts until it is reaped).
+  resource tracker, sandboxed programs still running; a zombie counts until it is reaped).
 """
 from __future__ import annotations
 
