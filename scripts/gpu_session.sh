@@ -2,7 +2,8 @@
 # The whole GPU check in one device call that fits the 15-minute device budget of a session (machine
 # start included).  First `bash scripts/fetch_gpu_wheels.sh` here (fills .whl/), then
 #   run(command="bash scripts/gpu_session.sh $OUT", carry=[".whl"], timeout_s=590)
-# Steps in order of what only a GPU can show, each with its own time limit (total 725 s; the call's 590 s may cut steps 6-7):
+# Steps in order of what only a GPU can show, each with its own time limit (total 725 s; steps 1-4 with 1b total 560 s, so
+# the call's 590 s cuts steps 5-7 only when the earlier ones run to their limits):
 #   1. the gpu-marked kernel, packing (bf16) and optimizer tests (JIT-builds the CUDA extension)
 #   1b. `bench decode-attention`: the engine's masked SDPA decode attention against the Triton kernel
 #   2. `bench kernels` at T = 16384 for the rows the issue-4 targets compare
