@@ -8,8 +8,8 @@ basic_arithmetic, and addition scored through the code sandbox: scripts/soak_ver
 in it for every sample), with two reward workers recycled every 300 samples, an evaluation every 10
 steps, a checkpoint every 20 (two kept), a reference reset every 25 and rollouts logged: every path a
 long run takes over and over.  The report fits a line to each host metric (megaprorl/host.py) over the
-steps after the first ``--skip`` fraction, and compares the peaks of the first and the last quarter of
-them: a leak raises the last quarter's.
+steps after the first ``--skip`` fraction, and compares the medians and peaks of the first and the last
+quarter of them: a leak raises the last quarter's.
 """
 import argparse
 import json
@@ -69,9 +69,9 @@ def report(run_dir: str, skip: float = 0.1) -> dict:
     out = {"run_dir": run_dir, "steps": [rows[0]["step"], rows[-1]["step"]], "keys": {}}
     print(f"{run_dir}: steps {rows[0]['step']}..{rows[-1]['step']} ({len(rows)} rows)")
     # the resident memory bounces with the allocator's arenas from step to step, so besides a fitted slope the
-    # report compares the peaks of the first and the last quarter: a leak raises the second
-    print(f"{'metric':32s} {'first':>8s} {'last':>8s} {'min':>8s} {'max':>8s} {'max, 1st quarter':>16s}"
-          f" {'max, last quarter':>17s} {'slope/1000 steps':>16s}")
+    # report compares the median and the peak of the first and the last quarter: a leak raises the second's
+    print(f"{'metric':32s} {'min':>8s} {'max':>8s} {'1st quarter: median':>20s} {'max':>8s}"
+          f" {'last quarter: median':>21s} {'max':>8s} {'slope/1000 steps':>16s}")
     for key in KEYS:
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if not pts:
@@ -79,11 +79,13 @@ def report(run_dir: str, skip: float = 0.1) -> dict:
         xs, ys = zip(*pts)
         slope = _fit(xs, ys)[0] * 1000
         q = max(1, len(ys) // 4)
-        first_q, last_q = max(ys[:q]), max(ys[-q:])
-        out["keys"][key] = {"first": ys[0], "last": ys[-1], "min": min(ys), "max": max(ys),
-                            "max_first_quarter": first_q, "max_last_quarter": last_q,
-                            "slope_per_1000_steps": slope}
-        print(f"{key:32s} {ys[0]:8.3f} {ys[-1]:8.3f} {min(ys):8.3f} {max(ys):8.3f} {first_q:16.3f} {last_q:17.3f}"
+        first_q, last_q = sorted(ys[:q]), sorted(ys[-q:])
+        res = {"min": min(ys), "max": max(ys), "median_first_quarter": first_q[q // 2],
+               "max_first_quarter": first_q[-1], "median_last_quarter": last_q[q // 2],
+               "max_last_quarter": last_q[-1], "slope_per_1000_steps": slope}
+        out["keys"][key] = res
+        print(f"{key:32s} {res['min']:8.3f} {res['max']:8.3f} {res['median_first_quarter']:20.3f}"
+              f" {res['max_first_quarter']:8.3f} {res['median_last_quarter']:21.3f} {res['max_last_quarter']:8.3f}"
               f" {slope:16.3f}")
     with open(os.path.join(run_dir, "soak_report.json"), "w") as f:
         json.dump(out, f, indent=1)
