@@ -50,3 +50,26 @@ def test_descriptors_threads_and_descendants_are_counted():
         child.kill()
         child.wait()
     assert descendants(child.pid) == 0
+
+
+def test_soak_report_shows_a_leak_and_a_steady_run(tmp_path, capsys):
+    """scripts/soak.py report: quarter medians and peaks and the slope of each host metric."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("soak", os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                                       "soak.py"))
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 101):  # one descriptor leaked every other step; memory bouncing but level
+            f.write(json.dumps({"step": step, "memory/host_rss_gib": 1.0 + 0.2 * (step % 3 == 0),
+                                "host/open_fds": 100 + step // 2, "host/descendants": 3}) + "\n")
+        f.write(json.dumps({"step": 100, "eval/accuracy": 0.5, "final_eval": 1}) + "\n")
+    out = soak.report(str(tmp_path), skip=0.2)["keys"]
+    assert out["host/open_fds"]["slope_per_1000_steps"] == pytest.approx(500, rel=0.02)
+    assert out["host/open_fds"]["median_last_quarter"] > out["host/open_fds"]["max_first_quarter"]
+    assert out["memory/host_rss_gib"]["median_first_quarter"] == out["memory/host_rss_gib"]["median_last_quarter"]
+    assert abs(out["memory/host_rss_gib"]["slope_per_1000_steps"]) < 0.1  # (the bounce's phase at the ends)
+    assert out["host/descendants"]["slope_per_1000_steps"] == 0 and "host/threads" not in out
+    assert "host/open_fds" in capsys.readouterr().out and (tmp_path / "soak_report.json").exists()
