@@ -36,6 +36,7 @@ from .config import Config, ConfigError, to_yaml
 from .data import builtin
 from .data.retire import SolvedPromptFilter
 from .evaluation import PromptResult, overall_metrics, set_metrics
+from .host import host_stats
 from .models.flops import peak_tflops, shape_of, train_flops
 from .models.gpt import describe as describe_policy
 from .models.tokenizer import HFTokenizer, build_tokenizer
@@ -44,7 +45,6 @@ from .parallel import (dp_group, dp_rank, dp_weighted_mean, dp_world, init_distr
 from .parallel import balance
 from .policy import Policy, SeqBatch, build_seq_batch, routing_batch
 from .policy.micro import seq_lengths
-from .host import host_stats
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
 from .runlog import RunLogger, plot_run

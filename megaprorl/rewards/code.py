@@ -104,6 +104,17 @@ def build_tests(record: Dict[str, Any]) -> List[Dict[str, Any]]:
     return tests
 
 
+def run_tests_as_configured(program: str, tests: List[Dict[str, Any]], cfg: RewardConfig,
+                            timeout_s: float) -> Dict[str, Any]:
+    """``sandbox.run_tests`` with the sandbox's limits and options of ``cfg`` (the ``code_*`` and ``sandbox*``
+    keys of ``rewards``), for the code verifier and any verifier that runs a program."""
+    return run_tests(program, tests, timeout_s=timeout_s, memory_mb=cfg.code_memory_mb,
+                     max_procs=cfg.code_max_procs, max_output_kb=cfg.code_max_output_kb,
+                     tmp_mb=cfg.code_tmp_mb, python=cfg.code_python, site=cfg.code_python_site,
+                     sandbox=cfg.sandbox, allow_unsandboxed=cfg.allow_unsandboxed,
+                     hide_paths=cfg.sandbox_hide_paths, seccomp=cfg.sandbox_seccomp)
+
+
 def verify_code(record: Dict[str, Any], response: str, cfg: RewardConfig) -> Tuple[float, Dict[str, Any]]:
     tests = build_tests(record)
     code = extract_code(response)
@@ -111,12 +122,7 @@ def verify_code(record: Dict[str, Any], response: str, cfg: RewardConfig) -> Tup
     if code is None or not code.strip():
         parts["no_code"] = True
         return 0.0, parts
-    timeout = float(record.get("time_limit_s") or cfg.code_timeout_s)
-    res = run_tests(code, tests, timeout_s=timeout, memory_mb=cfg.code_memory_mb,
-                    max_procs=cfg.code_max_procs, max_output_kb=cfg.code_max_output_kb,
-                    tmp_mb=cfg.code_tmp_mb, python=cfg.code_python, site=cfg.code_python_site,
-                    sandbox=cfg.sandbox, allow_unsandboxed=cfg.allow_unsandboxed,
-                    hide_paths=cfg.sandbox_hide_paths, seccomp=cfg.sandbox_seccomp)
+    res = run_tests_as_configured(code, tests, cfg, float(record.get("time_limit_s") or cfg.code_timeout_s))
     results = res["results"]
     passed = 0
     statuses = []
