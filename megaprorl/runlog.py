@@ -18,7 +18,14 @@ class RunLogger:
     run (``resume="allow"``).  A run resumed from an older checkpoint logs the steps after it again, with the
     same values (tests/test_resume_exact.py): ``metrics.jsonl`` and TensorBoard are cut back first, while W&B
     takes only increasing steps and keeps what it has for those.  ``WANDB_MODE=offline`` on machines without
-    internet (``wandb sync`` later)."""
+    internet (``wandb sync`` later).
+
+    A write that fails (a full or vanished file system, a dead TensorBoard writer thread) never stops the run:
+    it is reported once per spell of failures, with the file and the error, and counted (``log/write_errors``,
+    from the first failure on); the metrics records not yet on disk are kept and written, in order, at the next
+    step that can; TensorBoard gets a new writer (a new event file in ``tb/``) that is given the steps the dead
+    one lost; W&B keeps its own queue.  Records still unwritten when the logger closes are printed to stdout
+    as ``metrics (unwritten): {...}`` lines, so the job's log holds them."""
 
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, progress: bool = True,
                  total_steps: int = 0, initial_step: int = 0, resume: bool = False, wandb_project: str = "",
@@ -26,8 +33,15 @@ class RunLogger:
         self.run_dir = run_dir
         self.enabled = enabled
         self._tb = None
+        self._tb_on = False  # TensorBoard asked for and importable: self._tb is its writer, None until (re)made
         self._bar = None
         self._wb = None
+        self._tb_dir = os.path.join(run_dir, "tb")
+        self._pending: List[str] = []  # metrics lines not yet on disk, oldest first
+        self._tb_pending: List[tuple] = []  # (step, scalars) the TensorBoard writer has not flushed
+        self._good_size = 0  # metrics.jsonl's size after its last complete write
+        self._failing: Dict[str, bool] = {}  # per output: in a spell of failures (reported at its start)
+        self.write_errors = 0
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -40,7 +54,8 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=initial_step + 1 if resume else None)
+                self._tb = SummaryWriter(self._tb_dir, purge_step=initial_step + 1 if resume else None)
+                self._tb_on = True
             except ImportError:  # tensorboard is a dependency; keep going without it if it is broken
                 self._tb = None
         if wandb_project:
@@ -49,23 +64,28 @@ class RunLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="RL", unit="step", dynamic_ncols=True)
+        if os.path.exists(self.path):
+            self._good_size = os.path.getsize(self.path)
 
     def log(self, step: int, metrics: Dict) -> None:
         if not self.enabled:
             return
         rec = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.write_errors:
+            rec["log/write_errors"] = self.write_errors
+        self._pending.append(json.dumps(rec, sort_keys=True) + "\n")
+        self._flush_metrics()
         scalars = {k: v for k, v in rec.items()
                    if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v))}
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        if self._tb_on:
+            self._tb_pending.append((step, scalars))
+            self._flush_tb()
         if self._wb is not None:
-            self._wb.log(scalars, step=step)
+            try:
+                self._wb.log(scalars, step=step)
+                self._recovered("wandb", "W&B logging works again")
+            except Exception as e:  # noqa: BLE001 - W&B's failures are its own; the run goes on
+                self._failed("wandb", f"W&B: cannot log step {step} ({type(e).__name__}: {e})")
         if self._bar is not None and step > 0:
             self._bar.update(1)
             post = {}
@@ -73,6 +93,75 @@ class RunLogger:
                 if k in rec and isinstance(rec[k], (int, float)):
                     post[k] = f"{rec[k]:.3g}"
             self._bar.set_postfix(post)
+
+    def log_final(self, step: int, metrics: Dict) -> None:
+        """The final evaluation's record (``final_eval``), to ``metrics.jsonl`` only; also after :meth:`close`."""
+        if not self.enabled:
+            return
+        self._pending.append(json.dumps({"step": step, **metrics, "final_eval": 1}, default=str) + "\n")
+        self._flush_metrics()
+        self._print_unwritten()
+
+    def _flush_metrics(self) -> None:
+        """Append the pending records to metrics.jsonl, cutting back first what a failed write left half done."""
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            if os.path.exists(self.path) and os.path.getsize(self.path) > self._good_size:
+                os.truncate(self.path, self._good_size)
+            with open(self.path, "a") as f:
+                f.writelines(self._pending)
+                f.flush()
+                os.fsync(f.fileno())
+            self._good_size = os.path.getsize(self.path)
+        except OSError as e:
+            self._failed("metrics", f"metrics: cannot write {self.path} ({e}): {len(self._pending)} record(s) kept "
+                                    "in memory, written at the next step that can; the run goes on")
+            return
+        if self._failing.get("metrics"):
+            self._recovered("metrics", f"metrics: {self.path} written again, with the {len(self._pending)} "
+                                       "record(s) held since the failure")
+        self._pending = []
+
+    def _flush_tb(self) -> None:
+        try:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(self._tb_dir)
+            for step, scalars in self._tb_pending:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        except Exception as e:  # noqa: BLE001 - its writer thread re-raises what killed it (an OSError mostly)
+            self._failed("tensorboard", f"TensorBoard: cannot write {self._tb_dir} ({type(e).__name__}: {e}): a new "
+                                        "writer is tried at the next step, given the steps this one lost")
+            self._close_tb()
+            return
+        self._recovered("tensorboard", f"TensorBoard: writing to {self._tb_dir} again (a new event file)")
+        self._tb_pending = []
+
+    def _close_tb(self) -> None:
+        try:
+            if self._tb is not None:
+                self._tb.close()
+        except Exception:  # noqa: BLE001 - a writer whose thread died raises its error again on close
+            pass
+        self._tb = None
+
+    def _failed(self, what: str, msg: str) -> None:
+        self.write_errors += 1
+        if not self._failing.get(what):
+            self._failing[what] = True
+            self.write(msg)
+
+    def _recovered(self, what: str, msg: str) -> None:
+        if self._failing.pop(what, False):
+            self.write(msg)
+
+    def _print_unwritten(self) -> None:
+        for line in self._pending:
+            print("metrics (unwritten): " + line, end="", flush=True)
+        self._pending = []
 
     def write(self, text: str) -> None:
         if not self.enabled:
@@ -83,10 +172,17 @@ class RunLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self._pending:
+            self._flush_metrics()
+        if self._tb_on:
+            if self._tb_pending:
+                self._flush_tb()
+            self._close_tb()
+            self._tb_on = False
+        self._print_unwritten()
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+            self._bar = None
         if self._wb is not None:
             import wandb
 

@@ -413,7 +413,8 @@ class Trainer:
     def _after_eval(self, ev: Dict) -> None:
         """Write an evaluation's per-prompt rows (``eval.write_results``) and check the reset trigger's metric."""
         if self.is_main and self.cfg.eval.write_results:
-            evaluation.write_rows(os.path.join(self.run_dir, "eval", f"step_{self.step:08d}.jsonl"), self.eval_rows)
+            self._write_aside(evaluation.write_rows, os.path.join(self.run_dir, "eval", f"step_{self.step:08d}.jsonl"),
+                              self.eval_rows)
         rr, c = self.cfg.algo.reference_reset, self.cfg.checkpoint
         for on, key, name in ((rr.stall_evals, "algo.reference_reset.stall_metric", rr.stall_metric),
                               (c.keep_best, "checkpoint.best_metric", c.best_metric)):
@@ -834,7 +835,8 @@ class Trainer:
                              "response_tokens": len(r.response_ids), "finished": bool(r.finished)})
         rows = sorted(_gather_objects(rows), key=lambda x: (x["rank"], x["group"], x["sample"]))
         if self.is_main:
-            evaluation.write_jsonl(os.path.join(self.run_dir, "rollouts", f"step_{self.step + 1:08d}.jsonl"), rows)
+            self._write_aside(evaluation.write_jsonl,
+                              os.path.join(self.run_dir, "rollouts", f"step_{self.step + 1:08d}.jsonl"), rows)
 
     def _group_order(self, n_units: int, rank: int, epoch: int = 0) -> torch.Tensor:
         """The order in which a rank's groups (or responses) are cut into mini-batches in a pass over its batch."""
@@ -1155,11 +1157,7 @@ class Trainer:
         self._after_eval(after)
         self.eval_history.append({"step": self.step, **after})
         self._rank_evaluation(after)
-        if self.is_main:
-            self.logger.enabled = True
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **after, "time/eval_s": self.eval_time_s,
-                                    "final_eval": 1}) + "\n")
+        self.logger.log_final(self.step, {**after, "time/eval_s": self.eval_time_s})
         self.save_checkpoint()
         summary.update({"rl_time_s": time.time() - t_run, "steps": self.step,
                         "accuracy_before": start.get("eval/accuracy"),
@@ -1171,7 +1169,10 @@ class Trainer:
         if cfg.checkpoint.keep_best:
             summary["best_checkpoints"] = self._best_listing()
         if self.is_main and cfg.logging.plot:
-            summary["plot"] = plot_run(self.run_dir)
+            try:
+                summary["plot"] = plot_run(self.run_dir)
+            except Exception as e:  # noqa: BLE001 - a figure is not worth the summary below
+                self._warn(f"logging.plot: the curves were not drawn ({type(e).__name__}: {e})")
         if self.is_main:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=str)
@@ -1193,6 +1194,16 @@ class Trainer:
             raise ConfigError(f"config key 'rewards.think_mode': 'require', but {why}: every reward would be 0")
         if isinstance(self.tokenizer, HFTokenizer):
             self._warn(f"{why}: responses are scored whole (rewards.think_mode=auto)")
+
+    def _write_aside(self, write, path: str, rows) -> None:
+        """A diagnostic file beside the metrics (per-prompt evaluation results, sampled rollouts): a write that
+        fails is reported and counted (log/write_errors) and the run goes on without it."""
+        try:
+            write(path, rows)
+        except OSError as e:
+            if self.logger is not None:
+                self.logger.write_errors += 1
+            self._warn(f"cannot write {path} ({e}); the run goes on without it")
 
     def _say(self, msg: str) -> None:
         if self.is_main:

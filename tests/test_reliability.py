@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -202,6 +203,70 @@ def test_metrics_after_resume_hold_each_step_once(tmp_path):
     # a run started afresh (no resume) starts a new file
     RunLogger(str(tmp_path), tensorboard=False, progress=False).close()
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_metrics_survive_a_spell_of_failed_writes(tmp_path, capsys):
+    """metrics.jsonl that cannot be written for two steps (a directory in its place, as a full or vanished
+    file system would refuse it): the run goes on, one line says so and one says it recovered, the held
+    records are written in order with the failures counted, and a torn tail is cut back before appending."""
+    from megaprorl.runlog import RunLogger, read_metrics
+
+    log = RunLogger(str(tmp_path), tensorboard=False, progress=False)
+    path = tmp_path / "metrics.jsonl"
+    log.log(0, {"reward": 0.0})
+    log.log(1, {"reward": 1.0})
+    os.rename(path, tmp_path / "aside")
+    os.mkdir(path)
+    log.log(2, {"reward": 2.0})
+    log.log(3, {"reward": 3.0})
+    os.rmdir(path)
+    os.rename(tmp_path / "aside", path)
+    log.log(4, {"reward": 4.0})
+    with open(path, "a") as f:
+        f.write('{"step": 5, "rew')  # what a write cut short by a full disk leaves
+    log.log(5, {"reward": 5.0})
+    log.close()
+    rows = read_metrics(str(tmp_path))
+    assert [(r["step"], r["reward"]) for r in rows] == [(s, float(s)) for s in range(6)]
+    assert [r.get("log/write_errors", 0) for r in rows] == [0, 0, 0, 1, 2, 2]
+    out = capsys.readouterr().out
+    assert out.count("metrics: cannot write") == 1 and "2 record(s) kept in memory" not in out
+    assert "1 record(s) kept in memory" in out and "with the 3 record(s) held since the failure" in out
+
+
+def test_metrics_still_unwritten_at_close_go_to_the_log(tmp_path, capsys):
+    from megaprorl.runlog import RunLogger
+
+    log = RunLogger(str(tmp_path), tensorboard=False, progress=False)
+    os.mkdir(tmp_path / "metrics.jsonl")
+    log.log(1, {"reward": 0.5})
+    log.close()
+    log.log_final(1, {"eval/accuracy": 0.25})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("metrics (unwritten): ")]
+    recs = [json.loads(ln.split(": ", 1)[1]) for ln in lines]
+    assert recs == [{"step": 1, "reward": 0.5}, {"step": 1, "eval/accuracy": 0.25, "final_eval": 1}]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's death
+def test_tensorboard_writer_is_remade_after_its_thread_dies(tmp_path, capsys):
+    """Its event directory removed under it, TensorBoard's writer thread dies and re-raises on every later call;
+    the logger reports it, remakes the writer at the next step and gives it the step the dead one lost."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megaprorl.runlog import RunLogger, read_metrics
+
+    log = RunLogger(str(tmp_path), progress=False)
+    log.log(1, {"reward": 1.0})
+    shutil.rmtree(tmp_path / "tb")
+    log.log(2, {"reward": 2.0})
+    log.log(3, {"reward": 3.0})
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("TensorBoard: cannot write") == 1 and "TensorBoard: writing to" in out
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward")] == [(2, 2.0), (3, 3.0)]
+    assert [r.get("log/write_errors", 0) for r in read_metrics(str(tmp_path))] == [0, 0, 1]
 
 
 # ------------------------------------------------------------------------ trainer-level faults
