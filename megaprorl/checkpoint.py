@@ -208,6 +208,36 @@ def find_latest(root: str, world_size: int) -> Optional[str]:
     return None
 
 
+def agree(choose: Callable[[], Optional[str]], world_size: int) -> Optional[str]:
+    """The checkpoint every rank resumes from: rank 0 runs ``choose`` (``find_latest``, or the validation of a
+    named checkpoint) and sends its answer, or its ``ValueError``, to the other ranks, which raise the same
+    error; then each rank validates the chosen checkpoint in its own view of the file system, and if one cannot
+    use it, every rank raises, naming that rank and why.  Ranks that chose on their own could resume from
+    different steps on a file system that shows them different directories (client caches), or hang when
+    only some of them failed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return choose()
+    box: List = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", choose())]
+        except ValueError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, path = box[0]
+    if kind == "error":
+        raise ValueError(path)
+    why = validate(path, world_size) if path is not None and dist.get_rank() != 0 else None
+    views: List = [None] * dist.get_world_size()
+    dist.all_gather_object(views, why)
+    bad = [(r, w) for r, w in enumerate(views) if w]
+    if bad:
+        more = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
+        raise ValueError(f"checkpoint {path}, chosen by rank 0, is not usable on rank {bad[0][0]}{more}: {bad[0][1]}; "
+                         "do all ranks see the same checkpoint directory?")
+    return path
+
+
 def resolve_checkpoint(path: str, key: str) -> str:
     """The checkpoint that ``path`` names, for reading its model state: a step directory, or a checkpoints
     root / run directory (its newest complete checkpoint with a ``MODEL_DIR``).  ``key`` (the config key

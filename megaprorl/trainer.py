@@ -1068,6 +1068,12 @@ class Trainer:
         self.saved_step = self.step
 
     def _resume_path(self) -> Optional[str]:
+        """The checkpoint to resume from (``checkpoint.resume``), the same on every rank (``ckpt.agree``)."""
+        if not self.cfg.checkpoint.resume:  # the same config on every rank: nothing to agree on
+            return None
+        return ckpt.agree(self._choose_resume, self.info.world_size)
+
+    def _choose_resume(self) -> Optional[str]:
         r = self.cfg.checkpoint.resume
         if not r:
             return None

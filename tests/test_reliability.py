@@ -405,6 +405,63 @@ def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_broken(tmp_p
         t.close()
 
 
+# ------------------------------------------------------------------------ ranks agree on the checkpoint
+def _agree_worker(rank, port, root, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out = []
+
+    def attempt(choose):
+        try:
+            out.append(("ok", ckpt.agree(choose, 1)))
+        except ValueError as e:
+            out.append(("error", str(e)))
+
+    # rank 1's own choice would be another step: rank 0's is the one taken
+    attempt(lambda: ckpt.find_latest(root, 1) if rank == 0 else ckpt.step_dir(root, 1))
+
+    def refuse():
+        raise ValueError("checkpoint.resume=auto: none is usable")
+
+    attempt(refuse if rank == 0 else None)  # rank 0's error reaches rank 1 (which would hang waiting otherwise)
+    if rank == 1:  # a client whose view of the directory lags (the stand-in for a stale file-system cache)
+        ckpt.validate = lambda path, world_size: "no COMPLETE marker"
+    attempt(lambda: ckpt.find_latest(root, 1))
+    queue.put((rank, out))
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
+    import multiprocessing as mp
+
+    from dist_utils import _free_port
+
+    for step in (1, 2):
+        ckpt.save(str(tmp_path), step, {"x": step}, {"step": step})
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_agree_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    latest = ckpt.step_dir(str(tmp_path), 2)
+    for rank in (0, 1):
+        chosen, refused, stale = results[rank]
+        assert chosen == ("ok", latest)
+        assert refused == ("error", "checkpoint.resume=auto: none is usable")
+        assert stale == ("error", f"checkpoint {latest}, chosen by rank 0, is not usable on rank 1: no COMPLETE "
+                                  "marker; do all ranks see the same checkpoint directory?")
+
+
 # ------------------------------------------------------------------------ dead or hung rank
 def _collectives_with_a_dead_peer(rank, port, mode, timeout_s, queue):
     import torch.distributed as dist
