@@ -32,6 +32,7 @@ import pytest
 from megaprorl.launch.slurm import main as launch_main
 from megaprorl.launch.slurm import parse_job_id
 from slurm_cluster import LocalSlurm, SlurmNotInstallable
+from test_resume_exact import _comparable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "demo.yaml")
@@ -236,3 +237,20 @@ def test_requeue_real_trainer(cluster, tmp_path):
     rl = [r["step"] for r in rows if not r.get("final_eval")]
     assert rl == list(range(rl[0], steps + 1)) and rl[0] in (0, 1), f"steps are not contiguous: {rl}"
     assert os.path.exists(os.path.join(job.run_dir, "summary.json"))
+
+    # the same run uninterrupted (torchrun, 2 ranks): the requeued run's every value equals its own, at each
+    # step, whichever of the three processes logged it (per-rank random streams and sampler positions, the
+    # data-parallel exchange of groups, the optimizer state, all restored on both ranks)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "megaprorl.cli", "train", DEMO, *overrides, f"output_dir={tmp_path}", "name=uninterrupted"],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = [json.loads(ln) for ln in open(os.path.join(tmp_path, "uninterrupted", "metrics.jsonl"))]
+    assert [(w["step"], bool(w.get("final_eval"))) for w in want] == [(g["step"], bool(g.get("final_eval")))
+                                                                      for g in rows]
+    for got, w in zip(rows, want):
+        assert _comparable(got) == _comparable(w), (
+            f"step {w['step']} differs: " + ", ".join(f"{k}: {got.get(k)!r} != {v!r}"
+                                                      for k, v in _comparable(w).items() if got.get(k) != v))
