@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import os
 import re
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -390,12 +391,47 @@ def _nearest(key: str) -> str:
     return f"; did you mean '{cands[0]}'?" if cands else ""
 
 
+def _declared(key: str) -> str:
+    """The declared type of a config key (``eval.sets[0].ks``), in words; "" when it cannot be told."""
+    t: Any = Config
+    for part in key.split("."):
+        m = re.fullmatch(r"([A-Za-z_]\w*)((?:\[\d+\])*)", part)
+        if m is None or not is_dataclass(t):
+            return ""
+        t = typing.get_type_hints(t).get(m.group(1))
+        for _ in re.findall(r"\[\d+\]", m.group(2)):  # an element of a list
+            args = typing.get_args(t)
+            t = args[0] if typing.get_origin(t) is list and args else None
+        if t is None:
+            return ""
+    return _in_words(t)
+
+
+def _in_words(t: Any) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is list:
+        if not args:
+            return "a list"
+        each = args[0]
+        if is_dataclass(each):
+            return f"a list of mappings of {each.__name__}'s keys"
+        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(each, str(each))
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_in_words(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
+    if origin is dict:
+        return "a mapping"
+    if is_dataclass(t):
+        return f"a mapping of {t.__name__}'s keys"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, str(t))
+
+
 def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{where}: unknown config key '{key}'{_nearest(key)}")
     if isinstance(e, ValidationError):
-        expected = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
+        expected = _declared(key)  # (omegaconf's object_type is the section the key is in, not the key's type)
         msg = str(e).splitlines()[0]
         return ConfigError(f"{where}: bad value for '{key}': {msg}" + (f" (expected {expected})" if expected else ""))
     return ConfigError(f"{where}: {str(e).splitlines()[0]} (key '{key}')")
@@ -506,11 +542,67 @@ def _local_spec(m: ModelConfig, installed: bool = True) -> bool:
     return importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
 
 
+# numeric keys and their ranges: (key, lowest value, whether the lowest is allowed, what the lowest allowed means);
+# checked first, so that nothing below divides by a zero or loops over a negative count
+_RANGES = (
+    ("train.steps", 0, True, "0: evaluate only"), ("train.prompts_per_step", 1, True, ""),
+    ("train.mini_batch_prompts", 1, True, ""), ("train.micro_batch_size", 1, True, ""),
+    ("train.logprob_micro_batch_size", 1, True, ""),
+    ("train.optim.lr", 0, False, ""), ("train.optim.weight_decay", 0, True, ""), ("train.optim.adam_eps", 0, False, ""),
+    ("train.optim.grad_clip", 0, True, "0: no clipping"), ("train.optim.max_nonfinite_in_a_row", 1, True, ""),
+    ("rollout.batch_size", 1, True, ""), ("rollout.max_new_tokens", 1, True, ""),
+    ("parallel.tensor_parallel", 1, True, ""), ("parallel.pipeline_parallel", 1, True, ""),
+    ("parallel.timeout_s", 0, False, ""),
+    ("warmstart.steps", 0, True, "0: none"), ("warmstart.batch_size", 1, True, ""), ("warmstart.examples", 1, True, ""),
+    ("warmstart.lr", 0, False, ""),
+    ("eval.interval", 0, True, "0: before and after training only"), ("eval.n_prompts", 1, True, ""),
+    ("eval.max_new_tokens", 0, True, "0: rollout.max_new_tokens"), ("eval.temperature", 0, True, "0: greedy"),
+    ("checkpoint.interval", 0, True, "0: at the end only"), ("checkpoint.keep_last", 0, True, "0: keep every one"),
+    ("algo.loss.eps_low", 0, True, ""), ("algo.loss.eps_high", 0, True, ""),
+    ("algo.loss.ratio_log_clamp", 0, False, ""),
+    ("algo.kl.coef", 0, True, "0: no KL term"), ("algo.kl.log_ratio_clamp", 0, False, ""),
+    ("algo.kl.output_clamp", 0, False, ""),
+    ("algo.dynamic_sampling.max_extra_draws", 0, True, ""),
+    ("algo.reference_reset.interval", 0, True, "0: off"), ("algo.reference_reset.kl_spike_factor", 0, True, "0: off"),
+    ("algo.reference_reset.kl_warmup_steps", 0, True, ""), ("algo.reference_reset.stall_evals", 0, True, "0: off"),
+    ("algo.reference_reset.min_gap", 0, True, ""),
+    ("algo.length_penalty.max_length", 0, True, "0: rollout.max_new_tokens"),
+    ("algo.length_penalty.on_steps", 0, True, ""), ("algo.length_penalty.off_steps", 0, True, ""),
+    ("rewards.num_workers", 0, True, "0: scored in the trainer's process"), ("rewards.timeout_s", 0, False, ""),
+    ("rewards.code_timeout_s", 0, False, ""), ("rewards.math_timeout_s", 0, True, "0: no limit"),
+    ("rewards.code_memory_mb", 1, True, ""), ("rewards.max_tasks_per_worker", 0, True, "0: never recycled"),
+    ("rewards.code_max_procs", 1, True, ""), ("rewards.code_max_output_kb", 1, True, ""),
+    ("rewards.code_tmp_mb", 1, True, ""), ("rewards.max_response_chars", 1, True, ""),
+)
+
+
+def _check_ranges(cfg: Config, need) -> None:
+    for key, low, inclusive, note in _RANGES:
+        v = _attr(cfg, key)
+        ok = v >= low if inclusive else v > low
+        need(ok, key, f"must be {'>=' if inclusive else '>'} {low}{f' ({note})' if note else ''}, got {v}")
+    for key in ("train.optim.adam_beta1", "train.optim.adam_beta2", "algo.reference_reset.kl_ema"):
+        v = _attr(cfg, key)
+        need(0.0 <= v < 1.0, key, f"must be in [0, 1), got {v}")
+    need(cfg.algo.loss.eps_low < 1.0, "algo.loss.eps_low", f"must be < 1 (the ratio's lower bound is 1 - eps_low), "
+                                                           f"got {cfg.algo.loss.eps_low}")
+    dc = cfg.algo.loss.dual_clip
+    need(dc is None or dc > 1.0, "algo.loss.dual_clip", f"must be > 1 (or null: off), got {dc}")
+    need(0.0 < cfg.eval.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {cfg.eval.top_p}")
+
+
+def _attr(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: Config, installed: bool = True) -> None:
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}': {msg}")
 
+    _check_ranges(cfg, need)
     need(cfg.rollout.engine in ("megatron", "trtllm"), "rollout.engine", "must be 'megatron' or 'trtllm'")
     if cfg.rollout.engine == "trtllm":
         from .rollout.trtllm_engine import INSTALL

@@ -35,7 +35,13 @@ def test_config_wrong_type_names_key_and_type():
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, ["train.steps=many"])
     msg = str(e.value)
-    assert "train.steps" in msg and "int" in msg.lower()
+    assert "train.steps" in msg and msg.endswith("(expected an integer)")
+    # the key's own declared type (omegaconf names the section the key is in)
+    for override, expected in (("algo.loss.dual_clip=x", "a number or null"), ("eval.ks=[a]", "an integer"),
+                               ("logging.tensorboard=maybe", "true or false"),
+                               ("data.sources=3", "a list of mappings of DataSourceConfig's keys")):
+        with pytest.raises(ConfigError, match=re.escape(f"(expected {expected})")):
+            load_config(DEMO, [override])
 
 
 def test_config_semantic_errors():
@@ -86,6 +92,39 @@ def test_config_semantic_errors():
     assert rope_scaling_spec(cfg.model.rope_scaling) == {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 0.0, "mscale_all_dim": 0.0, "truncate": True}
+
+
+def test_config_ranges_are_checked_before_use():
+    """Every key of the ranges table refuses the value just outside its range, naming the key (before, a zero
+    count divided by zero or looped forever inside the trainer, a negative one ran silently); the lowest value
+    allowed passes."""
+    import copy
+
+    from megaprorl.config import _RANGES, validate
+
+    base = load_config(DEMO)
+
+    def check(key, value, *also):
+        cfg = copy.deepcopy(base)
+        for k, v in ((key, value), *also):
+            *path, last = k.split(".")
+            node = cfg
+            for part in path:
+                node = getattr(node, part)
+            setattr(node, last, v)
+        validate(cfg)
+
+    for key, low, inclusive, _ in _RANGES:
+        with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': must be {'>=' if inclusive else '>'}"):
+            check(key, low - 1 if inclusive else low)
+        if inclusive:
+            check(key, low, *([("train.mini_batch_prompts", 1)] if key == "train.prompts_per_step" else []))
+    for key, bad in (("train.optim.adam_beta2", 1.0), ("algo.reference_reset.kl_ema", -0.1), ("eval.top_p", 0),
+                     ("algo.loss.eps_low", 1.0), ("algo.loss.dual_clip", 1.0)):
+        with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+            check(key, bad)
+    with pytest.raises(ConfigError, match="config key 'train.micro_batch_size': must be >= 1, got 0"):
+        load_config(DEMO, ["train.micro_batch_size=0"])  # through an override too
 
 
 def test_overrides_apply():
