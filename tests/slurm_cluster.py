@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+from apt_install import InstallFailed, NotInstallable, apt_install
+
 APT_PACKAGES = ["slurm-wlm", "munge"]
 BINARIES = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel"]
 SBIN_DIRS = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
@@ -56,18 +58,12 @@ def ensure_installed(timeout: float = 600) -> None:
     missing = _missing()
     if not missing:
         return
-    if os.geteuid() != 0:
-        raise SlurmNotInstallable(f"SLURM binaries missing ({', '.join(missing)}) and not root, so cannot "
-                               f"apt-get install {' '.join(APT_PACKAGES)}")
-    if shutil.which("apt-get") is None:
-        raise SlurmNotInstallable(f"SLURM binaries missing ({', '.join(missing)}) and no apt-get to install "
-                               f"{' '.join(APT_PACKAGES)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
+    try:
+        apt_install(APT_PACKAGES, f"SLURM binaries missing ({', '.join(missing)})", timeout)
+    except NotInstallable as e:
+        raise SlurmNotInstallable(str(e)) from None
+    except InstallFailed as e:
+        raise SlurmUnavailable(str(e)) from None
     missing = _missing()
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(APT_PACKAGES)} but still missing: {', '.join(missing)}")

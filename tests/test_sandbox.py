@@ -1,12 +1,14 @@
 """Adversarial sandbox suite: every attack is contained (reward 0) and the caller is unharmed.
 
 Every test runs under each isolation backend ("unshare": util-linux; "bwrap": bubblewrap,
-`apt-get install -y bubblewrap`). A backend is skipped, with the reason, only when its binary is
-missing or the kernel refuses its namespaces (no root and no unprivileged user namespaces); when
+`apt-get install -y bubblewrap`, which the tests run themselves as root: tests/apt_install.py). A backend
+is skipped, with the reason, only when its binary is missing and cannot be installed, or the kernel refuses
+its namespaces (no root and no unprivileged user namespaces); when
 the namespaces work but the sandbox does not, the tests fail.
 """
 
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -14,22 +16,36 @@ import time
 
 import pytest
 
+from apt_install import InstallFailed, NotInstallable, apt_install
 from megaprorl.rewards import RewardConfig, RewardPool, score_one
 from megaprorl.rewards import sandbox as sb
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _backend_params():
-    out = []
-    for b in ("unshare", "bwrap"):
-        ok, why = sb.backend_support(b)
-        out.append(pytest.param(b, id=b, marks=() if ok else pytest.mark.skip(reason=f"{b} backend: {why}")))
-    return out
+_SUPPORT = {}
 
 
-@pytest.fixture(params=_backend_params())
+def _support(backend):
+    """Whether a backend can be used here; bubblewrap is installed first when it is missing and apt-get can
+    (tests/apt_install.py), so CI runs the suite under both backends."""
+    if backend not in _SUPPORT:
+        why_not = ""
+        if backend == "bwrap" and shutil.which("bwrap") is None:
+            try:
+                apt_install(["bubblewrap"], "`bwrap` not found", timeout=300)
+                sb.backend_support.cache_clear()
+            except (NotInstallable, InstallFailed) as e:
+                why_not = str(e)
+        _SUPPORT[backend] = (False, why_not) if why_not else sb.backend_support(backend)
+    return _SUPPORT[backend]
+
+
+@pytest.fixture(params=["unshare", "bwrap"])
 def backend(request):
+    ok, why = _support(request.param)
+    if not ok:
+        pytest.skip(f"{request.param} backend: {why}")
     return request.param
 
 
