@@ -130,8 +130,11 @@ class Trainer:
         self.run_dir = os.path.join(cfg.output_dir, cfg.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         builtin.register()
-        self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template,
-                                         chat_template_kwargs=cfg.model.chat_template_kwargs)
+        try:
+            self.tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.use_chat_template,
+                                             chat_template_kwargs=cfg.model.chat_template_kwargs)
+        except OSError as e:  # a missing directory, one without a vocabulary, unreadable files
+            raise ConfigError(f"config key 'model.tokenizer': {str(e).removesuffix(' (model.tokenizer)')}") from None
         self._check_think_end()
         vocab, hf_cfg, load_src = self._model_source()
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
@@ -214,8 +217,8 @@ class Trainer:
             from .models.convert import ConversionError, check_model_config, hf_vocab_size, load_hf_config
             from .models.tokenizer import generation_eos_ids
 
-            hf_cfg = load_hf_config(cfg.model.hf_path)
             try:
+                hf_cfg = load_hf_config(cfg.model.hf_path)
                 check_model_config(cfg.model, hf_cfg, cfg.model.hf_path)
             except ConversionError as e:
                 raise ConfigError(f"config key 'model.hf_path': {e}") from None

@@ -16,6 +16,7 @@ and read by transformers.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,28 @@ def test_architecture_that_differs_from_config_json_is_refused(hf_dir, tmp_path,
         _trainer(_overrides(path, str(tmp_path), **{f"model.{key}": value}))
     msg = str(e.value)
     assert f"model.{key}={value!r}" in msg and "config.json" in msg and path in msg
+
+
+def test_missing_model_files_are_config_errors(hf_dir, tmp_path):
+    """A model or tokenizer directory that is not there, or a tokenizer directory without a vocabulary (where
+    transformers would build the config's tokenizer class with one token), names its config key."""
+    import shutil
+
+    from megaprorl.config import ConfigError
+
+    path, _ = hf_dir
+    bare = tmp_path / "bare"  # a model directory without its tokenizer files
+    bare.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), bare / "config.json")
+    for extra, want in (({"model.hf_path": str(tmp_path / "none")},
+                         f"config key 'model.hf_path': {tmp_path / 'none'}/config.json not found"),
+                        ({"model.tokenizer": str(tmp_path / "none")},
+                         f"config key 'model.tokenizer': tokenizer directory '{tmp_path / 'none'}' does not exist"),
+                        ({"model.tokenizer": str(bare)},
+                         f"config key 'model.tokenizer': tokenizer directory '{bare}' has no vocabulary: none of "
+                         "tokenizer.json, ")):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            _trainer(_overrides(path, str(tmp_path), **extra))
 
 
 def _export_job(rank, world, checkpoint, out):

@@ -700,7 +700,7 @@ def load_hf_config(hf_dir: str):
     """The HF config of a local model directory (``transformers.AutoConfig``)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ConversionError(f"{path} not found: --hf must be a local HF model directory")
+        raise ConversionError(f"{path} not found: not a local HF model directory")
     try:
         from transformers import AutoConfig
 

@@ -100,6 +100,10 @@ class CharTokenizer(_StopIds):
         return self.encode(self.render_prompt(record))
 
 
+# the files that hold a vocabulary: a fast tokenizer's, SentencePiece's, BPE's and WordPiece's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 class HFTokenizer(_StopIds):
     """A Hugging Face tokenizer loaded from a local directory (no hub access), with its chat template and
     the end tokens of the directory's ``generation_config.json``."""
@@ -107,6 +111,10 @@ class HFTokenizer(_StopIds):
     def __init__(self, path: str, use_chat_template: bool = True, chat_template_kwargs: Optional[dict] = None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (model.tokenizer)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            # transformers would build a tokenizer of the config's class with a vocabulary of one token
+            raise FileNotFoundError(f"tokenizer directory {path!r} has no vocabulary: none of "
+                                    f"{', '.join(TOKENIZER_FILES)} (model.tokenizer)")
         try:
             from transformers import AutoTokenizer
         except ImportError as e:
