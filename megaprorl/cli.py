@@ -89,6 +89,9 @@ def cmd_eval(argv: List[str]) -> int:
         elif cfg.warmstart.steps:
             t.warmstart()
         res = t.evaluate()
+    except (ConfigError, DataError) as e:  # the checkpoint named (checkpoint.resume), an evaluation set's file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         t.close()
     if t.is_main:
@@ -112,8 +115,12 @@ def cmd_plot(argv: List[str]) -> int:
     args = p.parse_args(argv)
     from .runlog import plot_run
 
-    print(plot_run(args.run_dirs if len(args.run_dirs) > 1 else args.run_dirs[0], args.out or None,
-                   labels=args.labels))
+    try:
+        print(plot_run(args.run_dirs if len(args.run_dirs) > 1 else args.run_dirs[0], args.out or None,
+                       labels=args.labels))
+    except (OSError, ValueError) as e:  # no metrics.jsonl there, a malformed line (named with its number)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1074,7 +1074,10 @@ class Trainer:
         """The checkpoint to resume from (``checkpoint.resume``), the same on every rank (``ckpt.agree``)."""
         if not self.cfg.checkpoint.resume:  # the same config on every rank: nothing to agree on
             return None
-        return ckpt.agree(self._choose_resume, self.info.world_size)
+        try:
+            return ckpt.agree(self._choose_resume, self.info.world_size)
+        except ValueError as e:  # (every rank raises it) the checkpoint named, or none usable: the user's to mend
+            raise ConfigError(str(e)) from None
 
     def _choose_resume(self) -> Optional[str]:
         r = self.cfg.checkpoint.resume

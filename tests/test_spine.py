@@ -323,9 +323,22 @@ def test_full_rl_steps_end_to_end(tmp_path):
     assert (tmp_path / "stage2" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
 
 
-def test_cli_reports_config_errors(tmp_path):
+def test_cli_reports_config_errors(tmp_path, capsys):
     r = _run_cli(["train", DEMO, "algo.kl.cof=1"], tmp_path, timeout=120)
     assert r.returncode == 2 and "did you mean 'algo.kl.coef'" in r.stderr
+    from megaprorl.cli import main
+
+    # errors found once the files are read: a line, no traceback, exit 2
+    none = str(tmp_path / "none")
+    small = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "warmstart.steps=0",
+             "logging.progress=false", f"output_dir={tmp_path}", "rewards.num_workers=0"]
+    for argv, want in ((["plot", none], f"error: [Errno 2] No such file or directory: '{none}/metrics.jsonl'"),
+                       (["eval", DEMO, f"checkpoint.resume={none}", *small],
+                        f"error: config key 'checkpoint.resume': checkpoint {none} is not usable"),
+                       (["train", DEMO, f"checkpoint.resume={none}", *small],
+                        f"error: config key 'checkpoint.resume': checkpoint {none} is not usable")):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.startswith(want), argv
 
 
 def test_mixture_with_reasoning_gym_trains(tmp_path):
