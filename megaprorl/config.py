@@ -626,6 +626,11 @@ def validate(cfg: Config, installed: bool = True) -> None:
         need(decay > o.lr_warmup_steps, "train.optim.lr_decay_steps",
              f"the decay must end after the warmup: {decay} (0 = train.steps) <= lr_warmup_steps={o.lr_warmup_steps}")
     _validate_eval(cfg.eval, need)
+    for i, src in enumerate(cfg.data.sources):
+        need(src.weight >= 0, f"data.sources[{i}].weight", f"must be >= 0 (its share of the mixture), got {src.weight}")
+        need(src.size >= 1, f"data.sources[{i}].size", f"must be >= 1, got {src.size}")
+    need(not cfg.data.sources or sum(src.weight for src in cfg.data.sources) > 0, "data.sources",
+         "the weights must not all be 0")
     ec = cfg.algo.entropy_control
     for k in ("target", "delta", "init_coef", "max_coef"):
         need(getattr(ec, k) >= 0, f"algo.entropy_control.{k}", "must be >= 0")

@@ -125,6 +125,12 @@ def test_config_ranges_are_checked_before_use():
             check(key, bad)
     with pytest.raises(ConfigError, match="config key 'train.micro_batch_size': must be >= 1, got 0"):
         load_config(DEMO, ["train.micro_batch_size=0"])  # through an override too
+    for src, key in (("{name: a, path: x.jsonl, weight: -1}", "data.sources[0].weight"),
+                     ("{name: a, type: reasoning_gym, task: t, size: 0}", "data.sources[0].size")):
+        with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': must be >= ")):
+            load_config(DEMO, [f"data.sources=[{src}]"])
+    with pytest.raises(ConfigError, match="config key 'data.sources': the weights must not all be 0"):
+        load_config(DEMO, ["data.sources=[{name: a, path: x.jsonl, weight: 0}, {name: b, path: y.jsonl, weight: 0}]"])
 
 
 def test_overrides_apply():
