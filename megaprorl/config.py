@@ -391,20 +391,26 @@ def _nearest(key: str) -> str:
     return f"; did you mean '{cands[0]}'?" if cands else ""
 
 
-def _declared(key: str) -> str:
-    """The declared type of a config key (``eval.sets[0].ks``), in words; "" when it cannot be told."""
+def _declared_type(key: str) -> Any:
+    """The declared type of a config key (``eval.sets[0].ks``); None when it cannot be told."""
     t: Any = Config
     for part in key.split("."):
         m = re.fullmatch(r"([A-Za-z_]\w*)((?:\[\d+\])*)", part)
         if m is None or not is_dataclass(t):
-            return ""
+            return None
         t = typing.get_type_hints(t).get(m.group(1))
         for _ in re.findall(r"\[\d+\]", m.group(2)):  # an element of a list
             args = typing.get_args(t)
             t = args[0] if typing.get_origin(t) is list and args else None
         if t is None:
-            return ""
-    return _in_words(t)
+            return None
+    return t
+
+
+def _declared(key: str) -> str:
+    """The declared type of a config key, in words; "" when it cannot be told."""
+    t = _declared_type(key)
+    return "" if t is None else _in_words(t)
 
 
 def _in_words(t: Any) -> str:
@@ -477,6 +483,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")
+        key, _, value = ov.partition("=")
+        if not value.strip() and _declared_type(key.strip()) is str:  # `algo.rollout_correction.level=`: ''
+            ov = f"{key}=''"  # (omegaconf reads an empty value as null, which a string key refuses)
         try:
             dotlist = OmegaConf.from_dotlist([ov])
             _check_list_entries(dotlist, f"override {ov!r}")

@@ -136,6 +136,11 @@ def test_config_ranges_are_checked_before_use():
 def test_overrides_apply():
     cfg = load_config(DEMO, ["algo.loss.eps_high=0.4", "rollout.n_samples=4"])
     assert cfg.algo.loss.eps_high == 0.4 and cfg.rollout.n_samples == 4
+    # an empty value is the empty string for a string key (omegaconf would read null, which it refuses)
+    cfg = load_config(DEMO, ["algo.rollout_correction.level=token", "algo.rollout_correction.level="])
+    assert cfg.algo.rollout_correction.level == ""
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(DEMO, ["train.steps="])
 
 
 # ----------------------------------------------------------------------------------------- engine
