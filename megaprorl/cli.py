@@ -16,6 +16,7 @@ USAGE = """megaprorl COMMAND ...
   launch slurm CONFIG --nodes N --gpus-per-node G [--dry-run]
   convert ...                           HF <-> Megatron weights
   plot RUN_DIR                          draw the run's curves to RUN_DIR/curves.png
+  status RUN_DIR [--json]               where a run stands: step, pace, checkpoint, evaluations, warnings
 """
 
 
@@ -124,6 +125,12 @@ def cmd_plot(argv: List[str]) -> int:
     return 0
 
 
+def cmd_status(argv: List[str]) -> int:
+    from .status import main as status_main
+
+    return status_main(argv)
+
+
 def cmd_bench(argv: List[str]) -> int:
     if not argv or argv[0] not in ("kernels", "decode-attention", "rewards", "step"):
         print("usage: megaprorl bench kernels|decode-attention|rewards|step [...]", file=sys.stderr)
@@ -162,7 +169,7 @@ def cmd_convert(argv: List[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench, "score": cmd_score,
-            "launch": cmd_launch, "convert": cmd_convert}
+            "launch": cmd_launch, "convert": cmd_convert, "status": cmd_status}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
