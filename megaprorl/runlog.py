@@ -238,10 +238,14 @@ def _truncate_after(path: str, step: int) -> None:
 
 
 def read_metrics(run_dir: str) -> List[Dict]:
+    """The run's records; a last line without its newline (being written by a live run, or torn by a kill) is
+    left out, any other malformed line is an error naming it."""
     path = os.path.join(run_dir, "metrics.jsonl")
     out = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break  # only the last line can lack it
             line = line.strip()
             if not line:
                 continue

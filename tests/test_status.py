@@ -59,6 +59,13 @@ def test_the_ways_a_long_run_goes_wrong_are_flagged(tmp_path):
     assert warnings[4].startswith("2 failed writes")
 
 
+def test_a_row_being_written_is_left_out(tmp_path):
+    d = _run_dir(tmp_path, 30)
+    with open(os.path.join(d, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 31, "rew')
+    assert status(d)["step"] == 30
+
+
 def test_no_metrics_is_an_error(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
