@@ -9,6 +9,7 @@ run's first steps, the errors it counted, and a few warnings about the ways a pr
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -53,6 +54,8 @@ def status(run_dir: str, now: Optional[float] = None) -> Dict:
         out["state"] = "stopped"  # preempted and waiting for its requeue, killed, or failed
     if out["total_steps"] and out["step_s"] and out["state"] == "running":
         out["eta_s"] = max(out["total_steps"] - out["step"], 0) * out["step_s"]
+    logs = glob.glob(os.path.join(run_dir, "slurm", "*.out"))  # megaprorl launch slurm: one log per job id
+    out["slurm_log"] = max(logs, key=os.path.getmtime) if logs else None
     complete = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"), verbose=False)
     out["checkpoints"] = [s for s, _ in complete]
     out["evaluations"] = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
@@ -117,6 +120,8 @@ def render(st: Dict) -> str:
     pace = f", {st['step_s']:.3g} s a step (median of the last {2 * WINDOW})" if st["step_s"] else ""
     eta = f", about {_duration(st['eta_s'])} to go" if st.get("eta_s") is not None else ""
     lines.append(f"step         {st['step']}" + (f" / {total} ({st['step'] / total:.0%})" if total else "") + pace + eta)
+    if st["slurm_log"]:
+        lines.append(f"slurm        newest job log {st['slurm_log']}")
     cks = st["checkpoints"]
     lines.append("checkpoint   " + (f"step {cks[-1]} (newest complete; {len(cks)} kept)" if cks else "none complete"))
     if st["evaluations"]:

@@ -43,6 +43,12 @@ def test_a_healthy_run_in_progress(tmp_path, capsys):
     assert "step 20 (newest complete; 1 kept)" in out and "best 0.500 at step 20" in out
     # no row for 20 minutes and no summary: stopped (preempted, killed or failed)
     assert status(d, now=time.time() + 1200)["state"] == "stopped"
+    os.makedirs(os.path.join(d, "slurm"))
+    for job, age in (("41", 100), ("57", 10)):  # the requeued job's log is the newest
+        path = os.path.join(d, "slurm", f"{job}.out")
+        open(path, "w").close()
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert status(d)["slurm_log"] == os.path.join(d, "slurm", "57.out")
     open(os.path.join(d, "summary.json"), "w").close()
     assert status(d, now=time.time() + 1200)["state"] == "finished"
 
