@@ -218,13 +218,17 @@ def agree(choose: Callable[[], Optional[str]], world_size: int) -> Optional[str]
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return choose()
     box: List = [None]
+    failed = None
     if dist.get_rank() == 0:
         try:
             box = [("ok", choose())]
-        except ValueError as e:
-            box = [("error", str(e))]
+        except Exception as e:  # noqa: BLE001 - sent on, so that the other ranks do not wait for an answer
+            failed = e
+            box = [("error", str(e) if isinstance(e, ValueError) else f"rank 0: {type(e).__name__}: {e}")]
     dist.broadcast_object_list(box, src=0)
     kind, path = box[0]
+    if failed is not None:
+        raise failed
     if kind == "error":
         raise ValueError(path)
     why = validate(path, world_size) if path is not None and dist.get_rank() != 0 else None
