@@ -10,6 +10,9 @@ import secrets
 from typing import Dict, List, Optional
 
 
+TB_PENDING_MAX = 1000  # steps a failing TensorBoard writer's successor is given at most
+
+
 class RunLogger:
     """Writes ``metrics.jsonl`` (one JSON object per RL step), TensorBoard scalars and, with ``wandb_project``,
     the same scalars to a Weights & Biases run; rank 0 only.
@@ -78,7 +81,8 @@ class RunLogger:
         scalars = {k: v for k, v in rec.items()
                    if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v))}
         if self._tb_on:
-            self._tb_pending.append((step, scalars))
+            # (metrics.jsonl is the record; TensorBoard, a view of it, is given back at most the last steps)
+            self._tb_pending = self._tb_pending[-(TB_PENDING_MAX - 1):] + [(step, scalars)]
             self._flush_tb()
         if self._wb is not None:
             try:
