@@ -65,30 +65,65 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save that failed on some rank (a full disk, a quota, a vanished file system): every rank raises it, the
+    partial ``step_N.tmp`` is removed and the checkpoints before it are untouched."""
+
+
+def _agreed(error: Optional[BaseException], what: str) -> None:
+    """A barrier that agrees on failure too: when ``error`` is set on any rank, every rank raises
+    :class:`CheckpointWriteError` naming the first such rank and its error (a plain barrier would leave the
+    others waiting for a rank that raised)."""
+    msg = "" if error is None else f"{type(error).__name__}: {error}"
+    msgs = [msg]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        msgs = [None] * dist.get_world_size()
+        dist.all_gather_object(msgs, msg)
+    bad = [(r, m) for r, m in enumerate(msgs) if m]
+    if bad:
+        more = f" (and on {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
+        raise CheckpointWriteError(f"{what} failed on rank {bad[0][0]}{more}: {bad[0][1]}")
+
+
+def _attempt(fn: Callable[[], None], on: bool = True) -> Optional[BaseException]:
+    """Run ``fn`` (where ``on``) and return what it raised, for :func:`_agreed`; Ctrl-C and exits pass through
+    (torch's DCP raises its ``CheckpointException``, a BaseException, on every rank)."""
+    if not on:
+        return None
+    try:
+        fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        return e
+    return None
+
+
 def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last: int = 3,
          write_model: Optional[Callable[[str], None]] = None, keep: Iterable[int] = ()) -> str:
     """Collective: every rank calls it.  Returns the final directory.
 
     ``write_model(dir)``, when given, is called on every rank to write the layout-independent model
     state (``megaprorl.dist_ckpt``) into ``MODEL_DIR`` inside the checkpoint, before the rank files.
-    The checkpoints of the steps in ``keep`` are not pruned (``checkpoint.keep_best``)."""
+    The checkpoints of the steps in ``keep`` are not pruned (``checkpoint.keep_best``).  A write that fails on
+    any rank raises :class:`CheckpointWriteError` on every rank, with ``step_N.tmp`` removed."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
-    if _rank() == 0:
+    main = _rank() == 0
+
+    def start():
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    _barrier()
-    if write_model is not None:
-        write_model(os.path.join(tmp, MODEL_DIR))
-        _barrier()
-    path = os.path.join(tmp, _rank_file(_rank()))
-    torch.save(rank_state, path + ".part")
-    _fsync_file(path + ".part")
-    os.replace(path + ".part", path)
-    _barrier()
-    if _rank() == 0:
+
+    def rank_file():
+        path = os.path.join(tmp, _rank_file(_rank()))
+        torch.save(rank_state, path + ".part")
+        _fsync_file(path + ".part")
+        os.replace(path + ".part", path)
+
+    def complete():
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(trainer_state, f, default=_json_default)
             f.flush()
@@ -110,7 +145,22 @@ def save(root: str, step: int, rank_state: Dict, trainer_state: Dict, keep_last:
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _prune(root, keep_last, keep)
+
+    try:
+        _agreed(_attempt(start, main), f"creating {tmp}")
+        if write_model is not None:
+            _agreed(_attempt(lambda: write_model(os.path.join(tmp, MODEL_DIR))), "writing the model state")
+        _agreed(_attempt(rank_file), "writing the rank files")
+        _agreed(_attempt(complete, main), f"completing {final}")
+    except CheckpointWriteError:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main:
+        try:
+            _prune(root, keep_last, keep)
+        except OSError as e:  # the checkpoint is complete; the next save prunes again
+            print(f"[checkpoint] pruning {root} failed ({e}); the older checkpoints stay until the next save")
     _barrier()
     return final
 

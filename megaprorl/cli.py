@@ -43,6 +43,7 @@ def cmd_train(argv: List[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .data.sources import DataError
+    from .checkpoint import CheckpointWriteError
     from .trainer import NonFiniteError, train
 
     try:
@@ -50,7 +51,7 @@ def cmd_train(argv: List[str]) -> int:
     except (ConfigError, DataError) as e:  # found once the files it names were read (model.hf_path, data, ...)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:  # (the final checkpoint: the run's last words)
         print(f"error: {e}", file=sys.stderr)
         return 1
     return int(summary.get("exit_code", 0))

@@ -200,6 +200,7 @@ class Trainer:
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0
+        self.save_errors = 0  # checkpoints of this run that could not be written (the run went on)
         self.signal_rate: Optional[float] = None  # algo.dynamic_sampling.first_draw_oversample's running mean
         self.eval_history: List[Dict] = []
         self.best: List[Tuple[float, int]] = []  # (checkpoint.best_metric, step) of the best evaluations, best first
@@ -1028,7 +1029,7 @@ class Trainer:
         trainer_state = {"step": self.step, "resets": self.resets.state_dict(),
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
-                         "signal_rate": self.signal_rate,
+                         "signal_rate": self.signal_rate, "save_errors": self.save_errors,
                          "best_checkpoints": self.best, "entropy_control": self.entropy_control.state_dict(),
                          "config": to_yaml(self.cfg)}
         with self._on_device():  # (copied back after: saving may build optimizer state Megatron had left lazy)
@@ -1041,6 +1042,22 @@ class Trainer:
             evaluation.write_json(os.path.join(self.ckpt_dir, "best.json"),
                                   {"metric": self.cfg.checkpoint.best_metric, "best": self._best_listing()})
         return path
+
+    def _save_or_go_on(self) -> bool:
+        """A checkpoint during the run: one that cannot be written (on any rank: ``ckpt.CheckpointWriteError``)
+        is reported and counted (``checkpoint/save_errors``) and the run goes on, to try again at the next
+        checkpoint, rather than end and be requeued from an older one into the same failure.  Whether it was
+        written."""
+        try:
+            self.save_checkpoint()
+            return True
+        except ckpt.CheckpointWriteError as e:
+            self.save_errors += 1
+            self.best = [(v, st) for v, st in self.best if st != self.step]  # not among the kept ones
+            newest = ckpt.find_latest(self.ckpt_dir, self.info.world_size) if self.is_main else None
+            self._warn(f"[checkpoint] step {self.step} was not saved ({e}); the run goes on and saves again at the "
+                       f"next checkpoint. Newest complete checkpoint: {newest or 'none'}")
+            return False
 
     def load_checkpoint(self, path: str) -> None:
         rank_state, tstate = ckpt.load(path)
@@ -1063,6 +1080,7 @@ class Trainer:
         self.length_schedule.load_state_dict(tstate["length_penalty"])
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
+        self.save_errors = int(tstate.get("save_errors", 0))
         self.signal_rate = tstate.get("signal_rate")
         self.best = [(float(v), int(st)) for v, st in tstate.get("best_checkpoints", [])]
         self.entropy_control.load_state_dict(tstate.get("entropy_control", {}))
@@ -1149,15 +1167,18 @@ class Trainer:
                     if self._rank_evaluation(ev):
                         stats["checkpoint/best"] = 1.0
                 stats.update(host_stats(self.rewards.worker_pids() if self.rewards is not None else ()))
+                if self.save_errors:
+                    stats["checkpoint/save_errors"] = self.save_errors
                 self.logger.log(self.step, _reduce_stats(stats))
                 if ((cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                         or stats.get("checkpoint/best")):
-                    self.save_checkpoint()
+                    self._save_or_go_on()
                 if self.preempt.agreed(self.device):
-                    if self.saved_step != self.step:  # not just saved by the interval above
-                        self.save_checkpoint()
-                    self._say(f"{self.preempt.signal or 'signal'} received: checkpointed step {self.step}, "
-                              f"exiting with {EXIT_REQUEUE} for requeue")
+                    saved = self.saved_step == self.step or self._save_or_go_on()  # (just saved by the interval)
+                    what = f"checkpointed step {self.step}" if saved else \
+                        f"step {self.step} could not be checkpointed (the resume takes the newest complete one)"
+                    self._say(f"{self.preempt.signal or 'signal'} received: {what}, exiting with {EXIT_REQUEUE} "
+                              "for requeue")
                     exit_code = EXIT_REQUEUE
                     break
         finally:

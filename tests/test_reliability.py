@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megaprorl import checkpoint as ckpt
+from megaprorl.runlog import read_metrics
 from megaprorl.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -405,6 +406,100 @@ def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_broken(tmp_p
         t.close()
 
 
+# ------------------------------------------------------------------------ a save that fails on one rank
+def _two_ranks(worker, root):
+    """``worker(rank, port, root, queue)`` in two spawned processes (a gloo group of two); {rank: what it put}."""
+    import multiprocessing as mp
+
+    from dist_utils import _free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, root, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return dict(queue.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def _failing_save_worker(rank, port, root, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out = []
+    ckpt.save(root, 1, {"x": 1}, {"step": 1})
+    real_save = torch.save
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    def model_on_rank_0(d):
+        if rank == 0:
+            raise OSError(122, "Disk quota exceeded")
+        os.makedirs(d, exist_ok=True)
+
+    for label, patch, write_model in (("rank file", rank == 1, None), ("model", False, model_on_rank_0)):
+        torch.save = full_disk if patch else real_save
+        try:
+            ckpt.save(root, 2, {"x": 2}, {"step": 2}, write_model=write_model)
+            out.append((label, "saved"))
+        except ckpt.CheckpointWriteError as e:
+            out.append((label, str(e)))
+        torch.save = real_save
+        dist.barrier()
+        out.append((label, sorted(os.listdir(root))))
+        dist.barrier()  # both have looked before rank 0 starts the next save (its step_2.tmp)
+    ckpt.save(root, 2, {"x": 2}, {"step": 2})  # the disk has room again
+    out.append(("after", sorted(os.listdir(root))))
+    queue.put((rank, out))
+    dist.destroy_process_group()
+
+
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_leaves_the_last_checkpoint(tmp_path):
+    """Before, the rank whose write failed raised while the others waited at the save's next barrier (until the
+    collective timeout, or the launcher killed them)."""
+    results = _two_ranks(_failing_save_worker, str(tmp_path))
+    assert results[0] == results[1]
+    (_, rank_file), (_, left), (_, model), (_, left2), (_, after) = results[0]
+    assert rank_file == "writing the rank files failed on rank 1: OSError: [Errno 28] No space left on device"
+    assert model == "writing the model state failed on rank 0: OSError: [Errno 122] Disk quota exceeded"
+    assert left == left2 == ["step_00000001"]  # no step_2.tmp left behind
+    assert after == ["step_00000001", "step_00000002"]
+    assert ckpt.find_latest(str(tmp_path), 2).endswith("step_00000002")
+
+
+def test_the_run_goes_on_past_a_checkpoint_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """A failed interval save is reported and counted; the run trains on and the next interval saves."""
+    import megaprorl.trainer as tr
+
+    real_save, calls = tr.ckpt.save, []
+
+    def save(root, step, *a, **k):
+        calls.append(step)
+        if step == 1:
+            raise ckpt.CheckpointWriteError("writing the rank files failed on rank 0: OSError: [Errno 28] No space")
+        return real_save(root, step, *a, **k)
+
+    monkeypatch.setattr(tr.ckpt, "save", save)
+    t = _trainer(tmp_path, "train.steps=2", "checkpoint.interval=1", "eval.at_start=false")
+    try:
+        summary = t.run()
+    finally:
+        t.close()
+    assert summary["exit_code"] == 0 and calls == [1, 2, 2]  # step 2 by the interval, then the final save
+    assert "[checkpoint] step 1 was not saved (writing the rank files failed on rank 0" in capsys.readouterr().out
+    rows = [r for r in read_metrics(t.run_dir) if not r.get("final_eval")]
+    assert [r.get("checkpoint/save_errors") for r in rows] == [None, 1]
+    assert ckpt.find_latest(t.ckpt_dir, 1).endswith("step_00000002")
+
+
 # ------------------------------------------------------------------------ ranks agree on the checkpoint
 def _agree_worker(rank, port, root, queue):
     import torch.distributed as dist
@@ -434,25 +529,9 @@ def _agree_worker(rank, port, root, queue):
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
-    import multiprocessing as mp
-
-    from dist_utils import _free_port
-
     for step in (1, 2):
         ckpt.save(str(tmp_path), step, {"x": step}, {"step": step})
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_agree_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=120) for _ in range(2))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    results = _two_ranks(_agree_worker, str(tmp_path))
     latest = ckpt.step_dir(str(tmp_path), 2)
     for rank in (0, 1):
         chosen, refused, stale = results[rank]
