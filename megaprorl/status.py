@@ -67,6 +67,7 @@ def status(run_dir: str, now: Optional[float] = None) -> Dict:
     out["samples"] = int(samples)
     out["skipped_updates"] = int(sum(r.get("skipped_updates", 0) for r in steps))
     out["write_errors"] = int(max((r.get("log/write_errors", 0) for r in rows), default=0))
+    out["save_errors"] = int(max((r.get("checkpoint/save_errors", 0) for r in rows), default=0))
     out["warnings"] = _warnings(out, len(steps))
     return out
 
@@ -92,6 +93,9 @@ def _warnings(st: Dict, n_steps: int) -> List[str]:
     if st["samples"] and st["reward_errors"] > REWARD_ERRORS * st["samples"]:
         out.append(f"{st['reward_errors']} reward errors in {st['samples']} scored samples: see the verifiers' "
                    "errors (logging.rollouts writes samples with their rewards)")
+    if st["save_errors"]:
+        out.append(f"{st['save_errors']} checkpoint(s) could not be written (checkpoint/save_errors): its disk? the "
+                   "newest complete one is above")
     if st["write_errors"]:
         out.append(f"{st['write_errors']} failed writes to the run directory (log/write_errors): its disk?")
     return out
@@ -136,7 +140,8 @@ def render(st: Dict) -> str:
         for k, (a, b) in st["signals"].items():
             lines.append(f"  {k:<29}{_num(a):>12}{_num(b):>12}")
     lines.append(f"errors       {st['reward_errors']} reward errors in {st['samples']} samples, "
-                 f"{st['skipped_updates']} updates skipped (non-finite), {st['write_errors']} failed writes")
+                 f"{st['skipped_updates']} updates skipped (non-finite), {st['save_errors']} failed checkpoints, "
+                 f"{st['write_errors']} failed writes")
     for w in st["warnings"]:
         lines.append(f"warning      {w}")
     return "\n".join(lines)

@@ -55,14 +55,16 @@ def test_a_healthy_run_in_progress(tmp_path, capsys):
 
 def test_the_ways_a_long_run_goes_wrong_are_flagged(tmp_path):
     d = _run_dir(tmp_path, 40, entropy=0.1, truncated_frac=0.35, **{"dynamic_sampling/discarded_frac": 0.9,
-                                                                   "reward_errors": 20, "log/write_errors": 2})
+                                                                   "reward_errors": 20, "log/write_errors": 2,
+                                                                   "checkpoint/save_errors": 1})
     warnings = status(d)["warnings"]
-    assert len(warnings) == 5
+    assert len(warnings) == 6
     assert warnings[0].startswith("entropy collapsing: 0.1 over the last 10 steps, 10% of the first 10 steps' 1")
     assert warnings[1].startswith("90% of the groups had no signal")
     assert warnings[2].startswith("35% of the responses were cut at rollout.max_new_tokens")
     assert warnings[3].startswith("200 reward errors in 4000 scored samples")
-    assert warnings[4].startswith("2 failed writes")
+    assert warnings[4].startswith("1 checkpoint(s) could not be written")
+    assert warnings[5].startswith("2 failed writes")
 
 
 def test_a_row_being_written_is_left_out(tmp_path):
