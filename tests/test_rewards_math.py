@@ -49,6 +49,12 @@ def test_last_boxed_wins():
     assert r("3", "First guess \\boxed{3}, but correcting: \\boxed{5}").reward == 0.0
 
 
+def test_without_a_box_the_last_final_answer_phrase_wins():
+    resp = "Answer: 7\n\nWait, I added wrong. The final answer is 8."
+    assert r("8", resp).reward == 1.0 and r("7", resp).reward == 0.0  # (math-verify alone took the first)
+    assert r("3", "the answer is 2 or 3").reward == 0.0  # a hedge still earns nothing for its second answer
+
+
 def test_malformed_record_is_an_error_not_an_exception():
     res = score_one({"domain": "math"}, "\\boxed{1}", CFG)
     assert res.reward == 0.0 and "answer" in res.error

@@ -2,7 +2,7 @@
 
 Record fields: ``answer`` (the reference: a number, LaTeX expression, interval, set, ... with or
 without ``$``/``\\boxed{}``).  The response's answer is the last ``\\boxed{...}`` or a final-answer
-phrase ("the final answer is ..."), else the last math expression (math-verify's extraction).
+phrase ("the final answer is ...", the last such phrase), else math-verify's own search of the response.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math_verify  # heavy (sympy): this module is imported lazily, by get_veri
 
 from .base import RewardConfig, register_verifier
 
-_FINAL_RE = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:)", re.IGNORECASE)
+_FINAL_RE = re.compile(r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:)", re.IGNORECASE)
 
 
 def _mv():
@@ -76,6 +76,14 @@ def parse_response(response: str, cfg: RewardConfig):
         mv.LatexExtractionConfig(boxed_match_priority=0),
         mv.ExprExtractionConfig(),
     ]
+    if boxed is None:
+        # no box: the answer after the last final-answer phrase ("Answer: 7 ... no, the answer is 8" is 8, where
+        # math-verify alone takes its first such phrase), else math-verify's own search of the whole response
+        phrases = list(_FINAL_RE.finditer(response))
+        if phrases:
+            got = mv.parse(response[phrases[-1].start():], extraction_config=cfgs, parsing_timeout=t)
+            if got:
+                return got
     return mv.parse(response, extraction_config=cfgs, parsing_timeout=t)
 
 
