@@ -190,6 +190,7 @@ def _launch(cluster: LocalSlurm, run_dir: str, args, timeout_s: float) -> Job:
     assert os.path.exists(os.path.join(run_dir, "slurm", "job.sbatch"))
     assert os.path.exists(os.path.join(run_dir, "slurm", "config.yaml"))
     assert os.path.join(run_dir, "slurm", f"{m.group(1)}.out") in r.stdout
+    assert f"status:  megaprorl status {run_dir}" in r.stdout
     return Job(cluster, m.group(1), run_dir, time.time() + timeout_s)
 
 

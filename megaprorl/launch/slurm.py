@@ -362,6 +362,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  stdout   {out}")
     print(f"  stderr   {err}")
     print(f"  follow:  tail -f {out}    requeue: scontrol requeue {job_id}    cancel: scancel {job_id}")
+    print(f"  status:  megaprorl status {plan.run_dir}")
     return 0
 
 
