@@ -23,6 +23,7 @@ from .runlog import read_metrics
 WINDOW = 10  # steps at each end of the run compared
 SIGNALS = ("reward", "accuracy", "entropy", "kl_ref", "response_length", "truncated_frac",
            "dynamic_sampling/discarded_frac", "clip_frac_low", "clip_frac_high", "grad_norm")
+TREND_SIGNALS = ("entropy", "dynamic_sampling/discarded_frac", "truncated_frac")
 # the warnings: the last WINDOW steps' mean against a bound (or against the first WINDOW steps' mean)
 ENTROPY_FALL = 0.2  # entropy below this share of its start
 NO_SIGNAL = 0.8  # share of groups whose samples all got the same reward
@@ -72,24 +73,29 @@ def status(run_dir: str, now: Optional[float] = None) -> Dict:
     return out
 
 
-def _warnings(st: Dict, n_steps: int) -> List[str]:
-    sig, out = st["signals"], []
-    if n_steps < 2 * WINDOW:
-        return out  # too few steps to tell a trend
-    first, last = sig.get("entropy", (None, None))
+def trends(signals: Dict[str, tuple]) -> Dict[str, str]:
+    """The trend warnings, by kind, from ``{signal: (mean of the first WINDOW steps, of the last WINDOW)}``."""
+    out: Dict[str, str] = {}
+    first, last = signals.get("entropy", (None, None))
     if first and last is not None and last < ENTROPY_FALL * first:
-        out.append(f"entropy collapsing: {last:.3g} over the last {WINDOW} steps, {last / first:.0%} of the first "
-                   f"{WINDOW} steps' {first:.3g} (raise algo.loss.eps_high, set algo.entropy_control.target, "
-                   "reset the reference)")
-    last = sig.get("dynamic_sampling/discarded_frac", (None, None))[1]
+        out["entropy"] = (f"entropy collapsing: {last:.3g} over the last {WINDOW} steps, {last / first:.0%} of the "
+                          f"first {WINDOW} steps' {first:.3g} (raise algo.loss.eps_high, set "
+                          "algo.entropy_control.target, reset the reference)")
+    last = signals.get("dynamic_sampling/discarded_frac", (None, None))[1]
     if last is not None and last > NO_SIGNAL:
-        out.append(f"{last:.0%} of the groups had no signal over the last {WINDOW} steps (every sample solved or "
-                   "every one failed): retire solved prompts (data.retire_solved_after), harder data, or more "
-                   "samples (rollout.n_samples)")
-    last = sig.get("truncated_frac", (None, None))[1]
+        out["no_signal"] = (f"{last:.0%} of the groups had no signal over the last {WINDOW} steps (every sample "
+                            "solved or every one failed): retire solved prompts (data.retire_solved_after), harder "
+                            "data, or more samples (rollout.n_samples)")
+    last = signals.get("truncated_frac", (None, None))[1]
     if last is not None and last > TRUNCATED:
-        out.append(f"{last:.0%} of the responses were cut at rollout.max_new_tokens over the last {WINDOW} steps: "
-                   "a longer budget, or the length penalty (algo.length_penalty / algo.overlong_penalty)")
+        out["truncated"] = (f"{last:.0%} of the responses were cut at rollout.max_new_tokens over the last {WINDOW} "
+                            "steps: a longer budget, or the length penalty (algo.length_penalty / "
+                            "algo.overlong_penalty)")
+    return out
+
+
+def _warnings(st: Dict, n_steps: int) -> List[str]:
+    out = list(trends(st["signals"]).values()) if n_steps >= 2 * WINDOW else []  # (too few steps for a trend)
     if st["samples"] and st["reward_errors"] > REWARD_ERRORS * st["samples"]:
         out.append(f"{st['reward_errors']} reward errors in {st['samples']} scored samples: see the verifiers' "
                    "errors (logging.rollouts writes samples with their rewards)")
@@ -99,6 +105,34 @@ def _warnings(st: Dict, n_steps: int) -> List[str]:
     if st["write_errors"]:
         out.append(f"{st['write_errors']} failed writes to the run directory (log/write_errors): its disk?")
     return out
+
+
+class HealthWatch:
+    """The trend warnings of :func:`trends` as a run goes (the trainer's log): each is said when it starts and
+    again only after it has cleared.  The first WINDOW steps' means are its state (kept in checkpoints)."""
+
+    def __init__(self):
+        self.first: List[Dict] = []
+        self.last: List[Dict] = []
+        self.active: set = set()
+
+    def observe(self, stats: Dict) -> List[str]:
+        row = {k: stats[k] for k in TREND_SIGNALS if isinstance(stats.get(k), (int, float))}
+        (self.first if len(self.first) < WINDOW else self.last).append(row)
+        self.last = self.last[-WINDOW:]
+        if len(self.last) < WINDOW:
+            return []
+        now = trends({k: (_mean(self.first, k), _mean(self.last, k)) for k in TREND_SIGNALS})
+        new = [msg for kind, msg in now.items() if kind not in self.active]
+        self.active = set(now)
+        return new
+
+    def state_dict(self) -> Dict:
+        return {"first": self.first, "last": self.last, "active": sorted(self.active)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.first, self.last = list(state.get("first", [])), list(state.get("last", []))
+        self.active = set(state.get("active", []))
 
 
 def _total_steps(run_dir: str) -> Optional[int]:

@@ -48,6 +48,7 @@ from .policy.micro import seq_lengths
 from .rewards import RewardPool
 from .rollout import SamplingParams, build_engine
 from .runlog import RunLogger, plot_run
+from .status import HealthWatch
 
 EXIT_REQUEUE = 3  # the trainer checkpointed after SIGTERM/SIGUSR1 and asks to be requeued
 
@@ -201,6 +202,7 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote or loaded
         self.nonfinite_in_a_row = 0
         self.save_errors = 0  # checkpoints of this run that could not be written (the run went on)
+        self.health = HealthWatch()
         self.signal_rate: Optional[float] = None  # algo.dynamic_sampling.first_draw_oversample's running mean
         self.eval_history: List[Dict] = []
         self.best: List[Tuple[float, int]] = []  # (checkpoint.best_metric, step) of the best evaluations, best first
@@ -1030,6 +1032,7 @@ class Trainer:
                          "length_penalty": self.length_schedule.state_dict(), "eval_history": self.eval_history,
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "retired_prompts": self.retired.state_dict(),
                          "signal_rate": self.signal_rate, "save_errors": self.save_errors,
+                         "health": self.health.state_dict(),
                          "best_checkpoints": self.best, "entropy_control": self.entropy_control.state_dict(),
                          "config": to_yaml(self.cfg)}
         with self._on_device():  # (copied back after: saving may build optimizer state Megatron had left lazy)
@@ -1081,6 +1084,7 @@ class Trainer:
         self.eval_history = tstate.get("eval_history", [])
         self.nonfinite_in_a_row = int(tstate.get("nonfinite_in_a_row", 0))
         self.save_errors = int(tstate.get("save_errors", 0))
+        self.health.load_state_dict(tstate.get("health", {}))
         self.signal_rate = tstate.get("signal_rate")
         self.best = [(float(v), int(st)) for v, st in tstate.get("best_checkpoints", [])]
         self.entropy_control.load_state_dict(tstate.get("entropy_control", {}))
@@ -1169,7 +1173,10 @@ class Trainer:
                 stats.update(host_stats(self.rewards.worker_pids() if self.rewards is not None else ()))
                 if self.save_errors:
                     stats["checkpoint/save_errors"] = self.save_errors
-                self.logger.log(self.step, _reduce_stats(stats))
+                reduced = _reduce_stats(stats)
+                self.logger.log(self.step, reduced)
+                for msg in self.health.observe(reduced):  # an entropy collapse, groups without signal, truncation
+                    self._warn(f"[health] step {self.step}: {msg}")
                 if ((cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                         or stats.get("checkpoint/best")):
                     self._save_or_go_on()

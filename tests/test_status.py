@@ -77,3 +77,19 @@ def test_a_row_being_written_is_left_out(tmp_path):
 def test_no_metrics_is_an_error(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_the_trainer_hears_of_a_trend_once_when_it_starts():
+    from megaprorl.status import HealthWatch
+
+    watch, said = HealthWatch(), []
+    entropies = [1.0] * 10 + [0.1] * 12 + [1.0] * 10 + [0.1] * 10
+    for step, e in enumerate(entropies, 1):
+        said += [(step, msg.split(":")[0]) for msg in watch.observe({"entropy": e, "truncated_frac": 0.0})]
+        if step == 25:  # a resume restores the watch
+            state = json.loads(json.dumps(watch.state_dict()))
+            watch = HealthWatch()
+            watch.load_state_dict(state)
+    # the last-10 mean is first known at step 20 (below 20% of the first 10's), clears at step 24 (two steps of
+    # 1.0 in it), falls again at step 41 (one left)
+    assert said == [(20, "entropy collapsing"), (41, "entropy collapsing")]
