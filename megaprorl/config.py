@@ -432,8 +432,9 @@ def _in_words(t: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, str(t))
 
 
-def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
-    key = getattr(e, "full_key", None) or ""
+def _explain(e: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigError:
+    """``prefix``: where the node the error came from sits (a list entry merged on its own)."""
+    key = (prefix + (getattr(e, "full_key", None) or "")).rstrip(".")
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{where}: unknown config key '{key}'{_nearest(key)}")
     if isinstance(e, ValidationError):
@@ -517,6 +518,10 @@ def _check_list_entries(node, where: str) -> None:
                     near = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
                     hint = f"; did you mean '{key}[{i}].{near[0]}'?" if near else f" (valid: {', '.join(names)})"
                     raise ConfigError(f"{where}: unknown config key '{key}[{i}].{k}'{hint}")
+            try:  # each entry's values against its fields, so that an error names the entry
+                OmegaConf.merge(OmegaConf.structured(cls), entry)
+            except ValidationError as e:
+                raise _explain(e, where, prefix=f"{key}[{i}].") from None
 
 
 def _load_yaml_chain(path: str, seen: tuple):

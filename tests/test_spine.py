@@ -42,6 +42,11 @@ def test_config_wrong_type_names_key_and_type():
                                ("data.sources=3", "a list of mappings of DataSourceConfig's keys")):
         with pytest.raises(ConfigError, match=re.escape(f"(expected {expected})")):
             load_config(DEMO, [override])
+    # inside a list's entry: the entry named with its index
+    with pytest.raises(ConfigError, match=re.escape("bad value for 'data.sources[1].weight': Value 'heavy'")):
+        load_config(DEMO, ["data.sources=[{name: a, path: x.jsonl}, {name: b, path: y.jsonl, weight: heavy}]"])
+    with pytest.raises(ConfigError, match=re.escape("bad value for 'eval.sets[0].ks[0]'")):
+        load_config(DEMO, ["eval.sets=[{name: a, path: x.jsonl, ks: [x]}]"])
 
 
 def test_config_semantic_errors():
