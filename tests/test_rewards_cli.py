@@ -34,6 +34,9 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     inp.write_text('{"domain": "math", "answer": "1"}\n')
     assert main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "0"]) == 2
     assert "response" in capsys.readouterr().err
+    inp.write_text('{"domain": "math", "answer": "1", "response": "1"}\n{"record": {"domain": "math"}, "response": "1"}\n')
+    assert main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--workers", "0"]) == 2
+    assert f"error: {inp}:2: no 'domain'" in capsys.readouterr().err
 
 
 def test_bench_rewards_smoke(tmp_path, capsys):

@@ -3,8 +3,8 @@
 Input: one JSON object per line: a prompt record of any domain (``domain`` and its verifier
 fields, see docs/data.md) plus ``response`` (the model's text). Output: the same objects with
 ``reward`` (float), ``reward_parts`` (the verifier's details) and ``reward_error`` (null or the
-message) added, in input order. A line that is not a JSON object or has no ``response`` stops the
-run before anything is scored, with an error naming the file and line. A summary (mean reward
+message) added, in input order. A line that is not a JSON object or has no ``response`` or ``domain``
+stops the run before anything is scored, with an error naming the file and line. A summary (mean reward
 and error count per domain) is printed at the end.
 """
 
@@ -77,6 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     return 2
                 if not isinstance(rec.get("response"), str):
                     print(f"error: {where}: no 'response' string", file=sys.stderr)
+                    return 2
+                if not rec.get("domain"):  # (a record nested under another key: every sample would score 0)
+                    print(f"error: {where}: no 'domain' (the record's fields and 'response' side by side, one "
+                          "object per line)", file=sys.stderr)
                     return 2
                 rows.append(rec)
     except OSError as e:
