@@ -559,6 +559,11 @@ def _local_spec(m: ModelConfig, installed: bool = True) -> bool:
 # numeric keys and their ranges: (key, lowest value, whether the lowest is allowed, what the lowest allowed means);
 # checked first, so that nothing below divides by a zero or loops over a negative count
 _RANGES = (
+    ("model.num_layers", 1, True, ""), ("model.hidden_size", 1, True, ""), ("model.ffn_hidden_size", 1, True, ""),
+    ("model.num_attention_heads", 1, True, ""), ("model.num_query_groups", 0, True, "0: one per head"),
+    ("model.max_position_embeddings", 2, True, ""), ("model.rotary_base", 0, False, ""),
+    ("model.norm_epsilon", 0, False, ""), ("model.init_std", 0, True, ""),
+    ("model.make_vocab_divisible_by", 1, True, ""),
     ("train.steps", 0, True, "0: evaluate only"), ("train.prompts_per_step", 1, True, ""),
     ("train.mini_batch_prompts", 1, True, ""), ("train.micro_batch_size", 1, True, ""),
     ("train.logprob_micro_batch_size", 1, True, ""),
