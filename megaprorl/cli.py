@@ -33,7 +33,7 @@ def cmd_train(argv: List[str]) -> int:
     p.add_argument("config", help="YAML config (see examples/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint directory (= checkpoint.resume)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after the options
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
@@ -68,7 +68,7 @@ def cmd_eval(argv: List[str]) -> int:
     p.add_argument("--per-prompt", default="", metavar="FILE",
                    help="write one JSON line per prompt here: its set, id, domain, greedy reward and length, the "
                         "sampled rewards and pass rate (eval.write_responses adds the greedy response)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

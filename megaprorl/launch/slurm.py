@@ -118,7 +118,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="extra sbatch directive, e.g. '#SBATCH --qos=high' (repeatable)")
     p.add_argument("--exclusive", action="store_true", help="#SBATCH --exclusive (whole nodes)")
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before or after the options
 
 
 def _check_args(a: argparse.Namespace) -> int:
