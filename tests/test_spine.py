@@ -354,6 +354,8 @@ def test_cli_reports_config_errors(tmp_path, capsys):
                        (["eval", DEMO, f"checkpoint.resume={none}", *small],
                         f"error: config key 'checkpoint.resume': checkpoint {none} is not usable"),
                        (["train", DEMO, f"checkpoint.resume={none}", *small],
+                        f"error: config key 'checkpoint.resume': checkpoint {none} is not usable"),
+                       (["train", DEMO, "--resume", none, *small],  # overrides after an option too
                         f"error: config key 'checkpoint.resume': checkpoint {none} is not usable")):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.startswith(want), argv
