@@ -574,6 +574,7 @@ _RANGES = (
     ("parallel.timeout_s", 0, False, ""),
     ("warmstart.steps", 0, True, "0: none"), ("warmstart.batch_size", 1, True, ""), ("warmstart.examples", 1, True, ""),
     ("warmstart.lr", 0, False, ""),
+    ("data.builtin_min_digits", 1, True, ""),
     ("eval.interval", 0, True, "0: before and after training only"), ("eval.n_prompts", 1, True, ""),
     ("eval.max_new_tokens", 0, True, "0: rollout.max_new_tokens"), ("eval.temperature", 0, True, "0: greedy"),
     ("checkpoint.interval", 0, True, "0: at the end only"), ("checkpoint.keep_last", 0, True, "0: keep every one"),
@@ -608,6 +609,9 @@ def _check_ranges(cfg: Config, need) -> None:
     dc = cfg.algo.loss.dual_clip
     need(dc is None or dc > 1.0, "algo.loss.dual_clip", f"must be > 1 (or null: off), got {dc}")
     need(0.0 < cfg.eval.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {cfg.eval.top_p}")
+    d = cfg.data
+    need(d.builtin_max_digits >= d.builtin_min_digits, "data.builtin_max_digits",
+         f"must be >= data.builtin_min_digits={d.builtin_min_digits}, got {d.builtin_max_digits}")
 
 
 def _attr(cfg, key: str):

@@ -127,7 +127,7 @@ def test_config_ranges_are_checked_before_use():
         if inclusive:
             check(key, low, ranges_only=True)
     for key, bad in (("train.optim.adam_beta2", 1.0), ("algo.reference_reset.kl_ema", -0.1), ("eval.top_p", 0),
-                     ("algo.loss.eps_low", 1.0), ("algo.loss.dual_clip", 1.0)):
+                     ("algo.loss.eps_low", 1.0), ("algo.loss.dual_clip", 1.0), ("data.builtin_max_digits", 0)):
         with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
             check(key, bad)
     with pytest.raises(ConfigError, match="config key 'train.micro_batch_size': must be >= 1, got 0"):
