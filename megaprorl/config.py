@@ -831,6 +831,9 @@ def validate(cfg: Config, installed: bool = True) -> None:
 def _validate_eval(e: EvalConfig, need) -> None:
     need(e.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
     need(all(k >= 1 for k in e.ks), "eval.ks", f"every k must be >= 1, got {list(e.ks)}")
+    need(e.sets or all(k <= e.samples_per_prompt for k in e.ks), "eval.ks",
+         f"pass@k needs k samples of each prompt: every k must be <= eval.samples_per_prompt={e.samples_per_prompt}, "
+         f"got {list(e.ks)}")
     need(not (e.sets and e.source), "eval.source",
          "names a training source to sample for validation; eval.sets replaces it: give one or the other")
     need(not (e.sets and e.n_prompts != EvalConfig.n_prompts), "eval.n_prompts",
@@ -848,6 +851,9 @@ def _validate_eval(e: EvalConfig, need) -> None:
         need(s.samples_per_prompt >= 0, f"{key}.samples_per_prompt", "must be >= 0 (0: eval.samples_per_prompt)")
         need(all(k >= 1 for k in s.ks), f"{key}.ks", f"every k must be >= 1, got {list(s.ks)}")
         need(s.max_new_tokens >= 0, f"{key}.max_new_tokens", "must be >= 0 (0: eval.max_new_tokens)")
+        n = s.samples_per_prompt or e.samples_per_prompt  # (eval.ks a set takes over applies where it can)
+        need(all(k <= n for k in s.ks), f"{key}.ks",
+             f"pass@k needs k samples of each prompt: every k must be <= {n} (the samples of {key}), got {list(s.ks)}")
 
 
 # metric names directly under eval/ that a set's name must not shadow

@@ -130,6 +130,12 @@ def test_config_ranges_are_checked_before_use():
                      ("algo.loss.eps_low", 1.0), ("algo.loss.dual_clip", 1.0), ("data.builtin_max_digits", 0)):
         with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
             check(key, bad)
+    with pytest.raises(ConfigError, match=re.escape("'eval.ks': pass@k needs k samples of each prompt: every k must "
+                                                    "be <= eval.samples_per_prompt=2, got [1, 4]")):
+        load_config(DEMO, ["eval.samples_per_prompt=2", "eval.ks=[1,4]"])  # (pass@4 was left out silently)
+    with pytest.raises(ConfigError, match=re.escape("'eval.sets[0].ks': pass@k needs k samples")):
+        load_config(DEMO, ["eval.sets=[{name: a, path: x.jsonl, samples_per_prompt: 4, ks: [8]}]"])
+    load_config(DEMO, ["eval.sets=[{name: a, path: x.jsonl, samples_per_prompt: 8, ks: [8]}]"])
     with pytest.raises(ConfigError, match="config key 'train.micro_batch_size': must be >= 1, got 0"):
         load_config(DEMO, ["train.micro_batch_size=0"])  # through an override too
     for src, key in (("{name: a, path: x.jsonl, weight: -1}", "data.sources[0].weight"),
