@@ -670,7 +670,8 @@ def validate(cfg: Config, installed: bool = True) -> None:
     need(cfg.data.retire_solved_after >= 0, "data.retire_solved_after", "must be >= 0 (0: never)")
     need(cfg.rollout.trtllm_bucket_mb >= 1, "rollout.trtllm_bucket_mb", "must be >= 1")
     need(0.0 < cfg.rollout.trtllm_kv_cache_fraction < 1.0, "rollout.trtllm_kv_cache_fraction", "must be in (0, 1)")
-    need(cfg.rollout.n_samples >= 1, "rollout.n_samples", "must be >= 1")
+    need(cfg.rollout.n_samples >= 2, "rollout.n_samples", f"must be >= 2, got {cfg.rollout.n_samples}: the advantages "
+         f"are taken against the group's other samples ({cfg.algo.advantage}), so a group of one has no signal")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(all(i >= 0 for i in cfg.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0")

@@ -136,6 +136,8 @@ def test_config_ranges_are_checked_before_use():
     with pytest.raises(ConfigError, match=re.escape("'eval.sets[0].ks': pass@k needs k samples")):
         load_config(DEMO, ["eval.sets=[{name: a, path: x.jsonl, samples_per_prompt: 4, ks: [8]}]"])
     load_config(DEMO, ["eval.sets=[{name: a, path: x.jsonl, samples_per_prompt: 8, ks: [8]}]"])
+    with pytest.raises(ConfigError, match="'rollout.n_samples': must be >= 2, got 1: the advantages are taken"):
+        load_config(DEMO, ["rollout.n_samples=1"])  # (every group was dropped as without signal, or trained as 0)
     with pytest.raises(ConfigError, match="config key 'train.micro_batch_size': must be >= 1, got 0"):
         load_config(DEMO, ["train.micro_batch_size=0"])  # through an override too
     for src, key in (("{name: a, path: x.jsonl, weight: -1}", "data.sources[0].weight"),
