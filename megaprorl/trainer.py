@@ -1253,8 +1253,9 @@ class Trainer:
         """An event worth a line in the log (above the progress bar when there is one)."""
         if not self.is_main:
             return
-        if self.logger is not None and self.logger.enabled:
-            self.logger.write(msg)
+        logger = getattr(self, "logger", None)  # (none yet while the trainer is being built)
+        if logger is not None and logger.enabled:
+            logger.write(msg)
         else:
             print(msg, flush=True)
 

@@ -391,7 +391,7 @@ def test_chat_template_kwargs_reach_the_template(hf_dir, tmp_path):
         build_tokenizer(path, chat_template_kwargs={"add_generation_prompt": False})
 
 
-def test_think_end_must_survive_decoding(hf_dir, tmp_path):
+def test_think_end_must_survive_decoding(hf_dir, tmp_path, capsys):
     """A </think> that the tokenizer has as a special token vanishes from the decoded responses the verifiers
     read: rewards.think_mode=require is then refused (every reward would be 0); as an added, non-special
     token (as R1-Distill's and Qwen3's tokenizers have it) it comes back."""
@@ -410,3 +410,8 @@ def test_think_end_must_survive_decoding(hf_dir, tmp_path):
     with pytest.raises(ConfigError, match="rewards.think_mode.*every reward would be 0"):
         _trainer(_overrides(path, str(tmp_path / "run"), **{"model.tokenizer": str(tmp_path / "True"),
                                                              "rewards.think_mode": "require"}))
+    # the default think_mode=auto says so and goes on (it raised AttributeError: the warning came before the
+    # trainer had its logger attribute)
+    t = _trainer(_overrides(path, str(tmp_path / "run"), **{"model.tokenizer": str(tmp_path / "True")}))
+    t.close()
+    assert "responses are scored whole (rewards.think_mode=auto)" in capsys.readouterr().out
