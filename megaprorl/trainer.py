@@ -137,6 +137,10 @@ class Trainer:
         except OSError as e:  # a missing directory, one without a vocabulary, unreadable files
             raise ConfigError(f"config key 'model.tokenizer': {str(e).removesuffix(' (model.tokenizer)')}") from None
         self._check_think_end()
+        rr = cfg.algo.reference_reset
+        if cfg.algo.kl.coef == 0 and (rr.interval or rr.kl_spike_factor or rr.stall_evals):
+            self._warn("algo.reference_reset: no reference policy to reset (algo.kl.coef is 0), so no resets"
+                       + (", and no optimizer resets with them (reset_optimizer)" if rr.reset_optimizer else ""))
         vocab, hf_cfg, load_src = self._model_source()
         head = dict(fused_lm_head=cfg.train.fused_lm_head, lm_head_token_chunk=cfg.train.lm_head_token_chunk)
         self.policy = Policy(cfg.model, cfg.parallel, cfg.train.optim, vocab, self.device, cfg.train.kernel_backend,

@@ -16,10 +16,12 @@ TINY = ["warmstart.steps=0", "train.prompts_per_step=4", "train.mini_batch_promp
 
 
 @pytest.mark.parametrize("epochs", [1, 3])
-def test_each_epoch_covers_the_batch_once_in_its_own_order(tmp_path, monkeypatch, epochs):
+def test_each_epoch_covers_the_batch_once_in_its_own_order(tmp_path, monkeypatch, capsys, epochs):
     from megaprorl.trainer import Trainer
 
     t = Trainer(load_config(DEMO, [f"output_dir={tmp_path}", *TINY, f"train.ppo_epochs={epochs}"]))
+    # (the demo's reference resets, with no reference here: said once, not silently skipped)
+    assert "algo.reference_reset: no reference policy to reset (algo.kl.coef is 0)" in capsys.readouterr().out
     seen = []
     real = t.policy.train_step
 
