@@ -149,7 +149,11 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.close()
         except Exception:  # noqa: BLE001 - a writer whose thread died raises its error again on close
-            pass
+            # and let that thread finish dying (Python prints its traceback) before anything else is logged
+            worker = getattr(getattr(getattr(getattr(self._tb, "file_writer", None), "event_writer", None),
+                                     "_async_writer", None), "_worker", None)  # (tensorboard's internals)
+            if worker is not None:
+                worker.join(timeout=5)
         self._tb = None
 
     def _failed(self, what: str, msg: str) -> None:
