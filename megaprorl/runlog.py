@@ -89,7 +89,7 @@ class RunLogger:
                 self._wb.log(scalars, step=step)
                 self._recovered("wandb", "W&B logging works again")
             except Exception as e:  # noqa: BLE001 - W&B's failures are its own; the run goes on
-                self._failed("wandb", f"W&B: cannot log step {step} ({type(e).__name__}: {e})")
+                self.failed("wandb", f"W&B: cannot log step {step} ({type(e).__name__}: {e})")
         if self._bar is not None and step > 0:
             self._bar.update(1)
             post = {}
@@ -118,7 +118,7 @@ class RunLogger:
                 os.fsync(f.fileno())
             self._good_size = os.path.getsize(self.path)
         except OSError as e:
-            self._failed("metrics", f"metrics: cannot write {self.path} ({e}): {len(self._pending)} record(s) kept "
+            self.failed("metrics", f"metrics: cannot write {self.path} ({e}): {len(self._pending)} record(s) kept "
                                     "in memory, written at the next step that can; the run goes on")
             return
         if self._failing.get("metrics"):
@@ -137,7 +137,7 @@ class RunLogger:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         except Exception as e:  # noqa: BLE001 - its writer thread re-raises what killed it (an OSError mostly)
-            self._failed("tensorboard", f"TensorBoard: cannot write {self._tb_dir} ({type(e).__name__}: {e}): a new "
+            self.failed("tensorboard", f"TensorBoard: cannot write {self._tb_dir} ({type(e).__name__}: {e}): a new "
                                         "writer is tried at the next step, given the steps this one lost")
             self._close_tb()
             return
@@ -156,10 +156,13 @@ class RunLogger:
                 worker.join(timeout=5)
         self._tb = None
 
-    def _failed(self, what: str, msg: str) -> None:
+    def failed(self, what: Optional[str], msg: str) -> None:
+        """A write that failed: counted (``log/write_errors``) and said at the start of ``what``'s spell of failures
+        (every time for ``what`` None: a file written once)."""
         self.write_errors += 1
-        if not self._failing.get(what):
-            self._failing[what] = True
+        if what is None or not self._failing.get(what):
+            if what is not None:
+                self._failing[what] = True
             self.write(msg)
 
     def _recovered(self, what: str, msg: str) -> None:

@@ -1245,9 +1245,11 @@ class Trainer:
         try:
             write(path, rows)
         except OSError as e:
-            if self.logger is not None:
-                self.logger.write_errors += 1
-            self._warn(f"cannot write {path} ({e}); the run goes on without it")
+            msg = f"cannot write {path} ({e}); the run goes on without it"
+            if self.logger is not None and self.logger.enabled:
+                self.logger.failed(None, msg)
+            else:
+                self._warn(msg)
 
     def _say(self, msg: str) -> None:
         if self.is_main:

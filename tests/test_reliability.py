@@ -248,6 +248,26 @@ def test_metrics_still_unwritten_at_close_go_to_the_log(tmp_path, capsys):
     assert recs == [{"step": 1, "reward": 0.5}, {"step": 1, "eval/accuracy": 0.25, "final_eval": 1}]
 
 
+def test_a_diagnostic_file_that_cannot_be_written_is_counted_and_skipped(tmp_path, capsys):
+    """Per-prompt evaluation rows and rollout dumps (Trainer._write_aside): said each time, counted with the
+    logger's failures, the run goes on."""
+    from types import SimpleNamespace
+
+    from megaprorl import evaluation
+    from megaprorl.runlog import RunLogger
+    from megaprorl.trainer import Trainer
+
+    log = RunLogger(str(tmp_path), tensorboard=False, progress=False)
+    fake = SimpleNamespace(logger=log, _warn=print)
+    (tmp_path / "rollouts").write_text("a file where the directory should be")
+    for step in (1, 2):
+        Trainer._write_aside(fake, evaluation.write_jsonl, str(tmp_path / "rollouts" / f"step_{step}.jsonl"), [{}])
+    assert log.write_errors == 2 and capsys.readouterr().out.count("the run goes on without it") == 2
+    Trainer._write_aside(fake, evaluation.write_jsonl, str(tmp_path / "ok.jsonl"), [{"a": 1}])
+    assert log.write_errors == 2 and (tmp_path / "ok.jsonl").read_text() == '{"a": 1}\n'
+    log.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's death
 def test_tensorboard_writer_is_remade_after_its_thread_dies(tmp_path, capsys):
     """Its event directory removed under it, TensorBoard's writer thread dies and re-raises on every later call;
